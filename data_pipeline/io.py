@@ -1,0 +1,215 @@
+"""Reading and writing JSONL documents: inputs of any supported form, rejects, atomic outputs.
+
+Every malformed input line is counted and written to a rejects file with its file:line, so
+nothing is dropped silently; outputs appear only when complete (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".zst", ".gz")
+
+
+def expand_inputs(spec: str | Path | list) -> list[Path]:
+    """A file, a directory (every supported file below it), a glob, or a list of those; sorted,
+    so the order of documents never depends on the file system."""
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in expand_inputs(s)]
+    s = str(spec)
+    p = Path(s)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(s, recursive=True) if Path(f).is_file())
+    if not files:
+        raise FileNotFoundError(f"input={s}: no such file, directory or glob match")
+    return files
+
+
+def _zstd_chunks(raw: IO[bytes]) -> Iterator[bytes]:
+    """Decompressed bytes of a (multi-frame) zstd stream. zstandard's stream_reader returns a
+    clean EOF on a truncated file; a decompressobj lets us see that the last frame never ended.
+    2 GiB windows are allowed because some Pushshift dumps use them."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+    obj, fed = dctx.decompressobj(), False
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            fed = True
+            out = obj.decompress(chunk)
+            if out:
+                yield out
+            if obj.eof:
+                chunk = obj.unused_data
+                obj, fed = dctx.decompressobj(), False
+            else:
+                chunk = b""
+    if fed and not obj.eof:
+        raise EOFError("zstd stream ends inside a frame (truncated file)")
+
+
+def iter_lines(path: str | Path) -> Iterator[bytes]:
+    """Raw lines (with their newline) of a plain, .gz or .zst file. Raises EOFError after the
+    last complete line when compressed data is truncated."""
+    path = Path(path)
+    with open(path, "rb") as raw:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield from f
+            return
+        if path.suffix != ".zst":
+            yield from raw
+            return
+        tail = b""
+        for chunk in _zstd_chunks(raw):
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                yield line + b"\n"
+        if tail:
+            yield tail
+
+
+class Rejects:
+    """Collects bad input lines: counts per file and reason, and a JSONL file of what was set
+    aside (file, line, reason, the raw text) so nothing is lost."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self._f = None
+
+    def add(self, file: str | Path, line: int, reason: str, raw: bytes | str = b"") -> None:
+        self.counts[str(file)][reason] += 1
+        if self.path is None:
+            return
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "w", encoding="utf-8")
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        rec = {"file": str(file), "line": line, "reason": reason, "raw": raw[:10000]}
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+    def report(self) -> dict:
+        return {
+            "total": self.total,
+            "by_file": {f: dict(c) for f, c in sorted(self.counts.items())},
+        }
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def iter_json_lines(
+    path: str | Path, rejects: Rejects, required: tuple[str, ...] = ()
+) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each good line; bad ones (invalid UTF-8 or JSON, not an
+    object, missing a required field, truncated compressed data) go to `rejects`."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(iter_lines(path), start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rejects.add(path, lineno, f"invalid utf-8 ({e.reason} at byte {e.start})", raw)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                rejects.add(path, lineno, f"invalid json ({e.msg})", raw)
+                continue
+            if not isinstance(obj, dict):
+                rejects.add(path, lineno, "not a json object", raw)
+                continue
+            missing = [k for k in required if k not in obj]
+            if missing:
+                rejects.add(path, lineno, f"missing field {missing[0]!r}", raw)
+                continue
+            yield lineno, obj
+    except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError) as e:
+        rejects.add(path, lineno + 1, f"truncated or corrupt compressed data ({e})")
+
+
+def read_documents(inputs, rejects: Rejects) -> Iterator[dict]:
+    """Documents `{"text", "id", "meta"}` from JSONL inputs. A missing `id` becomes
+    `file:line`; an empty or non-string `text` is a reject."""
+    for path in expand_inputs(inputs):
+        for lineno, obj in iter_json_lines(path, rejects, required=("text",)):
+            text = obj["text"]
+            if not isinstance(text, str):
+                rejects.add(path, lineno, "text is not a string", json.dumps(obj)[:10000])
+                continue
+            if not text.strip():
+                rejects.add(path, lineno, "empty text", json.dumps(obj)[:10000])
+                continue
+            meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+            yield {"text": text, "id": str(obj.get("id", f"{path.name}:{lineno}")), "meta": meta}
+
+
+class AtomicWriter:
+    """A text file that appears under its final name only after a clean close."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        raw = open(self.tmp, "wb")
+        if self.path.suffix == ".gz":
+            self._f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb"), encoding="utf-8")
+        elif self.path.suffix == ".zst":
+            w = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=True)
+            self._f = io.TextIOWrapper(w, encoding="utf-8")
+        else:
+            self._f = io.TextIOWrapper(raw, encoding="utf-8")
+        self._raw = raw
+
+    def write(self, s: str) -> None:
+        self._f.write(s)
+
+    def write_doc(self, doc: dict) -> None:
+        self._f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._f.flush()
+        self._f.close()
+        if not self._raw.closed:
+            self._raw.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
