@@ -1,0 +1,87 @@
+"""How every pipeline stage becomes a Hydra command line.
+
+A stage is a typed dataclass config plus a function `run(cfg) -> report`. `stage_main` registers
+the config with Hydra's ConfigStore (so a misspelt key names the valid ones), runs the stage
+without Hydra's output directories (the stage writes only where `output=` says), writes the
+report next to the output, and turns it into the exit status:
+
+    0  finished, no rejected input
+    3  finished, some input lines were rejected (counted in the report and in the rejects file)
+    1  failed (the message names the file/line/key); outputs are not left half-written
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REJECTS = 3
+
+# Hydra settings for stages: no run directory, no .hydra output, plain logging.
+_HYDRA_QUIET = [
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+]
+
+
+def report_path(output: str | Path) -> Path:
+    """Where a stage's report goes: beside its output, `<output>.report.json`."""
+    out = Path(output)
+    return out.with_name(out.name + ".report.json")
+
+
+def rejects_path(output: str | Path) -> Path:
+    out = Path(output)
+    return out.with_name(out.name + ".rejects.jsonl")
+
+
+def write_report(output: str | Path, report: dict) -> Path:
+    path = report_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def exit_code(report: dict) -> int:
+    return EXIT_REJECTS if report.get("rejects", {}).get("total", 0) else EXIT_OK
+
+
+def to_container(cfg: Any) -> dict:
+    """A plain dict of a stage config (an OmegaConf node or a dataclass), for manifests."""
+    from omegaconf import OmegaConf
+
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
+    """Run `run` as a Hydra CLI named `name` with `config_cls` as its schema; exits with the
+    documented status."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
+    sys.argv = [sys.argv[0], *_HYDRA_QUIET, *sys.argv[1:]]
+    status = {"code": EXIT_FAILED}
+
+    @hydra.main(version_base=None, config_path=None, config_name=f"{name}_schema")
+    def _main(cfg) -> None:
+        typed = OmegaConf.to_object(cfg)
+        report = run(typed)
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        status["code"] = exit_code(report)
+
+    _main()
+    sys.exit(status["code"])
