@@ -1,0 +1,1 @@
+"""opt-train: a PyTorch-native reproduction of Meta's OPT pretraining."""

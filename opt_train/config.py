@@ -1,0 +1,233 @@
+"""Typed configuration schemas, registered with Hydra's ConfigStore.
+
+Every key a run accepts is a field here, with its type; Hydra merges `conf/train.yaml` and the
+command line onto these dataclasses, so a misspelt key or a wrong type stops the run at start.
+`check_overrides` runs before Hydra to name the valid keys and the closest match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    """OPT decoder shape. Defaults are OPT's facts except the (tiny) size."""
+
+    name: str = "opt-tiny"
+    vocab_size: int = 50272  # 50,265 padded to a multiple of 8
+    n_layers: int = 2
+    n_heads: int = 4
+    d_model: int = 128
+    ffn_dim: Optional[int] = None  # None: 4 x d_model
+    max_positions: int = 2048
+    word_embed_proj_dim: Optional[int] = None  # 350m: 512 with project_in/out; None: d_model
+    pre_layer_norm: bool = True  # False for 350m: post-LN and no final LayerNorm
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_std: float = 0.006
+
+    def __post_init__(self) -> None:
+        # Derived sizes are properties, not filled in here: OmegaConf builds the schema from
+        # defaults first, and a value filled in then would survive a later d_model override.
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        for k in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ValueError(f"model.{k} must be in [0, 1), got {getattr(self, k)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_dim or 4 * self.d_model
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (and the tied output projection)."""
+        return self.word_embed_proj_dim or self.d_model
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 0
+    micro_batch_size: int = 8
+    batch_tokens: int = 2048  # global tokens per optimizer step; accumulation is derived
+    eval_interval: int = 50  # steps; 0 disables validation
+    eval_batches: int = 4  # micro-batches of the validation split per evaluation
+    loss_chunk_tokens: int = 4096  # the loss materialises logits for this many tokens at once
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # a token shard directory; None: the embedded tiny corpus
+    seq_len: int = 128
+    cache_dir: str = "~/.cache/opt-train"  # where the embedded corpus is built once
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # "matrices": decay weight matrices and embeddings, not biases or LayerNorm (common practice);
+    # "all": every parameter, as metaseq's fairseq-derived Adam did (no parameter groups).
+    weight_decay_on: str = "matrices"
+    warmup_tokens: int = 375_000_000
+    decay_tokens: int = 300_000_000_000
+    end_lr_ratio: float = 0.1
+    clip_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        if self.weight_decay_on not in ("matrices", "all"):
+            raise ValueError(
+                f"optim.weight_decay_on must be 'matrices' or 'all', got {self.weight_decay_on!r}"
+            )
+
+
+@dataclass
+class LossScaleConfig:
+    """fp16 dynamic loss scaling, metaseq's semantics."""
+
+    init: float = 4.0
+    window: int = 256  # overflow-free steps before the scale doubles
+    min: float = 2.0**-5  # below this the run stops
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    dp_shard: int = -1  # -1: the rest of the world
+    dp_replicate: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps; 0 saves only at the end
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "opt-train"
+    progress: bool = True
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs or measured on CPU
+
+    def __post_init__(self) -> None:
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ValueError(
+                f"logging.wandb must be offline, online or disabled, got {self.wandb!r}"
+            )
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 1
+    offload_optimizer: bool = False
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/${model.name}"
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    engine: str = "fsdp"  # fsdp | deepspeed
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.engine not in ("fsdp", "deepspeed"):
+            raise ValueError(f"engine must be fsdp or deepspeed, got {self.engine!r}")
+        if self.train.batch_tokens % self.data.seq_len:
+            raise ValueError(
+                f"train.batch_tokens={self.train.batch_tokens} must be a multiple of "
+                f"data.seq_len={self.data.seq_len}"
+            )
+
+    def global_batch_samples(self) -> int:
+        return self.train.batch_tokens // self.data.seq_len
+
+    def grad_accum_steps(self, dp_world: int) -> int:
+        """Micro-batches per rank per optimizer step, derived from the global batch."""
+        per_step = self.train.micro_batch_size * dp_world
+        g = self.global_batch_samples()
+        if g % per_step:
+            raise ValueError(
+                f"train.batch_tokens={self.train.batch_tokens} gives {g} sequences of "
+                f"data.seq_len={self.data.seq_len} per step, not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x {dp_world} data-parallel "
+                f"ranks = {per_step}; change one of them"
+            )
+        return g // per_step
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=JobConfig)
+
+
+def _schema_keys(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in fields(cls)}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Fail fast on a command-line key that is not in the schema, naming the valid keys.
+
+    Hydra also rejects such keys, but its message does not say what would have been valid.
+    Group selections (`+model=...`), deletions and `hydra.*` keys are left to Hydra.
+    """
+    for ov in overrides:
+        if "=" not in ov or ov.startswith(("+", "~", "hydra.", "hydra/", "-")):
+            continue
+        key = ov.split("=", 1)[0]
+        cls: Any = JobConfig
+        walked: list[str] = []
+        for part in key.split("."):
+            known = _schema_keys(cls)
+            if part not in known:
+                where = ".".join(walked) or "the top level"
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f" Did you mean '{'.'.join([*walked, close[0]])}'?" if close else ""
+                raise SystemExit(
+                    f"error: unknown config key '{key}'.{hint}\n"
+                    f"Valid keys at {where}: {', '.join(sorted(known))}"
+                )
+            walked.append(part)
+            ftype = known[part].type
+            target = _resolve_type(ftype)
+            if target is None:
+                break
+            cls = target
+
+
+def _resolve_type(ftype: Any) -> type | None:
+    """The dataclass behind a field annotation (annotations are strings under __future__)."""
+    if isinstance(ftype, str):
+        return globals().get(ftype) if is_dataclass(globals().get(ftype)) else None
+    return ftype if is_dataclass(ftype) else None
+
+
+def tokens_to_steps(tokens: int, batch_tokens: int) -> int:
+    return max(1, math.ceil(tokens / batch_tokens))

@@ -1,0 +1,68 @@
+"""AdamW with OPT's settings and the linear warmup / linear decay schedule.
+
+OPT (and metaseq): betas (0.9, 0.95), eps 1e-8, weight decay 0.1; LR rises linearly from 0 over
+375M tokens, then falls linearly to 10% of peak at 300B tokens. Token budgets are converted to
+optimizer steps with the global batch, so the schedule follows tokens whatever the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from opt_train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two groups, decayed and not. With `weight_decay_on=matrices` biases and LayerNorm
+    parameters (every 1-D tensor) are not decayed; with `all` every parameter is, as metaseq did."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if cfg.weight_decay_on == "all" or p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # The fused kernel exists for CPU and CUDA tensors in torch >= 2.4 and is the fastest;
+    # DTensor parameters (after FSDP/TP) take the foreach path instead.
+    from torch.distributed.tensor import DTensor
+
+    fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.optim.AdamW(
+        param_groups(model, cfg),
+        lr=0.0,  # set every step by the schedule
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused,
+    )
+
+
+class LinearWarmupDecay:
+    """LR for optimizer step `step` (1-based): linear 0 -> peak over the warmup steps, then
+    linear peak -> end_lr_ratio * peak until the decay steps, constant after."""
+
+    def __init__(self, cfg: OptimConfig, batch_tokens: int):
+        self.peak = cfg.lr
+        self.end = cfg.lr * cfg.end_lr_ratio
+        self.warmup_steps = max(1, math.ceil(cfg.warmup_tokens / batch_tokens))
+        self.decay_steps = max(self.warmup_steps + 1, math.ceil(cfg.decay_tokens / batch_tokens))
+
+    def __call__(self, step: int) -> float:
+        if step <= self.warmup_steps:
+            return self.peak * step / self.warmup_steps
+        if step >= self.decay_steps:
+            return self.end
+        frac = (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
+        return self.peak + frac * (self.end - self.peak)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
