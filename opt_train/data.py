@@ -104,15 +104,16 @@ class GlobalOrderLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (
-            ("seed", self.seed),
-            ("num_windows", len(self.windows)),
-            ("seq_len", self.windows.seq_len),
-        ):
-            if state[key] != mine:
+        mine = {
+            "seq_len": self.windows.seq_len,
+            "seed": self.seed,
+            "num_windows": len(self.windows),
+        }
+        for key, value in mine.items():
+            if state[key] != value:
                 raise ValueError(
-                    f"checkpointed data loader has {key}={state[key]} but this run has {mine}: "
-                    "resuming on different data or settings would not continue the same sample order"
+                    f"checkpointed data loader has {key}={state[key]} but this run has {value}: "
+                    "resuming on other data or settings would not continue the same sample order"
                 )
         self.samples_seen = int(state["samples_seen"])
 

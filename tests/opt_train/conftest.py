@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from data_pipeline.shards import ShardWriter
+from opt_train.config import JobConfig, register_configs
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_VOCAB = 512
+
+
+def make_config(*overrides: str) -> JobConfig:
+    """The real conf/train.yaml composed by real Hydra with `overrides`, as the typed config."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def write_patterned_shards(path: Path, vocab: int = SMALL_VOCAB, docs: int = 400, seed: int = 0) -> Path:
+    """Documents that follow a fixed successor table (token t is followed by succ[t]) from a
+    random start: a model learns the table quickly, so the loss visibly falls."""
+    rng = np.random.default_rng(seed)
+    succ = 1 + rng.permutation(vocab - 1)  # never 0, the separator
+    tok = {"name": "synthetic", "vocab_size": vocab, "eos_id": 0}
+    with ShardWriter(path, tok, max_shard_tokens=5000) as w:
+        for i in range(docs):
+            ids = [int(rng.integers(1, vocab))]
+            for _ in range(int(rng.integers(20, 120))):
+                ids.append(int(succ[ids[-1] - 1]))
+            w.add(np.array(ids), "validation" if i % 10 == 0 else "train")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    return write_patterned_shards(tmp_path_factory.mktemp("data") / "shards")
+
+
+def small_job(run_dir: Path, data: Path, *extra: str) -> JobConfig:
+    """A fast job: 2-layer, 32-wide OPT over a 512-token vocabulary, fp32, no dropout."""
+    return make_config(
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        f"model.vocab_size={SMALL_VOCAB}",
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.dropout=0.0",
+        "model.attention_dropout=0.0",
+        "data.seq_len=32",
+        "train.micro_batch_size=4",
+        "train.batch_tokens=256",
+        "train.eval_interval=0",
+        "precision=fp32",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "logging.peak_tflops=1.0",
+        "optim.warmup_tokens=512",
+        "optim.lr=0.01",
+        "optim.decay_tokens=8192",
+        *extra,
+    )

@@ -1,0 +1,131 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from opt_train.checkpoint import CheckpointManager
+from opt_train.trainer import Trainer
+from tests.opt_train.conftest import small_job
+
+FIELDS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens", "tokens_per_s", "mfu"}
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def test_loss_falls_and_metrics_rows_have_the_contract_fields(tmp_path, small_shards):
+    cfg = small_job(tmp_path / "run", small_shards, "train.max_steps=30", "train.eval_interval=10")
+    Trainer(cfg).fit()
+    rows = metrics(tmp_path / "run")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert all(FIELDS <= r.keys() for r in steps)
+    assert steps[-1]["tokens"] == 30 * 256
+    assert steps[-1]["loss"] < 0.9 * steps[0]["loss"]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert CheckpointManager(tmp_path / "run" / "checkpoints", 2).latest().name == "step_00000030"
+
+
+def test_two_micro_batches_of_two_equal_one_of_four(tmp_path, small_shards):
+    a = Trainer(
+        small_job(
+            tmp_path / "a",
+            small_shards,
+            "train.max_steps=1",
+            "train.batch_tokens=128",
+            "train.micro_batch_size=2",
+        )
+    )
+    b = Trainer(
+        small_job(
+            tmp_path / "b",
+            small_shards,
+            "train.max_steps=1",
+            "train.batch_tokens=128",
+            "train.micro_batch_size=4",
+        )
+    )
+    assert a.accum == 2 and b.accum == 1
+    la, lb = a.fit()["loss"], b.fit()["loss"]
+    # fp32 sums of the same terms in another grouping: ~1e-6 relative.
+    assert la == pytest.approx(lb, rel=1e-5)
+    for (name, pa), (_, pb) in zip(
+        a.model.named_parameters(), b.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rerun_with_same_run_dir_resumes_with_identical_losses(tmp_path, small_shards):
+    """Dropout on: the RNG state must come back too, not just weights and data position."""
+    common = ["model.dropout=0.1", "model.attention_dropout=0.1", "checkpoint.interval=3"]
+    straight = tmp_path / "straight"
+    Trainer(small_job(straight, small_shards, "train.max_steps=6", *common)).fit()
+    split = tmp_path / "split"
+    Trainer(small_job(split, small_shards, "train.max_steps=3", *common)).fit()
+    resumed = Trainer(small_job(split, small_shards, "train.max_steps=6", *common))
+    assert resumed.step == 3 and resumed.resumed_from.endswith("step_00000003")
+    resumed.fit()
+    assert step_losses(split) == step_losses(straight)  # bit for bit
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, small_shards):
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2")).fit()
+    newest = run / "checkpoints" / "step_00000004"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    t = Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2"))
+    assert t.step == 2
+
+
+def test_half_written_checkpoint_is_invisible(tmp_path, small_shards):
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=2", "checkpoint.interval=2")).fit()
+    ckpts = run / "checkpoints"
+    # What a kill mid-save leaves: a temporary directory, never a step_* directory.
+    shutil.copytree(ckpts / "step_00000002", ckpts / ".tmp-step_00000004")
+    (ckpts / ".tmp-step_00000004" / "meta.json").unlink()
+    assert CheckpointManager(ckpts, 2).latest().name == "step_00000002"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_steps_train_and_log_loss_scale(tmp_path, small_shards, precision):
+    run = tmp_path / precision
+    Trainer(small_job(run, small_shards, "train.max_steps=8", f"precision={precision}")).fit()
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    want_scale = 4.0 if precision == "fp16" else 1.0
+    assert rows[0]["loss_scale"] == want_scale
+
+
+def test_fp16_loss_scale_is_restored_on_resume(tmp_path, small_shards):
+    run = tmp_path / "run"
+    t = Trainer(small_job(run, small_shards, "train.max_steps=2", "precision=fp16"))
+    t.scaler.scale, t.scaler.good_steps = 0.5, 7
+    t.fit()
+    back = Trainer(small_job(run, small_shards, "train.max_steps=2", "precision=fp16"))
+    assert back.scaler.scale == t.scaler.scale and back.scaler.good_steps == t.scaler.good_steps
+
+
+def test_hf_export_cli_converts_a_checkpoint(tmp_path, small_shards):
+    from transformers import OPTForCausalLM
+
+    from opt_train.hf import main
+
+    run = tmp_path / "run"
+    t = Trainer(small_job(run, small_shards, "train.max_steps=1"))
+    t.fit()
+    main([str(run), str(tmp_path / "hf")])
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert (hf(x).logits - t.model.eval()(x)).abs().max().item() < 1e-4
