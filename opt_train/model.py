@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_train.config import ModelConfig
+from opt_train.loss import chunked_cross_entropy
 
 POSITION_OFFSET = 2  # fairseq reserved the first two position rows (padding idx 1 + 1)
 
@@ -87,24 +88,24 @@ class OPT(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_layer_norm else None
         self.init_weights()
 
+    def init_std(self, name: str) -> float | None:
+        """OPT's init for parameter `name`: the std of its normal draw, or None for the
+        constants (biases zero, LayerNorm weight one). Output projections of each block
+        (attention out, fc2) use 0.006 / sqrt(2L)."""
+        if name.endswith("bias") or "layer_norm" in name:
+            return None
+        if name.endswith(("out_proj.weight", "fc2.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        return self.cfg.init_std
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """OPT's init: normal(0, 0.006) everywhere; each block's output projections (attention
-        out, fc2) scaled by 1/sqrt(2L); biases zero; LayerNorm weight 1."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                last = name.rsplit(".", 1)[-1]
-                s = out_std if last in ("out_proj", "fc2") else std
-                module.weight.normal_(0.0, s, generator=generator)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+        for name, p in self.named_parameters():
+            std = self.init_std(name)
+            if std is not None:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0 if "layer_norm" in name and name.endswith("weight") else 0.0)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final hidden states in the embedding width, before the tied output projection."""
@@ -126,20 +127,20 @@ class OPT(nn.Module):
             x = self.project_out(x)
         return x
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, seq, vocab]. Training uses `loss`, which never holds them all."""
-        return F.linear(self.hidden_states(input_ids), self.embed_tokens.weight)
-
-    def loss(
+    def forward(
         self,
         input_ids: torch.Tensor,
-        targets: torch.Tensor,
+        targets: torch.Tensor | None = None,
         chunk_tokens: int = 4096,
         grad_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy through the tied output projection, in chunks;
-        `grad_scale` is the factor the caller multiplies this loss by before backward."""
+        """Logits [batch, seq, vocab]; or, given `targets`, the mean next-token cross-entropy,
+        computed through the tied output projection in chunks so that the full logits never
+        exist. `grad_scale` is the factor the caller multiplies the loss by before backward.
+        (Training goes through `__call__` so that FSDP's hooks see it.)"""
         h = self.hidden_states(input_ids)
+        if targets is None:
+            return F.linear(h, self.embed_tokens.weight)
         return chunked_cross_entropy(
             h.reshape(-1, h.shape[-1]),
             self.embed_tokens.weight,
@@ -147,72 +148,6 @@ class OPT(nn.Module):
             chunk_tokens,
             grad_scale,
         )
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` without keeping [tokens, vocab] logits.
-
-    Forward walks the tokens in chunks: logits for one chunk (in fp32), the loss, and at once
-    the gradients w.r.t. hidden and weight (softmax - onehot); only those are kept. For OPT's
-    50,272-word vocabulary the fp32 logits of a micro-batch are otherwise the largest
-    activation of the step (8 x 2048 tokens: 6.6 GB).
-
-    `grad_scale` is the gradient the caller will send back (the fp16 loss scale divided by the
-    accumulation steps): the gradients are formed already multiplied by it, so in fp16 they do
-    not underflow before backward sees the scale. Backward divides it out again.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens: int, grad_scale: float):
-        n = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        w = weight.to(hidden.dtype)
-        rows = torch.arange(min(n, chunk_tokens), device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, chunk_tokens):
-            h = hidden[start : start + chunk_tokens]
-            y = targets[start : start + chunk_tokens]
-            logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot) / n
-            g = torch.exp_(logits.sub_(lse[:, None]))
-            g[rows[: len(y)], y] -= 1.0
-            g = g.mul_(grad_scale / n).to(hidden.dtype)
-            if grad_h is not None:
-                torch.mm(g, w, out=grad_h[start : start + chunk_tokens])
-            if g.dtype == torch.float32:
-                grad_w.addmm_(g.t(), h)
-            else:
-                grad_w += (g.t() @ h).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        ctx.grad_scale = grad_scale
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        factor = grad_out / ctx.grad_scale
-        gh = None if grad_h is None else grad_h * factor.to(grad_h.dtype)
-        return gh, (grad_w * factor).to(ctx.weight_dtype), None, None, None
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_tokens: int = 4096,
-    grad_scale: float = 1.0,
-) -> torch.Tensor:
-    """Mean cross-entropy of logits `hidden @ weight.T` against `targets` (all tokens count).
-
-    Under autocast the projection runs in the autocast dtype, as a Linear would."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_tokens, grad_scale)
 
 
 def count_params(model: nn.Module) -> int:

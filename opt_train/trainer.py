@@ -147,7 +147,7 @@ class Trainer:
         for inputs, targets in micro_batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with autocast(cfg.precision, self.device.type):
-                loss = self.model.loss(inputs, targets, cfg.train.loss_chunk_tokens, grad_scale)
+                loss = self.model(inputs, targets, cfg.train.loss_chunk_tokens, grad_scale)
             (loss * grad_scale).backward()
             total += loss.detach().float().cpu()
         mean_loss = (total / len(micro_batches)).item()
@@ -177,9 +177,7 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with autocast(self.cfg.precision, self.device.type):
                 losses.append(
-                    self.model.loss(inputs, targets, self.cfg.train.loss_chunk_tokens)
-                    .float()
-                    .item()
+                    self.model(inputs, targets, self.cfg.train.loss_chunk_tokens).float().item()
                 )
         self.model.train()
         return float(np.mean(losses))

@@ -20,7 +20,9 @@ def make_config(*overrides: str) -> JobConfig:
     return OmegaConf.to_object(cfg)
 
 
-def write_patterned_shards(path: Path, vocab: int = SMALL_VOCAB, docs: int = 400, seed: int = 0) -> Path:
+def write_patterned_shards(
+    path: Path, vocab: int = SMALL_VOCAB, docs: int = 400, seed: int = 0
+) -> Path:
     """Documents that follow a fixed successor table (token t is followed by succ[t]) from a
     random start: a model learns the table quickly, so the loss visibly falls."""
     rng = np.random.default_rng(seed)
