@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,41 @@ class CorruptCheckpoint(RuntimeError):
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int):
+    """Saves and restores whole-run state. Model and optimizer go through
+    torch.distributed.checkpoint's state-dict API, which gathers FSDP/TP shards into plain
+    tensors with canonical names (so a checkpoint loads on any mesh, or in one process); rank 0
+    writes, every rank reads."""
+
+    def __init__(self, directory: str | Path, keep: int, dist_info=None):
         self.dir = Path(directory)
         self.keep = keep
+        self.rank = dist_info.rank if dist_info else 0
+        self.world = dist_info.world if dist_info else 1
 
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
 
-    def save(
-        self,
-        step: int,
-        model_state: dict[str, torch.Tensor],
-        optimizer_state: dict,
-        state: dict,
-        config_yaml: str,
-    ) -> Path:
+    def save(self, step: int, model, optimizer, state: dict, config_yaml: str) -> Path:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=opts)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+        rng = _gather(torch.get_rng_state(), self.world)
+        final = self.step_dir(step)
+        if self.rank == 0:
+            self._write(final, model_state, optim_state, rng, state, config_yaml)
+        _barrier(self.world)
+        return final
+
+    def _write(self, final: Path, model_state, optim_state, rng, state, config_yaml) -> None:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.step_dir(step)
         tmp = self.dir / f".tmp-{final.name}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -80,12 +97,12 @@ class CheckpointManager:
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
             tmp / "model.safetensors",
         )
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save({"torch": rng}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / "config.yaml").write_text(config_yaml)
         files = sorted(p.name for p in tmp.iterdir())
-        meta = {"step": step, "files": {f: _sha256(tmp / f) for f in files}}
+        meta = {"step": state["step"], "files": {f: _sha256(tmp / f) for f in files}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         for p in tmp.iterdir():
             _fsync(p)
@@ -98,7 +115,6 @@ class CheckpointManager:
         os.replace(latest_tmp, self.dir / "latest")
         _fsync(self.dir)
         self._prune()
-        return final
 
     def _prune(self) -> None:
         steps = self.complete_steps()
@@ -124,27 +140,59 @@ class CheckpointManager:
         return meta
 
     def latest(self) -> Path | None:
-        """The newest checkpoint that verifies; damaged ones are reported and skipped."""
-        for step in reversed(self.complete_steps()):
-            path = self.step_dir(step)
-            try:
-                self.verify(path)
-                return path
-            except (CorruptCheckpoint, json.JSONDecodeError, KeyError) as e:
-                log.warning("skipping damaged checkpoint %s: %s", path, e)
-        return None
+        """The newest checkpoint that verifies; damaged ones are reported and skipped. Rank 0
+        decides and tells the others, so every rank resumes from the same one."""
+        choice = None
+        if self.rank == 0:
+            for step in reversed(self.complete_steps()):
+                path = self.step_dir(step)
+                try:
+                    self.verify(path)
+                    choice = str(path)
+                    break
+                except (CorruptCheckpoint, json.JSONDecodeError, KeyError) as e:
+                    log.warning("skipping damaged checkpoint %s: %s", path, e)
+        choice = _broadcast(choice, self.world)
+        return Path(choice) if choice else None
 
-    @staticmethod
-    def load(path: Path) -> dict:
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore model, optimizer and this rank's torch RNG; returns the trainer state."""
         from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        return {
-            "model": load_file(path / "model.safetensors"),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-            "rng": torch.load(path / "rng.pt", weights_only=True),
-            "state": json.loads((path / "state.json").read_text()),
-            "config_yaml": (path / "config.yaml").read_text(),
-        }
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, load_file(path / "model.safetensors"), options=opts)
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+        rng = torch.load(path / "rng.pt", weights_only=True)["torch"]
+        if len(rng) == self.world:  # same world size: each rank continues its own stream
+            torch.set_rng_state(rng[self.rank])
+        return json.loads((path / "state.json").read_text())
+
+
+def _gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    if world == 1:
+        return [t]
+    out: list = [None] * world
+    dist.all_gather_object(out, t)
+    return out
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
 
 
 def find_checkpoint(path: str | Path) -> Path:

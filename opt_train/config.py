@@ -110,9 +110,24 @@ class LossScaleConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    dp_shard: int = -1  # -1: the rest of the world
-    dp_replicate: int = 1
+    tp: int = 1  # tensor-parallel degree (Megatron-style, within a node)
+    dp_shard: int = -1  # FSDP degree; -1: the rest of the world
+    dp_replicate: int = 1  # HSDP replicas of the FSDP group
+    activation_checkpoint: str = "off"  # off | full | selective
+    compile: str = "auto"  # auto (on for CUDA, off on CPU, where it was slower) | on | off
+    init: str = "auto"  # auto (meta above 2 GiB of fp32 weights) | full | meta
+    timeout_s: float = 600.0  # a collective waiting longer than this fails with an error
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("activation_checkpoint", ("off", "full", "selective")),
+            ("compile", ("auto", "on", "off")),
+            ("init", ("auto", "full", "meta")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"parallel.{key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
 
 
 @dataclass

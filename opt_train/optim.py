@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from opt_train.config import OptimConfig
 
@@ -32,8 +33,6 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     # The fused kernel exists for CPU and CUDA tensors in torch >= 2.4 and is the fastest;
     # DTensor parameters (after FSDP/TP) take the foreach path instead.
-    from torch.distributed.tensor import DTensor
-
     fused = not any(isinstance(p, DTensor) for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, cfg),
@@ -66,3 +65,37 @@ class LinearWarmupDecay:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Clip the global gradient norm of parameters that may be DTensors on different meshes
+    (FSDP's 1-D data-parallel mesh, FSDP x TP's 2-D mesh) or plain tensors.
+
+    torch.nn.utils.clip_grad_norm_ stacks per-parameter norms and fails when they live on
+    different meshes ("All operands in aten.stack.default must have the same mesh"). Here the
+    squared norms of local shards are summed per (mesh, placements), all-reduced over the mesh
+    dimensions that shard them (replicas are counted once), and added up.
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else (None, ())
+        groups.setdefault(key, []).append(g.to_local() if isinstance(g, DTensor) else g)
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for (mesh, placements), local in groups.items():
+        sq = torch.stack([n.double() for n in torch._foreach_norm(local, 2.0)]).pow(2).sum()
+        if mesh is not None:
+            for dim, placement in enumerate(placements):
+                if placement.is_shard() or placement.is_partial():
+                    dist.all_reduce(sq, group=mesh.get_group(dim))
+        total += sq
+    norm = total.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for local in groups.values():
+            torch._foreach_mul_(local, coef)
+    return norm

@@ -1,0 +1,156 @@
+"""Parallelism applied to the plain OPT module from outside, in this order:
+tensor parallel (Megatron-style, DTensor), activation checkpointing, torch.compile, FSDP2.
+
+The model file knows nothing of this. TP shards q/k/v and fc1 by output features
+(column-parallel) and attention-out and fc2 by input features (row-parallel), so each block
+needs one all-reduce after attention and one after the FFN; the token embedding is split over
+the vocabulary, and the loss (opt_train/loss.py) uses that split directly, so full-vocabulary
+logits never exist on any rank. FSDP2 then shards every decoder layer and the root over the
+data-parallel ranks, with a mixed-precision policy per `precision`.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from opt_train.model import OPT
+from opt_train.parallel_dims import ParallelDims
+from opt_train.precision import DTYPES
+
+AC_MODES = ("off", "full", "selective")
+
+
+def apply_tp(model: OPT, tp_mesh: DeviceMesh) -> None:
+    parallelize_module(
+        model,
+        tp_mesh,
+        {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())},
+    )
+    block_plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.out_proj": RowwiseParallel(),
+        "fc1": ColwiseParallel(),
+        "fc2": RowwiseParallel(),
+    }
+    for layer in model.layers:
+        parallelize_module(layer, tp_mesh, block_plan)
+
+
+def _selective_policy():
+    """Save matmul and attention outputs, recompute the cheap elementwise ops (LayerNorm,
+    ReLU, dropout, residual adds): most of full AC's memory saving at a fraction of its cost."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    save = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_ac(model: OPT, mode: str) -> None:
+    """Activation checkpointing per decoder layer: `full` recomputes the whole layer in
+    backward; `selective` keeps matmul/attention outputs and recomputes the rest."""
+    if mode == "off":
+        return
+    if mode not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpoint must be one of {AC_MODES}, got {mode!r}")
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    kwargs = {"preserve_rng_state": True}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy())
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(layer, **kwargs)
+
+
+def apply_compile(model: OPT) -> None:
+    """torch.compile each decoder layer (one graph reused by all layers)."""
+    for layer in model.layers:
+        layer.compile()
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """Low-precision parameters and compute, fp32 gradient reduction and fp32 outputs."""
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES[precision], reduce_dtype=torch.float32, output_dtype=torch.float32
+    )
+
+
+def apply_fsdp(model: OPT, dp_mesh: DeviceMesh, precision: str) -> None:
+    mp = mixed_precision_policy(precision)
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    # The root holds the embeddings (also the output projection) and the final LayerNorm;
+    # it stays unsharded from forward through backward, which the loss relies on.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def dp_mesh_of(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """FSDP's mesh: shard over dp_shard; with dp_replicate > 1, HSDP over both."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def parallelize(
+    model: OPT, dims: ParallelDims, mesh: DeviceMesh, precision: str, ac: str, compile: bool
+) -> OPT:
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+    apply_ac(model, ac)
+    if compile:
+        apply_compile(model)
+    apply_fsdp(model, dp_mesh_of(mesh, dims), precision)
+    return model
+
+
+def _shard_seed(seed: int, name: str, p: torch.Tensor) -> int:
+    """A seed for one parameter shard: the run seed, the parameter's name and the shard's
+    coordinates along the mesh dimensions it is split over (replicas draw the same values)."""
+    coords: list[int] = []
+    if isinstance(p, DTensor):
+        mine = p.device_mesh.get_coordinate() or []
+        coords = [c for c, pl in zip(mine, p.placements, strict=True) if pl.is_shard()]
+    key = f"{seed}|{name}|{coords}".encode()
+    return zlib.crc32(key) | (seed << 32)
+
+
+@torch.no_grad()
+def init_sharded_weights(model: nn.Module, seed: int) -> None:
+    """OPT's init applied to each shard after meta-device construction, so that no rank ever
+    materialises the whole model. Each shard draws from its own generator (seeded by name and
+    shard coordinates), giving the one-process model's statistics: normal(0, std) per the
+    model's `init_std`, zero biases, unit LayerNorm weights."""
+    inner = model
+    for name, p in model.named_parameters():
+        clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        std = inner.init_std(clean)
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if std is None:
+            local.fill_(1.0 if "layer_norm" in clean and clean.endswith("weight") else 0.0)
+            continue
+        g = torch.Generator(device=local.device).manual_seed(_shard_seed(seed, clean, p))
+        local.normal_(0.0, std, generator=g)
