@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import marshal
-import os
 import re
 import shutil
 import struct
@@ -125,7 +124,7 @@ class _CommentFilter:
         self.url_re = re.compile(f.url_pattern) if f.enabled and f.urls else None
         n = f.max_chars_without_space if f.enabled else 0
         self.long_n = n
-        self.long_re = re.compile(r"\S{%d}" % (n + 1)) if n > 0 else None
+        self.long_re = re.compile(r"\S{" + str(n + 1) + "}") if n > 0 else None
         self.min_chars = f.min_chars if f.enabled else 0
         self.non_ascii = f.enabled and f.non_ascii_start
 
@@ -304,8 +303,8 @@ def longest_chain(
             fates[STATUS_NAMES[r[7]]] += 1
             cut = True
         elif max_depth and depth > max_depth:
+            # Not a cut: everything below is deeper still, so it is counted as depth too.
             fates["filter:depth"] += 1
-            cut = True
         else:
             valid.append(cid)
         for c in children.get(cid, ()):
@@ -479,11 +478,17 @@ def run(cfg: RedditConfig) -> dict:
         "text_bytes_in": text_in,
         "text_bytes_out": text_out,
         "size_reduction_bytes": text_in - text_out,
-        "size_reduction_percent": round(100.0 * (text_in - text_out) / text_in, 2) if text_in else 0.0,
+        "size_reduction_percent": round(100.0 * (text_in - text_out) / text_in, 2)
+        if text_in
+        else 0.0,
         "num_buckets": cfg.num_buckets,
         "largest_bucket_records": largest,
         "resumed_after_pass1": resumed,
-        "seconds": {"pass1": round(t1 - t0, 3), "pass2": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
+        "seconds": {
+            "pass1": round(t1 - t0, 3),
+            "pass2": round(t2 - t1, 3),
+            "total": round(t2 - t0, 3),
+        },
         "comments_per_s": round(comments_in / (t2 - t0), 1) if t2 > t0 else 0.0,
         "config": to_container(cfg),
         "rejects": rejects.report(),
