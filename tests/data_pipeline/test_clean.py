@@ -240,3 +240,15 @@ def test_killed_stage_leaves_no_output_and_rerun_matches(tmp_path):
     assert cli(f"input={inp}", f"output={out}").returncode == EXIT_OK
     assert out.read_bytes() == ref.read_bytes()
     assert not list(tmp_path.glob(".o.jsonl.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("a\tb  c", "a b c"),  # ASCII with a tab: the class path
+        ("a  b   c", "a b c"),  # plain ASCII: the literal fast path
+        ("caf\u00e9\u00a0\u00a0au\u2003lait  x", "caf\u00e9 au lait x"),  # Unicode spaces
+    ],
+)
+def test_each_horizontal_whitespace_run_becomes_one_space(raw, want):
+    assert clean_text(raw)[0] == want
