@@ -33,6 +33,7 @@ import marshal
 import re
 import shutil
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -155,6 +156,8 @@ def _fingerprint(cfg: RedditConfig, files: list[Path]) -> dict:
         "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         "num_buckets": cfg.num_buckets,
         "filters": to_container(cfg.filters),
+        # marshal's format may change between Python versions.
+        "python": sys.version,
     }
 
 
@@ -275,9 +278,7 @@ def _load_bucket(path: Path) -> list:
     return recs
 
 
-def longest_chain(
-    comments: dict[str, tuple], link_key: str, max_depth: int, fates: Counter
-) -> list[tuple]:
+def longest_chain(comments: dict[str, tuple], max_depth: int, fates: Counter) -> list[tuple]:
     """The longest root->leaf chain of one thread's comments (id -> bucket record), with the
     documented tie-break; counts every comment's fate into `fates`. Iterative, because real
     threads reach depths that would overflow Python's recursion limit."""
@@ -372,7 +373,7 @@ def _resolve_bucket(recs: list, cfg: RedditConfig, out: AtomicWriter, stats: Cou
             stats["orphan_threads_dropped"] += 1
             fates["orphan_dropped"] += len(comments)
             continue
-        chain = longest_chain(comments, key, max_depth, fates) if comments else []
+        chain = longest_chain(comments, max_depth, fates) if comments else []
         if len(chain) < cfg.min_comments:
             stats["threads_dropped_short_chain"] += 1
             continue
