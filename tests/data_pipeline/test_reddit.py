@@ -339,3 +339,16 @@ def test_killed_stage_rerun_completes_identically(medium_dump, tmp_path, phase):
     assert report["resumed_after_pass1"] is (phase == "pass2")
     assert not work.exists()
     assert not list(tmp_path.glob(".o.jsonl.tmp-*"))
+
+
+def test_stale_work_dir_from_other_inputs_is_not_reused(scenario_dump, scenario_run, tmp_path):
+    _, inp = scenario_dump
+    out = tmp_path / "o.jsonl"
+    work = tmp_path / ".o.jsonl.work"
+    work.mkdir()
+    (work / "pass1.done.json").write_text(json.dumps({"fingerprint": {"files": []}, "stats": {}}))
+    (work / "bucket-00000.bin").write_bytes(b"garbage")
+    report = run(RedditConfig(input=str(inp), output=str(out), num_buckets=5))
+    assert report["resumed_after_pass1"] is False
+    assert read_out(out) == scenario_run[1]
+    assert not work.exists()
