@@ -102,7 +102,7 @@ def _as_int(v: Any) -> int:
     """Pushshift stores created_utc/score as ints, floats or strings depending on the year."""
     try:
         return int(float(v))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "abc", NaN, inf
         return 0
 
 

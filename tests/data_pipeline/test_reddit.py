@@ -235,7 +235,8 @@ def _bad_dump(d: Path) -> dict:
         json.dumps(good[1]).encode(),
         b'{"id": "c8", "body": "caf\xe9", "parent_id": "t3_s1", "link_id": "t3_s1"}',  # 4: utf-8
         json.dumps({"id": "c7", "link_id": "t3_s1", "body": "no parent"}).encode(),  # 5
-        json.dumps(good[2]).encode(),
+        # unusable score/created_utc values count as 0, the comment is kept
+        json.dumps({**good[2], "score": float("inf"), "created_utc": "soon"}).encode(),
         json.dumps({"id": "c6", "parent_id": "t3_s1", "link_id": "t3_s1", "body": 5}).encode(),
     ]
     (d / "RC_2020-01.jsonl").write_bytes(b"\n".join(lines) + b"\n")
