@@ -70,32 +70,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float) -> float:
     """Clip the global gradient norm of parameters that may be DTensors on different meshes
-    (FSDP's 1-D data-parallel mesh, FSDP x TP's 2-D mesh) or plain tensors.
+    (FSDP's 1-D data-parallel mesh, FSDP x TP's 2-D mesh) or plain tensors; returns the norm.
 
-    torch.nn.utils.clip_grad_norm_ stacks per-parameter norms and fails when they live on
-    different meshes ("All operands in aten.stack.default must have the same mesh"). Here the
-    squared norms of local shards are summed per (mesh, placements), all-reduced over the mesh
-    dimensions that shard them (replicas are counted once), and added up.
+    torch.nn.utils.clip_grad_norm_ stacks all per-parameter norms at once and fails when they
+    live on different meshes ("All operands in aten.stack.default must have the same mesh").
+    Here the squared norms are summed per (mesh, placements) group with DTensor arithmetic,
+    which knows how each layout splits a tensor (FSDP x TP uses strided shards), turned into
+    plain numbers with one reduction per group, and added up.
     """
-    import torch.distributed as dist
-
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else (None, ())
-        groups.setdefault(key, []).append(g.to_local() if isinstance(g, DTensor) else g)
+        groups.setdefault(key, []).append(g)
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for (mesh, placements), local in groups.items():
-        sq = torch.stack([n.double() for n in torch._foreach_norm(local, 2.0)]).pow(2).sum()
-        if mesh is not None:
-            for dim, placement in enumerate(placements):
-                if placement.is_shard() or placement.is_partial():
-                    dist.all_reduce(sq, group=mesh.get_group(dim))
-        total += sq
+    for group in groups.values():
+        sq = torch.stack(torch._foreach_norm(group, 2.0)).double().pow(2).sum()
+        total += sq.full_tensor() if isinstance(sq, DTensor) else sq
     norm = total.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
-        for local in groups.values():
-            torch._foreach_mul_(local, coef)
+        for group in groups.values():
+            torch._foreach_mul_(
+                [g.to_local() if isinstance(g, DTensor) else g for g in group], coef
+            )
     return norm

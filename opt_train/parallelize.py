@@ -90,22 +90,30 @@ def apply_compile(model: OPT) -> None:
         layer.compile()
 
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """Low-precision parameters and compute, fp32 gradient reduction and fp32 outputs."""
+def mixed_precision_policy(precision: str, root: bool) -> MixedPrecisionPolicy:
+    """Low-precision parameters and compute with fp32 gradient reduction; the root's output
+    is fp32. Layers hand low-precision activations to each other: an fp32 layer output would
+    meet the next low-precision LayerNorm weight (CPU kernels refuse mixed dtypes)."""
     if precision == "fp32":
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(
-        param_dtype=DTYPES[precision], reduce_dtype=torch.float32, output_dtype=torch.float32
+        param_dtype=DTYPES[precision],
+        reduce_dtype=torch.float32,
+        output_dtype=torch.float32 if root else None,
     )
 
 
 def apply_fsdp(model: OPT, dp_mesh: DeviceMesh, precision: str) -> None:
-    mp = mixed_precision_policy(precision)
     for layer in model.layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mixed_precision_policy(precision, root=False))
     # The root holds the embeddings (also the output projection) and the final LayerNorm;
     # it stays unsharded from forward through backward, which the loss relies on.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(
+        model,
+        mesh=dp_mesh,
+        mp_policy=mixed_precision_policy(precision, root=True),
+        reshard_after_forward=False,
+    )
 
 
 def dp_mesh_of(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
@@ -133,7 +141,13 @@ def _shard_seed(seed: int, name: str, p: torch.Tensor) -> int:
     coords: list[int] = []
     if isinstance(p, DTensor):
         mine = p.device_mesh.get_coordinate() or []
-        coords = [c for c, pl in zip(mine, p.placements, strict=True) if pl.is_shard()]
+        # Any placement that is neither Replicate nor Partial splits the tensor (FSDP x TP
+        # uses _StridedShard, for which is_shard() is False).
+        coords = [
+            c
+            for c, pl in zip(mine, p.placements, strict=True)
+            if not (pl.is_replicate() or pl.is_partial())
+        ]
     key = f"{seed}|{name}|{coords}".encode()
     return zlib.crc32(key) | (seed << 32)
 

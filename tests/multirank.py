@@ -1,0 +1,95 @@
+"""Launching several real gloo ranks from a test, on free loopback ports.
+
+`torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` runs a
+function on N ranks with a process group already initialised (for unit-level checks).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(threads: int = 1) -> dict[str, str]:
+    """Environment for rank processes: one thread each (2 cores, up to 4 ranks) and no wandb."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def torchrun_train(
+    nproc: int, overrides: list[str], timeout: float = 300, extra_args: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *(extra_args or []),
+        "train.py",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run `fn(rank, world, *args)` on `world` gloo ranks; re-raise the first rank's failure.
+    `fn` must be importable (a module-level function)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    if not errors.empty():
+        raise AssertionError(errors.get())
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise AssertionError(f"ranks exited with {bad}")
