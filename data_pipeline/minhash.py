@@ -224,11 +224,17 @@ _LIBCRYPTO = _find_libcrypto() if HAVE_NUMBA else None
 SHA1_IMPL = "openssl" if _LIBCRYPTO else ("numba" if HAVE_NUMBA else "hashlib")
 
 
+# 1: ASCII whitespace (str.isspace); 2: lead byte of a possible multi-byte whitespace character.
+_WS_TABLE = np.zeros(256, dtype=np.uint8)
+_WS_TABLE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = 1
+_WS_TABLE[[0xC2, 0xE1, 0xE2, 0xE3]] = 2
+
+
 def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, portable: bool) -> Batch:
     buf = np.frombuffer(b"".join(raw), dtype=np.uint8)
     raw_off = np.zeros(len(raw) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in raw], out=raw_off[1:])
-    norm, starts, lens, sh_off = _spans(buf, raw_off, n)
+    norm, starts, lens, sh_off = _spans(buf, raw_off, n, _WS_TABLE)
     hashes = np.empty(len(starts), dtype=np.uint32)
     if not portable:
         _sha1_spans_openssl(norm, starts, lens, hashes)
@@ -254,8 +260,6 @@ if HAVE_NUMBA:
         """Byte length of the Unicode whitespace character (str.isspace) at buf[q], else 0.
         The input is valid UTF-8 (it came from str.encode)."""
         c = buf[q]
-        if c > 32 and c < 0x80:
-            return 0
         if (9 <= c <= 13) or (28 <= c <= 32):
             return 1
         if c == 0xC2 and q + 1 < hi:
@@ -275,65 +279,60 @@ if HAVE_NUMBA:
         return 0
 
     @numba.njit(cache=True)
-    def _spans(buf, raw_off, n):
-        """Normalise each document to its words joined by single spaces (as
-        `" ".join(text.split())` would) and list every shingle as (start, length) in the
-        normalised buffer; shingle_offsets[d] is document d's first shingle."""
+    def _spans(buf, raw_off, n, table):
+        """One pass per document: copy its words joined by single spaces (as
+        `" ".join(text.split())` would) into `norm` and list every shingle as (start, length)
+        in `norm`; document d owns shingles sh_off[d]..sh_off[d+1]. `table` marks bytes that
+        are ASCII whitespace (1) or may start a multi-byte whitespace character (2)."""
         ndocs = len(raw_off) - 1
-        norm = np.empty(raw_off[-1] + 1, dtype=np.uint8)
-        norm_off = np.zeros(ndocs + 1, dtype=np.int64)
-        nwords = np.zeros(ndocs, dtype=np.int64)
+        total = raw_off[-1]
+        norm = np.empty(total + 1, dtype=np.uint8)
+        cap = total // 2 + ndocs + 1  # a word is >= 1 byte plus a separator
+        starts = np.empty(cap, dtype=np.int64)
+        lens = np.empty(cap, dtype=np.int64)
+        sh_off = np.zeros(ndocs + 1, dtype=np.int64)
+        ring = np.empty(n, dtype=np.int64)  # where the last n words start in norm
         o = 0
+        j = 0
         for d in range(ndocs):
             q, hi = raw_off[d], raw_off[d + 1]
+            doc_start = o
             words = 0
+            r = 0  # ring slot of the current word
             in_word = False
-            while q < hi:
-                k = _ws_len(buf, q, hi)
-                if k:
-                    in_word = False
-                    q += k
-                else:
+            while q <= hi:
+                k = 1  # the end of the document ends the last word, like whitespace
+                if q < hi:
+                    c = buf[q]
+                    t = table[c]
+                    k = 1 if t == 1 else (_ws_len(buf, q, hi) if t == 2 else 0)
+                if k == 0:
                     if not in_word:
                         if words:
                             norm[o] = 32
                             o += 1
-                        words += 1
+                        ring[r] = o
                         in_word = True
-                    norm[o] = buf[q]
+                    norm[o] = c
                     o += 1
                     q += 1
-            nwords[d] = words
-            norm_off[d + 1] = o
-        sh_off = np.zeros(ndocs + 1, dtype=np.int64)
-        for d in range(ndocs):
-            w = nwords[d]
-            sh_off[d + 1] = sh_off[d] + (0 if w == 0 else (w - n + 1 if w >= n else 1))
-        starts = np.empty(sh_off[-1], dtype=np.int64)
-        lens = np.empty(sh_off[-1], dtype=np.int64)
-        ws = np.empty(n + 1, dtype=np.int64)  # ring of the last n+1 word starts
-        for d in range(ndocs):
-            lo, hi = norm_off[d], norm_off[d + 1]
-            if hi == lo:
-                continue
-            j = sh_off[d]
-            if nwords[d] < n:
-                starts[j] = lo
-                lens[j] = hi - lo
-                continue
-            count = 0
-            ws[0] = lo
-            for q in range(lo, hi + 1):
-                if q == hi or norm[q] == 32:
-                    # word `count` ends at q: the shingle of words count-n+1 .. count is whole
-                    if count >= n - 1:
-                        s = ws[(count - n + 1) % (n + 1)]
-                        starts[j] = s
-                        lens[j] = q - s
-                        j += 1
-                    count += 1
-                    ws[count % (n + 1)] = q + 1
-        return norm, starts, lens, sh_off
+                else:
+                    if in_word:
+                        words += 1
+                        if words >= n:  # the n-gram ending with this word is complete
+                            s = ring[r + 1 if r + 1 < n else 0]
+                            starts[j] = s
+                            lens[j] = o - s
+                            j += 1
+                        r = r + 1 if r + 1 < n else 0
+                        in_word = False
+                    q += k
+            if 0 < words < n:  # fewer words than n: the whole document is one shingle
+                starts[j] = doc_start
+                lens[j] = o - doc_start
+                j += 1
+            sh_off[d + 1] = j
+        return norm, starts[:j], lens[:j], sh_off
 
     if _LIBCRYPTO:
         _sha1_init, _sha1_update, _sha1_final = _LIBCRYPTO
