@@ -140,15 +140,18 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _documents(files: list[Path], rejects: Rejects) -> Iterator[tuple[dict, bytes]]:
+def _documents(
+    files: list[Path], rejects: Rejects, encode: bool = True
+) -> Iterator[tuple[dict, bytes | None]]:
     """(document, its UTF-8 text) for every accepted document, in input order. JSON allows
     lone surrogates, which UTF-8 cannot encode: such a text is a reject here (it could not be
     written out either). Both passes go through this one function, so document k of the
-    second pass is document k of the first."""
+    second pass is document k of the first; the second only checks (`encode=False`)."""
     for path in files:
         for doc in read_documents(path, rejects):
+            text = doc["text"]
             try:
-                raw = doc["text"].encode("utf-8")
+                raw = text.encode("utf-8") if encode or not text.isascii() else None
             except UnicodeEncodeError as e:
                 rejects.add(path, 0, f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}")
                 continue
@@ -233,7 +236,7 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     sig_tmp, hash_tmp = work.file("signatures.u32.tmp"), work.file("hashes.u32.tmp")
     counts = []
     n_docs = 0
-    workers = cfg.workers or min(2, os.cpu_count() or 1)
+    workers = _workers(cfg)
     docs = _documents(files, rejects)
     with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
@@ -241,8 +244,7 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
                 # Compile the numba kernels once here; forked workers inherit them.
                 _init_worker(hasher_params)
                 _signature_task([b"warm up the compiled kernels"])
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-                pool = ctx.Pool(workers, _init_worker, (hasher_params,))
+                pool = _fork_pool(workers, _init_worker, (hasher_params,))
                 results = pool.imap(_signature_task, _batches(docs, cfg.batch_docs))
             else:
                 _init_worker(hasher_params)
@@ -431,13 +433,15 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
 
 
 def _stage_write(cfg: DedupConfig, files: list[Path], work: _Work, n_docs: int, want: set):
+    """Second streaming pass: write the kept documents (one process: handing 3 KB documents
+    to workers for json.dumps cost more in pickling than it saved, measured)."""
     keep = np.load(work.file("keep.npy"))
     ids: dict[int, str] = {}
     kept = 0
     k = -1
     with AtomicWriter(cfg.output) as out:
         with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-            for k, (doc, _) in enumerate(_documents(files, Rejects(None))):
+            for k, (doc, _) in enumerate(_documents(files, Rejects(None), encode=False)):
                 if k >= n_docs:
                     raise RuntimeError("the input has more documents than when it was hashed")
                 if k in want:
@@ -451,6 +455,17 @@ def _stage_write(cfg: DedupConfig, files: list[Path], work: _Work, n_docs: int, 
         if k + 1 != n_docs:
             raise RuntimeError(f"the input has {k + 1} documents, {n_docs} when it was hashed")
     return kept, ids
+
+
+def _workers(cfg: DedupConfig) -> int:
+    return cfg.workers or min(2, os.cpu_count() or 1)
+
+
+def _fork_pool(workers: int, initializer=None, initargs=()):
+    # fork: workers inherit the compiled numba kernels (the OpenSSL one cannot be cached on
+    # disk) instead of compiling them again.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    return ctx.Pool(workers, initializer, initargs)
 
 
 # --- the stage -----------------------------------------------------------------------------
