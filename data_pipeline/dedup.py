@@ -100,13 +100,12 @@ def _band_keys(sig: np.ndarray, rows: int, bands: int) -> np.ndarray:
     """[docs, bands] uint64: one key per band; equal band values give equal keys. Keys of
     unequal values may collide (probability ~2^-64 per pair); that only adds a candidate,
     which verification rejects."""
-    s = sig.astype(np.uint64)
     keys = np.empty((len(sig), bands), dtype=np.uint64)
     mul = np.uint64(0x9E3779B97F4A7C15)
     for k in range(bands):
         h = np.full(len(sig), 0x243F6A8885A308D3, dtype=np.uint64)
         for j in range(k * rows, (k + 1) * rows):
-            h ^= s[:, j]
+            h ^= sig[:, j].astype(np.uint64)
             h *= mul
             h ^= h >> np.uint64(29)
         keys[:, k] = h
@@ -274,22 +273,24 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     )
 
 
-def _signatures(work: _Work, n_docs: int, num_perm: int) -> np.ndarray:
-    path = work.file("signatures.u32")
-    if n_docs == 0:
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    return np.memmap(path, dtype=np.uint32, mode="r", shape=(n_docs, num_perm))
+def _signature_rows(work: _Work, num_perm: int, lo: int, hi: int) -> np.ndarray:
+    """Signatures of documents lo..hi-1, read from disk. Plain reads rather than a memmap, so
+    that pages already used do not stay in this process's resident set."""
+    with open(work.file("signatures.u32"), "rb") as f:
+        f.seek(4 * num_perm * lo)
+        raw = f.read(4 * num_perm * (hi - lo))
+    return np.frombuffer(raw, dtype=np.uint32).reshape(-1, num_perm)
 
 
 def _stage_buckets(cfg: DedupConfig, work: _Work, n_docs: int, bands: int, rows: int):
-    sig = _signatures(work, n_docs, cfg.num_perm)
     band_files = [work.file(f"band{k:03d}.u64") for k in range(bands)]
     handles = [open(p, "wb") for p in band_files]
     try:
-        step = 1 << 16
+        step = 1 << 14
         with _progress(cfg, desc="dedup band keys", unit="doc", total=n_docs) as bar:
             for lo in range(0, n_docs, step):
-                keys = _band_keys(np.asarray(sig[lo : lo + step]), rows, bands)
+                sig = _signature_rows(work, cfg.num_perm, lo, min(lo + step, n_docs))
+                keys = _band_keys(sig, rows, bands)
                 for k, f in enumerate(handles):
                     f.write(np.ascontiguousarray(keys[:, k]).tobytes())
                 bar.update(len(keys))
@@ -317,13 +318,9 @@ class _ShingleSets:
 
     def __init__(self, work: _Work, cache: int = 200_000):
         self.offsets = np.load(work.file("shingle_offsets.npy"))
-        size = int(self.offsets[-1])
-        path = work.file("hashes.u32")
-        self.hashes = (
-            np.memmap(path, dtype=np.uint32, mode="r", shape=(size,))
-            if size
-            else np.zeros(0, np.uint32)
-        )
+        # Plain reads, not a memmap: readahead on a mapping pulls most of the file into this
+        # process's resident set, and the sets of candidate documents are all we need.
+        self.file = open(work.file("hashes.u32"), "rb")
         self.cache: dict[int, np.ndarray] = {}
         self.limit = cache
 
@@ -332,9 +329,14 @@ class _ShingleSets:
         if s is None:
             if len(self.cache) >= self.limit:
                 self.cache.clear()
-            s = np.unique(self.hashes[self.offsets[i] : self.offsets[i + 1]])
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            self.file.seek(4 * lo)
+            s = np.unique(np.frombuffer(self.file.read(4 * (hi - lo)), dtype=np.uint32))
             self.cache[i] = s
         return s
+
+    def close(self) -> None:
+        self.file.close()
 
     def jaccard(self, i: int, j: int) -> float:
         a, b = self[i], self[j]
@@ -344,19 +346,26 @@ class _ShingleSets:
         return inter / (len(a) + len(b) - inter)
 
 
-def _estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def _estimated_jaccard(work: _Work, num_perm: int, pairs: np.ndarray) -> np.ndarray:
+    """datasketch's MinHash.jaccard (fraction of equal slots) of each pair, reading only the
+    signatures of documents that are in some pair."""
+    docs = np.unique(pairs)
+    sig = np.empty((len(docs), num_perm), dtype=np.uint32)
+    with open(work.file("signatures.u32"), "rb") as f:
+        for n, d in enumerate(docs.tolist()):
+            f.seek(4 * num_perm * d)
+            sig[n] = np.frombuffer(f.read(4 * num_perm), dtype=np.uint32)
+    a, b = np.searchsorted(docs, pairs[:, 0]), np.searchsorted(docs, pairs[:, 1])
     est = np.empty(len(pairs), dtype=np.float64)
     step = 1 << 14
     for lo in range(0, len(pairs), step):
-        p = pairs[lo : lo + step]
-        est[lo : lo + step] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
+        est[lo : lo + step] = (sig[a[lo : lo + step]] == sig[b[lo : lo + step]]).mean(axis=1)
     return est
 
 
 def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
-    sig = _signatures(work, n_docs, cfg.num_perm)
     pairs = np.load(work.file("candidates.npy"))
-    est = _estimated_jaccard(sig, pairs) if len(pairs) else np.zeros(0)
+    est = _estimated_jaccard(work, cfg.num_perm, pairs) if len(pairs) else np.zeros(0)
     sim = est.copy()
     checked = np.zeros(len(pairs), dtype=bool)
     if cfg.verify == "exact":
@@ -368,6 +377,7 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
                 if n % 4096 == 4095:
                     bar.update(4096)
             bar.update(len(todo) % 4096)
+        sets.close()
         checked[todo] = True
     elif cfg.verify == "signature":
         checked[:] = True
