@@ -231,6 +231,7 @@ class _Work:
 
 
 def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_params: dict):
+    rejects_path(cfg.output).unlink(missing_ok=True)  # a stale one would describe other input
     rejects = Rejects(rejects_path(cfg.output))
     sig_tmp, hash_tmp = work.file("signatures.u32.tmp"), work.file("hashes.u32.tmp")
     counts = []
