@@ -312,3 +312,11 @@ def test_signature_verification_mode_and_explicit_banding(tmp_path):
     assert report["banding"]["bands"] == 32 and report["banding"]["rows"] == 4
     assert report["docs_out"] == 100
     assert report["prefiltered_pairs"] == 0
+
+
+def test_input_with_only_rejects_gives_an_empty_output_and_counts_them(tmp_path):
+    (tmp_path / "in.jsonl").write_text('not json\n{"text": ""}\n{"id": 1}\n')
+    report = run(cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl")))
+    assert (report["docs_in"], report["docs_out"], report["rejects"]["total"]) == (0, 0, 3)
+    assert (tmp_path / "o.jsonl").read_text() == ""
+    assert len((tmp_path / "o.jsonl.rejects.jsonl").read_text().splitlines()) == 3
