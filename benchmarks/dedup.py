@@ -13,7 +13,7 @@ Baseline, as the issue describes it: read the JSONL, `MinHash.bulk` over word 5-
 (128 permutations), then `MinHashLSH(threshold=0.95)`: query each document, drop it when the
 index returns a match, insert it otherwise; write the kept documents. Ours: the whole stage
 (`data_pipeline.dedup.run`), reading and writing the same files. The numba kernels are
-compiled once before timing (a one-off ~2-3 s per process, excluded from both sides' rates).
+loaded (compiled on a machine's first run) before timing; that one-off cost is excluded.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
             if workers > 1:
-                # Compile the numba kernels once here; forked workers inherit them.
+                # Load (or, on a new machine, compile) the numba kernels once here; forked
+                # workers inherit them.
                 _init_worker(hasher_params)
                 _signature_task([b"warm up the compiled kernels"])
                 pool = _fork_pool(workers, _init_worker, (hasher_params,))
@@ -473,8 +474,7 @@ def _workers(cfg: DedupConfig) -> int:
 
 
 def _fork_pool(workers: int, initializer=None, initargs=()):
-    # fork: workers inherit the compiled numba kernels (the OpenSSL one cannot be cached on
-    # disk) instead of compiling them again.
+    # fork: workers inherit the loaded numba kernels instead of loading them again.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
     return ctx.Pool(workers, initializer, initargs)
 

@@ -196,10 +196,12 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
 # SHA1_Update uses the CPU's SHA extensions where present (measured ~75-120 ns per 5-gram on
 # this machine, against ~190 ns for the portable SHA-1 below). Where libcrypto cannot be found
 # the portable numba SHA-1 (FIPS 180-4) is used; both are checked against datasketch in tests.
+# The functions are called through their addresses (an intrinsic below), which keeps every
+# kernel cacheable on disk: a process pays the ~2 s of compilation once per machine.
 
 
-def _find_libcrypto():
-    """ctypes handles of SHA1_Init/Update/Final in the libcrypto that hashlib uses, or None."""
+def _find_libcrypto() -> tuple[int, int, int] | None:
+    """Addresses of SHA1_Init/Update/Final in the libcrypto that hashlib uses, or None."""
     import ctypes
 
     try:
@@ -210,14 +212,10 @@ def _find_libcrypto():
         if not paths:
             return None
         lib = ctypes.CDLL(paths[0])
-        init, update, final = lib.SHA1_Init, lib.SHA1_Update, lib.SHA1_Final
+        fns = (lib.SHA1_Init, lib.SHA1_Update, lib.SHA1_Final)
     except (ImportError, OSError, AttributeError):
         return None
-    init.restype, init.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    update.restype = ctypes.c_int
-    update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    final.restype, final.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]
-    return init, update, final
+    return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in fns)
 
 
 _LIBCRYPTO = _find_libcrypto() if HAVE_NUMBA else None
@@ -237,7 +235,7 @@ def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, portable: bool) -
     norm, starts, lens, sh_off = _spans(buf, raw_off, n, _WS_TABLE)
     hashes = np.empty(len(starts), dtype=np.uint32)
     if not portable:
-        _sha1_spans_openssl(norm, starts, lens, hashes)
+        _sha1_spans_openssl(*_LIBCRYPTO, norm, starts, lens, hashes)
     else:
         _sha1_spans_portable(norm, starts, lens, hashes)
     sigs = np.empty((len(raw), len(a)), dtype=np.uint32)
@@ -334,24 +332,60 @@ if HAVE_NUMBA:
             sh_off[d + 1] = j
         return norm, starts[:j], lens[:j], sh_off
 
-    if _LIBCRYPTO:
-        _sha1_init, _sha1_update, _sha1_final = _LIBCRYPTO
+    # Intrinsics calling a C function given by its address (an integer argument rather than
+    # a ctypes global, so the kernels that use them can be cached on disk; the address is
+    # looked up again in every process). Each returns the C function's int.
+    from llvmlite import ir as _ir
+    from numba.extending import intrinsic as _intrinsic
 
-        # Not cached on disk: numba cannot cache functions that call ctypes pointers. Workers
-        # are forked after the parent compiled it, so each process compiles it at most once.
-        @numba.njit
-        def _sha1_spans_openssl(norm, starts, lens, out):
-            """out[i] = datasketch's sha1_hash32(norm[starts[i]:starts[i]+lens[i]])."""
-            ctx = np.zeros(32, dtype=np.uint32)  # SHA_CTX is 96 bytes
-            md = np.zeros(20, dtype=np.uint8)
-            base = norm.ctypes.data
-            for i in range(len(starts)):
-                _sha1_init(ctx.ctypes.data)
-                _sha1_update(ctx.ctypes.data, base + starts[i], lens[i])
-                _sha1_final(md.ctypes.data, ctx.ctypes.data)
-                out[i] = (
-                    _U(md[0]) | (_U(md[1]) << _U(8)) | (_U(md[2]) << _U(16)) | (_U(md[3]) << _U(24))
-                )
+    _I8P = _ir.IntType(8).as_pointer()
+    _I32 = _ir.IntType(32)
+    _I64 = _ir.IntType(64)
+
+    def _fn(builder, addr, arg_types):
+        return builder.inttoptr(addr, _ir.FunctionType(_I32, arg_types).as_pointer())
+
+    @_intrinsic
+    def _call_p(typingctx, addr, p):  # SHA1_Init(ctx)
+        def codegen(context, builder, sig, args):
+            fn = _fn(builder, args[0], [_I8P])
+            return builder.call(fn, [builder.inttoptr(args[1], _I8P)])
+
+        return numba.types.int32(numba.types.intp, numba.types.intp), codegen
+
+    @_intrinsic
+    def _call_pp(typingctx, addr, p, q):  # SHA1_Final(md, ctx)
+        def codegen(context, builder, sig, args):
+            fn = _fn(builder, args[0], [_I8P, _I8P])
+            ptrs = [builder.inttoptr(args[1], _I8P), builder.inttoptr(args[2], _I8P)]
+            return builder.call(fn, ptrs)
+
+        return numba.types.int32(numba.types.intp, numba.types.intp, numba.types.intp), codegen
+
+    @_intrinsic
+    def _call_ppn(typingctx, addr, p, q, n):  # SHA1_Update(ctx, data, len)
+        def codegen(context, builder, sig, args):
+            fn = _fn(builder, args[0], [_I8P, _I8P, _I64])
+            ptrs = [builder.inttoptr(args[1], _I8P), builder.inttoptr(args[2], _I8P)]
+            return builder.call(fn, [*ptrs, args[3]])
+
+        intp = numba.types.intp
+        return numba.types.int32(intp, intp, intp, intp), codegen
+
+    @numba.njit(cache=True)
+    def _sha1_spans_openssl(init, update, final, norm, starts, lens, out):
+        """out[i] = datasketch's sha1_hash32(norm[starts[i]:starts[i]+lens[i]]), with
+        libcrypto's SHA1_Init/Update/Final at the given addresses."""
+        ctx = np.zeros(32, dtype=np.uint32)  # SHA_CTX is 96 bytes
+        md = np.zeros(20, dtype=np.uint8)
+        base = norm.ctypes.data
+        for i in range(len(starts)):
+            _call_p(init, ctx.ctypes.data)
+            _call_ppn(update, ctx.ctypes.data, base + starts[i], lens[i])
+            _call_pp(final, md.ctypes.data, ctx.ctypes.data)
+            out[i] = (
+                _U(md[0]) | (_U(md[1]) << _U(8)) | (_U(md[2]) << _U(16)) | (_U(md[3]) << _U(24))
+            )
 
     @numba.njit(cache=True, inline="always")
     def _rotl64(x, k):
