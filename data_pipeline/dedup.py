@@ -1,0 +1,593 @@
+"""Near-duplicate removal across all sources: MinHash-LSH candidates, exact verification,
+union-find clusters, one document kept per cluster.
+
+    python -m data_pipeline.dedup input=<file|dir|glob|[list]> output=out.jsonl[.gz|.zst]
+
+OPT deduplicated its corpus with MinHash-LSH at Jaccard >= 0.95. The trap, measured: the
+bands x rows that datasketch picks as "optimal" for 0.95 with 128 permutations (3 x 42) make a
+pair at J = 0.95 a candidate with probability 1 - (1 - 0.95^42)^3 = 0.31, so most true
+duplicates are never even compared (recall ~0.64 on a real corpus). Here banding is chosen for
+recall instead (default 16 bands x 8 rows: P(candidate | J = 0.90) = 0.99988), which lets many
+dissimilar pairs through, and every candidate pair is then verified on the documents' exact
+shingle sets before it may join a cluster. See docs/data-dedup.md for the arithmetic.
+
+Stages, each restartable from files in a work directory beside the output
+(`<output>.dedup-work/`, removed after success unless `keep_work=true`):
+
+1. signatures: stream the documents (read_documents), compute MinHash signatures in worker
+   processes (data_pipeline.minhash, bit-identical to datasketch), append them and every
+   document's shingle hashes to flat files.
+2. buckets: for each band, a 64-bit key per document, written per band to disk; each band's
+   keys are sorted on their own, and documents with equal keys become candidate pairs.
+3. clusters: verify each candidate pair, union-find over verified pairs, keep the first
+   document of each cluster in input order.
+4. write: a second streaming pass writes the kept documents atomically (AtomicWriter).
+
+Memory follows the number of documents (a few tens of bytes each while sorting one band) and
+the batch size, never the corpus text.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING
+
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
+from data_pipeline.minhash import MinHasher
+
+
+@dataclass
+class DedupConfig:
+    """Keys of `python -m data_pipeline.dedup` (docs/data-dedup.md explains each)."""
+
+    input: Any = MISSING
+    output: str = MISSING
+    threshold: float = 0.95  # a pair is a near-duplicate when its Jaccard is >= this
+    ngram: int = 5  # shingles are word n-grams
+    num_perm: int = 128
+    seed: int = 1
+    scheme: str = "affine32"  # datasketch's permutation scheme: affine32 | legacy
+    bands: int = 0  # 0: choose bands x rows from candidate_jaccard/candidate_recall
+    rows: int = 0
+    candidate_jaccard: float = 0.0  # 0: threshold - 0.05
+    candidate_recall: float = 0.9999  # wanted P(candidate) at candidate_jaccard
+    verify: str = "exact"  # exact: shingle-set Jaccard; signature: MinHash estimate
+    prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
+    bucket_window: int = 16  # pair each bucket member with the next `window` members
+    workers: int = 0  # signature processes; 0: min(2, cpus)
+    batch_docs: int = 512
+    backend: str = "auto"  # signature backend: auto | openssl | numba | numpy
+    work_dir: str = ""  # default: <output>.dedup-work
+    keep_work: bool = False
+    progress: bool = True
+    examples: int = 5  # example pairs in the report
+
+
+# --- banding -------------------------------------------------------------------------------
+
+
+def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    """P(a pair with this Jaccard shares at least one band) = 1 - (1 - J^rows)^bands."""
+    return 1.0 - (1.0 - jaccard**rows) ** bands
+
+
+def choose_banding(
+    num_perm: int, candidate_jaccard: float, candidate_recall: float
+) -> tuple[int, int]:
+    """The most selective bands x rows (largest rows, bands = num_perm // rows) that still
+    makes a pair at `candidate_jaccard` a candidate with probability >= candidate_recall.
+    More rows means fewer false candidates to verify; the recall floor is what matters."""
+    best = (num_perm, 1)
+    for rows in range(1, num_perm + 1):
+        bands = num_perm // rows
+        if candidate_probability(candidate_jaccard, bands, rows) >= candidate_recall:
+            best = (bands, rows)
+    return best
+
+
+def _band_keys(sig: np.ndarray, rows: int, bands: int) -> np.ndarray:
+    """[docs, bands] uint64: one key per band; equal band values give equal keys. Keys of
+    unequal values may collide (probability ~2^-64 per pair); that only adds a candidate,
+    which verification rejects."""
+    keys = np.empty((len(sig), bands), dtype=np.uint64)
+    mul = np.uint64(0x9E3779B97F4A7C15)
+    for k in range(bands):
+        h = np.full(len(sig), 0x243F6A8885A308D3, dtype=np.uint64)
+        for j in range(k * rows, (k + 1) * rows):
+            h ^= sig[:, j].astype(np.uint64)
+            h *= mul
+            h ^= h >> np.uint64(29)
+        keys[:, k] = h
+    return keys
+
+
+def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
+    """Candidate pairs (i < j, as [m, 2] int64) of documents with equal keys. Members of a
+    bucket, in input order, are paired with their next `window` members: every pair in
+    buckets of up to window + 1 documents, and a connected chain in larger ones (which are
+    copies of one text: exact duplicates verify, so the chain links them all)."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    same = np.flatnonzero(sk[1:] == sk[:-1])
+    if len(same) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    member = np.zeros(len(keys), dtype=bool)
+    member[same] = True
+    member[same + 1] = True
+    pos = np.flatnonzero(member)
+    o, k = order[pos], sk[pos]
+    out = []
+    for d in range(1, window + 1):
+        eq = k[d:] == k[:-d]
+        if not eq.any():
+            break
+        out.append(np.stack([o[:-d][eq], o[d:][eq]], axis=1))
+    return np.concatenate(out).astype(np.int64)
+
+
+# --- documents -----------------------------------------------------------------------------
+
+
+def _documents(
+    files: list[Path], rejects: Rejects, encode: bool = True
+) -> Iterator[tuple[dict, bytes | None]]:
+    """(document, its UTF-8 text) for every accepted document, in input order. JSON allows
+    lone surrogates, which UTF-8 cannot encode: such a text is a reject here (it could not be
+    written out either). Both passes go through this one function, so document k of the
+    second pass is document k of the first; the second only checks (`encode=False`)."""
+    for path in files:
+        for doc in read_documents(path, rejects):
+            text = doc["text"]
+            try:
+                raw = text.encode("utf-8") if encode or not text.isascii() else None
+            except UnicodeEncodeError as e:
+                rejects.add(path, 0, f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}")
+                continue
+            yield doc, raw
+
+
+_HASHER: MinHasher | None = None
+
+
+def _init_worker(params: dict) -> None:
+    global _HASHER
+    _HASHER = MinHasher(**params)
+
+
+def _signature_task(texts: list[bytes]):
+    b = _HASHER.batch(texts)
+    return b.signatures, b.hashes, np.diff(b.offsets)
+
+
+def _batches(docs: Iterator[tuple[dict, bytes]], size: int) -> Iterator[list[bytes]]:
+    batch = []
+    for _, raw in docs:
+        batch.append(raw)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress(cfg: DedupConfig, **kw):
+    from tqdm import tqdm
+
+    return tqdm(disable=not cfg.progress, dynamic_ncols=True, **kw)
+
+
+# --- restartable stages --------------------------------------------------------------------
+
+
+class _Work:
+    """The work directory: each stage's files are complete when its marker JSON exists and
+    carries the fingerprint of the inputs and of every parameter the stage depends on."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = path
+        self.fingerprint = fingerprint
+        path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def fingerprint(self) -> dict:
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: dict) -> None:
+        # As JSON gives it back (tuples become lists), so a marker compares equal.
+        self._fingerprint = json.loads(json.dumps(value, default=str))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def done(self, stage: str) -> dict | None:
+        marker = self.file(f"{stage}.done.json")
+        if not marker.exists():
+            return None
+        info = json.loads(marker.read_text())
+        return info if info.get("fingerprint") == self.fingerprint else None
+
+    def finish(self, stage: str, info: dict) -> dict:
+        info = {**info, "fingerprint": self.fingerprint}
+        tmp = self.file(f".{stage}.done.json.tmp")
+        tmp.write_text(json.dumps(info, default=str))
+        tmp.replace(self.file(f"{stage}.done.json"))
+        return info
+
+    def invalidate_from(self, stages: list[str]) -> None:
+        for s in stages:
+            self.file(f"{s}.done.json").unlink(missing_ok=True)
+
+
+def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_params: dict):
+    rejects_path(cfg.output).unlink(missing_ok=True)  # a stale one would describe other input
+    rejects = Rejects(rejects_path(cfg.output))
+    sig_tmp, hash_tmp = work.file("signatures.u32.tmp"), work.file("hashes.u32.tmp")
+    counts = []
+    n_docs = 0
+    workers = _workers(cfg)
+    docs = _documents(files, rejects)
+    with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh:
+        with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
+            if workers > 1:
+                # Load (or, on a new machine, compile) the numba kernels once here; forked
+                # workers inherit them.
+                _init_worker(hasher_params)
+                _signature_task([b"warm up the compiled kernels"])
+                pool = _fork_pool(workers, _init_worker, (hasher_params,))
+                results = pool.imap(_signature_task, _batches(docs, cfg.batch_docs))
+            else:
+                _init_worker(hasher_params)
+                pool = None
+                results = map(_signature_task, _batches(docs, cfg.batch_docs))
+            try:
+                for sigs, hashes, cnt in results:
+                    fs.write(sigs.tobytes())
+                    fh.write(hashes.tobytes())
+                    counts.append(cnt)
+                    n_docs += len(sigs)
+                    bar.update(len(sigs))
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
+    rejects.close()
+    offsets = np.zeros(n_docs + 1, dtype=np.int64)
+    if counts:
+        np.cumsum(np.concatenate(counts), out=offsets[1:])
+    np.save(work.file("shingle_offsets.npy"), offsets)
+    sig_tmp.replace(work.file("signatures.u32"))
+    hash_tmp.replace(work.file("hashes.u32"))
+    return work.finish(
+        "signatures",
+        {"docs": n_docs, "shingles": int(offsets[-1]), "rejects": rejects.report()},
+    )
+
+
+def _signature_rows(work: _Work, num_perm: int, lo: int, hi: int) -> np.ndarray:
+    """Signatures of documents lo..hi-1, read from disk. Plain reads rather than a memmap, so
+    that pages already used do not stay in this process's resident set."""
+    with open(work.file("signatures.u32"), "rb") as f:
+        f.seek(4 * num_perm * lo)
+        raw = f.read(4 * num_perm * (hi - lo))
+    return np.frombuffer(raw, dtype=np.uint32).reshape(-1, num_perm)
+
+
+def _stage_buckets(cfg: DedupConfig, work: _Work, n_docs: int, bands: int, rows: int):
+    band_files = [work.file(f"band{k:03d}.u64") for k in range(bands)]
+    handles = [open(p, "wb") for p in band_files]
+    try:
+        step = 1 << 14
+        with _progress(cfg, desc="dedup band keys", unit="doc", total=n_docs) as bar:
+            for lo in range(0, n_docs, step):
+                sig = _signature_rows(work, cfg.num_perm, lo, min(lo + step, n_docs))
+                keys = _band_keys(sig, rows, bands)
+                for k, f in enumerate(handles):
+                    f.write(np.ascontiguousarray(keys[:, k]).tobytes())
+                bar.update(len(keys))
+    finally:
+        for f in handles:
+            f.close()
+    codes = []
+    with _progress(cfg, desc="dedup buckets", unit="band", total=bands) as bar:
+        for p in band_files:
+            pairs = _bucket_pairs(np.fromfile(p, dtype=np.uint64), cfg.bucket_window)
+            codes.append(pairs[:, 0] * n_docs + pairs[:, 1])
+            p.unlink()
+            bar.update(1)
+    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    pairs = np.stack([codes // max(n_docs, 1), codes % max(n_docs, 1)], axis=1)
+    tmp = work.file("candidates.tmp.npy")
+    np.save(tmp, pairs)
+    tmp.replace(work.file("candidates.npy"))
+    return work.finish("buckets", {"candidate_pairs": len(pairs)})
+
+
+class _ShingleSets:
+    """Exact shingle-hash sets of documents, read from the signature stage's files, with a
+    bounded cache (a document is usually in several candidate pairs)."""
+
+    def __init__(self, work: _Work, cache: int = 200_000):
+        self.offsets = np.load(work.file("shingle_offsets.npy"))
+        # Plain reads, not a memmap: readahead on a mapping pulls most of the file into this
+        # process's resident set, and the sets of candidate documents are all we need.
+        self.file = open(work.file("hashes.u32"), "rb")
+        self.cache: dict[int, np.ndarray] = {}
+        self.limit = cache
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = self.cache.get(i)
+        if s is None:
+            if len(self.cache) >= self.limit:
+                self.cache.clear()
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            self.file.seek(4 * lo)
+            s = np.unique(np.frombuffer(self.file.read(4 * (hi - lo)), dtype=np.uint32))
+            self.cache[i] = s
+        return s
+
+    def close(self) -> None:
+        self.file.close()
+
+    def jaccard(self, i: int, j: int) -> float:
+        a, b = self[i], self[j]
+        if len(a) == 0 and len(b) == 0:
+            return 1.0
+        inter = len(np.intersect1d(a, b, assume_unique=True))
+        return inter / (len(a) + len(b) - inter)
+
+
+def _estimated_jaccard(work: _Work, num_perm: int, pairs: np.ndarray) -> np.ndarray:
+    """datasketch's MinHash.jaccard (fraction of equal slots) of each pair, reading only the
+    signatures of documents that are in some pair."""
+    docs = np.unique(pairs)
+    sig = np.empty((len(docs), num_perm), dtype=np.uint32)
+    with open(work.file("signatures.u32"), "rb") as f:
+        for n, d in enumerate(docs.tolist()):
+            f.seek(4 * num_perm * d)
+            sig[n] = np.frombuffer(f.read(4 * num_perm), dtype=np.uint32)
+    a, b = np.searchsorted(docs, pairs[:, 0]), np.searchsorted(docs, pairs[:, 1])
+    est = np.empty(len(pairs), dtype=np.float64)
+    step = 1 << 14
+    for lo in range(0, len(pairs), step):
+        est[lo : lo + step] = (sig[a[lo : lo + step]] == sig[b[lo : lo + step]]).mean(axis=1)
+    return est
+
+
+def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
+    pairs = np.load(work.file("candidates.npy"))
+    est = _estimated_jaccard(work, cfg.num_perm, pairs) if len(pairs) else np.zeros(0)
+    sim = est.copy()
+    checked = np.zeros(len(pairs), dtype=bool)
+    if cfg.verify == "exact":
+        sets = _ShingleSets(work)
+        todo = np.flatnonzero(est >= cfg.threshold - cfg.prefilter_margin)
+        with _progress(cfg, desc="dedup verify", unit="pair", total=len(todo)) as bar:
+            for n, t in enumerate(todo):
+                sim[t] = sets.jaccard(int(pairs[t, 0]), int(pairs[t, 1]))
+                if n % 4096 == 4095:
+                    bar.update(4096)
+            bar.update(len(todo) % 4096)
+        sets.close()
+        checked[todo] = True
+    elif cfg.verify == "signature":
+        checked[:] = True
+    else:
+        raise ValueError(f"verify must be exact or signature, got {cfg.verify!r}")
+    verified = checked & (sim >= cfg.threshold)
+    edges = pairs[verified]
+
+    # Union-find over verified pairs; each cluster keeps its smallest index (first in input).
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for i, j in edges.tolist():
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)  # the root is always the cluster's first doc
+    sizes: dict[int, int] = {}
+    removed = []
+    for x in parent:
+        r = find(x)
+        sizes[r] = sizes.get(r, 1) + 1
+        removed.append(x)
+    keep = np.ones(n_docs, dtype=bool)
+    if removed:
+        keep[np.array(removed, dtype=np.int64)] = False
+    np.save(work.file("keep.tmp.npy"), keep)
+    work.file("keep.tmp.npy").replace(work.file("keep.npy"))
+
+    v_idx = np.flatnonzero(verified)
+    v_idx = v_idx[np.argsort(sim[v_idx], kind="stable")]
+    spread = np.unique(np.linspace(0, len(v_idx) - 1, cfg.examples).astype(int))
+    picks = v_idx[spread] if len(v_idx) and cfg.examples else []
+    rejected = np.flatnonzero(checked & ~verified)
+    near = rejected[np.argsort(-sim[rejected], kind="stable")[: min(3, cfg.examples)]]
+
+    def pair_info(t: int) -> dict:
+        return {
+            "docs": [int(pairs[t, 0]), int(pairs[t, 1])],
+            "jaccard": round(float(sim[t]), 4),
+            "estimated_jaccard": round(float(est[t]), 4),
+        }
+
+    return work.finish(
+        "clusters",
+        {
+            "candidate_pairs": len(pairs),
+            "prefiltered_pairs": int((~checked).sum()),
+            "verified_pairs": int(verified.sum()),
+            "clusters": len(sizes),
+            "largest_cluster": max(sizes.values(), default=1),
+            "docs_removed": len(removed),
+            "examples": [pair_info(t) for t in picks],
+            "closest_rejected": [pair_info(t) for t in near],
+        },
+    )
+
+
+def _stage_write(cfg: DedupConfig, files: list[Path], work: _Work, n_docs: int, want: set):
+    """Second streaming pass: write the kept documents (one process: handing 3 KB documents
+    to workers for json.dumps cost more in pickling than it saved, measured)."""
+    keep = np.load(work.file("keep.npy"))
+    ids: dict[int, str] = {}
+    kept = 0
+    k = -1
+    with AtomicWriter(cfg.output) as out:
+        with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
+            for k, (doc, _) in enumerate(_documents(files, Rejects(None), encode=False)):
+                if k >= n_docs:
+                    raise RuntimeError("the input has more documents than when it was hashed")
+                if k in want:
+                    ids[k] = doc["id"]
+                if keep[k]:
+                    out.write_doc(doc)
+                    kept += 1
+                if k % 4096 == 4095:
+                    bar.update(4096)
+            bar.update((k + 1) % 4096)
+        if k + 1 != n_docs:
+            raise RuntimeError(f"the input has {k + 1} documents, {n_docs} when it was hashed")
+    return kept, ids
+
+
+def _workers(cfg: DedupConfig) -> int:
+    return cfg.workers or min(2, os.cpu_count() or 1)
+
+
+def _fork_pool(workers: int, initializer=None, initargs=()):
+    # fork: workers inherit the loaded numba kernels instead of loading them again.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    return ctx.Pool(workers, initializer, initargs)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def run(cfg: DedupConfig) -> dict:
+    """Run (or resume) the dedup stage; returns the report written beside the output."""
+    t_start = time.perf_counter()
+    if not 0.0 < cfg.threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
+    files = expand_inputs(cfg.input)
+    cand_j = cfg.candidate_jaccard or max(cfg.threshold - 0.05, 0.01)
+    if cfg.bands and cfg.rows:
+        bands, rows = cfg.bands, cfg.rows
+    else:
+        bands, rows = choose_banding(cfg.num_perm, cand_j, cfg.candidate_recall)
+    if bands * rows > cfg.num_perm:
+        raise ValueError(f"bands x rows = {bands * rows} > num_perm = {cfg.num_perm}")
+    hasher_params = dict(
+        num_perm=cfg.num_perm,
+        seed=cfg.seed,
+        ngram=cfg.ngram,
+        scheme=cfg.scheme,
+        backend=cfg.backend,
+    )
+    MinHasher(**hasher_params)  # validates the parameters before any work
+    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    out = Path(cfg.output)
+    work_path = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".dedup-work")
+    params = {k: v for k, v in hasher_params.items() if k != "backend"}
+    fp = {"inputs": inputs, **params}
+    timings, resumed = {}, []
+
+    work = _Work(work_path, fp)
+    t = time.perf_counter()
+    sig_info = work.done("signatures")
+    if sig_info is None:
+        work.invalidate_from(["buckets", "clusters"])
+        sig_info = _stage_signatures(cfg, files, work, hasher_params)
+    else:
+        resumed.append("signatures")
+    timings["signatures"] = time.perf_counter() - t
+    n_docs = sig_info["docs"]
+
+    work.fingerprint = {**fp, "bands": bands, "rows": rows, "window": cfg.bucket_window}
+    t = time.perf_counter()
+    if work.done("buckets") is None:
+        work.invalidate_from(["clusters"])
+        _stage_buckets(cfg, work, n_docs, bands, rows)
+    else:
+        resumed.append("buckets")
+    timings["buckets"] = time.perf_counter() - t
+
+    work.fingerprint = {
+        **work.fingerprint,
+        "threshold": cfg.threshold,
+        "verify": cfg.verify,
+        "prefilter_margin": cfg.prefilter_margin,
+    }
+    t = time.perf_counter()
+    cl = work.done("clusters")
+    if cl is None:
+        cl = _stage_clusters(cfg, work, n_docs)
+    else:
+        resumed.append("clusters")
+    timings["clusters"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    want = {d for e in cl["examples"] + cl["closest_rejected"] for d in e["docs"]}
+    kept, ids = _stage_write(cfg, files, work, n_docs, want)
+    timings["write"] = time.perf_counter() - t
+    for e in cl["examples"] + cl["closest_rejected"]:
+        e["ids"] = [ids.get(d) for d in e["docs"]]
+    if not cfg.keep_work:
+        shutil.rmtree(work_path, ignore_errors=True)
+    elapsed = time.perf_counter() - t_start
+    report = {
+        "stage": "dedup",
+        "output": str(out),
+        "docs_in": n_docs,
+        "docs_out": kept,
+        "docs_removed": n_docs - kept,
+        "shingles": sig_info["shingles"],
+        "candidate_pairs": cl["candidate_pairs"],
+        "prefiltered_pairs": cl["prefiltered_pairs"],
+        "verified_pairs": cl["verified_pairs"],
+        "clusters": cl["clusters"],
+        "largest_cluster": cl["largest_cluster"],
+        "examples": cl["examples"],
+        "closest_rejected": cl["closest_rejected"],
+        "banding": {
+            "bands": bands,
+            "rows": rows,
+            "p_candidate": {
+                str(j): round(candidate_probability(j, bands, rows), 6)
+                for j in (0.5, 0.8, 0.85, 0.9, 0.95, 0.97)
+            },
+        },
+        "resumed_stages": resumed,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "docs_per_s": round(n_docs / elapsed, 1) if elapsed > 0 else None,
+        "config": to_container(cfg),
+        "rejects": sig_info["rejects"],
+    }
+    write_report(cfg.output, report)
+    return report
+
+
+def main() -> None:
+    stage_main("dedup", DedupConfig, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The dedup stage: recall-first banding, exact verification, one document kept per cluster,
+bad input counted, restart after a kill. The quality test plants near-duplicates into real
+English text (CPython's pydoc topics and the standard library's docstrings, both present
+wherever Python is) and measures against exact word-5-gram Jaccard computed here."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import os
+import pydoc_data.topics
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasketch.lsh import _optimal_param
+
+from data_pipeline.dedup import (
+    DedupConfig,
+    _bucket_pairs,
+    candidate_probability,
+    choose_banding,
+    run,
+)
+from data_pipeline.io import Rejects, iter_json_lines
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- real text and exact ground truth ------------------------------------------------------
+
+
+def real_words() -> list[str]:
+    """~200k words of English: pydoc topics, then stdlib module/class/function docstrings."""
+    words = " ".join(t for _, t in sorted(pydoc_data.topics.topics.items())).split()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        for node in ast.walk(tree):
+            if isinstance(node, kinds) and (doc := ast.get_docstring(node)):
+                words.extend(doc.split())
+    return words
+
+
+def shingle_set(text: str, n: int = 5) -> set[str]:
+    w = text.split()
+    return {" ".join(w[i : i + n]) for i in range(max(len(w) - n + 1, 1))}
+
+
+def max_jaccard_and_pairs(texts: list[str], floor: float):
+    """Exact Jaccard of every pair sharing a shingle (inverted index): each document's
+    maximum over the others, and the pairs at or above `floor`."""
+    sets = [shingle_set(t) for t in texts]
+    index = defaultdict(list)
+    for i, s in enumerate(sets):
+        for g in s:
+            index[g].append(i)
+    shared = defaultdict(int)
+    for docs in index.values():
+        if len(docs) > 50:  # a boilerplate phrase: the pairs it links are counted below
+            continue
+        for x in range(len(docs)):
+            for y in range(x + 1, len(docs)):
+                shared[docs[x], docs[y]] += 1
+    best = np.zeros(len(texts))
+    pairs = []
+    for (i, j), _ in shared.items():
+        inter = len(sets[i] & sets[j])
+        jac = inter / (len(sets[i]) + len(sets[j]) - inter)
+        best[i], best[j] = max(best[i], jac), max(best[j], jac)
+        if jac >= floor:
+            pairs.append((i, j, jac))
+    return best, pairs
+
+
+def perturb(words: list[str], rng: random.Random, subs: int = 0, trim: int = 0) -> list[str]:
+    w = list(words[: len(words) - trim])
+    for pos in rng.sample(range(len(w)), subs):
+        w[pos] = f"planted{rng.randrange(10**6)}"
+    return w
+
+
+def write_jsonl(path: Path, docs: list[dict], extra_lines: list[str] = ()) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def read_out(path: Path) -> list[dict]:
+    return [obj for _, obj in iter_json_lines(path, Rejects(None))]
+
+
+def cfg(**kw) -> DedupConfig:
+    c = DedupConfig(input=kw.pop("input"), output=kw.pop("output"))
+    c.progress = False
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+# --- banding -------------------------------------------------------------------------------
+
+
+def test_datasketch_optimal_banding_misses_most_pairs_at_the_threshold():
+    """The trap this stage avoids, in numbers: datasketch's 'optimal' 3 x 42 for 0.95."""
+    b, r = _optimal_param(0.95, 128, 0.5, 0.5)
+    assert candidate_probability(0.95, b, r) < 0.35
+
+
+def test_default_banding_makes_a_j090_pair_a_candidate_almost_surely():
+    bands, rows = choose_banding(128, 0.90, 0.9999)
+    assert bands * rows <= 128
+    assert candidate_probability(0.90, bands, rows) >= 0.9999
+    assert candidate_probability(0.90, 128 // (rows + 1), rows + 1) < 0.9999  # most selective
+    assert (bands, rows) == (18, 7)
+
+
+def test_bucket_pairs_cover_small_buckets_fully_and_chain_large_ones():
+    keys = np.array([5, 9, 5, 7, 5, 9] + [3] * 40, dtype=np.uint64)
+    pairs = {tuple(p) for p in _bucket_pairs(keys, window=4).tolist()}
+    assert {(0, 2), (0, 4), (2, 4), (1, 5)} <= pairs
+    assert all(i < j for i, j in pairs)
+    big = [(i, j) for i, j in pairs if i >= 6]
+    assert all(0 < j - i <= 4 for i, j in big)  # a window, not all 780 pairs
+    assert {i for p in big for i in p} == set(range(6, 46))  # but every member linked
+
+
+# --- quality acceptance --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quality_recall_of_j097_pairs_and_keep_rate_of_unique_docs(tmp_path):
+    """Acceptance: recall >= 0.99 of pairs with word-5-gram Jaccard >= 0.97 (at most one of
+    the two survives) and >= 0.995 of documents without a near-duplicate (max J < 0.85)
+    kept, on real text with planted near-duplicates at known exact Jaccard."""
+    rng = random.Random(1234)
+    words = real_words()
+    base = [words[i : i + 400] for i in range(0, len(words) - 400, 400)]
+    docs = [" ".join(w) for w in base]
+    plants = []
+    for k, src in enumerate(rng.sample(range(len(base)), 160)):
+        kind = k % 8
+        if kind == 0:
+            w = base[src]  # exact copy
+        elif kind in (1, 2, 3):
+            w = perturb(base[src], rng, subs=1)  # J ~ 0.975
+        elif kind in (4, 5):
+            w = perturb(base[src], rng, trim=rng.randint(1, 6))  # J >= 0.985
+        elif kind == 6:
+            w = perturb(base[src], rng, subs=2)  # J ~ 0.95: either side of the threshold
+        else:
+            w = perturb(base[src], rng, subs=8)  # J ~ 0.82: similar, not a duplicate
+        plants.append(" ".join(w))
+    texts = docs + plants
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    texts = [texts[i] for i in order]
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)])
+
+    report = run(cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl")))
+    kept = {d["id"] for d in read_out(tmp_path / "out.jsonl")}
+
+    best, pairs = max_jaccard_and_pairs(texts, floor=0.97)
+    assert len(pairs) >= 100, "the planted pairs must be there"
+    caught = [not (f"d{i}" in kept and f"d{j}" in kept) for i, j, _ in pairs]
+    recall = sum(caught) / len(pairs)
+    unique = [i for i in range(len(texts)) if best[i] < 0.85]
+    keep_rate = sum(f"d{i}" in kept for i in unique) / len(unique)
+    assert len(unique) >= 300
+    print(f"recall {recall:.4f} ({len(pairs)} pairs), kept {keep_rate:.4f} ({len(unique)})")
+    assert recall >= 0.99, f"recall {recall:.4f} of {len(pairs)} pairs with J >= 0.97"
+    assert keep_rate >= 0.995, f"kept {keep_rate:.4f} of {len(unique)} unique documents"
+    assert report["docs_in"] == len(texts)
+    assert report["docs_out"] == len(kept)
+    assert report["verified_pairs"] >= len(pairs)
+    assert report["largest_cluster"] >= 2
+    assert all(e["jaccard"] >= 0.95 for e in report["examples"])
+    assert all(e["jaccard"] < 0.95 for e in report["closest_rejected"])
+
+
+# --- the stage as a command ----------------------------------------------------------------
+
+
+def small_corpus() -> list[dict]:
+    words = " ".join(t for _, t in sorted(pydoc_data.topics.topics.items())).split()
+    docs = [
+        {"id": f"doc{i}", "text": " ".join(words[k : k + 300]), "meta": {"src": "pydoc"}}
+        for i, k in enumerate(range(0, 30000, 300))
+    ]
+    dup = dict(docs[3], id="doc3-copy")
+    near = dict(docs[7], id="doc7-near", text=docs[7]["text"] + " one more word")
+    return [dup] + docs + [near]  # the copy comes FIRST: it is the one kept
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline.dedup", *args, "progress=false"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_cli_keeps_first_of_each_cluster_counts_rejects_and_exits_3(tmp_path):
+    docs = small_corpus()
+    bad = ['{"text": ', '{"id": "no-text"}', '{"text": ""}', '["not", "an object"]']
+    bad.append('{"id": "lone", "text": "a lone surrogate \\ud800 cannot be UTF-8"}')
+    write_jsonl(tmp_path / "a.jsonl", docs[:50], bad[:2])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        for d in docs[50:]:
+            f.write(json.dumps(d) + "\n")
+        f.write("\n".join(bad[2:]) + "\n")
+    out = tmp_path / "out" / "dedup.jsonl.zst"
+    proc = run_cli(f"input={tmp_path}", f"output={out}", "workers=2")
+    assert proc.returncode == 3, proc.stderr
+    got = read_out(out)
+    ids = [d["id"] for d in got]
+    assert "doc3-copy" in ids and "doc3" not in ids  # first in input order wins
+    assert "doc7" in ids and "doc7-near" not in ids
+    assert ids == [d["id"] for d in docs if d["id"] not in ("doc3", "doc7-near")]
+    assert got[1] == docs[1]  # documents pass through unchanged, meta included
+    report = json.loads(Path(f"{out}.report.json").read_text())
+    assert (report["docs_in"], report["docs_out"], report["clusters"]) == (102, 100, 2)
+    assert report["rejects"]["total"] == 5
+    rejects = [json.loads(x) for x in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 5
+    assert {r["file"].rsplit("/", 1)[1] for r in rejects} == {"a.jsonl", "b.jsonl.gz"}
+    assert any("UTF-8" in r["reason"] for r in rejects)
+    assert not Path(f"{out}.dedup-work").exists()  # removed after success
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_no_output_and_rerun_completes_identically(tmp_path):
+    docs = small_corpus() * 10  # 1,020 docs, hashed 16 at a time: killed mid-stage
+    for i, d in enumerate(docs):
+        docs[i] = dict(d, id=f"{d['id']}#{i}")
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    ref = tmp_path / "ref.jsonl"
+    run(cfg(input=str(tmp_path / "in.jsonl"), output=str(ref), workers=1))
+
+    out = tmp_path / "out.jsonl"
+    work = Path(f"{out}.dedup-work")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "data_pipeline.dedup", f"input={tmp_path / 'in.jsonl'}"]
+    proc = subprocess.Popen(
+        [*cmd, f"output={out}", "progress=false", "batch_docs=16", "workers=1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 60
+    partial = work / "signatures.u32.tmp"
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size > 0:
+            break
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before it could be killed mid-stage"
+    assert not out.exists()  # never a file that looks complete
+    assert not (work / "signatures.done.json").exists()
+
+    rerun = cfg(input=str(tmp_path / "in.jsonl"), output=str(out), workers=1, keep_work=True)
+    run(rerun)
+    assert out.read_bytes() == ref.read_bytes()
+    # and a second re-run resumes every stage from the work directory
+    out.unlink()
+    report = run(rerun)
+    assert report["resumed_stages"] == ["signatures", "buckets", "clusters"]
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_changed_input_is_rehashed_not_resumed(tmp_path):
+    docs = small_corpus()[:20]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    c = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), workers=1)
+    c.keep_work = True
+    assert run(c)["docs_out"] == 19
+    write_jsonl(tmp_path / "in.jsonl", docs[1:])  # the input changes: size and mtime
+    report = run(c)
+    assert report["resumed_stages"] == []
+    assert (report["docs_in"], report["docs_out"]) == (19, 19)
+
+
+def test_signature_verification_mode_and_explicit_banding(tmp_path):
+    docs = small_corpus()
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    c = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), workers=1)
+    c.verify, c.bands, c.rows = "signature", 32, 4
+    report = run(c)
+    assert report["banding"]["bands"] == 32 and report["banding"]["rows"] == 4
+    assert report["docs_out"] == 100
+    assert report["prefiltered_pairs"] == 0
+
+
+def test_input_with_only_rejects_gives_an_empty_output_and_counts_them(tmp_path):
+    (tmp_path / "in.jsonl").write_text('not json\n{"text": ""}\n{"id": 1}\n')
+    report = run(cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl")))
+    assert (report["docs_in"], report["docs_out"], report["rejects"]["total"]) == (0, 0, 3)
+    assert (tmp_path / "o.jsonl").read_text() == ""
+    assert len((tmp_path / "o.jsonl.rejects.jsonl").read_text().splitlines()) == 3

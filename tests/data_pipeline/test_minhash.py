@@ -1,0 +1,131 @@
+"""MinHash signatures must be bit-identical to datasketch's for the same shingles, scheme,
+permutations and seed: datasketch 2.0 is the oracle, on real English text (the pydoc topics
+that ship with CPython) and on the edge cases of word splitting and SHA-1 padding."""
+
+from __future__ import annotations
+
+import hashlib
+import pydoc_data.topics
+import struct
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from data_pipeline import minhash
+from data_pipeline.minhash import BACKENDS, EMPTY, MinHasher, permutations
+
+# Every character for which str.isspace() is true: Python's str.split() splits on all of them.
+UNICODE_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+EDGE_TEXTS = [
+    "one",  # fewer words than n: the whole document is one shingle
+    "one two three four",
+    "one two three four five",  # exactly one 5-gram
+    "  leading and trailing  whitespace\n\t collapses to single   spaces \r\n",
+    "Ünïcödé wörds — “quoted” ☃ 漢字 テキスト are hashed as their UTF-8 bytes here",
+    "words" + UNICODE_WHITESPACE + "split" + UNICODE_WHITESPACE.join("on every space char"),
+    "nbsp\u00a0and\u2003em\u3000ideographic\u2028line\u205fspaces\x1cfile\x1dgroup\x1erec\x1funit",
+    # Characters that share leading UTF-8 bytes with whitespace but are not whitespace:
+    "U+00A9\u00a9 U+2010\u2010 U+2030\u2030 U+3001\u3001 U+1681\u1681 U+205E\u205e are words",
+    # Shingles of 52..60 bytes straddle SHA-1's one-block limit (55) and of >119 take 3.
+    " ".join(["abcdefghij"] * 5) + " " + " ".join(["x" * 11] * 5),
+    " ".join(["w" * 30] * 12),
+]
+
+
+def real_texts(count: int = 120) -> list[str]:
+    topics = sorted(pydoc_data.topics.topics.items())
+    return [text for _, text in topics[:count]]
+
+
+def datasketch_signature(text: str, scheme: str, seed: int, num_perm: int = 128, n: int = 5):
+    """The oracle: datasketch's MinHash over the documented shingles (words from str.split(),
+    n-grams joined by one space, UTF-8)."""
+    words = text.split()
+    if len(words) >= n:
+        grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    else:
+        grams = [" ".join(words)] if words else []
+    m = MinHash(num_perm=num_perm, seed=seed, scheme=scheme)
+    m.update_batch([g.encode("utf-8") for g in grams])
+    return m.hashvalues.astype(np.uint64)
+
+
+def available_backends() -> list[str]:
+    out = ["numpy"]
+    if minhash.HAVE_NUMBA:
+        out.append("numba")
+    if minhash.SHA1_IMPL == "openssl":
+        out.append("openssl")
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+@pytest.mark.parametrize("seed", [1, 42])
+def test_permutations_are_the_ones_datasketch_draws(scheme, seed):
+    a, b = permutations(128, seed, scheme)
+    ref = MinHash(num_perm=128, seed=seed, scheme=scheme).permutations
+    assert np.array_equal(a, np.asarray(ref[0]).astype(np.uint64))
+    assert np.array_equal(b, np.asarray(ref[1]).astype(np.uint64))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+def test_signatures_bit_identical_to_datasketch_on_real_text(backend, scheme):
+    texts = real_texts() + EDGE_TEXTS
+    seed = 7
+    ours = MinHasher(128, seed, 5, scheme, backend).batch(texts).signatures
+    ref = np.array([datasketch_signature(t, scheme, seed) for t in texts])
+    mismatched = [i for i in range(len(texts)) if not np.array_equal(ours[i], ref[i])]
+    assert not mismatched, f"{len(mismatched)} documents differ, first: {texts[mismatched[0]]!r}"
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_other_shingle_sizes_and_perm_counts_match_datasketch(backend, n):
+    texts = real_texts(30) + EDGE_TEXTS
+    ours = MinHasher(64, 3, n, "affine32", backend).batch(texts).signatures
+    ref = np.array([datasketch_signature(t, "affine32", 3, num_perm=64, n=n) for t in texts])
+    assert np.array_equal(ours.astype(np.uint64), ref)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_shingle_hashes_are_datasketch_sha1_hash32_in_shingle_order(backend):
+    texts = real_texts(10) + EDGE_TEXTS
+    batch = MinHasher(backend=backend).batch(texts)
+    for i, text in enumerate(texts):
+        got = batch.hashes[batch.offsets[i] : batch.offsets[i + 1]]
+        want = [
+            struct.unpack("<I", hashlib.sha1(s).digest()[:4])[0] for s in minhash.shingles(text, 5)
+        ]
+        assert got.tolist() == want
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_empty_text_has_datasketchs_empty_signature(backend):
+    batch = MinHasher(backend=backend).batch(["", " \n\t ", "word"])
+    assert (batch.signatures[:2] == EMPTY).all()
+    assert np.array_equal(batch.offsets, [0, 0, 0, 1])
+    assert not (batch.signatures[2] == EMPTY).all()
+
+
+def test_default_backend_is_the_fastest_available():
+    expected = "openssl" if minhash.SHA1_IMPL == "openssl" else available_backends()[-1]
+    assert MinHasher().backend == expected
+    assert set(available_backends()) <= set(BACKENDS)
+
+
+def test_identical_texts_give_identical_signatures_and_estimate_jaccard():
+    """The estimate datasketch would give (fraction of equal slots) is what LSH verifies
+    against; for texts differing in one word of ~400 it must be close to the exact value."""
+    words = " ".join(real_texts(40)).split()[:400]
+    a = " ".join(words)
+    b = " ".join(words[:200] + ["CHANGED"] + words[201:])
+    sigs = MinHasher(num_perm=128).signatures([a, a, b])
+    assert np.array_equal(sigs[0], sigs[1])
+    sa, sb = set(minhash.shingles(a)), set(minhash.shingles(b))
+    exact = len(sa & sb) / len(sa | sb)  # 391/401 = 0.975
+    est = float((sigs[0] == sigs[2]).mean())
+    # 128 permutations: std of the estimate is sqrt(J(1-J)/128) = 0.014; allow 4 sigma.
+    assert abs(est - exact) < 4 * np.sqrt(exact * (1 - exact) / 128)
