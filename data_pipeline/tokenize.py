@@ -70,11 +70,13 @@ class TokenizeConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     validation_fraction: float = 0.001
     seed: int = 0
-    weights: dict[str, float] = field(default_factory=dict)
+    # `Any`, not dict[str, float]: Hydra merges `weights={a: 2}` into a typed dict key by key
+    # and refuses new keys; run() checks the values.
+    weights: Any = None
     workers: int = 1
     batch_bytes: int = 1 << 22
     max_shard_tokens: int = 1 << 28
-    pipeline: dict[str, Any] = field(default_factory=dict)
+    pipeline: Any = None
 
 
 def unit_hash(seed: int, doc_id: str, purpose: str) -> float:
@@ -197,7 +199,7 @@ def run(cfg: TokenizeConfig) -> dict:
     tok = Tokenizer(spec)
     if not 0 <= cfg.validation_fraction < 1:
         raise ValueError(f"validation_fraction={cfg.validation_fraction}: must be in [0, 1)")
-    weights = {str(k): float(v) for k, v in (cfg.weights or {}).items()}
+    weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
     bad = {k: v for k, v in weights.items() if not v >= 0}
     if bad:
         raise ValueError(f"weights: must be >= 0, got {bad}")
