@@ -74,7 +74,7 @@ class TokenizeConfig:
     # and refuses new keys; run() checks the values.
     weights: Any = None
     workers: int = 1
-    batch_bytes: int = 1 << 22
+    batch_bytes: int = 1 << 18
     max_shard_tokens: int = 1 << 28
     pipeline: Any = None
 
