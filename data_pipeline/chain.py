@@ -109,6 +109,7 @@ def ingest(cfg: IngestConfig) -> dict:
     """Read a source (JSONL or streamed HF) into one JSONL file with `meta.source` set and ids
     prefixed by the source name."""
     out = Path(cfg.output)
+    rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
     rejects = Rejects(rejects_path(out))
     n, nbytes = 0, 0
     try:

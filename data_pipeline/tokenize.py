@@ -209,6 +209,7 @@ def run(cfg: TokenizeConfig) -> dict:
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale(output)
+    rejects_path(output).unlink(missing_ok=True)  # an earlier run's rejects would mislead
     rejects = Rejects(rejects_path(output))
     config = to_container(cfg)
     config["input"] = plain(cfg.input)
@@ -219,17 +220,18 @@ def run(cfg: TokenizeConfig) -> dict:
     }
     counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
 
-    def plan(doc: dict):
+    def plan(doc: dict) -> tuple[str, int] | None:
+        """(split, copies) for a document, or None when it is not written at all."""
         counts["documents_in"] += 1
-        if is_validation(doc["id"], cfg.validation_fraction, cfg.seed):
-            weight = weights.get(str(doc["meta"].get("source")), 1.0)
-            return ("validation", 1) if weight > 0 else None
         weight = weights.get(str(doc["meta"].get("source")), 1.0)
-        copies = train_copies(doc["id"], weight, cfg.seed)
+        if is_validation(doc["id"], cfg.validation_fraction, cfg.seed):
+            copies, split = (1 if weight > 0 else 0), "validation"
+        else:
+            copies, split = train_copies(doc["id"], weight, cfg.seed), "train"
         if copies == 0:
             counts["dropped_by_weight"] += 1
             return None
-        return ("train", copies)
+        return (split, copies)
 
     spill = _Spill(output.with_name(f".{output.name}.spill-{os.getpid()}"))
     pool = None

@@ -259,3 +259,14 @@ def test_killed_run_leaves_old_output_intact_and_a_rerun_completes(tmp_path):
     assert m_out["splits"]["train"]["num_documents"] + m_out["splits"]["validation"][
         "num_documents"
     ] == len(big_docs)
+
+
+def test_a_clean_rerun_removes_the_previous_runs_rejects_file(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "fine", "id": "1"}\n{broken\n')
+    out = tmp_path / "out"
+    assert run(TokenizeConfig(input=str(inp), output=str(out)))["rejects"]["total"] == 1
+    assert (tmp_path / "out.rejects.jsonl").is_file()
+    inp.write_text('{"text": "fine", "id": "1"}\n')
+    assert run(TokenizeConfig(input=str(inp), output=str(out)))["rejects"]["total"] == 0
+    assert not (tmp_path / "out.rejects.jsonl").exists()
