@@ -81,6 +81,8 @@ class SourceConfig:
 
 @dataclass
 class ChainConfig:
+    """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each."""
+
     work_dir: str = MISSING
     output: str | None = None
     sources: list[SourceConfig] = field(default_factory=list)
