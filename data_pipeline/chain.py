@@ -27,10 +27,11 @@ step's inputs, so everything downstream re-runs too; an upstream step that re-ru
 same bytes leaves downstream steps skipped. `checksum=stat` compares size and mtime instead of
 sha256 for corpora too large to re-hash on every run.
 
-Stage functions are found in one table, STAGES: (module, config class); each module's
-`run(cfg) -> report`. Modules are imported only when a step needs them; with
-`missing_stages=skip` a step whose module is absent passes its input through (and says so in
-the report) instead of failing.
+Stage functions are found in one table, STAGES: (module, config class, function), the
+function being `run(cfg) -> report` for every stage module. Modules are imported only when a
+step needs them; a needed one that is absent fails the run before any work, unless
+`missing_stages=skip`, which passes data through a missing clean or dedup (and says so in the
+report).
 """
 
 from __future__ import annotations
