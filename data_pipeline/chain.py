@@ -1,0 +1,419 @@
+"""The chain: sources -> [reddit] -> ingest -> clean -> dedup -> tokenize, re-runs skip work.
+
+    python -m data_pipeline work_dir=/scratch/run1 \
+        'sources=[{name: web, input: /data/cc/}, {name: rd, kind: reddit, input: /dumps/}]'
+    python -m data_pipeline --config-dir my_conf --config-name run1     # a YAML of the same
+
+Steps, in order (docs/data-pipeline.md has the whole story):
+
+  reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread
+  ingest    per source: read it once (JSONL or a streamed Hugging Face source, sources.py) into
+            `ingest/<name>.jsonl.zst`, setting `meta.source = name` and prefixing ids with
+            `<name>/` so ids stay unique across sources. Later stages read the corpus more than
+            once (dedup makes two passes), so a streamed source is fetched only here.
+  steps     the document stages listed in `steps` (default clean, then dedup): clean runs per
+            source, dedup once over all sources together
+  tokenize  everything left -> the token shard directory `output` (default work_dir/tokens);
+            each source's `weight` becomes tokenize's `weights[name]`: an upsampling factor
+            applied to training documents (2 = every document twice, an epoch apart; 0.5 = a
+            deterministic half; 0 = the source is left out)
+
+Every step writes `<output>`, `<output>.report.json`, `<output>.rejects.jsonl` (if any) and,
+last, `<output>.stage.json`: the stage, every parameter, the input spec and a checksum of every
+input and output file. A re-run skips a step when that record matches: same parameters (those
+in RUNTIME_PARAMS, which change speed only, excepted), same inputs, outputs present and
+unchanged. A changed parameter or input re-runs that step, and its new output changes the next
+step's inputs, so everything downstream re-runs too; an upstream step that re-runs into the
+same bytes leaves downstream steps skipped. `checksum=stat` compares size and mtime instead of
+sha256 for corpora too large to re-hash on every run.
+
+Stage functions are found in one table, STAGES: (module, config class, function), the
+function being `run(cfg) -> report` for every stage module. Modules are imported only when a
+step needs them; a needed one that is absent fails the run before any work, unless
+`missing_stages=skip`, which passes data through a missing clean or dedup (and says so in the
+report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
+from data_pipeline.io import AtomicWriter, Rejects
+from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
+
+# stage name -> (module, config class, function `f(cfg) -> report`).
+STAGES: dict[str, tuple[str, str, str]] = {
+    "reddit": ("data_pipeline.reddit", "RedditConfig", "run"),
+    "ingest": ("data_pipeline.chain", "IngestConfig", "ingest"),
+    "clean": ("data_pipeline.clean", "CleanConfig", "run"),
+    "dedup": ("data_pipeline.dedup", "DedupConfig", "run"),
+    "tokenize": ("data_pipeline.tokenize", "TokenizeConfig", "run"),
+}
+# Stages that `missing_stages=skip` may pass data through (reddit output is not its input).
+OPTIONAL_STAGES = {"clean", "dedup"}
+# Document stages that see all sources at once (the rest run once per source).
+ACROSS_SOURCES = {"dedup"}
+# Parameters that change how a stage runs, never what it writes: not compared on re-runs.
+RUNTIME_PARAMS = {"workers", "batch_bytes", "progress"}
+JSONL_SUFFIX = ".jsonl.zst"
+
+
+@dataclass
+class SourceConfig:
+    """One corpus. `input`: any spec sources.py accepts (for `kind: reddit`, the dump files);
+    `weight`: tokenize's upsampling factor for its training documents."""
+
+    name: str = MISSING
+    input: Any = MISSING
+    kind: str = "documents"
+    weight: float = 1.0
+
+
+@dataclass
+class ChainConfig:
+    """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each."""
+
+    work_dir: str = MISSING
+    output: str | None = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    steps: list[str] = field(default_factory=lambda: ["clean", "dedup"])
+    missing_stages: str = "error"
+    checksum: str = "sha256"
+    # Parameters for each stage's config (input and output are set by the chain). `Any` so
+    # that a stage's parameters can be given before its module exists on this install.
+    reddit: Any = None
+    clean: Any = None
+    dedup: Any = None
+    tokenize: Any = None
+
+
+# --- ingest: a source read once into the work dir, tagged with its name ----------------------
+
+
+@dataclass
+class IngestConfig:
+    input: Any = MISSING
+    output: str = MISSING
+    source: str = MISSING
+
+
+def ingest(cfg: IngestConfig) -> dict:
+    """Read a source (JSONL or streamed HF) into one JSONL file with `meta.source` set and ids
+    prefixed by the source name."""
+    out = Path(cfg.output)
+    rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
+    rejects = Rejects(rejects_path(out))
+    n, nbytes = 0, 0
+    try:
+        with AtomicWriter(out) as w:
+            for doc in iter_source_documents(cfg.input, rejects):
+                doc["id"] = f"{cfg.source}/{doc['id']}"
+                doc["meta"] = {**doc["meta"], "source": cfg.source}
+                w.write_doc(doc)
+                n += 1
+                nbytes += len(doc["text"])
+    finally:
+        rejects.close()
+    report = {
+        "stage": "ingest",
+        "source": cfg.source,
+        "output": str(out),
+        "documents": n,
+        "text_chars": nbytes,
+        "rejects": rejects.report(),
+    }
+    write_report(out, report)
+    return report
+
+
+# --- checksums and stage records -------------------------------------------------------------
+
+
+class Checksums:
+    """sha256 (or size+mtime) of files, each computed once per chain run: one step's output
+    is the next step's input."""
+
+    def __init__(self, mode: str):
+        if mode not in ("sha256", "stat"):
+            raise ValueError(f"checksum={mode!r}: use 'sha256' or 'stat'")
+        self.mode = mode
+        self._cache: dict[tuple, str] = {}
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        if self.mode == "stat":
+            return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._cache:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            self._cache[key] = h.hexdigest()
+        return self._cache[key]
+
+    def tree(self, path: Path) -> dict[str, str]:
+        """A file, or every file below a directory, by path."""
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            files = [path] if path.is_file() else []
+        return {str(p): self.file(p) for p in files}
+
+    def inputs(self, spec: Any) -> dict[str, str]:
+        return {str(p): self.file(p) for p in local_files(spec)}
+
+
+def stage_record_path(output: Path) -> Path:
+    return output.with_name(output.name + ".stage.json")
+
+
+def _comparable(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
+
+
+def _is_complete(record_path: Path, expected: dict, sums: Checksums) -> bool:
+    """Whether a step's recorded run matches this one and its outputs are still as written."""
+    if not record_path.is_file():
+        return False
+    try:
+        old = json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    same = all(old.get(k) == expected[k] for k in ("stage", "params", "input", "inputs"))
+    if not same or old.get("checksum") != sums.mode:
+        return False
+    try:
+        return old.get("outputs") and sums.tree(Path(old["output"])) == old["outputs"]
+    except OSError:
+        return False
+
+
+def _load_stage(stage: str):
+    """(config class, run) for a stage, importing its module; None when it is not installed."""
+    module_name, config_name, function = STAGES[stage]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise  # the stage exists but something it imports does not: a real failure
+        return None
+    return getattr(module, config_name), getattr(module, function)
+
+
+def _stage_config(config_cls: type, params: dict, input_spec: Any, output: Path):
+    """The stage's typed config: its defaults, the chain's parameters, then input and output;
+    a parameter the stage does not have is refused here, naming it."""
+    merged = OmegaConf.merge(
+        OmegaConf.structured(config_cls),
+        params,
+        {"input": input_spec, "output": str(output)},
+    )
+    return OmegaConf.to_object(merged)
+
+
+class _Runner:
+    def __init__(self, cfg: ChainConfig):
+        self.cfg = cfg
+        self.sums = Checksums(cfg.checksum)
+        self.steps: list[dict] = []
+
+    def step(self, stage: str, label: str, input_spec: Any, output: Path, params: dict) -> Path:
+        """Run (or skip) one stage; returns where its output is (its input when missing)."""
+        t0 = time.perf_counter()
+        loaded = _load_stage(stage)
+        entry = {"stage": stage, "label": label, "output": str(output)}
+        if loaded is None:
+            if self.cfg.missing_stages != "skip" or stage not in OPTIONAL_STAGES:
+                raise ModuleNotFoundError(
+                    f"stage {stage!r} needs module {STAGES[stage][0]}, which is not installed; "
+                    "remove it from steps= or set missing_stages=skip to pass data through"
+                )
+            self.steps.append({**entry, "status": "missing", "output": None})
+            return input_spec
+        config_cls, run = loaded
+        input_spec = plain(input_spec)
+        params = plain(params or {})
+        cfg = _stage_config(config_cls, params, input_spec, output)
+        expected = {
+            "stage": stage,
+            "params": _comparable(params),
+            "input": input_spec,
+            "inputs": self.sums.inputs(input_spec),
+        }
+        record_path = stage_record_path(output)
+        if _is_complete(record_path, expected, self.sums):
+            report = _read_report(output)
+            self.steps.append({**entry, "status": "skipped", "rejects": report.get("rejects")})
+            return output
+        record_path.unlink(missing_ok=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        report = run(cfg)
+        record = {
+            **expected,
+            "all_params": params,
+            "checksum": self.sums.mode,
+            "output": str(output),
+            "outputs": self.sums.tree(output),
+        }
+        tmp = record_path.with_name(record_path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        tmp.replace(record_path)
+        self.steps.append(
+            {
+                **entry,
+                "status": "ran",
+                "seconds": round(time.perf_counter() - t0, 3),
+                "rejects": report.get("rejects"),
+            }
+        )
+        return output
+
+
+def _read_report(output: Path) -> dict:
+    p = output.with_name(output.name + ".report.json")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _validate(cfg: ChainConfig) -> None:
+    if not cfg.sources:
+        raise ValueError("sources is empty: list at least one {name, input}")
+    names = [s.name for s in cfg.sources]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sources: names must be unique, repeated: {dup}")
+    for s in cfg.sources:
+        if not s.name or "/" in s.name or s.name.startswith("."):
+            raise ValueError(f"sources: name {s.name!r} must be a plain file name")
+        if s.kind not in ("documents", "reddit"):
+            raise ValueError(f"sources.{s.name}.kind={s.kind!r}: use 'documents' or 'reddit'")
+        if not s.weight >= 0:
+            raise ValueError(f"sources.{s.name}.weight={s.weight}: must be >= 0")
+        if s.kind == "documents":
+            normalize(s.input)
+    for step in cfg.steps:
+        if step not in STAGES or step in ("ingest", "tokenize", "reddit"):
+            raise ValueError(f"steps: {step!r} is not a document stage; use clean and/or dedup")
+    if cfg.missing_stages not in ("error", "skip"):
+        raise ValueError(f"missing_stages={cfg.missing_stages!r}: use 'error' or 'skip'")
+    # Fail before any work when a needed stage is not installed.
+    needed = list(cfg.steps) if cfg.missing_stages == "error" else []
+    needed += ["reddit"] if any(s.kind == "reddit" for s in cfg.sources) else []
+    absent = [s for s in needed if _load_stage(s) is None]
+    if absent:
+        mods = ", ".join(STAGES[s][0] for s in absent)
+        raise ModuleNotFoundError(
+            f"stage(s) {absent} need {mods}, not installed; remove them from steps= or set "
+            "missing_stages=skip to pass data through clean/dedup"
+        )
+
+
+def run(cfg: ChainConfig) -> dict:
+    """Run the chain; returns its report (also written to work_dir/chain.report.json)."""
+    _validate(cfg)
+    t0 = time.perf_counter()
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    r = _Runner(cfg)
+    params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
+
+    current: list[tuple[str, Any]] = []
+    for src in cfg.sources:
+        spec = src.input
+        if src.kind == "reddit":
+            spec = r.step(
+                "reddit", src.name, spec, work / "reddit" / f"{src.name}{JSONL_SUFFIX}",
+                params["reddit"],
+            )  # fmt: skip
+        out = work / "ingest" / f"{src.name}{JSONL_SUFFIX}"
+        current.append((src.name, r.step("ingest", src.name, spec, out, {"source": src.name})))
+
+    for stage in cfg.steps:
+        if stage in ACROSS_SOURCES:
+            inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
+            out = work / stage / f"all{JSONL_SUFFIX}"
+            current = [("all", r.step(stage, "all", inputs, out, params[stage]))]
+        else:
+            current = [
+                (label, r.step(stage, label, str(p), work / stage / f"{label}{JSONL_SUFFIX}",
+                               params[stage]))
+                for label, p in current
+            ]  # fmt: skip
+
+    output = Path(cfg.output) if cfg.output else work / "tokens"
+    chain_record = {
+        "chain": {
+            "sources": [plain(asdict(s)) for s in cfg.sources],
+            "steps": list(cfg.steps),
+            "stage_params": {k: _comparable(v) for k, v in params.items()},
+        },
+        "steps": [
+            {k: s[k] for k in ("stage", "label", "output")}
+            for s in r.steps
+            if s["status"] != "missing"
+        ],
+        "missing_stages": [s["stage"] for s in r.steps if s["status"] == "missing"],
+    }
+    tok_params = {
+        **params["tokenize"],
+        "weights": {s.name: s.weight for s in cfg.sources},
+        "pipeline": chain_record,
+    }
+    inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
+    r.step("tokenize", "tokens", inputs, output, tok_params)
+
+    rejects = {"total": 0, "by_file": {}}
+    for s in r.steps:
+        rep = s.get("rejects") or {}
+        rejects["total"] += rep.get("total", 0)
+        for f, counts in rep.get("by_file", {}).items():
+            rejects["by_file"][f] = counts
+    report = {
+        "output": str(output),
+        "work_dir": str(work),
+        "steps": r.steps,
+        "ran": [f"{s['stage']}:{s['label']}" for s in r.steps if s["status"] == "ran"],
+        "skipped": [f"{s['stage']}:{s['label']}" for s in r.steps if s["status"] == "skipped"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "rejects": rejects,
+    }
+    write_report(work / "chain", report)
+    return report
+
+
+def main() -> None:
+    """`python -m data_pipeline`: Hydra over ChainConfig with data_pipeline/conf/pipeline.yaml
+    as the primary config; exit 0 / 3 (some rejects) / 1 (failed), as for every stage."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from data_pipeline.cli import _HYDRA_QUIET
+
+    ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
+    sys.argv = [sys.argv[0], *_HYDRA_QUIET, *sys.argv[1:]]
+    status = {"code": EXIT_FAILED}
+
+    conf = str(Path(__file__).resolve().parent / "conf")  # a path, so conf/ needs no __init__
+
+    @hydra.main(version_base=None, config_path=conf, config_name="pipeline")
+    def _main(cfg) -> None:
+        report = run(OmegaConf.to_object(cfg))
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+        status["code"] = exit_code(report)
+
+    _main()
+    sys.exit(status["code"])

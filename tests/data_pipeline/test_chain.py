@@ -1,0 +1,306 @@
+"""The chain: sources through ingest to token shards, and what a re-run skips or redoes.
+
+These tests use `steps=[]` (ingest -> tokenize) so that they check the chain's own logic
+whatever document stages are installed; the missing-stage tests point the stage table at a
+module that cannot exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import chain, shards
+from data_pipeline.chain import ChainConfig, SourceConfig, run
+from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def docs(prefix: str, n: int) -> list[dict]:
+    return [{"text": f"{prefix} document number {i}, with text.", "id": str(i)} for i in range(n)]
+
+
+@pytest.fixture
+def sources(tmp_path) -> dict[str, Path]:
+    return {
+        "web": write_jsonl(tmp_path / "in" / "web.jsonl", docs("web", 40)),
+        "books": write_jsonl(tmp_path / "in" / "books.jsonl", docs("books", 30)),
+    }
+
+
+def config(tmp_path, sources, **kw) -> ChainConfig:
+    srcs = kw.pop("source_list", None) or [
+        SourceConfig(name="web", input=str(sources["web"]), weight=kw.pop("web_weight", 1.0)),
+        SourceConfig(
+            name="books",
+            input={"hf": {"path": "json", "data_files": str(sources["books"])}},
+            weight=2.0,
+        ),
+    ]
+    tokenize = {"validation_fraction": 0.1, **kw.pop("tokenize", {})}
+    return ChainConfig(
+        work_dir=str(tmp_path / "work"), sources=srcs, steps=[], tokenize=tokenize, **kw
+    )
+
+
+def test_chain_tokenizes_every_source_with_weights_and_records_the_pipeline(tmp_path, sources):
+    report = run(config(tmp_path, sources))
+    out = tmp_path / "work" / "tokens"
+    assert report["ran"] == ["ingest:web", "ingest:books", "tokenize:tokens"]
+    assert report["rejects"]["total"] == 0
+    shards.verify(out)
+    m = shards.read_manifest(out)
+    tok = Tokenizer(TokenizerSpec())
+    texts = [tok.decode(d) for d in shards.iter_documents(out)]
+    web = [t for t in texts if t.startswith("web")]
+    books = [t for t in texts if t.startswith("books")]
+    n_val_books = sum(1 for t in map(tok.decode, shards.iter_documents(out, "validation"))
+                      if t.startswith("books"))  # fmt: skip
+    assert len(web) == 40  # weight 1: each once
+    assert len(books) == 2 * 30 - n_val_books  # weight 2: training documents twice
+    upstream = m["pipeline"]["upstream"]
+    assert [s["name"] for s in upstream["chain"]["sources"]] == ["web", "books"]
+    assert upstream["chain"]["sources"][1]["input"]["hf"]["path"] == "json"
+    assert m["pipeline"]["config"]["weights"] == {"web": 1.0, "books": 2.0}
+
+
+def test_ingest_prefixes_ids_with_the_source_and_tags_meta(tmp_path, sources):
+    run(config(tmp_path, sources))
+    from data_pipeline.io import Rejects, read_documents
+
+    got = list(read_documents(tmp_path / "work" / "ingest" / "books.jsonl.zst", Rejects(None)))
+    assert [d["id"] for d in got[:2]] == ["books/0", "books/1"]
+    assert got[0]["meta"] == {"source": "books"}
+
+
+def test_rerun_with_nothing_changed_skips_every_step_and_touches_nothing(tmp_path, sources):
+    run(config(tmp_path, sources))
+    out = tmp_path / "work" / "tokens"
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    report = run(config(tmp_path, sources))
+    assert report["ran"] == []
+    assert report["skipped"] == ["ingest:web", "ingest:books", "tokenize:tokens"]
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_changed_tokenize_parameter_reruns_only_tokenize(tmp_path, sources):
+    run(config(tmp_path, sources))
+    report = run(config(tmp_path, sources, tokenize={"validation_fraction": 0.5}))
+    assert report["ran"] == ["tokenize:tokens"]
+    m = shards.read_manifest(tmp_path / "work" / "tokens")
+    assert m["pipeline"]["config"]["validation_fraction"] == 0.5
+
+
+def test_a_changed_weight_reruns_tokenize_but_not_ingest(tmp_path, sources):
+    run(config(tmp_path, sources))
+    report = run(config(tmp_path, sources, web_weight=3.0))
+    assert report["ran"] == ["tokenize:tokens"]
+
+
+def test_a_runtime_only_parameter_does_not_invalidate_anything(tmp_path, sources):
+    run(config(tmp_path, sources))
+    assert run(config(tmp_path, sources, tokenize={"workers": 2}))["ran"] == []
+
+
+def test_a_changed_input_file_reruns_its_source_and_everything_downstream(tmp_path, sources):
+    run(config(tmp_path, sources))
+    write_jsonl(sources["web"], docs("web", 41))
+    report = run(config(tmp_path, sources))
+    assert report["ran"] == ["ingest:web", "tokenize:tokens"]
+    assert report["skipped"] == ["ingest:books"]
+    texts = [
+        Tokenizer(TokenizerSpec()).decode(d)
+        for d in shards.iter_documents(tmp_path / "work" / "tokens")
+    ]
+    assert "web document number 40, with text." in texts
+
+
+def test_a_damaged_output_is_rebuilt_and_identical_bytes_leave_downstream_skipped(
+    tmp_path, sources
+):
+    run(config(tmp_path, sources))
+    ingested = tmp_path / "work" / "ingest" / "web.jsonl.zst"
+    good = ingested.read_bytes()
+    ingested.write_bytes(good[:-10])
+    report = run(config(tmp_path, sources))
+    # ingest rewrote the same bytes, so tokenize's recorded inputs still match
+    assert report["ran"] == ["ingest:web"]
+    assert ingested.read_bytes() == good
+
+
+def test_a_damaged_token_shard_is_rebuilt(tmp_path, sources):
+    run(config(tmp_path, sources))
+    shard = tmp_path / "work" / "tokens" / "train-00000.tokens"
+    shard.write_bytes(b"\0\0" + shard.read_bytes()[2:])
+    assert run(config(tmp_path, sources))["ran"] == ["tokenize:tokens"]
+    shards.verify(tmp_path / "work" / "tokens")
+
+
+def test_a_step_without_its_record_is_redone(tmp_path, sources):
+    """A run killed after a stage wrote its output but before the record: not trusted."""
+    run(config(tmp_path, sources))
+    (tmp_path / "work" / "ingest" / "books.jsonl.zst.stage.json").unlink()
+    assert run(config(tmp_path, sources))["ran"] == ["ingest:books"]
+
+
+def test_rejects_of_any_step_are_summed_into_the_chain_report(tmp_path, sources):
+    bad = tmp_path / "in" / "bad.jsonl"
+    bad.write_text('{"text": "fine", "id": "1"}\n{oops\n{"text": ""}\n')
+    srcs = [SourceConfig(name="bad", input=str(bad))]
+    report = run(config(tmp_path, sources, source_list=srcs))
+    assert report["rejects"]["total"] == 2
+    assert report["rejects"]["by_file"] == {
+        str(bad): {"invalid json (Expecting property name enclosed in double quotes)": 1,
+                   "empty text": 1}
+    }  # fmt: skip
+    # a re-run that skips still reports what the skipped step rejected
+    again = run(config(tmp_path, sources, source_list=srcs))
+    assert again["ran"] == [] and again["rejects"]["total"] == 2
+
+
+def test_a_missing_document_stage_fails_before_any_work_naming_the_module(
+    tmp_path, sources, monkeypatch
+):
+    monkeypatch.setitem(chain.STAGES, "clean", ("data_pipeline.no_such_stage", "X", "run"))
+    cfg = config(tmp_path, sources)
+    cfg.steps = ["clean"]
+    with pytest.raises(ModuleNotFoundError, match="data_pipeline.no_such_stage"):
+        run(cfg)
+    assert not (tmp_path / "work" / "ingest").exists()
+
+
+def test_missing_stages_skip_passes_documents_through_and_says_so(tmp_path, sources, monkeypatch):
+    monkeypatch.setitem(chain.STAGES, "clean", ("data_pipeline.no_such_stage", "X", "run"))
+    monkeypatch.setitem(chain.STAGES, "dedup", ("data_pipeline.no_such_stage2", "X", "run"))
+    cfg = config(tmp_path, sources, missing_stages="skip")
+    cfg.steps = ["clean", "dedup"]
+    report = run(cfg)
+    missing = [(s["stage"], s["label"]) for s in report["steps"] if s["status"] == "missing"]
+    assert missing == [("clean", "web"), ("clean", "books"), ("dedup", "all")]
+    m = shards.read_manifest(tmp_path / "work" / "tokens")
+    assert m["pipeline"]["upstream"]["missing_stages"] == ["clean", "clean", "dedup"]
+    assert sum(m["splits"][s]["num_documents"] for s in m["splits"]) > 70
+
+
+def test_an_unknown_stage_parameter_is_refused_naming_it(tmp_path, sources):
+    with pytest.raises(Exception, match="validation_fractoin"):
+        run(config(tmp_path, sources, tokenize={"validation_fractoin": 0.1}))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"source_list": []}, "sources is empty"),
+        ({"missing_stages": "maybe"}, "missing_stages"),
+    ],
+)
+def test_bad_chain_configs_are_refused(tmp_path, sources, change, message):
+    cfg = config(tmp_path, sources)
+    for k, v in change.items():
+        setattr(cfg, "sources" if k == "source_list" else k, v)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+
+
+def test_duplicate_source_names_are_refused(tmp_path, sources):
+    srcs = [SourceConfig(name="a", input=str(sources["web"]))] * 2
+    with pytest.raises(ValueError, match="unique"):
+        run(config(tmp_path, sources, source_list=srcs))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.mark.slow
+def test_cli_runs_a_user_yaml_and_exits_0_then_3_with_rejects(tmp_path, sources):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "run1.yaml").write_text(
+        "defaults: [pipeline, _self_]\n"
+        f"work_dir: {tmp_path / 'work'}\n"
+        "steps: []\n"
+        "sources:\n"
+        f"  - {{name: web, input: {sources['web']}, weight: 1}}\n"
+        "  - name: books\n"
+        f"    input: {{hf: {{path: json, data_files: {sources['books']}}}}}\n"
+        "    weight: 2\n"
+        "tokenize: {validation_fraction: 0.1}\n"
+    )
+    proc = run_cli("--config-dir", str(conf), "--config-name", "run1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ran"] == ["ingest:web", "ingest:books", "tokenize:tokens"]
+    assert (tmp_path / "work" / "chain.report.json").is_file()
+
+    with open(sources["web"], "a") as f:
+        f.write("{broken\n")
+    proc = run_cli("--config-dir", str(conf), "--config-name", "run1")
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["ran"] == ["ingest:web"]  # same documents: tokenize skipped
+
+
+def test_cli_without_work_dir_fails_with_exit_1(tmp_path):
+    proc = run_cli("sources=[]")
+    assert proc.returncode == 1
+    assert "work_dir" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_chain_killed_during_tokenize_completes_on_rerun(tmp_path):
+    big = write_jsonl(
+        tmp_path / "in" / "big.jsonl",
+        [{"text": f"line {i} of a longer corpus " * 3, "id": str(i)} for i in range(20000)],
+    )
+    args = [
+        f"work_dir={tmp_path / 'work'}",
+        f"sources=[{{name: big, input: {big}}}]",
+        "steps=[]",
+        "tokenize.batch_bytes=20000",
+        "tokenize.max_shard_tokens=20000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_pipeline", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "work").glob(".tokens.tmp-*/train-00003.tokens")):
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "work" / "tokens").exists()
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ran"] == ["tokenize:tokens"]  # ingest had finished
+    out = tmp_path / "work" / "tokens"
+    shards.verify(out)
+    m = shards.read_manifest(out)
+    assert sum(m["splits"][s]["num_documents"] for s in m["splits"]) == 20000

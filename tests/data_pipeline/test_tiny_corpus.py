@@ -1,0 +1,89 @@
+"""The embedded tiny corpus: deterministic, correct in what it states, and quick to build."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+
+from data_pipeline import shards
+from data_pipeline.tiny_corpus import build_tiny_shards, number_word, tiny_documents
+from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
+
+
+def test_number_words():
+    assert [number_word(n) for n in (0, 7, 13, 20, 42, 99)] == [
+        "zero",
+        "seven",
+        "thirteen",
+        "twenty",
+        "forty-two",
+        "ninety-nine",
+    ]
+
+
+def test_every_arithmetic_sentence_is_true():
+    value = {number_word(n): n for n in range(100)} | {
+        number_word(n).capitalize(): n for n in range(100)
+    }
+    ops = {"plus": int.__add__, "minus": int.__sub__, "times": int.__mul__}
+    pattern = re.compile(r"([A-Za-z-]+) (plus|minus|times) ([a-z-]+) is ([a-z-]+)\.")
+    facts = [m for d in tiny_documents(num_docs=300) for m in pattern.findall(d["text"])]
+    assert len(facts) > 300
+    for a, op, b, c in facts:
+        assert ops[op](value[a], value[b]) == value[c], (a, op, b, c)
+
+
+def test_counting_runs_are_consecutive():
+    value = {number_word(n): n for n in range(100)}
+    runs = [
+        [value[w.lower()] for w in m.split(", ")]
+        for d in tiny_documents(num_docs=200)
+        for m in re.findall(r"(?:[A-Za-z-]+, ){3,}[a-z-]+(?=\.)", d["text"])
+    ]
+    assert len(runs) > 100
+    assert all(b == a + 1 for r in runs for a, b in zip(r, r[1:], strict=False))
+
+
+def test_same_seed_same_documents_other_seed_other_documents():
+    assert tiny_documents(seed=0, num_docs=50) == tiny_documents(seed=0, num_docs=50)
+    assert tiny_documents(seed=1, num_docs=50) != tiny_documents(seed=0, num_docs=50)
+
+
+def _digest(path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.iterdir())
+        if p.suffix in (".tokens", ".index")
+    }
+
+
+def test_build_is_quick_deterministic_and_a_few_megabytes(tmp_path):
+    t0 = time.perf_counter()
+    a = build_tiny_shards(tmp_path / "a")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 20
+    b = build_tiny_shards(tmp_path / "b")
+    assert _digest(a) == _digest(b)
+    assert (tmp_path / "a" / "tiny-0.jsonl").read_bytes() == (
+        tmp_path / "b" / "tiny-0.jsonl"
+    ).read_bytes()
+    size = (tmp_path / "a" / "tiny-0.jsonl").stat().st_size
+    assert 1_000_000 < size < 10_000_000
+    m = shards.read_manifest(a)
+    assert m["tokenizer"]["name"] == "gpt2"
+    assert m["splits"]["train"]["num_tokens"] > 500_000
+    assert m["splits"]["validation"]["num_documents"] > 20
+    shards.verify(a)
+
+
+def test_shards_decode_to_the_generated_text_and_a_rebuild_reuses_them(tmp_path):
+    out = build_tiny_shards(tmp_path)
+    before = _digest(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert build_tiny_shards(tmp_path) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes  # skipped
+    assert _digest(out) == before
+    tok = Tokenizer(TokenizerSpec("gpt2"))
+    first = tok.decode(next(shards.iter_documents(out, "train")))
+    assert re.fullmatch(r"[A-Za-z ,.\-]+", first) and first.endswith(".")
