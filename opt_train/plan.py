@@ -54,8 +54,11 @@ class PlannerConfig:
     mfu: float = 0.45  # OPT-175B reached about 47% on A100s
     peak_tflops: float = 312.0  # A100 dense bf16
     format: str = "table"  # table | json
+    device: str = "cuda"  # cuda | cpu (what the tests measure: dropout masks differ)
 
     def __post_init__(self) -> None:
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
         if self.format not in ("table", "json"):
             raise ValueError(f"format must be table or json, got {self.format!r}")
         if not 0 < self.mfu <= 1:
@@ -164,6 +167,7 @@ def activations(
     mode: str,
     loss_chunk_tokens: int,
     weight_bytes: int,
+    device: str = "cuda",
 ) -> Activations:
     """Activation bytes for this implementation (see docs/parallelism.md for the derivation).
 
@@ -176,11 +180,14 @@ def activations(
     logsumexp per head and token; attention dropout is replayed from the RNG seed, no mask),
     and the ReLU output [N, f] (fc2's input; fc1's output is not kept). `weight_bytes` is the
     dtype of the tied embedding the loss sees (the loss's gradient for it is cast to it).
+
+    `device="cpu"` models what differs on CPU, where the tests measure: dropout keeps its mask
+    in the compute dtype (CUDA's fused dropout keeps 1-byte booleans).
     """
     n = micro_batch * seq_len
     d, f, e, v = model.d_model, model.ffn, model.embed_dim, model.vocab_size // tp
     p = BYTES[precision]
-    mask = n * d if model.dropout > 0 else 0
+    mask = n * d * (1 if device == "cuda" else p) if model.dropout > 0 else 0
     ln_stats = 2 * n * 4  # mean and rstd, fp32, per token
     lse = micro_batch * (model.n_heads // tp) * seq_len * 4
     qkvo = 4 * n * d * p // tp
@@ -191,7 +198,7 @@ def activations(
         recompute = 0
     elif mode == "full":
         per_layer = n * d * p  # the layer input; everything else is recomputed
-        recompute = off_layer
+        recompute = off_layer - n * d * p  # the recomputation reads the kept input itself
     elif mode == "selective":
         # parallelize._selective_policy keeps matmul and attention outputs: q, k, v, attention
         # output (+ logsumexp), out_proj's and fc2's [N, d] outputs and fc1's [N, f / t].
@@ -213,7 +220,8 @@ def activations(
 
     # The largest short-lived addition on top of what is saved:
     chunk = min(loss_chunk_tokens, n)
-    loss_forward = 8 * chunk * v  # fp32 logits of a chunk and their exp
+    # fp32 logits of a chunk and their exp, and the hidden states the loss reads (not saved)
+    loss_forward = 8 * chunk * v + n * e * p
     if weight_bytes != p:
         loss_forward += v * e * p  # the loss casts the fp32 weight to the compute dtype
     loss_backward = n * e * p + v * e * 4 + (v * e * weight_bytes if weight_bytes != 4 else 0)
@@ -301,6 +309,11 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
             "refuses this; the numbers assume one micro-batch of that size"
         )
 
+    if planner.device == "cpu" and m.attention_dropout > 0:
+        notes.append(
+            "on CPU, attention dropout takes SDPA's math path, which keeps [T, T] attention "
+            "weights per head; not modelled (set model.attention_dropout=0 to compare)"
+        )
     bytes_params = 4 * counts.shard
     bytes_grads = 4 * counts.shard
     bytes_optimizer = 8 * counts.shard
@@ -328,12 +341,13 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
             mode,
             job.train.loss_chunk_tokens,
             weight_bytes,
+            planner.device,
         )
         for mode in ("off", "full", "selective")
     }
-    # At the end of backward: all gradients, plus the embedding's dense gradient [V / t, e]
-    # before it is added to the loss's contribution (fp32).
-    grads_end = bytes_grads + 4 * counts.embed_rows_local * m.embed_dim
+    # At the end of backward: all gradients, plus the input embedding's dense gradient
+    # [V / t, e] and its sum with the loss's contribution, both fp32, while the old one lives.
+    grads_end = bytes_grads + 2 * 4 * counts.embed_rows_local * m.embed_dim
     peak = {}
     for mode, a in acts.items():
         moving = a.peak + bytes_grads if accum > 1 else max(a.peak, grads_end)
