@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import sys
@@ -85,8 +86,15 @@ def tp_split_dim(name: str) -> int | None:
 def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's full shape, from the real module built on the meta device (no memory),
     so the planner cannot drift from model.py."""
+    return dict(_param_shapes(dataclasses.astuple(model)))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(model_fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Cached: building OPT-175B, even on the meta device, takes seconds; sweeps plan it often.
     with torch.device("meta"):
-        return {n: tuple(p.shape) for n, p in OPT(model).named_parameters()}
+        model = OPT(ModelConfig(*model_fields))
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
