@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import weakref
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -23,7 +25,8 @@ from opt_train.config import (
 )
 from opt_train.model import OPT
 from opt_train.optim import build_optimizer
-from opt_train.parallelize import apply_ac
+from opt_train.parallel_dims import ParallelDims
+from opt_train.parallelize import apply_ac, parallelize
 from opt_train.plan import (
     PlannerConfig,
     activations,
@@ -43,56 +46,69 @@ class LiveTensorBytes(TorchDispatchMode):
     CPU torch keeps no allocator statistics (torch.cuda.max_memory_allocated has no CPU twin)
     and RSS mixes in the interpreter, libraries and malloc's free lists. Every tensor, though,
     comes out of an aten op, and this mode sees every op's outputs, forward, backward and
-    optimizer alike: a storage not seen before is counted, and a finalizer on the storage
-    object (torch keeps one Python object per live storage) uncounts it when it is freed.
-    Views share their storage and count once. What it cannot see is scratch memory a kernel
-    allocates and frees inside one op, which the planner does not model either.
+    optimizer alike (for a DTensor, its local tensor). It keeps a weak reference to each
+    storage (torch keeps one Python object per live storage; views share it) and after every
+    op sums the current sizes of those still alive: a size, not a count at creation, because
+    FSDP2 frees its gathered parameters by resizing their storage to 0. What it cannot see is
+    scratch memory a kernel allocates and frees inside one op, which the planner does not
+    model either.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.live = 0
+        self._storages: dict[int, weakref.ref] = {}
         self.peak = 0
-        self._seen: set[int] = set()
+
+    def live(self) -> int:
+        total = 0
+        for key, ref in list(self._storages.items()):
+            storage = ref()
+            if storage is None:
+                del self._storages[key]
+                continue
+            total += storage.nbytes()
+        return total
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
+            if isinstance(t, DTensor):
+                t = t.to_local()
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._track(t.untyped_storage())
+                try:
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                except RuntimeError:  # a collective's output not yet waited on: no storage
+                    continue
+                if key not in self._storages or self._storages[key]() is None:
+                    self._storages[key] = weakref.ref(storage)
+        self.peak = max(self.peak, self.live())
         return out
 
-    def _track(self, storage) -> None:
-        key, n = storage.data_ptr(), storage.nbytes()
-        if n == 0 or key in self._seen:
-            return
-        self._seen.add(key)
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, n)
 
-    def _free(self, key: int, n: int) -> None:
-        self._seen.discard(key)
-        self.live -= n
-
-
-def measure_training(model_cfg: ModelConfig, batch: int, seq: int, ac: str) -> dict[str, int]:
+def measure_training(
+    model_cfg: ModelConfig, batch: int, seq: int, ac: str, parallel: tuple | None = None
+) -> dict[str, int]:
     """Peak tensor bytes of the second of two fp32 training steps (the first creates the AdamW
     moments), and the bytes its forward left saved for backward, as the trainer runs a step:
-    forward with targets through the chunked loss, backward, fused AdamW, zero_grad(None)."""
+    forward with targets through the chunked loss, backward, AdamW, zero_grad(None).
+    `parallel`: (dims, mesh) to apply the real parallelize() (this process is one rank)."""
     torch.manual_seed(0)
     mode = LiveTensorBytes()
     with mode:
         model = OPT(model_cfg)
-        apply_ac(model, ac)
+        if parallel is None:
+            apply_ac(model, ac)
+        else:
+            dims, mesh = parallel
+            parallelize(model, dims, mesh, "fp32", ac, False)
         optimizer = build_optimizer(model, OptimConfig())
         ids = torch.randint(0, model_cfg.vocab_size, (batch, seq))
         targets = torch.randint(0, model_cfg.vocab_size, (batch, seq))
         for _ in range(2):
-            before = mode.live
-            mode.peak = mode.live
+            before = mode.peak = mode.live()
             loss = model(ids, targets, 4096, 1.0)
-            saved = mode.live - before
+            saved = mode.live() - before
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -100,15 +116,15 @@ def measure_training(model_cfg: ModelConfig, batch: int, seq: int, ac: str) -> d
     return {"peak": mode.peak, "saved": saved}
 
 
-def cpu_plan(model_cfg: ModelConfig, batch: int, seq: int, ac: str):
+def cpu_plan(model_cfg: ModelConfig, batch: int, seq: int, ac: str, world: int = 1, tp: int = 1):
     job = JobConfig(
         precision="fp32",
         model=model_cfg,
-        train=TrainConfig(micro_batch_size=batch, batch_tokens=batch * seq),
+        train=TrainConfig(micro_batch_size=batch, batch_tokens=batch * seq * world // tp),
         data=DataConfig(seq_len=seq),
-        parallel=ParallelConfig(activation_checkpoint=ac),
+        parallel=ParallelConfig(tp=tp, activation_checkpoint=ac),
     )
-    return make_plan(job, PlannerConfig(nodes=1, gpus_per_node=1, device="cpu"))
+    return make_plan(job, PlannerConfig(nodes=1, gpus_per_node=world, device="cpu"))
 
 
 # Attention dropout is 0: on CPU it sends SDPA down its math path, which keeps the [T, T]
@@ -154,6 +170,58 @@ def test_checkpointing_modes_order_activation_memory_off_selective_full():
     plan = cpu_plan(ModelConfig(**{**TINY, "n_layers": 8}), 8, 128, "off")
     a = plan.activations
     assert a["full"].saved < a["selective"].saved < a["off"].saved
+
+
+# The same comparison on 2 gloo ranks with the real parallelize(): FSDP2 alone, FSDP2 x TP
+# (tp 2 takes both ranks: activations split, state replicated), FSDP2 with full checkpointing.
+# This covers the sharded state, FSDP2's gathered working copies and TP's activation split.
+DISTRIBUTED_CASES = [(1, "off"), (2, "off"), (1, "full")]
+
+
+def _distributed_worker() -> None:
+    """Run under torchrun with 2 ranks; rank 0 prints measured and planned bytes per case."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    model_cfg, batch, seq = ModelConfig(**TINY), 8, 128
+    rows = []
+    for tp, ac in DISTRIBUTED_CASES:
+        dims = ParallelDims.from_config(ParallelConfig(tp=tp), world)
+        mesh, _ = dims.build_mesh("cpu")
+        measured = measure_training(model_cfg, batch, seq, ac, (dims, mesh))
+        plan = cpu_plan(model_cfg, batch, seq, ac, world, tp)
+        rows.append({"tp": tp, "ac": ac, "measured": measured["peak"], "planned": plan.peak[ac]})
+    if dist.get_rank() == 0:
+        print(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_planned_peak_is_within_15_percent_of_measured_on_two_fsdp2_tp_ranks():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tests.opt_train.test_plan",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(row["tp"], row["ac"]) for row in rows] == DISTRIBUTED_CASES
+    for row in rows:
+        assert row["planned"] == pytest.approx(row["measured"], rel=0.15), row
 
 
 # -- the activation formula ---------------------------------------------------------------------
@@ -318,3 +386,7 @@ def test_planner_key_of_the_wrong_type_fails_naming_it():
 def test_world_not_divisible_by_tp_names_the_keys():
     with pytest.raises(SystemExit, match="parallel.tp"):
         main(["parallel.tp=3", "nodes=1", "gpus_per_node=8"])
+
+
+if __name__ == "__main__":
+    _distributed_worker()
