@@ -401,10 +401,10 @@ def main() -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    from data_pipeline.cli import _HYDRA_QUIET
+    from data_pipeline.cli import HYDRA_QUIET
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
-    sys.argv = [sys.argv[0], *_HYDRA_QUIET, *sys.argv[1:]]
+    sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
     status = {"code": EXIT_FAILED}
 
     conf = str(Path(__file__).resolve().parent / "conf")  # a path, so conf/ needs no __init__

@@ -1,9 +1,10 @@
 """How every pipeline stage becomes a Hydra command line.
 
-A stage is a typed dataclass config plus a function `run(cfg) -> report`. `stage_main` registers
-the config with Hydra's ConfigStore (so a misspelt key names the valid ones), runs the stage
-without Hydra's output directories (the stage writes only where `output=` says), writes the
-report next to the output, and turns it into the exit status:
+A stage is a typed dataclass config plus a function `run(cfg) -> report` that writes its
+outputs and its report (`write_report`, beside the output) itself, so the chain can call it
+directly. `stage_main` registers the config with Hydra's ConfigStore (so a misspelt key is
+refused by name), runs the stage without Hydra's output directories (the stage writes only
+where `output=` says), prints the report, and turns it into the exit status:
 
     0  finished, no rejected input
     3  finished, some input lines were rejected (counted in the report and in the rejects file)
@@ -24,7 +25,7 @@ EXIT_FAILED = 1
 EXIT_REJECTS = 3
 
 # Hydra settings for stages: no run directory, no .hydra output, plain logging.
-_HYDRA_QUIET = [
+HYDRA_QUIET = [
     "hydra.run.dir=.",
     "hydra.output_subdir=null",
     "hydra/job_logging=none",
@@ -73,7 +74,7 @@ def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
-    sys.argv = [sys.argv[0], *_HYDRA_QUIET, *sys.argv[1:]]
+    sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
     status = {"code": EXIT_FAILED}
 
     @hydra.main(version_base=None, config_path=None, config_name=f"{name}_schema")
