@@ -62,10 +62,10 @@ class TrainConfig:
     max_steps: int = 200
     seed: int = 0
     micro_batch_size: int = 8
-    batch_tokens: int = 2048  # global tokens per optimizer step; accumulation is derived
+    batch_tokens: int = 1024  # global tokens per optimizer step; accumulation is derived
     eval_interval: int = 50  # steps; 0 disables validation
     eval_batches: int = 4  # micro-batches of the validation split per evaluation
-    loss_chunk_tokens: int = 4096  # the loss materialises logits for this many tokens at once
+    loss_chunk_tokens: int = 2048  # the loss materialises logits for this many tokens at once
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
 

@@ -31,34 +31,50 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, grad_scale, group, vocab_start):
-        n = hidden.shape[0]
+        n, device = hidden.shape[0], hidden.device
         v_local = weight.shape[0]
+        rows_per_chunk = min(n, chunk_tokens)
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         w = weight.to(hidden.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # One fp32 logits buffer (and one in the compute dtype) serves every chunk: fresh
+        # [chunk, vocab] tensors per op cost more in page faults than in arithmetic on CPU.
+        buf = _scratch(0, rows_per_chunk * v_local, torch.float32, device)
+        low = None
+        if hidden.dtype != torch.float32:
+            low = _scratch(1, rows_per_chunk * v_local, hidden.dtype, device)
+        rows = torch.arange(rows_per_chunk, device=device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
         for start in range(0, n, chunk_tokens):
             h = hidden[start : start + chunk_tokens]
-            y = targets[start : start + chunk_tokens] - vocab_start
+            c = h.shape[0]
+            y = targets[start : start + c] - vocab_start
             mine = (y >= 0) & (y < v_local)
             y_local = torch.where(mine, y, 0)
-            rows = torch.arange(len(y), device=h.device)
-            logits = (h @ w.t()).float()
-            m = logits.max(dim=-1).values
+            logits = buf[: c * v_local].view(c, v_local)
+            if low is None:
+                torch.mm(h, w.t(), out=logits)
+            else:
+                torch.mm(h, w.t(), out=low[: c * v_local].view(c, v_local))
+                logits.copy_(low[: c * v_local].view(c, v_local))
+            m = logits.amax(dim=-1)
             _all_reduce(m, group, dist.ReduceOp.MAX)
             logits.sub_(m[:, None])
-            sumexp = torch.exp(logits).sum(dim=-1)
-            target_logit = torch.where(mine, logits[rows, y_local], 0.0)
+            target_logit = torch.where(mine, logits[rows[:c], y_local], 0.0)
+            sumexp = logits.exp_().sum(dim=-1)
             _all_reduce(sumexp, group)
             _all_reduce(target_logit, group)
-            log_z = torch.log(sumexp)
-            total += (log_z - target_logit).sum()
-            # d(mean loss)/d(logits) = (softmax - onehot) / n
-            g = torch.exp_(logits.sub_(log_z[:, None]))
-            g[rows[mine], y_local[mine]] -= 1.0
-            g = g.mul_(grad_scale / n).to(hidden.dtype)
+            total += (torch.log(sumexp) - target_logit).sum()
+            # d(mean loss)/d(logits) = (softmax - onehot) / n, times grad_scale
+            scale = grad_scale / n
+            logits.mul_((scale / sumexp)[:, None])
+            logits[rows[:c][mine], y_local[mine]] -= scale
+            g = logits
+            if low is not None:
+                g = low[: c * v_local].view(c, v_local)
+                g.copy_(logits)
             if grad_h is not None:
-                torch.mm(g, w, out=grad_h[start : start + chunk_tokens])
+                torch.mm(g, w, out=grad_h[start : start + c])
             if g.dtype == torch.float32:
                 grad_w.addmm_(g.t(), h)
             else:
@@ -78,6 +94,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return gh, (grad_w * factor).to(ctx.weight_dtype), None, None, None, None, None
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat CPU buffer (GPU allocations come from the caching allocator already)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (slot, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
 def _all_reduce(t: torch.Tensor, group, op=None) -> None:
     if group is not None:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
@@ -87,7 +117,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 2048,
     grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of logits `hidden @ weight.T` against `targets` (all tokens count).

@@ -131,7 +131,7 @@ class OPT(nn.Module):
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
-        chunk_tokens: int = 4096,
+        chunk_tokens: int = 2048,
         grad_scale: float = 1.0,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab]; or, given `targets`, the mean next-token cross-entropy,
