@@ -24,7 +24,7 @@ documents are written once whatever the weight (never for w = 0), so validation 
 data as it is, not as sampled.
 
 Speed: tiktoken's BPE, batches of documents encoded by `workers` processes (in input order, so
-the output does not depend on `workers`); benchmarks/tokenize.py measures MB/s.
+the output does not depend on `workers`); benchmarks/tokenize_throughput.py measures MB/s.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tokenize throughput: MB/s of UTF-8 text, JSONL in -> token shards out, 1 and 2 processes.
 
-    python benchmarks/tokenize.py [--text-dir DIR] [--mb 40]
+    python benchmarks/tokenize_throughput.py [--text-dir DIR] [--mb 40]
 
 `--text-dir`: a directory of real English text files, e.g. Debian's Python documentation:
     apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb x
