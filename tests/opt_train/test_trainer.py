@@ -119,3 +119,16 @@ def test_hf_export_cli_converts_a_checkpoint(tmp_path, small_shards):
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert (hf(x).logits - t.model.eval()(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_lives_in_run_dir_without_secrets(tmp_path, small_shards, monkeypatch):
+    secret = "sk-test-0123456789abcdef-do-not-leak"
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=2", "logging.wandb=offline")).fit()
+    assert any((run / "wandb").glob("offline-run-*")), "no offline wandb run in run_dir"
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
