@@ -67,13 +67,12 @@ def run(config: str, model: str, steps: int, work: Path, shards: Path) -> dict:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        "--master_port=0",
+        "--standalone",  # rendezvous on a free local port
         __file__,
         "--worker",
         *overrides,
     ]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise SystemExit(f"{config} failed:\n{r.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
