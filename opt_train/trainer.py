@@ -417,6 +417,9 @@ def train(cfg: JobConfig) -> dict:
     finally:
         shutdown(clean)
     if trainer.preempted:
+        log.warning(
+            "rank %d: checkpoint saved; exiting with status %d (requeue)", rank, EXIT_REQUEUE
+        )
         raise SystemExit(EXIT_REQUEUE)
     return last
 
