@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_sigterm_and_sigusr1_save_at_the_current_step_and_exit_85(
 ):
     # One process, signalled directly: `python train.py` exits with EXIT_REQUEUE.
     solo = tmp_path / "solo"
-    cmd = ["python", "train.py", *job(solo, small_shards, "train.max_steps=100000")]
+    cmd = [sys.executable, "train.py", *job(solo, small_shards, "train.max_steps=100000")]
     proc = popen(cmd, tmp_path / "solo.log")
     wait_for(lambda: (solo / "checkpoints" / "step_00000003").is_dir(), proc)
     proc.send_signal(signal.SIGTERM)
@@ -223,6 +224,55 @@ def test_worker_killed_under_torchrun_max_restarts_is_restarted_and_resumes(
     assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-4000:]
     log = (tmp_path / "log").read_text()
     assert "(torchrun restart 1)" in log and "resumed from " + str(run / "checkpoints") in log
+    assert losses(run) == reference
+
+
+def agent_cmd(port: int, host: bool, overrides: list[str]) -> list[str]:
+    """One of two torchrun agents ("nodes") of one job, rendezvousing over loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--max-restarts=1",
+        "--monitor-interval=0.2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-agents",
+        # Both agents run on this machine, so say which one hosts the rendezvous store.
+        f"--rdzv-conf=is_host={int(host)},last_call_timeout=1",
+        "train.py",
+        *overrides,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_agents_one_killed_and_started_again_resume_and_finish(
+    tmp_path, small_shards, reference
+):
+    run = tmp_path / "run"
+    port = free_port()
+    env = {**rank_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see fault-tolerance.md
+
+    def agent(host: bool, log: str, *extra: str) -> subprocess.Popen:
+        cmd = agent_cmd(port, host, job(run, small_shards, *extra))
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT
+        )
+
+    a = agent(True, "a.log", "checkpoint.debug_delay_s=1")
+    time.sleep(0.5)  # the host agent binds the rendezvous port first
+    b = agent(False, "b.log", "checkpoint.debug_delay_s=1")
+    wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), b)
+    sigkill_tree(b.pid)  # the node dies: agent and worker
+    b.wait()
+    b2 = agent(False, "b2.log")
+    assert a.wait(timeout=180) == 0, (tmp_path / "a.log").read_text()[-4000:]
+    assert b2.wait(timeout=60) == 0, (tmp_path / "b2.log").read_text()[-4000:]
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b2.log").read_text()
+    assert "resumed from " + str(run / "checkpoints") in logs
     assert losses(run) == reference
 
 
