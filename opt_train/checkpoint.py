@@ -76,7 +76,14 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(root: Path, names: list[str]) -> dict[str, dict]:
-    return {n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
+    """Size and sha256 of each file, hashed in parallel threads (hashlib releases the GIL), as
+    DCP writes `checkpoint.write_threads` files per rank."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        digests = list(pool.map(lambda n: _sha256(root / n), names))
+    return {
+        n: {"bytes": (root / n).stat().st_size, "sha256": d}
+        for n, d in zip(names, digests, strict=True)
+    }
 
 
 def _fsync(path: Path) -> None:
@@ -123,8 +130,9 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
             raise CorruptCheckpoint(
                 f"{f}: {f.stat().st_size} bytes, meta.json says {files[name]['bytes']} (truncated?)"
             )
-    for name in names[rank::world]:
-        if _sha256(path / name) != files[name]["sha256"]:
+    mine = names[rank::world]
+    for name, got in zip(mine, _describe(path, mine).values(), strict=True):
+        if got["sha256"] != files[name]["sha256"]:
             raise CorruptCheckpoint(f"{path / name}: sha256 mismatch (corrupted)")
     return meta
 
@@ -248,14 +256,17 @@ class CheckpointManager:
             "tokens": trainer_state.get("tokens"),
             "mesh": trainer_state.get("mesh"),
         }
+        writer = dcp.FileSystemWriter(tmp, thread_count=self.cfg.write_threads)
         if blocking or not self.cfg.async_save:
-            dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None)
+            dcp.save(
+                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
+            )
             self._finish(None, tmp, final, meta)
         else:
             # Stages (copies) the tensors into CPU memory now, writes in DCP's thread; our
             # thread then hashes and publishes, so the training thread never waits on disk.
             written = dcp.async_save(
-                state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None
+                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
             )
             self._pending = self._executor.submit(self._finish, written, tmp, final, meta)
             self._pending_step = step
