@@ -369,9 +369,17 @@ class CheckpointManager:
             return path
         return None
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model and optimizer (resharded to this job's mesh) and, when the mesh is the
-        one that saved, this rank's RNG states; returns the trainer state and the save's meta."""
+    def load(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        mesh: dict | None = None,
+    ) -> dict:
+        """Restore model and optimizer (resharded to this job's mesh) and, when this job has
+        the world size and `mesh` that saved, this rank's RNG states; returns the trainer
+        state. On another layout rank r is not the same shard of the work, so its saved RNG
+        stream would not continue anything: the freshly seeded streams are kept."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         meta = json.loads((path / "meta.json").read_text())
@@ -385,16 +393,17 @@ class CheckpointManager:
         )
         trainer_state = json.loads((path / "state.json").read_text())
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
-        if meta["world"] == self.world and meta.get("mesh") == trainer_state.get("mesh"):
+        if meta["world"] == self.world and meta.get("mesh") == mesh:
             restore_rng(json.loads(rng_file.read_text()))
         else:
             log.warning(
-                "%s was saved by %d ranks with mesh %s; this run has %d ranks: weights, "
-                "optimizer and data position are resharded, RNG streams start fresh",
+                "%s was saved by %d ranks with mesh %s; this run has %d ranks with mesh %s: "
+                "weights, optimizer and data position are resharded, RNG streams start fresh",
                 path,
                 meta["world"],
                 meta.get("mesh"),
                 self.world,
+                mesh,
             )
         return trainer_state
 
