@@ -218,7 +218,6 @@ class CheckpointManager:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-finish")
         self._pending: Future | None = None
-        self._pending_step = -1
         self.last_saved_step = -1
         if self.rank == 0:
             self._remove_leftovers()
@@ -269,7 +268,6 @@ class CheckpointManager:
                 state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
             )
             self._pending = self._executor.submit(self._finish, written, tmp, final, meta)
-            self._pending_step = step
         self.last_saved_step = step
         return final
 
