@@ -1,36 +1,70 @@
-"""Checkpoints: atomic, self-describing directories under `run_dir/checkpoints/`.
+"""Sharded, atomic, self-describing checkpoints under `run_dir/checkpoints/`.
 
     checkpoints/step_00000100/
-        model.safetensors   weights (safetensors: loading runs no code)
-        optimizer.pt        optimizer state, read back with torch.load(weights_only=True)
-        rng.pt              torch RNG state
-        state.json          trainer, schedule, loss scaler, data loader, python/numpy RNG
-        config.yaml         the resolved job config
-        meta.json           sha256 of every file above; written last
-    checkpoints/latest      name of the newest complete checkpoint
+        __0_0.distcp ...     model weights and optimizer moments, each rank its own shards
+        .metadata            DCP's index: which bytes of which file hold which tensor slice
+        state.json           step, tokens, data position, loss scaler, counters (rank 0)
+        rng/rank_00000.json  each rank's torch (CPU and CUDA), numpy and python RNG states
+        config.yaml          the resolved job config
+        meta.json            format, step, mesh, size and sha256 of every file above; last
+    checkpoints/latest      name of the newest complete checkpoint (for scripts and people)
 
-A checkpoint is written into a hidden temporary directory and renamed into place only when
-every file is on disk, then `latest` is replaced atomically. Loading verifies the checksums and
-falls back to the previous checkpoint if the newest is damaged, so a kill at any instant of a
-save leaves a loadable run.
+Model and optimizer go through torch.distributed.checkpoint (DCP): `get_state_dict` gives each
+rank's FSDP/TP shards under canonical parameter names and DCP records where each slice belongs
+in the full tensor, so a checkpoint loads on any mesh or world size (DCP reshards on load) and
+no rank ever holds a full copy. The optimizer's param_groups (hyperparameters, all derived
+from the config and the step) are not stored: the running job's groups are used, so every DCP
+entry is a tensor and the only pickle in a checkpoint is DCP's own `.metadata` index.
+The LR is not stored either: the schedule is a pure function of the step.
+
+Visibility is atomic. Every rank writes into `.tmp-step_N/`; when DCP has finished on every
+rank, each rank hashes the files it wrote, rank 0 gathers the hashes (this is also the
+"everyone is done" barrier), writes `meta.json` last, renames the directory to `step_N` and
+replaces `latest`. A kill at any instant leaves either no `step_N` or a complete one; a
+`step_N` that fails verification (missing meta.json, missing file, wrong size or hash) is
+reported and skipped in favour of the previous one.
+
+Async saves (`checkpoint.async_save`) copy the state to CPU memory, then write, hash and rename
+in background threads while training goes on. They use a gloo process group of their own: an
+async save sharing the default group with training hangs or aborts ("Received data size doesn't
+match expected size") because two threads then interleave collectives on one group.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from opt_train.config import CheckpointConfig
+from opt_train.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
+FORMAT = "opt-train-dcp/1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint directory that is incomplete or whose bytes changed after it was written."""
+
+
+# -- files and hashes -----------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -41,6 +75,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _describe(root: Path, names: list[str]) -> dict[str, dict]:
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,150 +87,328 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class CorruptCheckpoint(RuntimeError):
-    pass
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _files_of_rank(root: Path, rank: int) -> list[str]:
+    """The files one rank wrote: DCP names its data files `__{rank}_{n}.distcp`."""
+    mine = sorted(p.name for p in root.glob(f"__{rank}_*.distcp"))
+    return mine + [f"rng/rank_{rank:05d}.json"]
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
+    """Check a checkpoint directory; returns its meta.json. Every rank checks that all files
+    exist with their recorded sizes and hashes its 1/world share of them, so verifying a large
+    sharded checkpoint costs one read of it spread over the ranks."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CorruptCheckpoint(f"{path}: no meta.json (the save did not finish)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{meta_path}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    names = sorted(files)
+    for name in names:
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: missing")
+        if f.stat().st_size != files[name]["bytes"]:
+            raise CorruptCheckpoint(
+                f"{f}: {f.stat().st_size} bytes, meta.json says {files[name]['bytes']} (truncated?)"
+            )
+    for name in names[rank::world]:
+        if _sha256(path / name) != files[name]["sha256"]:
+            raise CorruptCheckpoint(f"{path / name}: sha256 mismatch (corrupted)")
+    return meta
+
+
+# -- RNG states as JSON ---------------------------------------------------------------------
+
+
+def capture_rng() -> dict:
+    """This process's RNG states, JSON-encodable (torch states as base64 bytes)."""
+
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": b64(torch.get_rng_state()),
+        "numpy": {
+            "name": name,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": _listify(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+def _listify(obj):
+    return [_listify(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def _tuplify(obj):
+    return tuple(_tuplify(x) for x in obj) if isinstance(obj, list) else obj
+
+
+# -- model and optimizer through DCP --------------------------------------------------------
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """{'model': ..., 'optim': {'state': ...}} of this rank's shards, and the live param_groups
+    (kept out of the checkpoint; see the module docstring)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
 
 
 class CheckpointManager:
-    """Saves and restores whole-run state. Model and optimizer go through
-    torch.distributed.checkpoint's state-dict API, which gathers FSDP/TP shards into plain
-    tensors with canonical names (so a checkpoint loads on any mesh, or in one process); rank 0
-    writes, every rank reads."""
+    """Saves and restores whole-run state; one instance per run, created on every rank."""
 
-    def __init__(self, directory: str | Path, keep: int, dist_info=None):
+    def __init__(
+        self,
+        directory: str | Path,
+        cfg: CheckpointConfig,
+        dist_info: DistInfo | None,
+        timeout_s: float = 600.0,
+    ):
         self.dir = Path(directory)
-        self.keep = keep
+        self.cfg = cfg
         self.rank = dist_info.rank if dist_info else 0
         self.world = dist_info.world if dist_info else 1
+        # Created once, collectively, on every rank: see the module docstring for why the
+        # checkpoint traffic must not share the training group.
+        self.group = None
+        if self.world > 1:
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-finish")
+        self._pending: Future | None = None
+        self._pending_step = -1
+        self.last_saved_step = -1
+        if self.rank == 0:
+            self._remove_leftovers()
+        self._barrier()
+
+    # -- saving ---------------------------------------------------------------------------
 
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
 
-    def save(self, step: int, model, optimizer, state: dict, config_yaml: str) -> Path:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(model, options=opts)
-        optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
-        rng = _gather(torch.get_rng_state(), self.world)
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict,
+        config_yaml: str,
+        blocking: bool = False,
+    ) -> Path:
+        """Start saving `step` (collective: every rank calls it). Returns the directory the
+        checkpoint will have; it exists once `wait()` returns (at once if blocking)."""
+        self.wait()  # one save in flight at a time: the next waits for the previous
         final = self.step_dir(step)
+        tmp = self.dir / f"{TMP_PREFIX}{final.name}"
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        _write_json(tmp / "rng" / f"rank_{self.rank:05d}.json", capture_rng())
         if self.rank == 0:
-            self._write(final, model_state, optim_state, rng, state, config_yaml)
-        _barrier(self.world)
+            _write_json(tmp / "state.json", trainer_state)
+            (tmp / "config.yaml").write_text(config_yaml)
+        state, _ = _sharded_state(model, optimizer)
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "world": self.world,
+            "tokens": trainer_state.get("tokens"),
+            "mesh": trainer_state.get("mesh"),
+        }
+        if blocking or not self.cfg.async_save:
+            dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None)
+            self._finish(None, tmp, final, meta)
+        else:
+            # Stages (copies) the tensors into CPU memory now, writes in DCP's thread; our
+            # thread then hashes and publishes, so the training thread never waits on disk.
+            written = dcp.async_save(
+                state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None
+            )
+            self._pending = self._executor.submit(self._finish, written, tmp, final, meta)
+            self._pending_step = step
+        self.last_saved_step = step
         return final
 
-    def _write(self, final: Path, model_state, optim_state, rng, state, config_yaml) -> None:
-        from safetensors.torch import save_file
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is visible on disk; re-raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".tmp-{final.name}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
-            tmp / "model.safetensors",
-        )
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save({"torch": rng}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        (tmp / "config.yaml").write_text(config_yaml)
-        files = sorted(p.name for p in tmp.iterdir())
-        meta = {"step": state["step"], "files": {f: _sha256(tmp / f) for f in files}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for p in tmp.iterdir():
-            _fsync(p)
-        if final.exists():  # a re-save of the same step (e.g. after a restart) replaces it
-            shutil.rmtree(final)
+    def close(self) -> None:
+        """Wait for the save in flight and stop the finishing thread (end of the run)."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _finish(self, written: Future | None, tmp: Path, final: Path, meta: dict) -> Path:
+        if written is not None:
+            written.result()  # DCP's data files and .metadata are on disk on every rank
+        if self.cfg.debug_delay_s:
+            time.sleep(self.cfg.debug_delay_s)  # test hook: a window to kill the job mid-save
+        mine = _describe(tmp, _files_of_rank(tmp, self.rank))
+        everyone = self._gather(mine)  # returns on rank 0 once every rank has finished
+        if self.rank == 0:
+            files = {k: v for part in everyone for k, v in part.items()}
+            # Anything no rank claimed (DCP's .metadata, state.json, config.yaml, or a file
+            # named in a way _files_of_rank does not know) is hashed here.
+            rest = sorted(
+                str(p.relative_to(tmp))
+                for p in tmp.rglob("*")
+                if p.is_file() and str(p.relative_to(tmp)) not in files
+            )
+            files.update(_describe(tmp, rest))
+            _write_json(tmp / "meta.json", {**meta, "files": files})
+            self._publish(tmp, final)
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        for sub in (tmp, tmp / "rng"):
+            _fsync(sub)
+        if final.exists():
+            # A re-save of the same step (after a restart) replaces the old one. A kill right
+            # here loses this step's checkpoint but never the previous ones.
+            old = self.dir / f"{TMP_PREFIX}old-{final.name}"
+            os.rename(final, old)
+            shutil.rmtree(old)
         os.rename(tmp, final)
         _fsync(self.dir)
-        latest_tmp = self.dir / ".latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, self.dir / "latest")
+        pointer = self.dir / f"{TMP_PREFIX}latest"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, self.dir / "latest")
         _fsync(self.dir)
+        log.info("checkpoint %s saved", final)
         self._prune()
 
     def _prune(self) -> None:
         steps = self.complete_steps()
-        for old in steps[: max(0, len(steps) - self.keep)]:
-            shutil.rmtree(self.step_dir(old), ignore_errors=True)
+        recent = set(steps[-self.cfg.keep :])
+        for step in steps:
+            permanent = self.cfg.keep_every and step % self.cfg.keep_every == 0
+            if step not in recent and not permanent:
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        """Temporary directories of saves that a kill interrupted."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    log.warning("removing %s: an interrupted save", p)
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+
+    # -- loading --------------------------------------------------------------------------
 
     def complete_steps(self) -> list[int]:
+        """Steps with a `step_N` directory (complete unless damaged afterwards), ascending."""
         if not self.dir.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := STEP_DIR.match(p.name)))
 
-    def verify(self, path: Path) -> dict:
-        meta_path = path / "meta.json"
-        if not meta_path.is_file():
-            raise CorruptCheckpoint(f"{path}: no meta.json (incomplete save)")
-        meta = json.loads(meta_path.read_text())
-        for name, digest in meta["files"].items():
-            f = path / name
-            if not f.is_file():
-                raise CorruptCheckpoint(f"{f}: missing")
-            if _sha256(f) != digest:
-                raise CorruptCheckpoint(f"{f}: sha256 mismatch (corrupted)")
-        return meta
-
     def latest(self) -> Path | None:
-        """The newest checkpoint that verifies; damaged ones are reported and skipped. Rank 0
-        decides and tells the others, so every rank resumes from the same one."""
-        choice = None
-        if self.rank == 0:
-            for step in reversed(self.complete_steps()):
-                path = self.step_dir(step)
-                try:
-                    self.verify(path)
-                    choice = str(path)
-                    break
-                except (CorruptCheckpoint, json.JSONDecodeError, KeyError) as e:
-                    log.warning("skipping damaged checkpoint %s: %s", path, e)
-        choice = _broadcast(choice, self.world)
-        return Path(choice) if choice else None
+        """The newest checkpoint that verifies on every rank; damaged ones are reported (with
+        the path and the reason) and skipped. Collective: all ranks return the same one."""
+        for step in reversed(self.complete_steps()):
+            path = self.step_dir(step)
+            reason = ""
+            try:
+                verify(path, self.rank, self.world)
+            except CorruptCheckpoint as e:
+                reason = str(e)
+            if self._any(bool(reason)):
+                if reason:
+                    log.warning("skipping damaged checkpoint %s: %s", path, reason)
+                continue
+            return path
+        return None
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and this rank's torch RNG; returns the trainer state."""
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore model and optimizer (resharded to this job's mesh) and, when the mesh is the
+        one that saved, this rank's RNG states; returns the trainer state and the save's meta."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        meta = json.loads((path / "meta.json").read_text())
+        state, param_groups = _sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=path, process_group=self.group, no_dist=self.group is None)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict={"state": state["optim"]["state"], "param_groups": param_groups},
         )
+        trainer_state = json.loads((path / "state.json").read_text())
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
+        if meta["world"] == self.world and meta.get("mesh") == trainer_state.get("mesh"):
+            restore_rng(json.loads(rng_file.read_text()))
+        else:
+            log.warning(
+                "%s was saved by %d ranks with mesh %s; this run has %d ranks: weights, "
+                "optimizer and data position are resharded, RNG streams start fresh",
+                path,
+                meta["world"],
+                meta.get("mesh"),
+                self.world,
+            )
+        return trainer_state
 
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, load_file(path / "model.safetensors"), options=opts)
-        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
-        rng = torch.load(path / "rng.pt", weights_only=True)["torch"]
-        if len(rng) == self.world:  # same world size: each rank continues its own stream
-            torch.set_rng_state(rng[self.rank])
-        return json.loads((path / "state.json").read_text())
+    # -- collectives on the checkpoint group ----------------------------------------------
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def _gather(self, obj) -> list:
+        if self.group is None:
+            return [obj]
+        out: list | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.group)
+        return out or []
+
+    def _any(self, flag: bool) -> bool:
+        if self.group is None:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
 
 
-def _gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:
-    if world == 1:
-        return [t]
-    out: list = [None] * world
-    dist.all_gather_object(out, t)
-    return out
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+# -- export ---------------------------------------------------------------------------------
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -201,25 +417,27 @@ def find_checkpoint(path: str | Path) -> Path:
     if (p / "meta.json").is_file():
         return p
     for d in (p, p / "checkpoints"):
-        if d.is_dir() and (found := CheckpointManager(d, keep=0).latest()):
+        if d.is_dir() and (found := CheckpointManager(d, CheckpointConfig(), None).latest()):
             return found
     raise FileNotFoundError(f"{path}: no complete checkpoint found")
 
 
 def load_model_for_export(path: str | Path):
-    """(model, model_config) from a checkpoint, for HF export."""
+    """(model, model_config) from any checkpoint, in one process: DCP reads every rank's
+    shards into full tensors of a model built on the CPU (no process group needed)."""
     from omegaconf import OmegaConf
 
     from opt_train.config import JobConfig
     from opt_train.model import OPT
 
     ckpt_dir = find_checkpoint(path)
-    CheckpointManager(ckpt_dir.parent, keep=0).verify(ckpt_dir)
+    verify(ckpt_dir)
     raw = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(ckpt_dir / "config.yaml"))
     cfg = OmegaConf.to_object(raw)
-    from safetensors.torch import load_file
-
     with torch.device("meta"):
         model = OPT(cfg.model)
-    model.load_state_dict(load_file(ckpt_dir / "model.safetensors"), assign=True)
+    model.to_empty(device="cpu")  # storage without an init pass; every value is read below
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
+    model.load_state_dict(state["model"])
     return model, cfg.model

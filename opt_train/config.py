@@ -68,6 +68,15 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096  # the loss materialises logits for this many tokens at once
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None leaves torch's default
+    # A step whose loss (or gradient norm) is NaN/inf is skipped on every rank and counted
+    # (metrics `nonfinite_skips`); this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(
+                f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
+            )
 
 
 @dataclass
@@ -75,6 +84,18 @@ class DataConfig:
     path: Optional[str] = None  # a token shard directory; None: the embedded tiny corpus
     seq_len: int = 128
     cache_dir: str = "~/.cache/opt-train"  # where the embedded corpus is built once
+    # [[first, last], ...]: optimizer steps (1-based, inclusive) of the original run whose global
+    # batches are never trained on. Replays a divergence past bad data: resume from a checkpoint
+    # before `first` and the next step takes the batch the original step `last + 1` took.
+    skip_steps: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for r in self.skip_steps:
+            if len(r) != 2 or not 1 <= r[0] <= r[1]:
+                raise ValueError(
+                    f"data.skip_steps entries must be [first, last] with 1 <= first <= last, "
+                    f"got {list(r)}"
+                )
 
 
 @dataclass
@@ -132,8 +153,22 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Sharded DCP checkpoints under run_dir/checkpoints (docs/fault-tolerance.md)."""
+
     interval: int = 100  # steps; 0 saves only at the end
     keep: int = 2  # newest complete checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    # Write in the background while training continues (the weights are first copied to CPU
+    # memory); the next save and the end of the run wait for it. Saves on a preemption signal
+    # are always synchronous.
+    async_save: bool = True
+    debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.interval < 0 or self.keep_every < 0:
+            raise ValueError("checkpoint.interval and checkpoint.keep_every must be >= 0")
 
 
 @dataclass
@@ -142,6 +177,9 @@ class LoggingConfig:
     wandb_project: str = "opt-train"
     progress: bool = True
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs or measured on CPU
+    # Steps between logs of `act_rms`, the RMS of the final hidden states (a rising value is an
+    # early sign of divergence); 0: never.
+    activation_norm_interval: int = 10
 
     def __post_init__(self) -> None:
         if self.wandb not in ("offline", "online", "disabled"):

@@ -6,6 +6,10 @@ The order of windows is a permutation per epoch drawn from the seed alone, and a
 a run of consecutive positions in that order; rank r of W takes the r-th slice of each global
 batch. So the samples a step sees depend on the seed and the step, never on the world size, and
 the loader's whole state is one number: how many samples the run has consumed.
+
+`skip_steps` ranges (`data.skip_steps`) name optimizer steps of the original order whose global
+batches are passed over; skipping moves that number forward, so it is as deterministic and as
+world-size independent as the order itself.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class GlobalOrderLoader:
         micro_batch: int,
         rank: int = 0,
         world: int = 1,
+        skip_steps: list[tuple[int, int]] | None = None,
     ):
         if global_batch % (micro_batch * world):
             raise ValueError(
@@ -67,6 +72,7 @@ class GlobalOrderLoader:
         self.windows, self.seed = windows, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world = rank, world
+        self.skip_steps = sorted(skip_steps or [])
         self.samples_seen = 0
         self._perm_epoch, self._perm = -1, None
 
@@ -83,6 +89,10 @@ class GlobalOrderLoader:
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches (inputs, targets) for the next optimizer step."""
+        for first, last in self.skip_steps:
+            # Global batch b is the one original step b + 1 trained on.
+            if first <= self.samples_seen // self.global_batch + 1 <= last:
+                self.samples_seen = last * self.global_batch
         per_rank = self.global_batch // self.world
         start = self.samples_seen + self.rank * per_rank
         rows = np.stack(

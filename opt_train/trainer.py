@@ -4,13 +4,16 @@
 (on the meta device for big models), parallelism, optimizer, schedule, loss scaler, data.
 `Trainer.fit` runs the loop: for each optimizer step, set the LR, run this rank's micro-batches
 (gradient accumulation up to `train.batch_tokens`), unscale and check for fp16 overflow on every
-rank, clip, step, log, evaluate and save. State that must survive a restart is collected in
-`state_dict()`.
+rank, skip the step if the loss or gradient norm is not finite, clip, step, log, evaluate, save,
+and stop after a preemption signal (opt_train/signals.py). State that must survive a restart is
+collected in `state_dict()`; opt_train/checkpoint.py writes it with the model and optimizer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
 import time
 from pathlib import Path
@@ -23,22 +26,29 @@ from omegaconf import OmegaConf
 from opt_train.checkpoint import CheckpointManager
 from opt_train.config import JobConfig
 from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path, validation_batches
-from opt_train.distributed import DistInfo, init_distributed, shutdown
+from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
 from opt_train.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from opt_train.model import OPT, count_params
 from opt_train.optim import LinearWarmupDecay, build_optimizer, clip_grad_norm_, set_lr
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
 from opt_train.precision import DynamicLossScaler, autocast
+from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
 
 META_INIT_BYTES = 2 * 2**30  # parallel.init=auto builds on the meta device above this
 
 
+class NonFiniteLoss(FloatingPointError):
+    """`train.max_nonfinite_steps` steps in a row had a NaN/inf loss or gradient norm."""
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        # First, so that a preemption during start-up is not lost (it stops after step one).
+        self.preemption = PreemptionFlag().install()
         self.dist: DistInfo = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.device = self.dist.device
         self.distributed = self.dist.world > 1
@@ -84,6 +94,7 @@ class Trainer:
             cfg.train.micro_batch_size,
             self.dp_rank,
             self.dims.dp,
+            skip_steps=[tuple(r) for r in cfg.data.skip_steps],
         )
         self.val_batches = []
         if cfg.train.eval_interval > 0:
@@ -96,9 +107,15 @@ class Trainer:
                 self.dims.dp,
             )
 
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist)
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.checkpoint, self.dist, cfg.parallel.timeout_s
+        )
         self.step = 0
         self.tokens = 0
+        self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss or gradient norm, in total
+        self.nonfinite_in_a_row = 0
+        self.preempted = False
+        self._act_sq = self._watch_final_activations()
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
 
@@ -109,7 +126,7 @@ class Trainer:
         )
         log.info(
             "model %s: %.2fM parameters; mesh dp_replicate=%d dp_shard=%d tp=%d; "
-            "%d micro-batches of %d per rank per step; resumed from %s",
+            "%d micro-batches of %d per rank per step; resumed from %s (torchrun restart %s)",
             cfg.model.name,
             _full_param_count(cfg.model) / 1e6,
             self.dims.dp_replicate,
@@ -118,6 +135,7 @@ class Trainer:
             self.accum,
             cfg.train.micro_batch_size,
             self.resumed_from,
+            os.environ.get("TORCHELASTIC_RESTART_COUNT", "-"),
         )
 
     def _build_model(self) -> OPT:
@@ -153,17 +171,36 @@ class Trainer:
             init_sharded_weights(model, cfg.train.seed)
         return model
 
+    def _watch_final_activations(self) -> list[torch.Tensor]:
+        """A forward hook on the module that produces the final hidden states; on logging
+        steps it adds their mean square (fp32) to the returned list. Outside the model, so
+        model.py stays plain; the hook costs nothing on other steps."""
+        m = self.model
+        last = m.project_out or m.final_layer_norm or m.layers[-1]
+        sums: list[torch.Tensor] = []
+
+        def hook(module, args, out) -> None:
+            if self._log_activations:
+                h = out.to_local() if hasattr(out, "to_local") else out
+                sums.append(h.detach().float().pow(2).mean())
+
+        self._log_activations = False
+        last.register_forward_hook(hook)
+        return sums
+
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict:
         cfg = self.cfg
         last: dict = {}
+        act_every = cfg.logging.activation_norm_interval
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 self.step += 1
-                lr = self.schedule(self.step)
+                lr = self.schedule(self.step)  # the schedule is a function of the step alone
                 set_lr(self.optimizer, lr)
+                self._log_activations = bool(act_every) and self.step % act_every == 0
                 out = self.train_step(self.loader.next_step())
                 self.tokens += cfg.train.batch_tokens
                 dt = time.perf_counter() - t0
@@ -174,6 +211,7 @@ class Trainer:
                     "grad_norm": out["grad_norm"],
                     "loss_scale": out["loss_scale"],
                     "skipped": out["skipped"],
+                    "nonfinite_skips": self.nonfinite_skips,
                     "tokens": self.tokens,
                     "tokens_per_s": cfg.train.batch_tokens / dt,
                     "mfu": cfg.train.batch_tokens
@@ -182,15 +220,29 @@ class Trainer:
                     / (self.peak_flops * self.dist.world),
                     "step_time_s": dt,
                 }
+                if "act_rms" in out:
+                    last["act_rms"] = out["act_rms"]
                 self.metrics.log(last)
+                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLoss(
+                        f"step {self.step}: the loss or gradient norm was NaN/inf for "
+                        f"{self.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); the run has diverged. Resume from an "
+                        "earlier checkpoint with a lower LR, or skip the bad data with "
+                        "data.skip_steps (docs/fault-tolerance.md)."
+                    )
                 if self.val_batches and self.step % cfg.train.eval_interval == 0:
                     self.metrics.log({"step": self.step, "val_loss": self.evaluate()})
+                if self._preemption_agreed():
+                    log.warning("preempted: saving step %d, then exiting", self.step)
+                    self.save(blocking=True)
+                    self.preempted = True
+                    return last
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
-            if self.step > self.resumed_step and (
-                not cfg.checkpoint.interval or self.step % cfg.checkpoint.interval
-            ):
+            if self.step > self.resumed_step and self.ckpt.last_saved_step != self.step:
                 self.save()
+            self.ckpt.wait()  # the final checkpoint is on disk before the run reports success
         finally:
             self.metrics.close()
         return last
@@ -198,6 +250,7 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         cfg = self.cfg
         self.model.train()
+        self._act_sq.clear()
         grad_scale = self.scaler.scale / len(micro_batches)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, targets in micro_batches:
@@ -206,55 +259,99 @@ class Trainer:
                 loss = self.model(inputs, targets, cfg.train.loss_chunk_tokens, grad_scale)
             (loss * grad_scale).backward()
             total += loss.detach().float()
-        mean_loss = self._mean_over_ranks(total / len(micro_batches))
+        act_sq = torch.stack(self._act_sq).mean() if self._act_sq else None
+        # Summed over ranks, a NaN/inf on any rank is NaN/inf on all: every rank skips alike.
+        mean_loss, act_ms = self._mean_over_ranks(total / len(micro_batches), act_sq)
 
         params = [p for p in self.model.parameters() if p.grad is not None]
-        overflow = self.scaler.found_overflow(params)
+        loss_ok = math.isfinite(mean_loss)
+        overflow = self.scaler.found_overflow(params)  # fp16 only: unscales, agrees over ranks
         loss_scale = self.scaler.scale
         grad_norm = float("nan")
-        if not overflow:
+        stepped = False
+        if loss_ok and not overflow:
+            # The norm is a global reduction, so every rank sees the same value here too.
             grad_norm = clip_grad_norm_(params, cfg.optim.clip_grad_norm)
-            self.optimizer.step()
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                stepped = True
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.update(overflow)
-        return {
+        self.scaler.update(overflow or not loss_ok)
+        # fp16 gradient overflow is the loss scaler's business (halve and retry), not a
+        # divergence; any other NaN/inf is counted and, repeated, stops the run.
+        nonfinite = not stepped and not (overflow and loss_ok)
+        if nonfinite:
+            self.nonfinite_skips += 1
+            self.nonfinite_in_a_row += 1
+            log.warning(
+                "step %d skipped: loss %s, grad norm %s (%d in a row)",
+                self.step,
+                mean_loss,
+                grad_norm,
+                self.nonfinite_in_a_row,
+            )
+        elif stepped:
+            self.nonfinite_in_a_row = 0
+        out = {
             "loss": mean_loss,
             "grad_norm": grad_norm,
             "loss_scale": loss_scale,
-            "skipped": overflow,
+            "skipped": not stepped,
         }
+        if act_ms is not None:
+            out["act_rms"] = math.sqrt(act_ms)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
+        logging_acts, self._log_activations = self._log_activations, False
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, targets in self.val_batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with autocast(self.autocast_precision, self.device.type):
                 total += self.model(inputs, targets, self.cfg.train.loss_chunk_tokens).float()
         self.model.train()
-        return self._mean_over_ranks(total / max(1, len(self.val_batches)))
+        self._log_activations = logging_acts
+        return self._mean_over_ranks(total / max(1, len(self.val_batches)))[0]
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        """The mean over data-parallel ranks (TP peers hold equal values; averaging the whole
-        world gives the same number)."""
+    def _mean_over_ranks(
+        self, value: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> tuple[float, float | None]:
+        """The mean over ranks of `value` (and of `extra`, in the same all-reduce). TP peers
+        hold equal values, so averaging the whole world equals averaging the DP ranks."""
+        both = torch.stack([value, extra if extra is not None else torch.zeros_like(value)])
         if self.distributed:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.dist.world
-        return value.item()
+            dist.all_reduce(both)
+            both /= self.dist.world
+        a, b = both.tolist()
+        return a, (b if extra is not None else None)
+
+    def _preemption_agreed(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1: MAX over ranks, so all stop after this step."""
+        flag = torch.tensor([int(self.preemption.requested)], device=self.device)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything besides weights and optimizer moments that a resumed run needs."""
+        """Everything besides weights, optimizer moments and RNG states (checkpoint.py keeps
+        those per rank) that a resumed run needs. The LR is not here: it is schedule(step)."""
         return {
             "step": self.step,
             "tokens": self.tokens,
             "data": self.loader.state_dict(),
             "loss_scaler": self.scaler.state_dict(),
-            "rng": {"python": _jsonable(random.getstate()), "numpy": _numpy_rng_state()},
+            "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world": self.dist.world,
+            "mesh": {
+                "dp_replicate": self.dims.dp_replicate,
+                "dp_shard": self.dims.dp_shard,
+                "tp": self.dims.tp,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -262,21 +359,32 @@ class Trainer:
         self.tokens = int(state["tokens"])
         self.loader.load_state_dict(state["data"])
         self.scaler.load_state_dict(state["loss_scaler"])
-        random.setstate(_tuplify(state["rng"]["python"]))
-        _set_numpy_rng_state(state["rng"]["numpy"])
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
-    def save(self) -> Path | None:
+    def save(self, blocking: bool = False) -> Path:
         return self.ckpt.save(
-            self.step, self.model, self.optimizer, self.state_dict(), self.config_yaml
+            self.step,
+            self.model,
+            self.optimizer,
+            self.state_dict(),
+            self.config_yaml,
+            blocking=blocking,
         )
 
     def _maybe_resume(self) -> str | None:
         path = self.ckpt.latest()
         if path is None:
             return None
-        state = self.ckpt.load(path, self.model, self.optimizer)
-        self.load_state_dict(state)
+        self.load_state_dict(self.ckpt.load(path, self.model, self.optimizer))
         return str(path)
+
+    def close(self) -> None:
+        """Wait for a save in flight and restore default signal handling."""
+        try:
+            self.ckpt.close()
+        finally:
+            self.preemption.uninstall()
 
 
 def _full_param_count(model_cfg) -> int:
@@ -290,37 +398,26 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _jsonable(obj):
-    return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
-
-
-def _tuplify(obj):
-    return tuple(_tuplify(x) for x in obj) if isinstance(obj, list) else obj
-
-
-def _numpy_rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "name": name,
-        "keys": keys.tolist(),
-        "pos": pos,
-        "has_gauss": has_gauss,
-        "cached": cached,
-    }
-
-
-def _set_numpy_rng_state(s: dict) -> None:
-    np.random.set_state(
-        (s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached"])
-    )
-
-
 def train(cfg: JobConfig) -> dict:
-    """Run one training job to `train.max_steps`; returns the last step's metrics."""
+    """Run one training job to `train.max_steps`; returns the last step's metrics.
+
+    Exits the process with `EXIT_REQUEUE` (85) after a preemption signal, once the checkpoint
+    is saved and the process group is left cleanly. A collective timeout is re-raised naming
+    this rank; the process group is then left without the closing barrier."""
+    rank = int(os.environ.get("RANK", "0"))
+    clean = False
+    trainer = None
     try:
-        return Trainer(cfg).fit()
+        with name_the_rank_on_timeout(rank, cfg.parallel.timeout_s):
+            trainer = Trainer(cfg)
+            last = trainer.fit()
+            trainer.close()
+        clean = True
     finally:
-        shutdown()
+        shutdown(clean)
+    if trainer.preempted:
+        raise SystemExit(EXIT_REQUEUE)
+    return last
 
 
-__all__ = ["Trainer", "train"]
+__all__ = ["NonFiniteLoss", "Trainer", "train"]

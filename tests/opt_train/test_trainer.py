@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from opt_train.checkpoint import CheckpointManager
+from opt_train.config import CheckpointConfig
 from opt_train.trainer import Trainer
 from tests.opt_train.conftest import small_job
 
@@ -31,7 +32,7 @@ def test_loss_falls_and_metrics_rows_have_the_contract_fields(tmp_path, small_sh
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert CheckpointManager(tmp_path / "run" / "checkpoints", 2).latest().name == "step_00000030"
+    assert CheckpointManager(tmp_path / "run" / "checkpoints", CheckpointConfig(), None).latest().name == "step_00000030"
 
 
 def test_two_micro_batches_of_two_equal_one_of_four(tmp_path, small_shards):
@@ -80,7 +81,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, small_shards
     run = tmp_path / "run"
     Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2")).fit()
     newest = run / "checkpoints" / "step_00000004"
-    with open(newest / "model.safetensors", "r+b") as f:
+    with open(newest / "__0_0.distcp", "r+b") as f:  # flip bytes inside the weights
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
     t = Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2"))
@@ -94,7 +95,8 @@ def test_half_written_checkpoint_is_invisible(tmp_path, small_shards):
     # What a kill mid-save leaves: a temporary directory, never a step_* directory.
     shutil.copytree(ckpts / "step_00000002", ckpts / ".tmp-step_00000004")
     (ckpts / ".tmp-step_00000004" / "meta.json").unlink()
-    assert CheckpointManager(ckpts, 2).latest().name == "step_00000002"
+    assert CheckpointManager(ckpts, CheckpointConfig(), None).latest().name == "step_00000002"
+    assert not (ckpts / ".tmp-step_00000004").exists()  # the leftover is cleaned up
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
