@@ -295,9 +295,7 @@ class SlurmCluster:
         """What a crashed machine looks like to Slurm: its slurmd, its step daemons and its
         tasks die at once (SIGKILL). Returns the PIDs killed."""
         p = self.procs.pop(f"slurmd-{name}")
-        victims = [p.pid] + [
-            pid for pid in _pids() if pid != p.pid and self._node_of(pid) == name
-        ]
+        victims = [p.pid] + [pid for pid in _pids() if pid != p.pid and self._node_of(pid) == name]
         for pid in victims:
             try:
                 os.kill(pid, signal.SIGKILL)
