@@ -289,6 +289,19 @@ class SlurmCluster:
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {info}")
 
+    def wait_steps_gone(self, job_id: str, timeout: float = 30) -> None:
+        """Until no step daemon of `job_id` is left on any node (its processes have ended)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            # Step sockets are named <node>_<job>.<step>.
+            left = [
+                p for p in self._step_sockets() if p.name.rsplit("_", 1)[-1].split(".")[0] == job_id
+            ]
+            if not left:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id}: step daemons still running after {timeout} s")
+
     # -- faults -----------------------------------------------------------------------------
 
     def kill_node(self, name: str) -> list[int]:

@@ -203,3 +203,24 @@ def test_node_failure_requeues_and_the_job_resumes_to_the_same_losses(
     assert resumed is not None, node_logs(run_dir)
     assert int(re.search(r"step_(\d+)", resumed).group(1)) in (5, 10)
     assert losses(run_dir) == losses(whole_run[0])
+
+
+def test_scancel_checkpoints_and_the_job_ends_cancelled_not_requeued(slurm, shards, tmp_path):
+    """scancel signals the batch script and every step process with SIGTERM: the ranks save
+    within KillWait, and the job ends CANCELLED; resubmitting the same command resumes."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=0")
+    wait_for_step(run_dir, 3, slurm, job)
+    slurm.run(["scancel", job])
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm.job(job).get("JobState") != "CANCELLED":
+        time.sleep(0.2)
+    info = slurm.job(job)
+    # The job may read CANCELLED while its processes are still saving; wait for them.
+    slurm.wait_steps_gone(job)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, log)
+    assert "got SIGTERM" in log and "requeueing" not in log, log
+    saved = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1, node_logs(run_dir)
+    assert int(saved[0].removeprefix("step_")) == logged_steps(run_dir)[-1] >= 3
