@@ -116,11 +116,12 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.preempted = False
         self._act_sq = self._watch_final_activations()
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        # Before the resume: measuring the CPU's peak draws random matrices from the global
+        # generator, which would otherwise move the restored RNG stream.
+        self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
-
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
         self.metrics = MetricsLogger(
             self.run_dir, cfg, cfg.train.max_steps, self.step, enabled=self.dist.is_main
         )
@@ -416,6 +417,9 @@ def train(cfg: JobConfig) -> dict:
     finally:
         shutdown(clean)
     if trainer.preempted:
+        log.warning(
+            "rank %d: checkpoint saved; exiting with status %d (requeue)", rank, EXIT_REQUEUE
+        )
         raise SystemExit(EXIT_REQUEUE)
     return last
 

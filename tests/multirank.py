@@ -31,10 +31,11 @@ def rank_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
-def torchrun_train(
-    nproc: int, overrides: list[str], timeout: float = 300, extra_args: list[str] | None = None
-) -> subprocess.CompletedProcess:
-    cmd = [
+def torchrun_cmd(
+    nproc: int, overrides: list[str], extra_args: list[str] | None = None
+) -> list[str]:
+    """The real `torchrun ... train.py` command line, on a free loopback port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -45,8 +46,18 @@ def torchrun_train(
         "train.py",
         *overrides,
     ]
+
+
+def torchrun_train(
+    nproc: int, overrides: list[str], timeout: float = 300, extra_args: list[str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout
+        torchrun_cmd(nproc, overrides, extra_args),
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -32,7 +32,10 @@ def test_loss_falls_and_metrics_rows_have_the_contract_fields(tmp_path, small_sh
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert (tmp_path / "run" / "config.yaml").is_file()
-    assert CheckpointManager(tmp_path / "run" / "checkpoints", CheckpointConfig(), None).latest().name == "step_00000030"
+    assert (
+        CheckpointManager(tmp_path / "run" / "checkpoints", CheckpointConfig(), None).latest().name
+        == "step_00000030"
+    )
 
 
 def test_two_micro_batches_of_two_equal_one_of_four(tmp_path, small_shards):

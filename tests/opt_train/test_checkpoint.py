@@ -1,0 +1,87 @@
+"""The checkpoint format: self-describing, verified, pruned as configured (one process)."""
+
+import json
+import logging
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from opt_train.checkpoint import CheckpointManager, verify
+from opt_train.config import CheckpointConfig
+from opt_train.trainer import Trainer
+from tests.opt_train.conftest import small_job
+
+
+def test_checkpoint_lists_every_file_with_size_and_sha256_and_stores_only_tensors_in_dcp(
+    tmp_path, small_shards
+):
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=2", "checkpoint.interval=2")).fit()
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    meta = json.loads((ckpt / "meta.json").read_text())
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"meta.json"}
+    assert set(meta["files"]) == on_disk
+    assert {".metadata", "state.json", "config.yaml", "rng/rank_00000.json"} <= on_disk
+    assert meta["step"] == 2 and meta["world"] == 1
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2 and state["tokens"] == 2 * 256
+    assert state["data"]["samples_seen"] == 2 * 8
+    # Every DCP entry is a tensor (no pickled Python objects besides DCP's own index), and
+    # the optimizer moments are there, not just the weights.
+    entries = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert all(isinstance(m, TensorStorageMetadata) for m in entries.values())
+    assert any(k.endswith("exp_avg_sq") for k in entries)
+    assert "model.embed_tokens.weight" in entries
+
+
+def test_truncated_flipped_or_unfinished_checkpoints_are_reported_and_skipped(
+    tmp_path, small_shards, caplog
+):
+    run = tmp_path / "run"
+    job = ["train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep=3"]
+    Trainer(small_job(run, small_shards, *job)).fit()
+    ckpts = run / "checkpoints"
+    with open(ckpts / "step_00000006" / "__0_0.distcp", "r+b") as f:
+        f.truncate(1000)  # a copy that stopped half way
+    with open(ckpts / "step_00000004" / "state.json", "r+b") as f:
+        f.seek(2)
+        f.write(b"9")  # same size, other bytes
+    manager = CheckpointManager(ckpts, CheckpointConfig(), None)
+    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint"):
+        assert manager.latest() == ckpts / "step_00000002"
+    log = caplog.text
+    assert "step_00000006/__0_0.distcp" in log and "truncated" in log
+    assert "step_00000004/state.json" in log and "sha256 mismatch" in log
+    (ckpts / "step_00000002" / "meta.json").unlink()
+    assert manager.latest() is None
+    # The trainer starts over rather than loading damaged state.
+    assert Trainer(small_job(run, small_shards, *job)).step == 0
+
+
+def test_keep_the_last_k_plus_every_nth_for_good(tmp_path, small_shards):
+    run = tmp_path / "run"
+    cfg = ["train.max_steps=7", "checkpoint.interval=1", "checkpoint.keep=2"]
+    Trainer(small_job(run, small_shards, *cfg, "checkpoint.keep_every=3")).fit()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000003", "step_00000006", "step_00000007"]
+    for name in kept:
+        verify(run / "checkpoints" / name)
+
+
+def test_sync_and_async_saves_write_identical_bytes(tmp_path, small_shards):
+    for mode in ("true", "false"):
+        Trainer(
+            small_job(
+                tmp_path / mode, small_shards, "train.max_steps=2", f"checkpoint.async_save={mode}"
+            )
+        ).fit()
+    a, b = (
+        json.loads((tmp_path / m / "checkpoints/step_00000002/meta.json").read_text())["files"]
+        for m in ("true", "false")
+    )
+    # config.yaml differs (it names the mode); weights, optimizer, state and RNG must not.
+    del a["config.yaml"], b["config.yaml"]
+    assert {k: v["sha256"] for k, v in a.items() if k != ".metadata"} == {
+        k: v["sha256"] for k, v in b.items() if k != ".metadata"
+    }
