@@ -20,7 +20,7 @@ fi
 [ -n "$nproc" ] && [ "$nproc" -gt 0 ] 2>/dev/null || nproc=1
 
 echo "[torchrun-node] $(date -u +%FT%TZ) node=${SLURMD_NODENAME:-?} node_id=$SLURM_NODEID" \
-     "nproc_per_node=$nproc rendezvous=$RDZV_HOST:$RDZV_PORT id=$RDZV_ID"
+     "cpus_per_task=${SLURM_CPUS_PER_TASK:-1} nproc_per_node=$nproc rendezvous=$RDZV_HOST:$RDZV_PORT id=$RDZV_ID"
 
 # --signals-to-handle adds SIGUSR1: Slurm delivers the step's signal to every process of the
 # step, torchrun included, and an unhandled SIGUSR1 would kill torchrun while its workers are

@@ -46,13 +46,14 @@ def shards(tmp_path_factory) -> Path:
     return write_patterned_shards(tmp_path_factory.mktemp("slurm-data") / "shards")
 
 
-def submit(slurm, run_dir: Path, shards: Path, *overrides: str) -> str:
+def submit(slurm, run_dir: Path, shards: Path, *overrides: str, sbatch_args=()) -> str:
     """`sbatch --nodes=2 launch/slurm/train.sbatch <overrides>` from the repository root, as a
     user would, with this test's Python as the submitting environment's."""
     env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     return slurm.sbatch(
         [
             "--nodes=2",
+            *sbatch_args,
             f"--output={run_dir.parent}/{run_dir.name}-%j.out",
             str(SBATCH),
             f"run_dir={run_dir}",
@@ -124,7 +125,8 @@ def whole_run(slurm, shards, tmp_path_factory):
     """The uninterrupted 2-node run the interrupted ones are compared with."""
     run_dir = tmp_path_factory.mktemp("slurm-whole") / "run"
     t0 = time.time()
-    job = submit(slurm, run_dir, shards, "checkpoint.interval=0")
+    # All of each node's CPUs for its one task (passed on to the step by the script).
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=0", sbatch_args=["--cpus-per-task=2"])
     info = finish(slurm, run_dir, job)
     print(f"2-node run of {STEPS} steps: {time.time() - t0:.1f} s")
     return run_dir, job, info
@@ -140,7 +142,7 @@ def test_two_node_job_runs_every_step_on_two_ranks_one_per_node(whole_run):
     logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
     assert sorted(logs) == [f"node-node1-{job}-r0.log", f"node-node2-{job}-r0.log"]
     for text in logs.values():
-        assert "nproc_per_node=1" in text and "rendezvous=node1:" in text
+        assert "cpus_per_task=2 nproc_per_node=1" in text and "rendezvous=node1:" in text
     assert "dp_shard=2" in logs[f"node-node1-{job}-r0.log"] + logs[f"node-node2-{job}-r0.log"]
     assert f"rendezvous=node1:{20000 + int(job) % 10000}" in batch_log(run_dir, job)
 
