@@ -76,7 +76,14 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(root: Path, names: list[str]) -> dict[str, dict]:
-    return {n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)} for n in names}
+    """Size and sha256 of each file, hashed in parallel threads (hashlib releases the GIL), as
+    DCP writes `checkpoint.write_threads` files per rank."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        digests = list(pool.map(lambda n: _sha256(root / n), names))
+    return {
+        n: {"bytes": (root / n).stat().st_size, "sha256": d}
+        for n, d in zip(names, digests, strict=True)
+    }
 
 
 def _fsync(path: Path) -> None:
@@ -123,8 +130,9 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
             raise CorruptCheckpoint(
                 f"{f}: {f.stat().st_size} bytes, meta.json says {files[name]['bytes']} (truncated?)"
             )
-    for name in names[rank::world]:
-        if _sha256(path / name) != files[name]["sha256"]:
+    mine = names[rank::world]
+    for name, got in zip(mine, _describe(path, mine).values(), strict=True):
+        if got["sha256"] != files[name]["sha256"]:
             raise CorruptCheckpoint(f"{path / name}: sha256 mismatch (corrupted)")
     return meta
 
@@ -210,7 +218,6 @@ class CheckpointManager:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-finish")
         self._pending: Future | None = None
-        self._pending_step = -1
         self.last_saved_step = -1
         if self.rank == 0:
             self._remove_leftovers()
@@ -248,17 +255,19 @@ class CheckpointManager:
             "tokens": trainer_state.get("tokens"),
             "mesh": trainer_state.get("mesh"),
         }
+        writer = dcp.FileSystemWriter(tmp, thread_count=self.cfg.write_threads)
         if blocking or not self.cfg.async_save:
-            dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None)
+            dcp.save(
+                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
+            )
             self._finish(None, tmp, final, meta)
         else:
             # Stages (copies) the tensors into CPU memory now, writes in DCP's thread; our
             # thread then hashes and publishes, so the training thread never waits on disk.
             written = dcp.async_save(
-                state, checkpoint_id=tmp, process_group=self.group, no_dist=self.group is None
+                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
             )
             self._pending = self._executor.submit(self._finish, written, tmp, final, meta)
-            self._pending_step = step
         self.last_saved_step = step
         return final
 
@@ -358,9 +367,17 @@ class CheckpointManager:
             return path
         return None
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model and optimizer (resharded to this job's mesh) and, when the mesh is the
-        one that saved, this rank's RNG states; returns the trainer state and the save's meta."""
+    def load(
+        self,
+        path: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        mesh: dict | None = None,
+    ) -> dict:
+        """Restore model and optimizer (resharded to this job's mesh) and, when this job has
+        the world size and `mesh` that saved, this rank's RNG states; returns the trainer
+        state. On another layout rank r is not the same shard of the work, so its saved RNG
+        stream would not continue anything: the freshly seeded streams are kept."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         meta = json.loads((path / "meta.json").read_text())
@@ -374,16 +391,17 @@ class CheckpointManager:
         )
         trainer_state = json.loads((path / "state.json").read_text())
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
-        if meta["world"] == self.world and meta.get("mesh") == trainer_state.get("mesh"):
+        if meta["world"] == self.world and meta.get("mesh") == mesh:
             restore_rng(json.loads(rng_file.read_text()))
         else:
             log.warning(
-                "%s was saved by %d ranks with mesh %s; this run has %d ranks: weights, "
-                "optimizer and data position are resharded, RNG streams start fresh",
+                "%s was saved by %d ranks with mesh %s; this run has %d ranks with mesh %s: "
+                "weights, optimizer and data position are resharded, RNG streams start fresh",
                 path,
                 meta["world"],
                 meta.get("mesh"),
                 self.world,
+                mesh,
             )
         return trainer_state
 

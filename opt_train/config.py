@@ -162,11 +162,15 @@ class CheckpointConfig:
     # memory); the next save and the end of the run wait for it. Saves on a preemption signal
     # are always synchronous.
     async_save: bool = True
+    # Files (and writer threads) per rank: one thread wrote at ~1 GB/s here, two at ~2 GB/s.
+    write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
 
     def __post_init__(self) -> None:
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.write_threads < 1:
+            raise ValueError(f"checkpoint.write_threads must be >= 1, got {self.write_threads}")
         if self.interval < 0 or self.keep_every < 0:
             raise ValueError("checkpoint.interval and checkpoint.keep_every must be >= 0")
 

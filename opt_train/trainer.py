@@ -348,11 +348,14 @@ class Trainer:
             "nonfinite_skips": self.nonfinite_skips,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world": self.dist.world,
-            "mesh": {
-                "dp_replicate": self.dims.dp_replicate,
-                "dp_shard": self.dims.dp_shard,
-                "tp": self.dims.tp,
-            },
+            "mesh": self._mesh(),
+        }
+
+    def _mesh(self) -> dict:
+        return {
+            "dp_replicate": self.dims.dp_replicate,
+            "dp_shard": self.dims.dp_shard,
+            "tp": self.dims.tp,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -377,7 +380,7 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return None
-        self.load_state_dict(self.ckpt.load(path, self.model, self.optimizer))
+        self.load_state_dict(self.ckpt.load(path, self.model, self.optimizer, self._mesh()))
         return str(path)
 
     def close(self) -> None:
