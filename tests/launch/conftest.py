@@ -1,4 +1,5 @@
-"""A real two-node Slurm for the launch tests, started once per session and stopped by PID.
+"""A real two-node Slurm for the launch tests, started per test module (about 1.3 s) and stopped
+by PID when the module is done, so no daemon outlives the tests that use it.
 
 The tests fail (never skip) when Slurm is not installed: CI installs it with .ci/install-slurm.
 """
@@ -6,6 +7,7 @@ The tests fail (never skip) when Slurm is not installed: CI installs it with .ci
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,10 +22,10 @@ def pytest_configure(config):
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm():
     # Not under pytest's tmp_path: its parents are 0700, and munged needs a world-executable
-    # path to its socket directory. mkdtemp gives a fresh, private name per session.
+    # path to its socket directory. mkdtemp gives a fresh, private name each time.
     root = Path(tempfile.mkdtemp(prefix="opt-slurm-"))
     cluster = SlurmCluster(root)
     try:
@@ -31,7 +33,5 @@ def slurm():
         yield cluster
     finally:
         cluster.stop()
-        if os.environ.get("KEEP_SLURM_DIR") != "1":
-            import shutil
-
+        if os.environ.get("KEEP_SLURM_DIR") != "1":  # keep configs and daemon logs to debug
             shutil.rmtree(root, ignore_errors=True)
