@@ -40,6 +40,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -216,7 +217,6 @@ class CheckpointManager:
         self.group = None
         if self.world > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-finish")
         self._pending: Future | None = None
         self.last_saved_step = -1
         if self.rank == 0:
@@ -267,7 +267,7 @@ class CheckpointManager:
             written = dcp.async_save(
                 state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
             )
-            self._pending = self._executor.submit(self._finish, written, tmp, final, meta)
+            self._pending = self._in_background(self._finish, written, tmp, final, meta)
         self.last_saved_step = step
         return final
 
@@ -278,11 +278,24 @@ class CheckpointManager:
             pending.result()
 
     def close(self) -> None:
-        """Wait for the save in flight and stop the finishing thread (end of the run)."""
-        try:
-            self.wait()
-        finally:
-            self._executor.shutdown(wait=True)
+        """Wait for the save in flight (end of the run)."""
+        self.wait()
+
+    @staticmethod
+    def _in_background(fn, *args) -> Future:
+        """Run `fn` in a daemon thread. Daemon, so that a rank failing for another reason
+        exits at once instead of waiting out a save whose peers are gone (that save stays
+        invisible; the previous checkpoint is the one to resume from)."""
+        done: Future = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on the save
+                done.set_exception(e)
+
+        threading.Thread(target=run, name="ckpt-finish", daemon=True).start()
+        return done
 
     def _finish(self, written: Future | None, tmp: Path, final: Path, meta: dict) -> Path:
         if written is not None:

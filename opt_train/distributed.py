@@ -68,6 +68,8 @@ def _is_timeout(e: BaseException) -> bool:
     # gloo: "Timed out waiting 3000ms for recv operation to complete"; NCCL's watchdog and the
     # c10d store say "timed out" / "Timeout" too, as RuntimeError or DistError subclasses.
     msg = str(e).lower()
+    if "connect" in msg:  # failing to reach a peer at start-up: the backend's words suffice
+        return False
     return isinstance(e, RuntimeError) and ("timed out" in msg or "timeout" in msg)
 
 

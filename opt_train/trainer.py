@@ -418,6 +418,10 @@ def train(cfg: JobConfig) -> dict:
             trainer.close()
         clean = True
     finally:
+        if trainer is not None and not clean:
+            # Failing: let SIGTERM (torchrun stopping the group to restart it) end this
+            # process now instead of waiting for a step that will not come.
+            trainer.preemption.uninstall()
         shutdown(clean)
     if trainer.preempted:
         log.warning(
