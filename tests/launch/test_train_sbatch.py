@@ -1,0 +1,228 @@
+"""launch/slurm/train.sbatch on a real two-node Slurm: a whole run, preemption with requeue,
+and node failure with requeue; the resumed runs' losses equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.opt_train.conftest import write_patterned_shards
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+STEPS = 40
+# A 2-layer, 32-wide OPT in fp32 without dropout: a step takes ~0.1 s on two CPU ranks, and
+# fp32 with a fixed world size makes continued losses bit-identical after a resume.
+TINY = [
+    "model.vocab_size=512",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.dropout=0.0",
+    "model.attention_dropout=0.0",
+    "data.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.batch_tokens=256",
+    "train.eval_interval=0",
+    f"train.max_steps={STEPS}",
+    "precision=fp32",
+    "logging.wandb=disabled",
+    "logging.progress=false",
+    "logging.peak_tflops=1.0",
+    "optim.lr=0.01",
+    "optim.warmup_tokens=512",
+    "optim.decay_tokens=8192",
+]
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_patterned_shards(tmp_path_factory.mktemp("slurm-data") / "shards")
+
+
+def submit(slurm, run_dir: Path, shards: Path, *overrides: str, sbatch_args=()) -> str:
+    """`sbatch --nodes=2 launch/slurm/train.sbatch <overrides>` from the repository root, as a
+    user would, with this test's Python as the submitting environment's."""
+    env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    return slurm.sbatch(
+        [
+            "--nodes=2",
+            *sbatch_args,
+            f"--output={run_dir.parent}/{run_dir.name}-%j.out",
+            str(SBATCH),
+            f"run_dir={run_dir}",
+            f"data.path={shards}",
+            *TINY,
+            *overrides,
+        ],
+        env=env,
+        cwd=REPO,
+    )
+
+
+def batch_log(run_dir: Path, job: str) -> str:
+    p = run_dir.parent / f"{run_dir.name}-{job}.out"
+    return p.read_text() if p.exists() else ""
+
+
+def node_logs(run_dir: Path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text()}" for p in sorted((run_dir / "logs").glob("*.log"))
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; a step logged again after a resume keeps its newest row."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(x)["step"] for x in p.read_text().splitlines() if x.strip()]
+
+
+def wait_for_step(run_dir: Path, step: int, slurm, job: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = logged_steps(run_dir)
+        if steps and steps[-1] >= step:
+            return
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, batch_log(run_dir, job))
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached:\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}")
+
+
+def finish(slurm, run_dir: Path, job: str, timeout: float = 150) -> dict[str, str]:
+    try:
+        return slurm.wait_job(job, timeout=timeout)
+    except (AssertionError, TimeoutError) as e:
+        raise AssertionError(f"{e}\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}") from None
+
+
+def resumed_from(run_dir: Path, job: str, restart: int) -> str | None:
+    """What rank 0 of attempt `restart` said it resumed from."""
+    text = "".join(p.read_text() for p in (run_dir / "logs").glob(f"node-*-{job}-r{restart}.log"))
+    m = re.search(r"resumed from (\S+)", text)
+    return m.group(1) if m else None
+
+
+@pytest.fixture(scope="module")
+def whole_run(slurm, shards, tmp_path_factory):
+    """The uninterrupted 2-node run the interrupted ones are compared with."""
+    run_dir = tmp_path_factory.mktemp("slurm-whole") / "run"
+    t0 = time.time()
+    # All of each node's CPUs for its one task (passed on to the step by the script).
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=0", sbatch_args=["--cpus-per-task=2"])
+    info = finish(slurm, run_dir, job)
+    print(f"2-node run of {STEPS} steps: {time.time() - t0:.1f} s")
+    return run_dir, job, info
+
+
+def test_two_node_job_runs_every_step_on_two_ranks_one_per_node(whole_run):
+    run_dir, job, info = whole_run
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    loss = losses(run_dir)
+    assert loss[STEPS] < loss[1]
+    # One torchrun per node, each with one process (a CPU node), in one world of two ranks.
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
+    assert sorted(logs) == [f"node-node1-{job}-r0.log", f"node-node2-{job}-r0.log"]
+    for text in logs.values():
+        assert "cpus_per_task=2 nproc_per_node=1" in text and "rendezvous=node1:" in text
+    assert "dp_shard=2" in logs[f"node-node1-{job}-r0.log"] + logs[f"node-node2-{job}-r0.log"]
+    assert f"rendezvous=node1:{20000 + int(job) % 10000}" in batch_log(run_dir, job)
+
+
+def test_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(
+    slurm, shards, whole_run, tmp_path
+):
+    """scancel --signal=USR1 --batch (what --signal=B:USR1@120 sends before the time limit):
+    the trainer saves at the end of its step and exits 85, the script requeues the job, and
+    the requeued job continues from that checkpoint to the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    # No periodic checkpoints: the only checkpoint before the end is the preemption's.
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=0")
+    wait_for_step(run_dir, 3, slurm, job)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    info = finish(slurm, run_dir, job)
+    print(f"preempted 2-node run: {time.time() - t0:.1f} s")
+
+    log = batch_log(run_dir, job)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", log
+    assert "got SIGUSR1" in log and "requeueing job" in log, log
+    resumed = resumed_from(run_dir, job, 1)
+    assert resumed is not None, node_logs(run_dir)
+    stop = int(re.search(r"step_(\d+)", resumed).group(1))
+    assert 3 <= stop < STEPS
+    # Every step logged exactly once: the signal checkpoint is the last step the first attempt
+    # finished, and the requeued attempt starts right after it.
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
+    assert losses(run_dir) == losses(whole_run[0])
+
+
+def test_node_failure_requeues_and_the_job_resumes_to_the_same_losses(
+    slurm, shards, whole_run, tmp_path
+):
+    """One emulated node crashes (its slurmd, step daemon and ranks SIGKILLed). Slurm ends the
+    job NODE_FAIL and requeues it (--requeue); once the node is back the job resumes from the
+    newest periodic checkpoint and finishes with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=5")
+    wait_for_step(run_dir, 12, slurm, job)
+    killed = slurm.kill_node("node2")
+    assert len(killed) >= 3  # slurmd, slurmstepd, torchrun (+ its worker)
+    # The controller notices a silent node after SlurmdTimeout (30 s by default); marking it
+    # DOWN now is the same verdict without the wait.
+    slurm.run(["scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=crashed"])
+    deadline = time.time() + 60
+    while time.time() < deadline and slurm.job(job).get("Restarts") != "1":
+        time.sleep(0.2)
+    info = slurm.job(job)
+    assert info.get("Restarts") == "1", (info, batch_log(run_dir, job))
+    # The machine comes back: slurmd registers and ReturnToService=2 puts it in service.
+    slurm.start_node("node2")
+    info = finish(slurm, run_dir, job)
+    print(f"2-node run with a node failure: {time.time() - t0:.1f} s")
+
+    assert info["ExitCode"] == "0:0", batch_log(run_dir, job)
+    resumed = resumed_from(run_dir, job, 1)
+    assert resumed is not None, node_logs(run_dir)
+    assert int(re.search(r"step_(\d+)", resumed).group(1)) in (5, 10)
+    assert losses(run_dir) == losses(whole_run[0])
+
+
+def test_scancel_checkpoints_and_the_job_ends_cancelled_not_requeued(slurm, shards, tmp_path):
+    """scancel signals the batch script and every step process with SIGTERM: the ranks save
+    within KillWait, and the job ends CANCELLED; resubmitting the same command resumes."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, shards, "checkpoint.interval=0")
+    wait_for_step(run_dir, 3, slurm, job)
+    slurm.run(["scancel", job])
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm.job(job).get("JobState") != "CANCELLED":
+        time.sleep(0.2)
+    info = slurm.job(job)
+    # The job may read CANCELLED while its processes are still saving; wait for them.
+    slurm.wait_steps_gone(job)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, log)
+    assert "got SIGTERM" in log and "requeueing" not in log, log
+    saved = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
+    assert len(saved) == 1, node_logs(run_dir)
+    assert int(saved[0].removeprefix("step_")) == logged_steps(run_dir)[-1] >= 3
