@@ -72,6 +72,7 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
+        _drop_rows_after(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if cfg.logging.progress:
             from tqdm import tqdm
@@ -103,6 +104,28 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A run killed after its last checkpoint logged steps that the resumed run repeats; keep
+    one row per step by dropping those (and a torn last line) before appending."""
+    if not path.exists():
+        return
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped = True
+            continue
+        if row.get("step", 0) > step:
+            dropped = True
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _init_wandb(run_dir: Path, cfg):
