@@ -81,6 +81,16 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, small_shards
     assert t.step == 2
 
 
+def test_steps_logged_after_the_last_checkpoint_appear_once_after_resume(tmp_path, small_shards):
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2")).fit()
+    # As if the run died after logging steps 3-4 but before step 4's checkpoint existed.
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    Trainer(small_job(run, small_shards, "train.max_steps=4", "checkpoint.interval=2")).fit()
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_half_written_checkpoint_is_invisible(tmp_path, small_shards):
     run = tmp_path / "run"
     Trainer(small_job(run, small_shards, "train.max_steps=2", "checkpoint.interval=2")).fit()
