@@ -14,14 +14,16 @@ shingle sets before it may join a cluster. See docs/data-dedup.md for the arithm
 Stages, each restartable from files in a work directory beside the output
 (`<output>.dedup-work/`, removed after success unless `keep_work=true`):
 
-1. signatures: stream the documents (read_documents), compute MinHash signatures in worker
-   processes (data_pipeline.minhash, bit-identical to datasketch), append them and every
-   document's shingle hashes to flat files.
+1. signatures: stream the input lines to worker processes, which parse them as
+   io.read_documents does and compute MinHash signatures (data_pipeline.minhash,
+   bit-identical to datasketch); append the signatures and every document's shingle hashes
+   to flat files, and the documents in output form to a zstd spool.
 2. buckets: for each band, a 64-bit key per document, written per band to disk; each band's
    keys are sorted on their own, and documents with equal keys become candidate pairs.
 3. clusters: verify each candidate pair, union-find over verified pairs, keep the first
    document of each cluster in input order.
-4. write: a second streaming pass writes the kept documents atomically (AtomicWriter).
+4. write: copy the kept documents' lines from the spool to the output atomically
+   (AtomicWriter); the input is read and parsed once.
 
 Memory follows the number of documents (a few tens of bytes each while sorting one band) and
 the batch size, never the corpus text.
@@ -40,10 +42,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zstandard
 from omegaconf import MISSING
 
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
-from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
+from data_pipeline.io import (
+    TRUNCATED_ERRORS,
+    AtomicWriter,
+    LineRejected,
+    Rejects,
+    document,
+    dumps_doc,
+    expand_inputs,
+    iter_lines,
+    json_object,
+    loads_line,
+    truncated_reason,
+)
 from data_pipeline.minhash import MinHasher
 
 
@@ -139,22 +154,24 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _documents(
-    files: list[Path], rejects: Rejects, encode: bool = True
-) -> Iterator[tuple[dict, bytes | None]]:
-    """(document, its UTF-8 text) for every accepted document, in input order. JSON allows
-    lone surrogates, which UTF-8 cannot encode: such a text is a reject here (it could not be
-    written out either). Both passes go through this one function, so document k of the
-    second pass is document k of the first; the second only checks (`encode=False`)."""
+def _line_tasks(files: list[Path], size: int) -> Iterator[tuple]:
+    """Signature tasks: (file, first line number, raw lines, reject) with up to `size` lines
+    of one file. Workers parse the lines, so the JSON work is spread over them. A truncated
+    compressed file ends with a task carrying its reject, so that rejects reach the rejects
+    file in input order (this generator runs in the pool's feeder thread)."""
     for path in files:
-        for doc in read_documents(path, rejects):
-            text = doc["text"]
-            try:
-                raw = text.encode("utf-8") if encode or not text.isascii() else None
-            except UnicodeEncodeError as e:
-                rejects.add(path, 0, f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}")
-                continue
-            yield doc, raw
+        lines, first, lineno = [], 1, 0
+        try:
+            for lineno, raw in enumerate(iter_lines(path), start=1):
+                lines.append(raw)
+                if len(lines) == size:
+                    yield str(path), first, lines, None
+                    lines, first = [], lineno + 1
+        except TRUNCATED_ERRORS as e:
+            yield str(path), first, lines, (lineno + 1, truncated_reason(e))
+            continue
+        if lines:
+            yield str(path), first, lines, None
 
 
 _HASHER: MinHasher | None = None
@@ -165,20 +182,40 @@ def _init_worker(params: dict) -> None:
     _HASHER = MinHasher(**params)
 
 
-def _signature_task(texts: list[bytes]):
+def _signature_task(task: tuple):
+    """Parse a task's lines exactly as io.read_documents does, and return the signatures and
+    shingle hashes of its documents, the documents as output lines (one zstd frame: the
+    spool the write stage copies kept documents from, so the input is parsed only once), and
+    its rejects as (line, reason, raw) in line order. JSON allows lone surrogates, which UTF-8
+    cannot encode: such a text is a reject (it could be neither hashed nor written)."""
+    path, first, lines, truncated = task
+    name = Path(path).name
+    texts, out, rejects = [], [], []
+    for lineno, raw in enumerate(lines, start=first):
+        try:
+            obj = json_object(raw, ("text",))
+            if obj is None:
+                continue
+            doc = document(obj, f"{name}:{lineno}")
+        except LineRejected as e:
+            rejects.append((lineno, e.reason, e.raw))
+            continue
+        try:
+            texts.append(doc["text"].encode("utf-8"))
+        except UnicodeEncodeError as e:
+            reason = f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}"
+            rejects.append((lineno, reason, b""))
+            continue
+        out.append(dumps_doc(doc))
+    if truncated:
+        rejects.append((*truncated, b""))
     b = _HASHER.batch(texts)
-    return b.signatures, b.hashes, np.diff(b.offsets)
+    spool = _SPOOL_CCTX.compress(b"".join(out)) if out else b""
+    return path, b.signatures, b.hashes, np.diff(b.offsets), spool, rejects
 
 
-def _batches(docs: Iterator[tuple[dict, bytes]], size: int) -> Iterator[list[bytes]]:
-    batch = []
-    for _, raw in docs:
-        batch.append(raw)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+# Level 1: the spool is written once and read once; a few percent of the stage's time.
+_SPOOL_CCTX = zstandard.ZstdCompressor(level=1)
 
 
 def _progress(cfg: DedupConfig, **kw):
@@ -234,27 +271,30 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     rejects_path(cfg.output).unlink(missing_ok=True)  # a stale one would describe other input
     rejects = Rejects(rejects_path(cfg.output))
     sig_tmp, hash_tmp = work.file("signatures.u32.tmp"), work.file("hashes.u32.tmp")
+    spool_tmp = work.file("docs.jsonl.zst.tmp")
     counts = []
     n_docs = 0
     workers = _workers(cfg)
-    docs = _documents(files, rejects)
-    with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh:
+    tasks = _line_tasks(files, cfg.batch_docs)
+    with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh, open(spool_tmp, "wb") as fd:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
+            # Load (or, on a new machine, compile) the numba kernels once here; forked
+            # workers inherit them.
+            _init_worker(hasher_params)
+            _HASHER.batch([b"warm up the compiled kernels"])
             if workers > 1:
-                # Load (or, on a new machine, compile) the numba kernels once here; forked
-                # workers inherit them.
-                _init_worker(hasher_params)
-                _signature_task([b"warm up the compiled kernels"])
-                pool = _fork_pool(workers, _init_worker, (hasher_params,))
-                results = pool.imap(_signature_task, _batches(docs, cfg.batch_docs))
+                pool = _fork_pool(workers, hasher_params)
+                results = pool.imap(_signature_task, tasks)
             else:
-                _init_worker(hasher_params)
                 pool = None
-                results = map(_signature_task, _batches(docs, cfg.batch_docs))
+                results = map(_signature_task, tasks)
             try:
-                for sigs, hashes, cnt in results:
+                for path, sigs, hashes, cnt, spool, bad in results:
+                    for line, reason, raw in bad:
+                        rejects.add(path, line, reason, raw)
                     fs.write(sigs.tobytes())
                     fh.write(hashes.tobytes())
+                    fd.write(spool)
                     counts.append(cnt)
                     n_docs += len(sigs)
                     bar.update(len(sigs))
@@ -269,6 +309,7 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     np.save(work.file("shingle_offsets.npy"), offsets)
     sig_tmp.replace(work.file("signatures.u32"))
     hash_tmp.replace(work.file("hashes.u32"))
+    spool_tmp.replace(work.file("docs.jsonl.zst"))
     return work.finish(
         "signatures",
         {"docs": n_docs, "shingles": int(offsets[-1]), "rejects": rejects.report()},
@@ -444,28 +485,29 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
     )
 
 
-def _stage_write(cfg: DedupConfig, files: list[Path], work: _Work, n_docs: int, want: set):
-    """Second streaming pass: write the kept documents (one process: handing 3 KB documents
-    to workers for json.dumps cost more in pickling than it saved, measured)."""
+def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, want: set):
+    """Copy the kept documents from the spool (document k is its line k, already in output
+    form) to the output, atomically. No JSON is parsed here, except for the few documents
+    whose ids the report names."""
     keep = np.load(work.file("keep.npy"))
     ids: dict[int, str] = {}
     kept = 0
     k = -1
     with AtomicWriter(cfg.output) as out:
         with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-            for k, (doc, _) in enumerate(_documents(files, Rejects(None), encode=False)):
+            for k, line in enumerate(iter_lines(work.file("docs.jsonl.zst"))):
                 if k >= n_docs:
-                    raise RuntimeError("the input has more documents than when it was hashed")
+                    raise RuntimeError("the spool has more documents than were hashed")
                 if k in want:
-                    ids[k] = doc["id"]
+                    ids[k] = loads_line(line)["id"]
                 if keep[k]:
-                    out.write_doc(doc)
+                    out.write_bytes(line)
                     kept += 1
                 if k % 4096 == 4095:
                     bar.update(4096)
             bar.update((k + 1) % 4096)
         if k + 1 != n_docs:
-            raise RuntimeError(f"the input has {k + 1} documents, {n_docs} when it was hashed")
+            raise RuntimeError(f"the spool has {k + 1} documents, {n_docs} were hashed")
     return kept, ids
 
 
@@ -473,10 +515,12 @@ def _workers(cfg: DedupConfig) -> int:
     return cfg.workers or min(2, os.cpu_count() or 1)
 
 
-def _fork_pool(workers: int, initializer=None, initargs=()):
-    # fork: workers inherit the loaded numba kernels instead of loading them again.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    return ctx.Pool(workers, initializer, initargs)
+def _fork_pool(workers: int, hasher_params: dict):
+    # fork: workers inherit the loaded numba kernels (and _HASHER) instead of loading them
+    # again. Without fork, each worker builds its MinHasher and loads the kernels itself.
+    if "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork").Pool(workers)
+    return mp.Pool(workers, _init_worker, (hasher_params,))
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -546,7 +590,7 @@ def run(cfg: DedupConfig) -> dict:
 
     t = time.perf_counter()
     want = {d for e in cl["examples"] + cl["closest_rejected"] for d in e["docs"]}
-    kept, ids = _stage_write(cfg, files, work, n_docs, want)
+    kept, ids = _stage_write(cfg, work, n_docs, want)
     timings["write"] = time.perf_counter() - t
     for e in cl["examples"] + cl["closest_rejected"]:
         e["ids"] = [ids.get(d) for d in e["docs"]]

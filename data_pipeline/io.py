@@ -164,6 +164,45 @@ class Rejects:
             self._f = None
 
 
+class LineRejected(Exception):
+    """A bad input line: `reason` and `raw` as they go to Rejects.add."""
+
+    def __init__(self, reason: str, raw: bytes | str):
+        super().__init__(reason)
+        self.reason, self.raw = reason, raw
+
+
+def json_object(raw: bytes, required: tuple[str, ...] = ()) -> dict | None:
+    """The object on one input line; None for a blank line; LineRejected for invalid UTF-8
+    or JSON, a value that is not an object, or a missing required field."""
+    if not raw or raw.isspace():  # = not raw.strip(), without copying the line
+        return None
+    try:
+        obj = loads_line(raw)
+    except UnicodeDecodeError as e:
+        raise LineRejected(f"invalid utf-8 ({e.reason} at byte {e.start})", raw) from None
+    except json.JSONDecodeError as e:
+        raise LineRejected(f"invalid json ({e.msg})", raw) from None
+    if not isinstance(obj, dict):
+        raise LineRejected("not a json object", raw)
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise LineRejected(f"missing field {missing[0]!r}", raw)
+    return obj
+
+
+def document(obj: dict, default_id: str) -> dict:
+    """The document `{"text", "id", "meta"}` of an input object that has a `text`; a missing
+    `id` becomes `default_id` (`file:line`); LineRejected for an empty or non-string text."""
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise LineRejected("text is not a string", json.dumps(obj)[:10000])
+    if not text.strip():
+        raise LineRejected("empty text", json.dumps(obj)[:10000])
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    return {"text": text, "id": str(obj.get("id", default_id)), "meta": meta}
+
+
 def iter_json_lines(
     path: str | Path, rejects: Rejects, required: tuple[str, ...] = ()
 ) -> Iterator[tuple[int, dict]]:
@@ -172,26 +211,22 @@ def iter_json_lines(
     lineno = 0
     try:
         for lineno, raw in enumerate(iter_lines(path), start=1):
-            if raw.isspace() or not raw:  # = not raw.strip(), without copying the line
-                continue
             try:
-                obj = loads_line(raw)
-            except UnicodeDecodeError as e:
-                rejects.add(path, lineno, f"invalid utf-8 ({e.reason} at byte {e.start})", raw)
+                obj = json_object(raw, required)
+            except LineRejected as e:
+                rejects.add(path, lineno, e.reason, e.raw)
                 continue
-            except json.JSONDecodeError as e:
-                rejects.add(path, lineno, f"invalid json ({e.msg})", raw)
-                continue
-            if not isinstance(obj, dict):
-                rejects.add(path, lineno, "not a json object", raw)
-                continue
-            missing = [k for k in required if k not in obj]
-            if missing:
-                rejects.add(path, lineno, f"missing field {missing[0]!r}", raw)
-                continue
-            yield lineno, obj
-    except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError) as e:
-        rejects.add(path, lineno + 1, f"truncated or corrupt compressed data ({e})")
+            if obj is not None:
+                yield lineno, obj
+    except TRUNCATED_ERRORS as e:
+        rejects.add(path, lineno + 1, truncated_reason(e))
+
+
+TRUNCATED_ERRORS = (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError)
+
+
+def truncated_reason(e: Exception) -> str:
+    return f"truncated or corrupt compressed data ({e})"
 
 
 def read_documents(inputs, rejects: Rejects) -> Iterator[dict]:
@@ -199,15 +234,10 @@ def read_documents(inputs, rejects: Rejects) -> Iterator[dict]:
     `file:line`; an empty or non-string `text` is a reject."""
     for path in expand_inputs(inputs):
         for lineno, obj in iter_json_lines(path, rejects, required=("text",)):
-            text = obj["text"]
-            if not isinstance(text, str):
-                rejects.add(path, lineno, "text is not a string", json.dumps(obj)[:10000])
-                continue
-            if not text.strip():
-                rejects.add(path, lineno, "empty text", json.dumps(obj)[:10000])
-                continue
-            meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-            yield {"text": text, "id": str(obj.get("id", f"{path.name}:{lineno}")), "meta": meta}
+            try:
+                yield document(obj, f"{path.name}:{lineno}")
+            except LineRejected as e:
+                rejects.add(path, lineno, e.reason, e.raw)
 
 
 class AtomicWriter:
