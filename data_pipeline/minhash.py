@@ -228,11 +228,27 @@ _WS_TABLE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = 1
 _WS_TABLE[[0xC2, 0xE1, 0xE2, 0xE3]] = 2
 
 
+# Scratch arrays of _spans, kept between batches: fresh ones cost a page fault per 4 KiB
+# touched, which measured ~4 us per 3 KB document, as much as copying the text.
+_SCRATCH: dict[str, np.ndarray] = {}
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    arr = _SCRATCH.get(name)
+    if arr is None or len(arr) < size:
+        arr = _SCRATCH[name] = np.empty(max(size, 1 << 16), dtype=dtype)
+    return arr
+
+
 def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, portable: bool) -> Batch:
     buf = np.frombuffer(b"".join(raw), dtype=np.uint8)
     raw_off = np.zeros(len(raw) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in raw], out=raw_off[1:])
-    norm, starts, lens, sh_off = _spans(buf, raw_off, n, _WS_TABLE)
+    cap = len(buf) // 2 + len(raw) + 1  # a word is >= 1 byte plus a separator
+    norm = _scratch("norm", len(buf) + 1, np.uint8)
+    starts, lens = _scratch("starts", cap, np.int64), _scratch("lens", cap, np.int64)
+    sh_off = _spans(buf, raw_off, n, _WS_TABLE, norm, starts, lens)
+    starts, lens = starts[: sh_off[-1]], lens[: sh_off[-1]]
     hashes = np.empty(len(starts), dtype=np.uint32)
     if not portable:
         _sha1_spans_openssl(*_LIBCRYPTO, norm, starts, lens, hashes)
@@ -276,18 +292,14 @@ if HAVE_NUMBA:
             return 3 if (buf[q + 1] == 0x80 and buf[q + 2] == 0x80) else 0
         return 0
 
-    @numba.njit(cache=True)
-    def _spans(buf, raw_off, n, table):
+    @numba.njit(cache=True, boundscheck=False)
+    def _spans(buf, raw_off, n, table, norm, starts, lens):
         """One pass per document: copy its words joined by single spaces (as
         `" ".join(text.split())` would) into `norm` and list every shingle as (start, length)
         in `norm`; document d owns shingles sh_off[d]..sh_off[d+1]. `table` marks bytes that
-        are ASCII whitespace (1) or may start a multi-byte whitespace character (2)."""
+        are ASCII whitespace (1) or may start a multi-byte whitespace character (2). `norm`
+        holds >= len(buf) + 1 bytes, `starts` and `lens` >= _span_capacity(...) entries."""
         ndocs = len(raw_off) - 1
-        total = raw_off[-1]
-        norm = np.empty(total + 1, dtype=np.uint8)
-        cap = total // 2 + ndocs + 1  # a word is >= 1 byte plus a separator
-        starts = np.empty(cap, dtype=np.int64)
-        lens = np.empty(cap, dtype=np.int64)
         sh_off = np.zeros(ndocs + 1, dtype=np.int64)
         ring = np.empty(n, dtype=np.int64)  # where the last n words start in norm
         o = 0
@@ -297,40 +309,46 @@ if HAVE_NUMBA:
             doc_start = o
             words = 0
             r = 0  # ring slot of the current word
-            in_word = False
-            while q <= hi:
-                k = 1  # the end of the document ends the last word, like whitespace
-                if q < hi:
+            while q < hi:
+                c = buf[q]
+                t = table[c]
+                if t == 1:
+                    q += 1
+                    continue
+                if t == 2:
+                    k = _ws_len(buf, q, hi)
+                    if k:
+                        q += k
+                        continue
+                # a word starts at q: copy it whole (the inner loop most bytes go through)
+                if words:
+                    norm[o] = 32
+                    o += 1
+                ring[r] = o
+                norm[o] = c
+                o += 1
+                q += 1
+                while q < hi:
                     c = buf[q]
                     t = table[c]
-                    k = 1 if t == 1 else (_ws_len(buf, q, hi) if t == 2 else 0)
-                if k == 0:
-                    if not in_word:
-                        if words:
-                            norm[o] = 32
-                            o += 1
-                        ring[r] = o
-                        in_word = True
+                    if t == 1 or (t == 2 and _ws_len(buf, q, hi)):
+                        break
                     norm[o] = c
                     o += 1
                     q += 1
-                else:
-                    if in_word:
-                        words += 1
-                        if words >= n:  # the n-gram ending with this word is complete
-                            s = ring[r + 1 if r + 1 < n else 0]
-                            starts[j] = s
-                            lens[j] = o - s
-                            j += 1
-                        r = r + 1 if r + 1 < n else 0
-                        in_word = False
-                    q += k
+                words += 1
+                if words >= n:  # the n-gram ending with this word is complete
+                    s = ring[r + 1 if r + 1 < n else 0]
+                    starts[j] = s
+                    lens[j] = o - s
+                    j += 1
+                r = r + 1 if r + 1 < n else 0
             if 0 < words < n:  # fewer words than n: the whole document is one shingle
                 starts[j] = doc_start
                 lens[j] = o - doc_start
                 j += 1
             sh_off[d + 1] = j
-        return norm, starts[:j], lens[:j], sh_off
+        return sh_off
 
     # Intrinsics calling a C function given by its address (an integer argument rather than
     # a ctypes global, so the kernels that use them can be cached on disk; the address is
