@@ -51,6 +51,7 @@ from data_pipeline.io import (
     AtomicWriter,
     LineRejected,
     Rejects,
+    _zstd_chunks,
     document,
     dumps_doc,
     expand_inputs,
@@ -81,7 +82,7 @@ class DedupConfig:
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
     workers: int = 0  # signature processes; 0: min(2, cpus)
-    batch_docs: int = 512
+    batch_bytes: int = 1 << 20  # input bytes per signature task
     backend: str = "auto"  # signature backend: auto | openssl | numba | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
@@ -155,24 +156,56 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
+def _chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The decompressed bytes of an input file in pieces of about `size`, with the data that
+    io.iter_lines would have delivered before a truncation error, then that error."""
+    with open(path, "rb") as raw:
+        if path.suffix == ".zst":
+            yield from _zstd_chunks(raw)
+        elif path.suffix != ".gz":
+            while chunk := raw.read(size):
+                yield chunk
+        else:  # gzip: line by line, as iter_lines, so a truncated file loses the same lines
+            acc, n = [], 0
+            try:
+                for line in iter_lines(path):
+                    acc.append(line)
+                    n += len(line)
+                    if n >= size:
+                        yield b"".join(acc)
+                        acc, n = [], 0
+            except TRUNCATED_ERRORS:
+                if acc:
+                    yield b"".join(acc)
+                raise
+            if acc:
+                yield b"".join(acc)
+
+
 def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
-    """Signature tasks: (file, first line number, raw lines, reject) with up to `size` lines
-    of one file. Workers parse the lines, so the JSON work is spread over them. A truncated
-    compressed file ends with a task carrying its reject, so that rejects reach the rejects
-    file in input order (this generator runs in the pool's feeder thread)."""
+    """Signature tasks: (file, number of its first line, a block of whole lines, reject,
+    zstd) with about `size` bytes of one file. Workers split and parse the lines, so neither
+    the JSON work nor a Python step per line stays in this process. A truncated compressed
+    file ends with a task carrying its reject (at the line after the last complete one, as
+    io.iter_json_lines reports it), so rejects reach the rejects file in input order (this
+    generator runs in the pool's feeder thread)."""
     for path in files:
-        lines, first, lineno = [], 1, 0
+        lineno, tail = 0, b""  # lines sent so far; the unfinished last line
         try:
-            for lineno, raw in enumerate(iter_lines(path), start=1):
-                lines.append(raw)
-                if len(lines) == size:
-                    yield str(path), first, lines, None, zstd
-                    lines, first = [], lineno + 1
+            for chunk in _chunks(path, size):
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:
+                    tail += chunk
+                    continue
+                block = tail + chunk[:cut] if tail else chunk[:cut]
+                tail = chunk[cut:]
+                yield str(path), lineno + 1, block, None, zstd
+                lineno += block.count(b"\n")
         except TRUNCATED_ERRORS as e:
-            yield str(path), first, lines, (lineno + 1, truncated_reason(e)), zstd
+            yield str(path), lineno + 1, b"", (lineno + 1, truncated_reason(e)), zstd
             continue
-        if lines:
-            yield str(path), first, lines, None, zstd
+        if tail:  # a last line without a newline
+            yield str(path), lineno + 1, tail, None, zstd
 
 
 _HASHER: MinHasher | None = None
@@ -189,9 +222,13 @@ def _signature_task(task: tuple):
     spool the write stage copies kept documents from, so the input is parsed only once), and
     its rejects as (line, reason, raw) in line order. JSON allows lone surrogates, which UTF-8
     cannot encode: such a text is a reject (it could be neither hashed nor written)."""
-    path, first, lines, truncated, zstd = task
+    path, first, block, truncated, zstd = task
     name = Path(path).name
     texts, out, rejects = [], [], []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    last = first + len(lines) - 1  # the last line has a newline only if the block ends in one
     for lineno, raw in enumerate(lines, start=first):
         try:
             obj = json_object(raw, ("text",))
@@ -199,7 +236,10 @@ def _signature_task(task: tuple):
                 continue
             doc = document(obj, f"{name}:{lineno}")
         except LineRejected as e:
-            rejects.append((lineno, e.reason, e.raw))
+            bad = e.raw
+            if bad is raw and (lineno < last or block.endswith(b"\n")):
+                bad = raw + b"\n"  # the raw line as io.iter_lines gives it, newline and all
+            rejects.append((lineno, e.reason, bad))
             continue
         try:
             texts.append(doc["text"].encode("utf-8"))
@@ -214,7 +254,8 @@ def _signature_task(task: tuple):
     spool = b"".join(out)
     if zstd and spool:
         spool = _SPOOL_CCTX.compress(spool)
-    return path, b.signatures, b.hashes, np.diff(b.offsets), spool, rejects
+    sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
+    return path, b.signatures, b.hashes, np.diff(b.offsets), spool, sizes, rejects
 
 
 # spool=zstd: level 1 keeps a 3 KB document in ~1/3 of its size for ~10 us of worker CPU
@@ -279,10 +320,10 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
         raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
     spool_name = "docs.jsonl.zst" if cfg.spool == "zstd" else "docs.jsonl"
     spool_tmp = work.file(spool_name + ".tmp")
-    counts = []
+    counts, sizes = [], []
     n_docs = 0
     workers = _workers(cfg)
-    tasks = _line_tasks(files, cfg.batch_docs, cfg.spool == "zstd")
+    tasks = _line_tasks(files, cfg.batch_bytes, cfg.spool == "zstd")
     with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh, open(spool_tmp, "wb") as fd:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
             # Load (or, on a new machine, compile) the numba kernels once here; forked
@@ -296,13 +337,14 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
                 pool = None
                 results = map(_signature_task, tasks)
             try:
-                for path, sigs, hashes, cnt, spool, bad in results:
+                for path, sigs, hashes, cnt, spool, size, bad in results:
                     for line, reason, raw in bad:
                         rejects.add(path, line, reason, raw)
                     fs.write(sigs.tobytes())
                     fh.write(hashes.tobytes())
                     fd.write(spool)
                     counts.append(cnt)
+                    sizes.append(size)
                     n_docs += len(sigs)
                     bar.update(len(sigs))
             finally:
@@ -314,6 +356,10 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     if counts:
         np.cumsum(np.concatenate(counts), out=offsets[1:])
     np.save(work.file("shingle_offsets.npy"), offsets)
+    spool_off = np.zeros(n_docs + 1, dtype=np.int64)
+    if sizes:
+        np.cumsum(np.concatenate(sizes), out=spool_off[1:])
+    np.save(work.file("spool_offsets.npy"), spool_off)
     sig_tmp.replace(work.file("signatures.u32"))
     hash_tmp.replace(work.file("hashes.u32"))
     spool_tmp.replace(work.file(spool_name))
@@ -497,30 +543,50 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
     )
 
 
+def _read_exactly(f, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            raise RuntimeError("the spool is shorter than its offsets say (truncated?)")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, spool: str, want: set):
     """Copy the kept documents from the spool (document k is its line k, already in output
-    form) to the output, atomically. No JSON is parsed here, except for the few documents
+    form, at spool_offsets[k]) to the output, atomically: a block of the spool at a time, one
+    write per run of kept documents. No JSON is parsed here, except for the few documents
     whose ids the report names."""
     keep = np.load(work.file("keep.npy"))
+    off = np.load(work.file("spool_offsets.npy"))
+    if len(keep) != n_docs or len(off) != n_docs + 1:
+        raise RuntimeError("keep.npy or spool_offsets.npy do not match the document count")
     ids: dict[int, str] = {}
-    kept = 0
-    k = -1
-    with AtomicWriter(cfg.output) as out:
+    block = 8 << 20  # bytes of spool held at a time (at least one document)
+    with open(work.file(spool), "rb") as raw, AtomicWriter(cfg.output) as out:
+        f = zstandard.ZstdDecompressor().stream_reader(raw) if spool.endswith(".zst") else raw
         with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-            for k, line in enumerate(iter_lines(work.file(spool))):
-                if k >= n_docs:
-                    raise RuntimeError("the spool has more documents than were hashed")
-                if k in want:
-                    ids[k] = loads_line(line)["id"]
-                if keep[k]:
-                    out.write_bytes(line)
-                    kept += 1
-                if k % 4096 == 4095:
-                    bar.update(4096)
-            bar.update((k + 1) % 4096)
-        if k + 1 != n_docs:
-            raise RuntimeError(f"the spool has {k + 1} documents, {n_docs} were hashed")
-    return kept, ids
+            lo = 0
+            while lo < n_docs:
+                hi = int(np.searchsorted(off, off[lo] + block, side="right")) - 1
+                hi = min(max(hi, lo + 1), n_docs)
+                data = memoryview(_read_exactly(f, int(off[hi] - off[lo])))
+                k = keep[lo:hi]
+                # runs of kept documents: [starts[i], ends[i]) relative to lo
+                edges = np.flatnonzero(np.diff(k.astype(np.int8), prepend=0, append=0))
+                for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+                    out.write_bytes(data[off[lo + a] - off[lo] : off[lo + b] - off[lo]])
+                for d in want:
+                    if lo <= d < hi:
+                        line = bytes(data[off[d] - off[lo] : off[d + 1] - off[lo]])
+                        ids[d] = loads_line(line)["id"]
+                bar.update(hi - lo)
+                lo = hi
+        if f.read(1):
+            raise RuntimeError("the spool is longer than its offsets say")
+    return int(keep.sum()), ids
 
 
 def _workers(cfg: DedupConfig) -> int:

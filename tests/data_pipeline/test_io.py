@@ -63,7 +63,7 @@ def test_rejects_keep_their_reasons_and_line_numbers(tmp_path):
 @pytest.mark.parametrize(
     "doc",
     [
-        {"text": "caf\u00e9 \u2028 \x7f \"q\" \\ \n\t", "id": "7", "meta": {"k": [1, 2.5, None]}},
+        {"text": 'caf\u00e9 \u2028 \x7f "q" \\ \n\t', "id": "7", "meta": {"k": [1, 2.5, None]}},
         {"text": "big", "id": "1", "meta": {"n": 10**30}},
         {"text": "keys", "id": "1", "meta": {1: "int key"}},
     ],
