@@ -222,7 +222,7 @@ def _signature_task(task: tuple):
     spool the write stage copies kept documents from, so the input is parsed only once), and
     its rejects as (line, reason, raw) in line order. JSON allows lone surrogates, which UTF-8
     cannot encode: such a text is a reject (it could be neither hashed nor written)."""
-    path, first, block, truncated, zstd = task
+    path, first, block, truncated, zstd, work_dir = task
     name = Path(path).name
     texts, out, rejects = [], [], []
     lines = block.split(b"\n")
@@ -255,7 +255,53 @@ def _signature_task(task: tuple):
     if zstd and spool:
         spool = _SPOOL_CCTX.compress(spool)
     sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
-    return path, b.signatures, b.hashes, np.diff(b.offsets), spool, sizes, rejects
+    # The shingle hashes and the spool (~5 KB per 3 KB document) go to this process's own
+    # part files, and the parent copies them in order with copy_file_range: receiving them
+    # through the pool's pipe cost the parent ~12 us of CPU per document (measured).
+    hashes = _append_part(work_dir, "hashes", b.hashes.tobytes())
+    spool = _append_part(work_dir, "spool", spool)
+    return path, b.signatures, np.diff(b.offsets), sizes, hashes, spool, rejects
+
+
+_PARTS: dict[tuple, int] = {}  # (pid, work dir, kind) -> fd of a part file this process appends
+
+
+def _append_part(work_dir: str, kind: str, data: bytes) -> tuple[str, int, int]:
+    """Append `data` to this process's part file of `kind`: (its name, offset, length)."""
+    name = f"part-{os.getpid()}.{kind}"
+    key = (os.getpid(), work_dir, kind)
+    fd = _PARTS.get(key)
+    if fd is None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = _PARTS[key] = os.open(os.path.join(work_dir, name), flags, 0o644)
+    offset = os.lseek(fd, 0, os.SEEK_CUR)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return name, offset, len(data)
+
+
+def _close_parts() -> None:
+    for key in [k for k in _PARTS if k[0] == os.getpid()]:
+        os.close(_PARTS.pop(key))
+
+
+def _copy_part(work: _Work, src: dict, part: tuple[str, int, int], dst_fd: int) -> None:
+    """Append a range of a part file to `dst_fd`, in the kernel where it can."""
+    name, offset, length = part
+    if name not in src:
+        src[name] = os.open(work.file(name), os.O_RDONLY)
+    fd = src[name]
+    while length:
+        try:
+            n = os.copy_file_range(fd, dst_fd, length, offset)
+        except (AttributeError, OSError):  # no copy_file_range here: copy through memory
+            data = os.pread(fd, length, offset)
+            n = os.write(dst_fd, data)
+        if n <= 0:
+            raise RuntimeError(f"{name}: shorter than a worker said it wrote")
+        offset += n
+        length -= n
 
 
 # spool=zstd: level 1 keeps a 3 KB document in ~1/3 of its size for ~10 us of worker CPU
@@ -323,8 +369,13 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     counts, sizes = [], []
     n_docs = 0
     workers = _workers(cfg)
-    tasks = _line_tasks(files, cfg.batch_bytes, cfg.spool == "zstd")
-    with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh, open(spool_tmp, "wb") as fd:
+    for stale in work.path.glob("part-*"):  # of a killed run
+        stale.unlink()
+    tasks = ((*t, str(work.path)) for t in _line_tasks(files, cfg.batch_bytes, cfg.spool == "zstd"))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fh, fd = os.open(hash_tmp, flags, 0o644), os.open(spool_tmp, flags, 0o644)
+    src: dict[str, int] = {}
+    with open(sig_tmp, "wb") as fs:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
             # Load (or, on a new machine, compile) the numba kernels once here; forked
             # workers inherit them.
@@ -337,12 +388,12 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
                 pool = None
                 results = map(_signature_task, tasks)
             try:
-                for path, sigs, hashes, cnt, spool, size, bad in results:
+                for path, sigs, cnt, size, hashes, spool, bad in results:
                     for line, reason, raw in bad:
                         rejects.add(path, line, reason, raw)
                     fs.write(sigs.tobytes())
-                    fh.write(hashes.tobytes())
-                    fd.write(spool)
+                    _copy_part(work, src, hashes, fh)
+                    _copy_part(work, src, spool, fd)
                     counts.append(cnt)
                     sizes.append(size)
                     n_docs += len(sigs)
@@ -351,6 +402,11 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
                 if pool is not None:
                     pool.terminate()
                     pool.join()
+                _close_parts()
+                for f in [fh, fd, *src.values()]:
+                    os.close(f)
+    for part in work.path.glob("part-*"):
+        part.unlink()
     rejects.close()
     offsets = np.zeros(n_docs + 1, dtype=np.int64)
     if counts:
