@@ -190,6 +190,9 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
     io.iter_json_lines reports it), so rejects reach the rejects file in input order (this
     generator runs in the pool's feeder thread)."""
     for path in files:
+        if path.suffix not in (".gz", ".zst"):
+            yield from _plain_tasks(path, size, zstd)
+            continue
         lineno, tail = 0, b""  # lines sent so far; the unfinished last line
         try:
             for chunk in _chunks(path, size):
@@ -208,6 +211,30 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
             yield str(path), lineno + 1, tail, None, zstd
 
 
+def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
+    """Tasks for an uncompressed file: (file, first line, (offset, length) of a block of
+    whole lines, None, zstd). The worker reads the block itself; pickling 1 MiB blocks
+    through the pool's pipe cost ~2-4 us per document (measured). The lines are still read
+    here, to count them."""
+    buf = bytearray(size)
+    pos, lineno = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            f.seek(pos)
+            n = f.readinto(buf)
+            if not n:
+                return
+            cut = buf.rfind(b"\n", 0, n) + 1
+            if cut == 0:
+                if n == len(buf):  # a line longer than the buffer
+                    buf = bytearray(2 * len(buf))
+                    continue
+                cut = n  # the last line, without a newline
+            yield str(path), lineno + 1, (pos, cut), None, zstd
+            lineno += buf.count(b"\n", 0, cut)
+            pos += cut
+
+
 _HASHER: MinHasher | None = None
 
 
@@ -223,6 +250,10 @@ def _signature_task(task: tuple):
     its rejects as (line, reason, raw) in line order. JSON allows lone surrogates, which UTF-8
     cannot encode: such a text is a reject (it could be neither hashed nor written)."""
     path, first, block, truncated, zstd, work_dir = task
+    if isinstance(block, tuple):  # (offset, length) in an uncompressed file
+        with open(path, "rb") as f:
+            f.seek(block[0])
+            block = f.read(block[1])
     name = Path(path).name
     texts, out, rejects = [], [], []
     lines = block.split(b"\n")
