@@ -26,6 +26,7 @@ import pydoc_data.topics
 import random
 import re
 import resource
+import statistics
 import sysconfig
 import tempfile
 import time
@@ -154,9 +155,9 @@ def main() -> None:
                 f"          {n / our_s:8.0f} / {n / our_cpu:6.0f}"
                 f"              {ds_s / our_s:5.1f}x {ds_cpu / our_cpu:5.1f}x"
             )
-    wall = sorted(w for w, _ in rows)
-    cpu = sorted(c for _, c in rows)
-    print(f"median ratio: {wall[len(wall) // 2]:.1f}x wall, {cpu[len(cpu) // 2]:.1f}x per cpu-s")
+    wall = statistics.median(w for w, _ in rows)
+    cpu = statistics.median(c for _, c in rows)
+    print(f"median ratio: {wall:.1f}x wall, {cpu:.1f}x per cpu-s")
     print(f"datasketch: removed {len(ds_removed)}, recall {recall(ds_removed):.3f}")
     print(f"ours:       removed {len(our_removed)}, recall {recall(our_removed):.3f}")
     print(f"ours, seconds per stage (last round): {report['timings_s']}")
