@@ -7,7 +7,7 @@ OPT deduplicated its corpus with MinHash-LSH at Jaccard >= 0.95. The trap, measu
 bands x rows that datasketch picks as "optimal" for 0.95 with 128 permutations (3 x 42) make a
 pair at J = 0.95 a candidate with probability 1 - (1 - 0.95^42)^3 = 0.31, so most true
 duplicates are never even compared (recall ~0.64 on a real corpus). Here banding is chosen for
-recall instead (default 16 bands x 8 rows: P(candidate | J = 0.90) = 0.99988), which lets many
+recall instead (default 18 bands x 7 rows: P(candidate | J = 0.90) > 0.9999), which lets many
 dissimilar pairs through, and every candidate pair is then verified on the documents' exact
 shingle sets before it may join a cluster. See docs/data-dedup.md for the arithmetic.
 
