@@ -1,7 +1,7 @@
 """Dedup end to end, docs/s: data_pipeline.dedup against datasketch on the same corpus, in one
 run, plus the recall each reaches on the planted near-duplicates.
 
-    python benchmarks/dedup.py [--docs 20000] [--workers 2] [--dup-rate 0.05]
+    python benchmarks/dedup.py [--docs 20000] [--workers 2] [--dup-rate 0.05] [--rounds 3]
 
 The corpus is real English (CPython's pydoc topics and the standard library's docstrings)
 recombined into ~3 KB documents: each document is a random run of sentences, so documents
@@ -26,6 +26,7 @@ import pydoc_data.topics
 import random
 import re
 import resource
+import statistics
 import sysconfig
 import tempfile
 import time
@@ -71,10 +72,10 @@ def make_corpus(n_docs: int, dup_rate: float, seed: int = 0) -> tuple[list[str],
     return docs, planted
 
 
-def datasketch_dedup(inp: Path, out: Path) -> tuple[set[int], float]:
+def datasketch_dedup(inp: Path, out: Path) -> tuple[set[int], float, float]:
     from datasketch import MinHash, MinHashLSH
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     texts = [json.loads(line)["text"] for line in open(inp, encoding="utf-8")]
 
     def grams(text: str) -> list[bytes]:
@@ -91,18 +92,19 @@ def datasketch_dedup(inp: Path, out: Path) -> tuple[set[int], float]:
                 continue
             lsh.insert(i, m)
             f.write(json.dumps({"text": texts[i], "id": str(i), "meta": {}}) + "\n")
-    return removed, time.perf_counter() - t0
+    return removed, time.perf_counter() - t0, cpu_seconds() - c0
 
 
-def ours_dedup(inp: Path, out: Path, workers: int) -> tuple[set[int], float, dict]:
+def ours_dedup(inp: Path, out: Path, workers: int) -> tuple[set[int], float, float, dict]:
     from data_pipeline.dedup import DedupConfig, run
 
     cfg = DedupConfig(input=str(inp), output=str(out), workers=workers, progress=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     report = run(cfg)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    # outside the timed span: reading back which documents were kept is the benchmark's work
     kept = {int(json.loads(line)["id"]) for line in open(out, encoding="utf-8")}
-    return set(range(report["docs_in"])) - kept, elapsed, report
+    return set(range(report["docs_in"])) - kept, elapsed, cpu, report
 
 
 def cpu_seconds() -> float:
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dup-rate", type=float, default=0.05)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of baseline, then ours")
     args = ap.parse_args()
 
     from data_pipeline import minhash
@@ -125,36 +128,39 @@ def main() -> None:
     minhash.MinHasher().batch(["compile the kernels before timing anything"])
     docs, planted = make_corpus(args.docs, args.dup_rate)
     mean_kb = sum(len(d.encode()) for d in docs) / len(docs) / 1000
-    with tempfile.TemporaryDirectory() as tmp:
-        inp = Path(tmp) / "corpus.jsonl"
-        with open(inp, "w", encoding="utf-8") as f:
-            for i, d in enumerate(docs):
-                f.write(json.dumps({"text": d, "id": str(i), "meta": {}}) + "\n")
-        print(f"corpus: {len(docs)} docs, {mean_kb:.2f} KB mean, {len(planted)} planted dups")
-        print(f"cpus: {os.cpu_count()}, ours: workers={args.workers}, sha1={minhash.SHA1_IMPL}")
-        c0 = cpu_seconds()
-        ds_removed, ds_s = datasketch_dedup(inp, Path(tmp) / "ds.jsonl")
-        c1 = cpu_seconds()
-        our_removed, our_s, report = ours_dedup(inp, Path(tmp) / "ours.jsonl", args.workers)
-        c2 = cpu_seconds()
-    ds_cpu, our_cpu = c1 - c0, c2 - c1
+    n = len(docs)
 
     def recall(removed: set[int]) -> float:
         # a planted pair is caught when one of the two is removed (the copy comes later)
         return sum(a in removed or b in removed for a, b in planted) / max(len(planted), 1)
 
-    n = len(docs)
-    print(f"load average (1 min) of the machine: {os.getloadavg()[0]:.2f}")
-    print(
-        f"datasketch   : {n / ds_s:7.0f} docs/s wall, {n / ds_cpu:7.0f} docs/cpu-s"
-        f"  removed {len(ds_removed)}  recall {recall(ds_removed):.3f}"
-    )
-    print(
-        f"data_pipeline: {n / our_s:7.0f} docs/s wall, {n / our_cpu:7.0f} docs/cpu-s"
-        f"  removed {len(our_removed)}  recall {recall(our_removed):.3f}"
-    )
-    print(f"ratio: {ds_s / our_s:.1f}x wall, {ds_cpu / our_cpu:.1f}x per cpu-second")
-    print(f"ours, seconds per stage: {report['timings_s']}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "corpus.jsonl"
+        with open(inp, "w", encoding="utf-8") as f:
+            for i, d in enumerate(docs):
+                f.write(json.dumps({"text": d, "id": str(i), "meta": {}}) + "\n")
+        print(f"corpus: {n} docs, {mean_kb:.2f} KB mean, {len(planted)} planted dups")
+        print(f"cpus: {os.cpu_count()}, ours: workers={args.workers}, sha1={minhash.SHA1_IMPL}")
+        print("round  load  datasketch wall/cpu-s   ours wall/cpu-s (docs/s)   ratio wall  cpu")
+        # Rounds alternate baseline and ours, so both see the same load on a shared machine.
+        for r in range(args.rounds):
+            ds_removed, ds_s, ds_cpu = datasketch_dedup(inp, Path(tmp) / "ds.jsonl")
+            our_removed, our_s, our_cpu, report = ours_dedup(
+                inp, Path(tmp) / "ours.jsonl", args.workers
+            )
+            rows.append((ds_s / our_s, ds_cpu / our_cpu))
+            print(
+                f"{r + 1:5d} {os.getloadavg()[0]:5.2f}  {n / ds_s:8.0f} / {n / ds_cpu:6.0f}"
+                f"          {n / our_s:8.0f} / {n / our_cpu:6.0f}"
+                f"              {ds_s / our_s:5.1f}x {ds_cpu / our_cpu:5.1f}x"
+            )
+    wall = statistics.median(w for w, _ in rows)
+    cpu = statistics.median(c for _, c in rows)
+    print(f"median ratio: {wall:.1f}x wall, {cpu:.1f}x per cpu-s")
+    print(f"datasketch: removed {len(ds_removed)}, recall {recall(ds_removed):.3f}")
+    print(f"ours:       removed {len(our_removed)}, recall {recall(our_removed):.3f}")
+    print(f"ours, seconds per stage (last round): {report['timings_s']}")
     print(
         f"ours: candidates {report['candidate_pairs']}, verified {report['verified_pairs']},"
         f" clusters {report['clusters']}, banding {report['banding']['bands']}x"

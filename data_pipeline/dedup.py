@@ -7,21 +7,23 @@ OPT deduplicated its corpus with MinHash-LSH at Jaccard >= 0.95. The trap, measu
 bands x rows that datasketch picks as "optimal" for 0.95 with 128 permutations (3 x 42) make a
 pair at J = 0.95 a candidate with probability 1 - (1 - 0.95^42)^3 = 0.31, so most true
 duplicates are never even compared (recall ~0.64 on a real corpus). Here banding is chosen for
-recall instead (default 16 bands x 8 rows: P(candidate | J = 0.90) = 0.99988), which lets many
+recall instead (default 18 bands x 7 rows: P(candidate | J = 0.90) > 0.9999), which lets many
 dissimilar pairs through, and every candidate pair is then verified on the documents' exact
 shingle sets before it may join a cluster. See docs/data-dedup.md for the arithmetic.
 
 Stages, each restartable from files in a work directory beside the output
 (`<output>.dedup-work/`, removed after success unless `keep_work=true`):
 
-1. signatures: stream the documents (read_documents), compute MinHash signatures in worker
-   processes (data_pipeline.minhash, bit-identical to datasketch), append them and every
-   document's shingle hashes to flat files.
+1. signatures: stream the input lines to worker processes, which parse them as
+   io.read_documents does and compute MinHash signatures (data_pipeline.minhash,
+   bit-identical to datasketch); append the signatures and every document's shingle hashes
+   to flat files, and the documents in output form to a spool file (plain or zstd).
 2. buckets: for each band, a 64-bit key per document, written per band to disk; each band's
    keys are sorted on their own, and documents with equal keys become candidate pairs.
 3. clusters: verify each candidate pair, union-find over verified pairs, keep the first
    document of each cluster in input order.
-4. write: a second streaming pass writes the kept documents atomically (AtomicWriter).
+4. write: copy the kept documents' lines from the spool to the output atomically
+   (AtomicWriter); the input is read and parsed once.
 
 Memory follows the number of documents (a few tens of bytes each while sorting one band) and
 the batch size, never the corpus text.
@@ -40,10 +42,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zstandard
 from omegaconf import MISSING
 
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
-from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
+from data_pipeline.io import (
+    TRUNCATED_ERRORS,
+    AtomicWriter,
+    LineRejected,
+    Rejects,
+    _zstd_chunks,
+    document,
+    dumps_doc,
+    expand_inputs,
+    iter_lines,
+    json_object,
+    loads_line,
+    truncated_reason,
+)
 from data_pipeline.minhash import MinHasher
 
 
@@ -66,8 +82,9 @@ class DedupConfig:
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
     workers: int = 0  # signature processes; 0: min(2, cpus)
-    batch_docs: int = 512
+    batch_bytes: int = 1 << 20  # input bytes per signature task
     backend: str = "auto"  # signature backend: auto | openssl | numba | numpy
+    spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
     progress: bool = True
@@ -139,22 +156,83 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _documents(
-    files: list[Path], rejects: Rejects, encode: bool = True
-) -> Iterator[tuple[dict, bytes | None]]:
-    """(document, its UTF-8 text) for every accepted document, in input order. JSON allows
-    lone surrogates, which UTF-8 cannot encode: such a text is a reject here (it could not be
-    written out either). Both passes go through this one function, so document k of the
-    second pass is document k of the first; the second only checks (`encode=False`)."""
-    for path in files:
-        for doc in read_documents(path, rejects):
-            text = doc["text"]
+def _chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The decompressed bytes of an input file in pieces of about `size`, with the data that
+    io.iter_lines would have delivered before a truncation error, then that error."""
+    with open(path, "rb") as raw:
+        if path.suffix == ".zst":
+            yield from _zstd_chunks(raw)
+        elif path.suffix != ".gz":
+            while chunk := raw.read(size):
+                yield chunk
+        else:  # gzip: line by line, as iter_lines, so a truncated file loses the same lines
+            acc, n = [], 0
             try:
-                raw = text.encode("utf-8") if encode or not text.isascii() else None
-            except UnicodeEncodeError as e:
-                rejects.add(path, 0, f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}")
-                continue
-            yield doc, raw
+                for line in iter_lines(path):
+                    acc.append(line)
+                    n += len(line)
+                    if n >= size:
+                        yield b"".join(acc)
+                        acc, n = [], 0
+            except TRUNCATED_ERRORS:
+                if acc:
+                    yield b"".join(acc)
+                raise
+            if acc:
+                yield b"".join(acc)
+
+
+def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
+    """Signature tasks: (file, number of its first line, a block of whole lines, reject,
+    zstd) with about `size` bytes of one file. Workers split and parse the lines, so neither
+    the JSON work nor a Python step per line stays in this process. A truncated compressed
+    file ends with a task carrying its reject (at the line after the last complete one, as
+    io.iter_json_lines reports it), so rejects reach the rejects file in input order (this
+    generator runs in the pool's feeder thread)."""
+    for path in files:
+        if path.suffix not in (".gz", ".zst"):
+            yield from _plain_tasks(path, size, zstd)
+            continue
+        lineno, tail = 0, b""  # lines sent so far; the unfinished last line
+        try:
+            for chunk in _chunks(path, size):
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:
+                    tail += chunk
+                    continue
+                block = tail + chunk[:cut] if tail else chunk[:cut]
+                tail = chunk[cut:]
+                yield str(path), lineno + 1, block, None, zstd
+                lineno += block.count(b"\n")
+        except TRUNCATED_ERRORS as e:
+            yield str(path), lineno + 1, b"", (lineno + 1, truncated_reason(e)), zstd
+            continue
+        if tail:  # a last line without a newline
+            yield str(path), lineno + 1, tail, None, zstd
+
+
+def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
+    """Tasks for an uncompressed file: (file, first line, (offset, length) of a block of
+    whole lines, None, zstd). The worker reads the block itself; pickling 1 MiB blocks
+    through the pool's pipe cost ~2-4 us per document (measured). The lines are still read
+    here, to count them."""
+    buf = bytearray(size)
+    pos, lineno = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            f.seek(pos)
+            n = f.readinto(buf)
+            if not n:
+                return
+            cut = buf.rfind(b"\n", 0, n) + 1
+            if cut == 0:
+                if n == len(buf):  # a line longer than the buffer
+                    buf = bytearray(2 * len(buf))
+                    continue
+                cut = n  # the last line, without a newline
+            yield str(path), lineno + 1, (pos, cut), None, zstd
+            lineno += buf.count(b"\n", 0, cut)
+            pos += cut
 
 
 _HASHER: MinHasher | None = None
@@ -165,20 +243,101 @@ def _init_worker(params: dict) -> None:
     _HASHER = MinHasher(**params)
 
 
-def _signature_task(texts: list[bytes]):
+def _signature_task(task: tuple):
+    """Parse a task's lines exactly as io.read_documents does, and return the signatures and
+    shingle hashes of its documents, the documents as output lines (one zstd frame: the
+    spool the write stage copies kept documents from, so the input is parsed only once), and
+    its rejects as (line, reason, raw) in line order. JSON allows lone surrogates, which UTF-8
+    cannot encode: such a text is a reject (it could be neither hashed nor written)."""
+    path, first, block, truncated, zstd, work_dir = task
+    if isinstance(block, tuple):  # (offset, length) in an uncompressed file
+        with open(path, "rb") as f:
+            f.seek(block[0])
+            block = f.read(block[1])
+    name = Path(path).name
+    texts, out, rejects = [], [], []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    last = first + len(lines) - 1  # the last line has a newline only if the block ends in one
+    for lineno, raw in enumerate(lines, start=first):
+        try:
+            obj = json_object(raw, ("text",))
+            if obj is None:
+                continue
+            doc = document(obj, f"{name}:{lineno}")
+        except LineRejected as e:
+            bad = e.raw
+            if bad is raw and (lineno < last or block.endswith(b"\n")):
+                bad = raw + b"\n"  # the raw line as io.iter_lines gives it, newline and all
+            rejects.append((lineno, e.reason, bad))
+            continue
+        try:
+            texts.append(doc["text"].encode("utf-8"))
+        except UnicodeEncodeError as e:
+            reason = f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}"
+            rejects.append((lineno, reason, b""))
+            continue
+        out.append(dumps_doc(doc))
+    if truncated:
+        rejects.append((*truncated, b""))
     b = _HASHER.batch(texts)
-    return b.signatures, b.hashes, np.diff(b.offsets)
+    spool = b"".join(out)
+    if zstd and spool:
+        spool = _SPOOL_CCTX.compress(spool)
+    sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
+    # The shingle hashes and the spool (~5 KB per 3 KB document) go to this process's own
+    # part files, and the parent copies them in order with copy_file_range: receiving them
+    # through the pool's pipe cost the parent ~12 us of CPU per document (measured).
+    hashes = _append_part(work_dir, "hashes", b.hashes.tobytes())
+    spool = _append_part(work_dir, "spool", spool)
+    return path, b.signatures, np.diff(b.offsets), sizes, hashes, spool, rejects
 
 
-def _batches(docs: Iterator[tuple[dict, bytes]], size: int) -> Iterator[list[bytes]]:
-    batch = []
-    for _, raw in docs:
-        batch.append(raw)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+_PARTS: dict[tuple, int] = {}  # (pid, work dir, kind) -> fd of a part file this process appends
+
+
+def _append_part(work_dir: str, kind: str, data: bytes) -> tuple[str, int, int]:
+    """Append `data` to this process's part file of `kind`: (its name, offset, length)."""
+    name = f"part-{os.getpid()}.{kind}"
+    key = (os.getpid(), work_dir, kind)
+    fd = _PARTS.get(key)
+    if fd is None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = _PARTS[key] = os.open(os.path.join(work_dir, name), flags, 0o644)
+    offset = os.lseek(fd, 0, os.SEEK_CUR)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return name, offset, len(data)
+
+
+def _close_parts() -> None:
+    for key in [k for k in _PARTS if k[0] == os.getpid()]:
+        os.close(_PARTS.pop(key))
+
+
+def _copy_part(work: _Work, src: dict, part: tuple[str, int, int], dst_fd: int) -> None:
+    """Append a range of a part file to `dst_fd`, in the kernel where it can."""
+    name, offset, length = part
+    if name not in src:
+        src[name] = os.open(work.file(name), os.O_RDONLY)
+    fd = src[name]
+    while length:
+        try:
+            n = os.copy_file_range(fd, dst_fd, length, offset)
+        except (AttributeError, OSError):  # no copy_file_range here: copy through memory
+            data = os.pread(fd, length, offset)
+            n = os.write(dst_fd, data)
+        if n <= 0:
+            raise RuntimeError(f"{name}: shorter than a worker said it wrote")
+        offset += n
+        length -= n
+
+
+# spool=zstd: level 1 keeps a 3 KB document in ~1/3 of its size for ~10 us of worker CPU
+# (measured), about a sixth of the signature pass; spool=plain costs disk instead.
+_SPOOL_CCTX = zstandard.ZstdCompressor(level=1)
 
 
 def _progress(cfg: DedupConfig, **kw):
@@ -234,44 +393,71 @@ def _stage_signatures(cfg: DedupConfig, files: list[Path], work: _Work, hasher_p
     rejects_path(cfg.output).unlink(missing_ok=True)  # a stale one would describe other input
     rejects = Rejects(rejects_path(cfg.output))
     sig_tmp, hash_tmp = work.file("signatures.u32.tmp"), work.file("hashes.u32.tmp")
-    counts = []
+    if cfg.spool not in ("plain", "zstd"):
+        raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
+    spool_name = "docs.jsonl.zst" if cfg.spool == "zstd" else "docs.jsonl"
+    spool_tmp = work.file(spool_name + ".tmp")
+    counts, sizes = [], []
     n_docs = 0
     workers = _workers(cfg)
-    docs = _documents(files, rejects)
-    with open(sig_tmp, "wb") as fs, open(hash_tmp, "wb") as fh:
+    for stale in work.path.glob("part-*"):  # of a killed run
+        stale.unlink()
+    tasks = ((*t, str(work.path)) for t in _line_tasks(files, cfg.batch_bytes, cfg.spool == "zstd"))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fh, fd = os.open(hash_tmp, flags, 0o644), os.open(spool_tmp, flags, 0o644)
+    src: dict[str, int] = {}
+    with open(sig_tmp, "wb") as fs:
         with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
+            # Load (or, on a new machine, compile) the numba kernels once here; forked
+            # workers inherit them.
+            _init_worker(hasher_params)
+            _HASHER.batch([b"warm up the compiled kernels"])
             if workers > 1:
-                # Load (or, on a new machine, compile) the numba kernels once here; forked
-                # workers inherit them.
-                _init_worker(hasher_params)
-                _signature_task([b"warm up the compiled kernels"])
-                pool = _fork_pool(workers, _init_worker, (hasher_params,))
-                results = pool.imap(_signature_task, _batches(docs, cfg.batch_docs))
+                pool = _fork_pool(workers, hasher_params)
+                results = pool.imap(_signature_task, tasks)
             else:
-                _init_worker(hasher_params)
                 pool = None
-                results = map(_signature_task, _batches(docs, cfg.batch_docs))
+                results = map(_signature_task, tasks)
             try:
-                for sigs, hashes, cnt in results:
+                for path, sigs, cnt, size, hashes, spool, bad in results:
+                    for line, reason, raw in bad:
+                        rejects.add(path, line, reason, raw)
                     fs.write(sigs.tobytes())
-                    fh.write(hashes.tobytes())
+                    _copy_part(work, src, hashes, fh)
+                    _copy_part(work, src, spool, fd)
                     counts.append(cnt)
+                    sizes.append(size)
                     n_docs += len(sigs)
                     bar.update(len(sigs))
             finally:
                 if pool is not None:
                     pool.terminate()
                     pool.join()
+                _close_parts()
+                for f in [fh, fd, *src.values()]:
+                    os.close(f)
+    for part in work.path.glob("part-*"):
+        part.unlink()
     rejects.close()
     offsets = np.zeros(n_docs + 1, dtype=np.int64)
     if counts:
         np.cumsum(np.concatenate(counts), out=offsets[1:])
     np.save(work.file("shingle_offsets.npy"), offsets)
+    spool_off = np.zeros(n_docs + 1, dtype=np.int64)
+    if sizes:
+        np.cumsum(np.concatenate(sizes), out=spool_off[1:])
+    np.save(work.file("spool_offsets.npy"), spool_off)
     sig_tmp.replace(work.file("signatures.u32"))
     hash_tmp.replace(work.file("hashes.u32"))
+    spool_tmp.replace(work.file(spool_name))
     return work.finish(
         "signatures",
-        {"docs": n_docs, "shingles": int(offsets[-1]), "rejects": rejects.report()},
+        {
+            "docs": n_docs,
+            "shingles": int(offsets[-1]),
+            "spool": spool_name,
+            "rejects": rejects.report(),
+        },
     )
 
 
@@ -333,7 +519,9 @@ class _ShingleSets:
                 self.cache.clear()
             lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
             self.file.seek(4 * lo)
-            s = np.unique(np.frombuffer(self.file.read(4 * (hi - lo)), dtype=np.uint32))
+            s = np.sort(np.frombuffer(self.file.read(4 * (hi - lo)), dtype=np.uint32))
+            if len(s) > 1:  # the set: sorted, repeats dropped (cheaper than np.unique here)
+                s = s[np.concatenate(([True], s[1:] != s[:-1]))]
             self.cache[i] = s
         return s
 
@@ -444,39 +632,62 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int):
     )
 
 
-def _stage_write(cfg: DedupConfig, files: list[Path], work: _Work, n_docs: int, want: set):
-    """Second streaming pass: write the kept documents (one process: handing 3 KB documents
-    to workers for json.dumps cost more in pickling than it saved, measured)."""
+def _read_exactly(f, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            raise RuntimeError("the spool is shorter than its offsets say (truncated?)")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, spool: str, want: set):
+    """Copy the kept documents from the spool (document k is its line k, already in output
+    form, at spool_offsets[k]) to the output, atomically: a block of the spool at a time, one
+    write per run of kept documents. No JSON is parsed here, except for the few documents
+    whose ids the report names."""
     keep = np.load(work.file("keep.npy"))
+    off = np.load(work.file("spool_offsets.npy"))
+    if len(keep) != n_docs or len(off) != n_docs + 1:
+        raise RuntimeError("keep.npy or spool_offsets.npy do not match the document count")
     ids: dict[int, str] = {}
-    kept = 0
-    k = -1
-    with AtomicWriter(cfg.output) as out:
+    block = 8 << 20  # bytes of spool held at a time (at least one document)
+    with open(work.file(spool), "rb") as raw, AtomicWriter(cfg.output) as out:
+        f = zstandard.ZstdDecompressor().stream_reader(raw) if spool.endswith(".zst") else raw
         with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-            for k, (doc, _) in enumerate(_documents(files, Rejects(None), encode=False)):
-                if k >= n_docs:
-                    raise RuntimeError("the input has more documents than when it was hashed")
-                if k in want:
-                    ids[k] = doc["id"]
-                if keep[k]:
-                    out.write_doc(doc)
-                    kept += 1
-                if k % 4096 == 4095:
-                    bar.update(4096)
-            bar.update((k + 1) % 4096)
-        if k + 1 != n_docs:
-            raise RuntimeError(f"the input has {k + 1} documents, {n_docs} when it was hashed")
-    return kept, ids
+            lo = 0
+            while lo < n_docs:
+                hi = int(np.searchsorted(off, off[lo] + block, side="right")) - 1
+                hi = min(max(hi, lo + 1), n_docs)
+                data = memoryview(_read_exactly(f, int(off[hi] - off[lo])))
+                k = keep[lo:hi]
+                # runs of kept documents: [starts[i], ends[i]) relative to lo
+                edges = np.flatnonzero(np.diff(k.astype(np.int8), prepend=0, append=0))
+                for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+                    out.write_bytes(data[off[lo + a] - off[lo] : off[lo + b] - off[lo]])
+                for d in want:
+                    if lo <= d < hi:
+                        line = bytes(data[off[d] - off[lo] : off[d + 1] - off[lo]])
+                        ids[d] = loads_line(line)["id"]
+                bar.update(hi - lo)
+                lo = hi
+        if f.read(1):
+            raise RuntimeError("the spool is longer than its offsets say")
+    return int(keep.sum()), ids
 
 
 def _workers(cfg: DedupConfig) -> int:
     return cfg.workers or min(2, os.cpu_count() or 1)
 
 
-def _fork_pool(workers: int, initializer=None, initargs=()):
-    # fork: workers inherit the loaded numba kernels instead of loading them again.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    return ctx.Pool(workers, initializer, initargs)
+def _fork_pool(workers: int, hasher_params: dict):
+    # fork: workers inherit the loaded numba kernels (and _HASHER) instead of loading them
+    # again. Without fork, each worker builds its MinHasher and loads the kernels itself.
+    if "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork").Pool(workers)
+    return mp.Pool(workers, _init_worker, (hasher_params,))
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -546,7 +757,7 @@ def run(cfg: DedupConfig) -> dict:
 
     t = time.perf_counter()
     want = {d for e in cl["examples"] + cl["closest_rejected"] for d in e["docs"]}
-    kept, ids = _stage_write(cfg, files, work, n_docs, want)
+    kept, ids = _stage_write(cfg, work, n_docs, sig_info["spool"], want)
     timings["write"] = time.perf_counter() - t
     for e in cl["examples"] + cl["closest_rejected"]:
         e["ids"] = [ids.get(d) for d in e["docs"]]

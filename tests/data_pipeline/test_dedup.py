@@ -249,7 +249,7 @@ def test_cli_keeps_first_of_each_cluster_counts_rejects_and_exits_3(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_leaves_no_output_and_rerun_completes_identically(tmp_path):
-    docs = small_corpus() * 10  # 1,020 docs, hashed 16 at a time: killed mid-stage
+    docs = small_corpus() * 10  # 1,020 docs, hashed 4 KB at a time: killed mid-stage
     for i, d in enumerate(docs):
         docs[i] = dict(d, id=f"{d['id']}#{i}")
     write_jsonl(tmp_path / "in.jsonl", docs)
@@ -261,7 +261,7 @@ def test_killed_run_leaves_no_output_and_rerun_completes_identically(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "data_pipeline.dedup", f"input={tmp_path / 'in.jsonl'}"]
     proc = subprocess.Popen(
-        [*cmd, f"output={out}", "progress=false", "batch_docs=16", "workers=1"],
+        [*cmd, f"output={out}", "progress=false", "batch_bytes=4096", "workers=1"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -320,3 +320,55 @@ def test_input_with_only_rejects_gives_an_empty_output_and_counts_them(tmp_path)
     assert (report["docs_in"], report["docs_out"], report["rejects"]["total"]) == (0, 0, 3)
     assert (tmp_path / "o.jsonl").read_text() == ""
     assert len((tmp_path / "o.jsonl.rejects.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+@pytest.mark.parametrize("truncate", [False, True])
+def test_workers_read_the_input_exactly_as_io_read_documents(tmp_path, suffix, truncate):
+    """The signature pass hands workers blocks of bytes cut at any line boundary; documents,
+    default ids, rejects (reason, line, raw text) and the truncation reject must be those of
+    io.read_documents, with any block size."""
+    import zstandard
+
+    from data_pipeline.io import read_documents
+
+    lines = [
+        json.dumps(
+            {"text": f"start{i} " + " ".join(f"w{i}.{k}" for k in range(i % 9)), "id": f"d{i}"}
+        )
+        for i in range(60)
+    ]
+    lines[3] = '{"text": "no id here, so file:line becomes the id"}'
+    lines[7] = "{not json"
+    lines[11] = ""
+    lines[12] = "   \r"
+    lines[17] = '{"text": ""}'
+    lines[23] = "[1, 2]"
+    lines[29] = '{"id": "no text"}'
+    lines[31] = '{"text": 5}'
+    data = (
+        "\n".join(lines) + "\n"
+    ).encode() + b'{"text": "bad \xff byte"}\n{"text": "last, no newline"}'
+    path = tmp_path / f"in{suffix}"
+    if suffix.endswith(".gz"):
+        payload = gzip.compress(data)
+    elif suffix.endswith(".zst"):
+        payload = zstandard.ZstdCompressor().compress(data)
+    else:
+        payload = data
+    if truncate and suffix != ".jsonl":
+        payload = payload[: len(payload) * 2 // 3]
+    path.write_bytes(payload)
+
+    want_rejects = Rejects(tmp_path / "want.rejects.jsonl")
+    want = [dict(d) for d in read_documents(path, want_rejects)]
+    want_rejects.close()
+    want_text = (tmp_path / "want.rejects.jsonl").read_text()
+    assert ("truncated" in want_text) == (truncate and suffix != ".jsonl")
+    for batch_bytes in (1, 97, 1 << 20):
+        out = tmp_path / f"out{batch_bytes}.jsonl"
+        report = run(cfg(input=str(path), output=str(out), workers=1, batch_bytes=batch_bytes))
+        got = [json.loads(x) for x in out.read_text().splitlines()]
+        assert got == want  # no two documents are alike, so all are kept
+        assert report["docs_in"] == len(want)
+        assert Path(f"{out}.rejects.jsonl").read_text() == want_text

@@ -56,8 +56,10 @@ def available_backends() -> list[str]:
     out = ["numpy"]
     if minhash.HAVE_NUMBA:
         out.append("numba")
-    if minhash.SHA1_IMPL == "openssl":
+    if minhash.HAVE_NUMBA and minhash._LIBCRYPTO:
         out.append("openssl")
+    if minhash.HAVE_NUMBA:
+        out.append("simd")
     return out
 
 
@@ -111,7 +113,7 @@ def test_empty_text_has_datasketchs_empty_signature(backend):
 
 
 def test_default_backend_is_the_fastest_available():
-    expected = "openssl" if minhash.SHA1_IMPL == "openssl" else available_backends()[-1]
+    expected = "simd" if minhash.HAVE_NUMBA else "numpy"
     assert MinHasher().backend == expected
     assert set(available_backends()) <= set(BACKENDS)
 
@@ -129,3 +131,15 @@ def test_identical_texts_give_identical_signatures_and_estimate_jaccard():
     est = float((sigs[0] == sigs[2]).mean())
     # 128 permutations: std of the estimate is sqrt(J(1-J)/128) = 0.014; allow 4 sigma.
     assert abs(est - exact) < 4 * np.sqrt(exact * (1 - exact) / 128)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_sha1_of_every_length_across_the_one_block_limit(backend):
+    """The SIMD SHA-1 pads one block itself (messages of up to 55 bytes) and hands longer
+    ones on: every length from 1 to 130 bytes, with non-ASCII bytes, in one batch so lanes
+    of different lengths are hashed together."""
+    words = ["\u00e9" * (length // 2) + "x" * (length % 2) for length in range(1, 131)]
+    batch = MinHasher(backend=backend, ngram=1).batch(words)
+    want = [struct.unpack("<I", hashlib.sha1(w.encode()).digest()[:4])[0] for w in words]
+    assert batch.hashes.tolist() == want
+    assert sorted({len(w.encode()) for w in words}) == list(range(1, 131))
