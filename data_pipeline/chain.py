@@ -36,7 +36,6 @@ report).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -49,6 +48,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
+from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, Rejects
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 
@@ -156,11 +156,7 @@ class Checksums:
             return f"size={st.st_size},mtime_ns={st.st_mtime_ns}"
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._cache:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            self._cache[key] = h.hexdigest()
+            self._cache[key] = sha256_file(path)
         return self._cache[key]
 
     def tree(self, path: Path) -> dict[str, str]:

@@ -18,7 +18,6 @@ directory with a manifest that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.durable import fsync_path, sha256_file
 
 FORMAT = "opt-train-token-shards"
 VERSION = 1
@@ -39,22 +40,6 @@ class ShardFormatError(ValueError):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _SplitWriter:
@@ -84,7 +69,7 @@ class _SplitWriter:
                 "index": idx_path.name,
                 "num_documents": len(self._offsets) - 1,
                 "num_tokens": self._offsets[-1],
-                "sha256": {"tokens": _sha256(tok_path), "index": _sha256(idx_path)},
+                "sha256": {"tokens": sha256_file(tok_path), "index": sha256_file(idx_path)},
             }
         )
         self._tok = None
@@ -165,7 +150,7 @@ class ShardWriter:
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
             os.rename(self.out_dir, old)
         os.rename(self.tmp_dir, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+        fsync_path(self.out_dir.parent)
         if old is not None:
             shutil.rmtree(old)
         return self.out_dir
@@ -210,7 +195,7 @@ def verify(path: str | Path) -> None:
                 f = path / shard[kind]
                 if not f.is_file():
                     raise ShardFormatError(f"{f}: listed in the manifest but missing")
-                if _sha256(f) != shard["sha256"][kind]:
+                if sha256_file(f) != shard["sha256"][kind]:
                     raise ShardFormatError(f"{f}: sha256 differs from the manifest (corrupted?)")
 
 

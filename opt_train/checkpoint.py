@@ -33,7 +33,6 @@ match expected size") because two threads then interleave collectives on one gro
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from data_pipeline.durable import fsync_path, sha256_file
 from opt_train.config import CheckpointConfig
 from opt_train.distributed import DistInfo
 
@@ -68,31 +68,15 @@ class CorruptCheckpoint(RuntimeError):
 # -- files and hashes -----------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _describe(root: Path, names: list[str]) -> dict[str, dict]:
     """Size and sha256 of each file, hashed in parallel threads (hashlib releases the GIL), as
     DCP writes `checkpoint.write_threads` files per rank."""
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        digests = list(pool.map(lambda n: _sha256(root / n), names))
+        digests = list(pool.map(lambda n: sha256_file(root / n), names))
     return {
         n: {"bytes": (root / n).stat().st_size, "sha256": d}
         for n, d in zip(names, digests, strict=True)
     }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -320,7 +304,7 @@ class CheckpointManager:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         for sub in (tmp, tmp / "rng"):
-            _fsync(sub)
+            fsync_path(sub)
         if final.exists():
             # A re-save of the same step (after a restart) replaces the old one. A kill right
             # here loses this step's checkpoint but never the previous ones.
@@ -328,11 +312,11 @@ class CheckpointManager:
             os.rename(final, old)
             shutil.rmtree(old)
         os.rename(tmp, final)
-        _fsync(self.dir)
+        fsync_path(self.dir)
         pointer = self.dir / f"{TMP_PREFIX}latest"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, self.dir / "latest")
-        _fsync(self.dir)
+        fsync_path(self.dir)
         log.info("checkpoint %s saved", final)
         self._prune()
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import shards
+from data_pipeline.durable import sha256_file
 from data_pipeline.tokenize import (
     TokenizeConfig,
     TokenizerConfig,
@@ -21,7 +22,7 @@ from data_pipeline.tokenize import (
     run,
     train_copies,
 )
-from data_pipeline.tokenizer import Tokenizer, TokenizerSpec, gpt2_files_dir, sha256_file
+from data_pipeline.tokenizer import Tokenizer, TokenizerSpec, gpt2_files_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
