@@ -83,7 +83,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue)
     import torch
     import torch.distributed as dist
 
-    from opt_train.checkpoint import CheckpointManager
+    from opt_train.checkpoint import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.distributed import DistInfo
 
@@ -100,7 +100,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue)
             if world > 1:
                 dist.barrier()
             t0 = time.perf_counter()
-            mgr.save(1, model, opt, {"step": 1, "tokens": 0}, "bench: true\n")
+            mgr.save(1, DCPWeights(model, opt), {"step": 1, "tokens": 0}, "bench: true\n")
             blocked = time.perf_counter() - t0
             mgr.close()
             if world > 1:
@@ -112,7 +112,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue)
                 dist.barrier()
             t1 = time.perf_counter()
             path = mgr2.latest()
-            mgr2.load(path, model2, opt2)
+            mgr2.load(path, DCPWeights(model2, opt2))
             if world > 1:
                 dist.barrier()
             loaded = time.perf_counter() - t1

@@ -1,11 +1,17 @@
-"""Tokens/s and peak memory per rank of the real `train.py` at 1, 2 and 4 ranks on CPU.
+"""Tokens/s and peak memory per rank of the real `train.py` per layout and engine on CPU.
 
 Each configuration runs under torchrun (gloo) with the same global batch; every rank reports its
 peak resident memory (ru_maxrss) at exit. With FSDP the parameters, gradients and optimizer state
 are split across ranks, so memory per rank must fall as ranks are added; on a 2-core machine
 speed is not expected to scale (the ranks share the cores).
 
+Configs: `N` (N ranks of FSDP2), `NxtpT` (N x T ranks, FSDP2 x tensor parallel), `NxzeroS`
+(N ranks of DeepSpeed ZeRO stage S, engine=deepspeed), `NxzeroSoff` (the same with the optimizer
+offloaded to host memory). FSDP2 runs start sharded (`parallel.init=meta`); DeepSpeed builds the
+whole model on every rank before ZeRO partitions it (`init` column).
+
     python benchmarks/parallel.py [--model opt-125m] [--steps 4] [--configs 1,2,4,2xtp2]
+    python benchmarks/parallel.py --configs 2,2xzero1,2xzero2,2xzero3,2xzero3off   # engines
 """
 
 from __future__ import annotations
@@ -40,9 +46,28 @@ def _worker() -> None:
     runpy.run_path(str(REPO / "train.py"), run_name="__main__")
 
 
+def layout(config: str) -> tuple[int, list[str], str]:
+    """(ranks, overrides, init) for a config name (see the module docstring)."""
+    if "xzero" in config:
+        n, _, stage = config.partition("xzero")
+        offload = stage.endswith("off")
+        stage = stage.removesuffix("off")
+        return (
+            int(n),
+            [
+                "engine=deepspeed",
+                f"deepspeed.stage={stage}",
+                f"deepspeed.offload_optimizer={str(offload).lower()}",
+            ],
+            "full",
+        )
+    n, _, tp = config.partition("xtp")
+    # Sharded from the start: no rank builds the whole model.
+    return int(n) * int(tp or 1), [f"parallel.tp={tp or 1}", "parallel.init=meta"], "meta"
+
+
 def run(config: str, model: str, steps: int, work: Path, shards: Path) -> dict:
-    nproc, _, tp = config.partition("xtp")
-    nproc = int(nproc) * (int(tp) if tp else 1)
+    nproc, engine_overrides, init = layout(config)
     run_dir = work / f"run-{config}"
     overrides = [
         f"+model={model}",
@@ -57,11 +82,9 @@ def run(config: str, model: str, steps: int, work: Path, shards: Path) -> dict:
         "precision=fp32",
         "logging.wandb=disabled",
         "logging.progress=false",
-        f"parallel.tp={tp or 1}",
-        # Sharded from the start (no rank builds the whole model) and a synchronous final
-        # save (no staging copy), so peak RSS shows the steady state of training.
-        "parallel.init=meta",
+        # A synchronous final save (no staging copy), so peak RSS shows training's.
         "checkpoint.async_save=false",
+        *engine_overrides,
     ]
     # glibc keeps freed memory: per-thread arenas (gloo, autograd threads) and a dynamic mmap
     # threshold that moves large freed blocks onto the heap. Without these two settings a
@@ -92,7 +115,13 @@ def run(config: str, model: str, steps: int, work: Path, shards: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tps = statistics.median(r["tokens_per_s"] for r in rows[1:] if "loss" in r)
     peaks = [json.loads((work / f"peak_rss_rank{i}.json").read_text()) for i in range(nproc)]
-    return {"config": config, "ranks": nproc, "tokens_per_s": tps, "peak_rss_mib": max(peaks)}
+    return {
+        "config": config,
+        "ranks": nproc,
+        "init": init,
+        "tokens_per_s": tps,
+        "peak_rss_mib": max(peaks),
+    }
 
 
 def main() -> None:
@@ -102,7 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="opt-125m")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--configs", default="1,2,4,2xtp2", help="N ranks of FSDP, or NxtpT")
+    p.add_argument("--configs", default="1,2,4,2xtp2", help="N, NxtpT, NxzeroS, NxzeroSoff")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     from tests.opt_train.conftest import write_patterned_shards
@@ -113,12 +142,14 @@ def main() -> None:
         results = [run(c, args.model, args.steps, work, shards) for c in args.configs.split(",")]
     base = results[0]
     print(f"{args.model}, fp32, seq 128, 512 tokens per step, {args.steps} steps, gloo on CPU")
+    first = f"x {base['config']}"
     print(
-        f"{'config':>7} {'ranks':>5} {'tokens/s':>9} {'x1 rank':>8} {'peak RSS/rank MiB':>18} {'x1 rank':>8}"
+        f"{'config':>10} {'ranks':>5} {'init':>5} {'tokens/s':>9} {first:>8} "
+        f"{'peak RSS/rank MiB':>18} {first:>8}"
     )
     for r in results:
         print(
-            f"{r['config']:>7} {r['ranks']:>5} {r['tokens_per_s']:>9.0f} "
+            f"{r['config']:>10} {r['ranks']:>5} {r['init']:>5} {r['tokens_per_s']:>9.0f} "
             f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}x {r['peak_rss_mib']:>18.0f} "
             f"{r['peak_rss_mib'] / base['peak_rss_mib']:>7.2f}x"
         )

@@ -9,6 +9,11 @@
         meta.json            format, step, mesh, size and sha256 of every file above; last
     checkpoints/latest      name of the newest complete checkpoint (for scripts and people)
 
+With `engine=deepspeed` the DCP files are replaced by DeepSpeed's own (`deepspeed/*.pt`, see
+opt_train/deepspeed_engine.py); everything else, atomicity and verification included, is the
+same. The object that writes the weights (`DCPWeights` here, `DeepSpeedWeights` there) names
+the format in meta.json, and a checkpoint only loads into the engine that wrote it.
+
 Model and optimizer go through torch.distributed.checkpoint (DCP): `get_state_dict` gives each
 rank's FSDP/TP shards under canonical parameter names and DCP records where each slice belongs
 in the full tensor, so a checkpoint loads on any mesh or world size (DCP reshards on load) and
@@ -44,6 +49,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,6 +63,7 @@ from opt_train.distributed import DistInfo
 log = logging.getLogger(__name__)
 
 FORMAT = "opt-train-dcp/1"
+KNOWN_FORMATS = (FORMAT, "opt-train-deepspeed/1")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 
@@ -86,12 +93,6 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _files_of_rank(root: Path, rank: int) -> list[str]:
-    """The files one rank wrote: DCP names its data files `__{rank}_{n}.distcp`."""
-    mine = sorted(p.name for p in root.glob(f"__{rank}_*.distcp"))
-    return mine + [f"rng/rank_{rank:05d}.json"]
-
-
 def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
     """Check a checkpoint directory; returns its meta.json. Every rank checks that all files
     exist with their recorded sizes and hashes its 1/world share of them, so verifying a large
@@ -104,8 +105,10 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
         files = meta["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CorruptCheckpoint(f"{meta_path}: unreadable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in KNOWN_FORMATS:
+        raise CorruptCheckpoint(
+            f"{path}: format {meta.get('format')!r}, expected one of {KNOWN_FORMATS}"
+        )
     names = sorted(files)
     for name in names:
         f = path / name
@@ -182,6 +185,63 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
 
 
+class Weights(Protocol):
+    """What writes and reads the model and optimizer part of a checkpoint for one engine."""
+
+    format: str  # recorded in meta.json; a checkpoint loads only into the same format
+    reshards: bool  # whether it loads at another world size or mesh
+
+    def write(self, tmp: Path, group, asynchronous: bool) -> Future | None: ...
+
+    def read(self, path: Path, group) -> None: ...
+
+    def files_of_rank(self, root: Path, rank: int) -> list[str]: ...
+
+
+class DCPWeights:
+    """Model weights and optimizer moments of the FSDP/TP engine, through DCP.
+
+    Each rank writes its own shards (`__{rank}_{n}.distcp`) and DCP's `.metadata` records
+    where every slice belongs in the full tensor, so these load on any mesh (`reshards`)."""
+
+    format = FORMAT
+    reshards = True
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, write_threads: int = 4
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.write_threads = write_threads
+
+    def write(self, tmp: Path, group, asynchronous: bool) -> Future | None:
+        """Write into `tmp`; asynchronously: stage (copy) the tensors into CPU memory now and
+        return a future that completes when DCP's threads have written them."""
+        state, _ = _sharded_state(self.model, self.optimizer)
+        writer = dcp.FileSystemWriter(tmp, thread_count=self.write_threads)
+        save = dcp.async_save if asynchronous else dcp.save
+        out = save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+        return out if asynchronous else None
+
+    def read(self, path: Path, group) -> None:
+        """Load into the live model and optimizer, resharded to their current layout."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state, param_groups = _sharded_state(self.model, self.optimizer)
+        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=group is None)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict={"state": state["optim"]["state"], "param_groups": param_groups},
+        )
+
+    @staticmethod
+    def files_of_rank(root: Path, rank: int) -> list[str]:
+        """The data files one rank wrote: DCP names them `__{rank}_{n}.distcp`."""
+        return sorted(p.name for p in root.glob(f"__{rank}_*.distcp"))
+
+
 class CheckpointManager:
     """Saves and restores whole-run state; one instance per run, created on every rank."""
 
@@ -215,8 +275,7 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        weights: Weights,
         trainer_state: dict,
         config_yaml: str,
         blocking: bool = False,
@@ -231,27 +290,21 @@ class CheckpointManager:
         if self.rank == 0:
             _write_json(tmp / "state.json", trainer_state)
             (tmp / "config.yaml").write_text(config_yaml)
-        state, _ = _sharded_state(model, optimizer)
         meta = {
-            "format": FORMAT,
+            "format": weights.format,
             "step": step,
             "world": self.world,
             "tokens": trainer_state.get("tokens"),
             "mesh": trainer_state.get("mesh"),
         }
-        writer = dcp.FileSystemWriter(tmp, thread_count=self.cfg.write_threads)
-        if blocking or not self.cfg.async_save:
-            dcp.save(
-                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
-            )
-            self._finish(None, tmp, final, meta)
+        asynchronous = self.cfg.async_save and not blocking
+        written = weights.write(tmp, self.group, asynchronous)
+        if asynchronous:
+            # Our thread hashes and publishes once the write is done, so the training thread
+            # never waits on disk.
+            self._pending = self._in_background(self._finish, written, tmp, final, meta, weights)
         else:
-            # Stages (copies) the tensors into CPU memory now, writes in DCP's thread; our
-            # thread then hashes and publishes, so the training thread never waits on disk.
-            written = dcp.async_save(
-                state, storage_writer=writer, process_group=self.group, no_dist=self.group is None
-            )
-            self._pending = self._in_background(self._finish, written, tmp, final, meta)
+            self._finish(written, tmp, final, meta, weights)
         self.last_saved_step = step
         return final
 
@@ -281,17 +334,21 @@ class CheckpointManager:
         threading.Thread(target=run, name="ckpt-finish", daemon=True).start()
         return done
 
-    def _finish(self, written: Future | None, tmp: Path, final: Path, meta: dict) -> Path:
+    def _finish(
+        self, written: Future | None, tmp: Path, final: Path, meta: dict, weights: Weights
+    ) -> Path:
         if written is not None:
             written.result()  # DCP's data files and .metadata are on disk on every rank
         if self.cfg.debug_delay_s:
             time.sleep(self.cfg.debug_delay_s)  # test hook: a window to kill the job mid-save
-        mine = _describe(tmp, _files_of_rank(tmp, self.rank))
-        everyone = self._gather(mine)  # returns on rank 0 once every rank has finished
+        mine = [*weights.files_of_rank(tmp, self.rank), f"rng/rank_{self.rank:05d}.json"]
+        everyone = self._gather(
+            _describe(tmp, mine)
+        )  # returns on rank 0 once every rank has finished
         if self.rank == 0:
             files = {k: v for part in everyone for k, v in part.items()}
             # Anything no rank claimed (DCP's .metadata, state.json, config.yaml, or a file
-            # named in a way _files_of_rank does not know) is hashed here.
+            # named in a way files_of_rank does not know) is hashed here.
             rest = sorted(
                 str(p.relative_to(tmp))
                 for p in tmp.rglob("*")
@@ -364,28 +421,24 @@ class CheckpointManager:
             return path
         return None
 
-    def load(
-        self,
-        path: Path,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        mesh: dict | None = None,
-    ) -> dict:
-        """Restore model and optimizer (resharded to this job's mesh) and, when this job has
-        the world size and `mesh` that saved, this rank's RNG states; returns the trainer
-        state. On another layout rank r is not the same shard of the work, so its saved RNG
-        stream would not continue anything: the freshly seeded streams are kept."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
+    def load(self, path: Path, weights: Weights, mesh: dict | None = None) -> dict:
+        """Restore model and optimizer (resharded to this job's mesh, where the format allows)
+        and, when this job has the world size and `mesh` that saved, this rank's RNG states;
+        returns the trainer state. On another layout rank r is not the same shard of the work,
+        so its saved RNG stream would not continue anything: the freshly seeded streams are
+        kept."""
         meta = json.loads((path / "meta.json").read_text())
-        state, param_groups = _sharded_state(model, optimizer)
-        dcp.load(state, checkpoint_id=path, process_group=self.group, no_dist=self.group is None)
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict={"state": state["optim"]["state"], "param_groups": param_groups},
-        )
+        if meta["format"] != weights.format:
+            raise ValueError(
+                f"{path} holds {meta['format']} weights, but this run's engine reads "
+                f"{weights.format}: resume with the engine that wrote it, or start a new run_dir"
+            )
+        if not weights.reshards and meta["world"] != self.world:
+            raise ValueError(
+                f"{path} was saved by {meta['world']} ranks and {weights.format} checkpoints "
+                f"load only at the same world size; this run has {self.world}"
+            )
+        weights.read(path, self.group)
         trainer_state = json.loads((path / "state.json").read_text())
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
         if meta["world"] == self.world and meta.get("mesh") == mesh:

@@ -194,8 +194,15 @@ class LoggingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 1
-    offload_optimizer: bool = False
+    """`engine=deepspeed` settings (docs/deepspeed.md); batch, precision, clipping and the
+    optimizer come from the rest of the config, as for the FSDP engine."""
+
+    stage: int = 1  # ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters partitioned
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step in host memory
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.stage must be 1, 2 or 3, got {self.stage}")
 
 
 @dataclass
@@ -218,6 +225,20 @@ class JobConfig:
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.engine not in ("fsdp", "deepspeed"):
             raise ValueError(f"engine must be fsdp or deepspeed, got {self.engine!r}")
+        if self.engine == "deepspeed" and (
+            self.parallel.tp != 1 or self.parallel.dp_replicate != 1
+        ):
+            raise ValueError(
+                "engine=deepspeed runs ZeRO data parallelism over all ranks: parallel.tp and "
+                f"parallel.dp_replicate must be 1 (got {self.parallel.tp} and "
+                f"{self.parallel.dp_replicate}); use engine=fsdp for tensor parallelism or HSDP"
+            )
+        if self.engine == "deepspeed" and self.parallel.init == "meta":
+            raise ValueError(
+                "engine=deepspeed builds the whole model on every rank before ZeRO partitions "
+                "it, so parallel.init=meta is not available; use engine=fsdp for models whose "
+                "fp32 weights do not fit in one host's memory"
+            )
         if self.train.batch_tokens % self.data.seq_len:
             raise ValueError(
                 f"train.batch_tokens={self.train.batch_tokens} must be a multiple of "

@@ -47,13 +47,21 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str, timeout_s: float) -> DistInfo:
+def init_distributed(device_name: str, timeout_s: float, alone_too: bool = False) -> DistInfo:
     """Join the process group torchrun set up (if any). `timeout_s` bounds every collective:
-    a rank that waits longer on a hung peer fails with an error instead of waiting forever."""
+    a rank that waits longer on a hung peer fails with an error instead of waiting forever.
+
+    `alone_too`: a single process gets a one-rank gloo group over an in-memory store (no port),
+    for DeepSpeed, which needs a process group even alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
+    if world == 1 and alone_too and not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        for k in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them, as torchrun would set them
+            os.environ.setdefault(k, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     if world > 1 and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(

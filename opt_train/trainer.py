@@ -7,6 +7,9 @@
 rank, skip the step if the loss or gradient norm is not finite, clip, step, log, evaluate, save,
 and stop after a preemption signal (opt_train/signals.py). State that must survive a restart is
 collected in `state_dict()`; opt_train/checkpoint.py writes it with the model and optimizer.
+
+With `engine=deepspeed` the same loop drives a DeepSpeed ZeRO engine (opt_train/
+deepspeed_engine.py), which then owns gradient averaging, clipping and the optimizer step.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from opt_train.checkpoint import CheckpointManager
+from opt_train.checkpoint import CheckpointManager, DCPWeights
 from opt_train.config import JobConfig
 from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path, validation_batches
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
@@ -49,7 +52,10 @@ class Trainer:
         self.cfg = cfg
         # First, so that a preemption during start-up is not lost (it stops after step one).
         self.preemption = PreemptionFlag().install()
-        self.dist: DistInfo = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+        self.deepspeed = cfg.engine == "deepspeed"
+        self.dist: DistInfo = init_distributed(
+            cfg.train.device, cfg.parallel.timeout_s, alone_too=self.deepspeed
+        )
         self.device = self.dist.device
         self.distributed = self.dist.world > 1
         if cfg.train.num_threads:
@@ -61,10 +67,11 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
 
         # Mesh: data-parallel ranks read different samples; tensor-parallel peers the same.
+        # DeepSpeed's ranks are all data-parallel (config.py checks tp=1).
         self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world)
         self.dims.check_model(cfg.model)
-        self.mesh, self.dp_rank = None, 0
-        if self.distributed:
+        self.mesh, self.dp_rank = None, self.dist.rank if self.deepspeed else 0
+        if self.distributed and not self.deepspeed:
             self.mesh, dp_mesh = self.dims.build_mesh(self.device.type)
             self.dp_rank = dp_mesh.get_local_rank()
         self.accum = cfg.grad_accum_steps(self.dims.dp)
@@ -74,10 +81,23 @@ class Trainer:
         # because they hold replicated activations.
         _seed_everything(cfg.train.seed + self.dp_rank)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = None
+        if self.deepspeed:
+            from opt_train.deepspeed_engine import ZeroEngine
+
+            self.engine = ZeroEngine(self.model, self.optimizer, cfg, self.dist.world, self.accum)
+            self.optimizer = self.engine.optimizer  # DeepSpeed's wrapper; the LR is set on it
+            self.weights = self.engine.weights()
+        else:
+            self.weights = DCPWeights(self.model, self.optimizer, cfg.checkpoint.write_threads)
         self.schedule = LinearWarmupDecay(cfg.optim, cfg.train.batch_tokens)
-        self.scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
-        # FSDP casts parameters per its mixed-precision policy; one process uses autocast.
-        self.autocast_precision = "fp32" if self.distributed else cfg.precision
+        # Under DeepSpeed fp16 its own scaler, set from the same loss_scale.* keys, is used.
+        self.scaler = DynamicLossScaler(
+            cfg.loss_scale, enabled=cfg.precision == "fp16" and not self.deepspeed
+        )
+        # FSDP and DeepSpeed cast parameters to the low precision themselves; one process
+        # uses autocast.
+        self.autocast_precision = "fp32" if self.distributed or self.deepspeed else cfg.precision
 
         data_path = resolve_data_path(cfg.data.path, cfg.data.cache_dir)
         train_windows = PackedWindows(data_path, "train", cfg.data.seq_len)
@@ -142,16 +162,20 @@ class Trainer:
     def _build_model(self) -> OPT:
         cfg = self.cfg
         fp32_bytes = 4 * _full_param_count(cfg.model)
-        meta = self.distributed and (
-            cfg.parallel.init == "meta"
-            or (cfg.parallel.init == "auto" and fp32_bytes > META_INIT_BYTES)
+        meta = (
+            self.distributed
+            and not self.deepspeed
+            and (
+                cfg.parallel.init == "meta"
+                or (cfg.parallel.init == "auto" and fp32_bytes > META_INIT_BYTES)
+            )
         )
         # Full init: the same seed on every rank gives every rank the same whole model, which
         # parallelize() then splits, so a sharded run starts from exactly the one-process weights.
         _seed_everything(cfg.train.seed)
         with torch.device("meta" if meta else self.device):
             model = OPT(cfg.model)
-        if self.distributed:
+        if self.distributed and not self.deepspeed:
             compile_ = cfg.parallel.compile == "on" or (
                 cfg.parallel.compile == "auto" and self.device.type == "cuda"
             )
@@ -249,6 +273,8 @@ class Trainer:
         return last
 
     def train_step(self, micro_batches) -> dict:
+        if self.engine is not None:
+            return self._train_step_deepspeed(micro_batches)
         cfg = self.cfg
         self.model.train()
         self._act_sq.clear()
@@ -278,9 +304,39 @@ class Trainer:
                 stepped = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.update(overflow or not loss_ok)
-        # fp16 gradient overflow is the loss scaler's business (halve and retry), not a
-        # divergence; any other NaN/inf is counted and, repeated, stops the run.
-        nonfinite = not stepped and not (overflow and loss_ok)
+        return self._outcome(mean_loss, act_ms, grad_norm, loss_scale, stepped, overflow)
+
+    def _train_step_deepspeed(self, micro_batches) -> dict:
+        """The same step through DeepSpeed: its `engine.step()` after the last micro-batch
+        averages gradients over ranks, clips, and applies the optimizer step or, when the
+        gradient norm is NaN/inf (as after a NaN loss on any rank) or fp16 overflowed, skips it."""
+        self.model.train()
+        self._act_sq.clear()
+        loss_scale = self.engine.loss_scale()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for inputs, targets in micro_batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            loss = self.engine.micro_step(inputs, targets, self.cfg.train.loss_chunk_tokens)
+            total += loss.float()
+        act_sq = torch.stack(self._act_sq).mean() if self._act_sq else None
+        mean_loss, act_ms = self._mean_over_ranks(total / len(micro_batches), act_sq)
+        stepped, grad_norm = self.engine.outcome(loss_scale)
+        overflow = self.cfg.precision == "fp16" and not stepped and math.isfinite(mean_loss)
+        return self._outcome(mean_loss, act_ms, grad_norm, loss_scale, stepped, overflow)
+
+    def _outcome(
+        self,
+        mean_loss: float,
+        act_ms: float | None,
+        grad_norm: float,
+        loss_scale: float,
+        stepped: bool,
+        overflow: bool,
+    ) -> dict:
+        """Count a skipped step and report the step's metrics. fp16 gradient overflow is the
+        loss scaler's business (halve and retry), not a divergence; any other NaN/inf is
+        counted and, repeated, stops the run."""
+        nonfinite = not stepped and not (overflow and math.isfinite(mean_loss))
         if nonfinite:
             self.nonfinite_skips += 1
             self.nonfinite_in_a_row += 1
@@ -369,8 +425,7 @@ class Trainer:
     def save(self, blocking: bool = False) -> Path:
         return self.ckpt.save(
             self.step,
-            self.model,
-            self.optimizer,
+            self.weights,
             self.state_dict(),
             self.config_yaml,
             blocking=blocking,
@@ -380,7 +435,7 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return None
-        self.load_state_dict(self.ckpt.load(path, self.model, self.optimizer, self._mesh()))
+        self.load_state_dict(self.ckpt.load(path, self.weights, self._mesh()))
         return str(path)
 
     def close(self) -> None:

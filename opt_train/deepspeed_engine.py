@@ -1,0 +1,223 @@
+"""`engine=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 from the same job config.
+
+The trainer's loop is the same for both engines (opt_train/trainer.py); this module holds what
+differs under DeepSpeed: its config, derived from ours; the engine, which owns the optimizer step
+(ZeRO partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm
+is NaN/inf); and the checkpoint weights in DeepSpeed's own files.
+
+Choices, measured with deepspeed 0.19.8 and torch 2.13 on CPU:
+- The optimizer is our torch AdamW (param groups, betas, eps, weight decay from `optim.*`).
+  DeepSpeed's own `"optimizer": {"type": "AdamW"}` would JIT-compile FusedAdam (~100 s on CPU).
+- DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start (~75 s) that serves
+  only `inference_all_reduce`; training collectives go through torch.distributed. On CPU the op
+  is therefore marked unavailable instead of built.
+- DeepSpeed loads its checkpoint files with `torch.load(weights_only=False)`, which would run
+  whatever a file's pickle says. Ours loads them with `weights_only=True`, allowing only the
+  DeepSpeed classes those files hold (`ZERO_CHECKPOINT_CLASSES`).
+- fp16 uses DeepSpeed's loss scaler set from `loss_scale.*` with metaseq's behaviour (halve on
+  every overflow: hysteresis 1). DeepSpeed's scale stops at 1, so our stop rule (the scale would
+  fall below `loss_scale.min`) counts the overflows in a row at 1 instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from opt_train.config import JobConfig
+from opt_train.precision import LossScaleTooSmall
+
+log = logging.getLogger(__name__)
+
+FORMAT = "opt-train-deepspeed/1"
+TAG = "deepspeed"  # the sub-directory of a checkpoint that holds DeepSpeed's files
+DS_MIN_LOSS_SCALE = 1  # DeepSpeed's fp16 scale is an integer >= 1
+
+
+def deepspeed_config(cfg: JobConfig, world: int, accum: int) -> dict:
+    """DeepSpeed's config dict for this job: the batch, clipping and precision of ours."""
+    fp16 = cfg.precision == "fp16"
+    power = math.log2(cfg.loss_scale.init)
+    if fp16 and power != int(power):
+        raise ValueError(
+            f"engine=deepspeed with precision=fp16 needs loss_scale.init to be a power of two "
+            f"(DeepSpeed sets it as 2**initial_scale_power), got {cfg.loss_scale.init}"
+        )
+    zero: dict = {"stage": cfg.deepspeed.stage}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.train.micro_batch_size * accum * world,
+        "gradient_clipping": cfg.optim.clip_grad_norm,
+        "zero_optimization": zero,
+        # Our torch AdamW is not on DeepSpeed's list of tested ZeRO optimizers; it is the
+        # same algorithm, and the equality tests against the FSDP engine check it.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {
+            "enabled": fp16,
+            "initial_scale_power": int(power),
+            "loss_scale_window": cfg.loss_scale.window,
+            "hysteresis": 1,
+            "min_loss_scale": DS_MIN_LOSS_SCALE,
+        },
+        "steps_per_print": 2**31 - 1,  # our metrics.jsonl and progress bar report the steps
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.offload_optimizer:
+        # Pinned host memory needs a GPU; on a CPU-only machine the "offload" is a no-op copy.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # Our torch AdamW instead of DeepSpeedCPUAdam, which would be JIT-compiled.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
+
+
+def overflows_allowed_at_floor(min_scale: float) -> int:
+    """How many fp16 overflows in a row at DeepSpeed's floor scale of 1 end the run: the
+    number of halvings metaseq's scaler would make from 1 before falling below `min_scale`."""
+    n, scale = 0, float(DS_MIN_LOSS_SCALE)
+    while scale >= min_scale:
+        scale /= 2.0
+        n += 1
+    return n
+
+
+class ZeroEngine:
+    """A model and its optimizer inside a DeepSpeed engine. Every rank builds the full model
+    first (ZeRO then keeps only its partition), so this engine suits models whose fp32 weights
+    fit in one host's memory; beyond that use the FSDP engine with `parallel.init=meta`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: JobConfig,
+        world: int,
+        accum: int,
+    ):
+        import deepspeed
+        import deepspeed.ops
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if not torch.cuda.is_available():
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if cfg.deepspeed.stage == 3:
+            # The output projection reads the embedding's weight outside the embedding's own
+            # forward; ZeRO-3 gathers it for the root module's forward only when told.
+            deepspeed.zero.register_external_parameter(model, model.embed_tokens.weight)
+        self.cfg = cfg
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, accum)
+        )
+        self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine)
+        self.fp16 = cfg.precision == "fp16"
+        self.floor_overflows = 0  # fp16: overflows in a row at the floor scale
+
+    def loss_scale(self) -> float:
+        return float(self.optimizer.loss_scale) if self.fp16 else 1.0
+
+    def micro_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; after the step's last micro-batch,
+        `engine.step()` applies (or skips) the optimizer step. Returns the detached loss."""
+        accum = self.engine.gradient_accumulation_steps()
+        loss = self.engine(inputs, targets, chunk_tokens, self.loss_scale() / accum)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def outcome(self, scale_before: float) -> tuple[bool, float]:
+        """(whether the last optimizer step was applied, the gradient norm before clipping).
+        Raises LossScaleTooSmall when fp16 keeps overflowing at the floor scale."""
+        applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        if self.fp16 and not applied:
+            at_floor = scale_before <= DS_MIN_LOSS_SCALE
+            self.floor_overflows = self.floor_overflows + 1 if at_floor else 0
+            if self.floor_overflows >= overflows_allowed_at_floor(self.cfg.loss_scale.min):
+                raise LossScaleTooSmall(
+                    f"fp16 gradients overflowed {self.floor_overflows} steps in a row at "
+                    f"DeepSpeed's smallest loss scale ({DS_MIN_LOSS_SCALE}); metaseq's scaler would "
+                    f"have fallen below loss_scale.min={self.cfg.loss_scale.min:g}: training has "
+                    "diverged. Resume from an earlier checkpoint with a lower LR, skip the bad "
+                    "data range, or use precision=bf16."
+                )
+        elif applied:
+            self.floor_overflows = 0
+        return applied, norm
+
+    def weights(self) -> DeepSpeedWeights:
+        return DeepSpeedWeights(self.engine)
+
+
+class DeepSpeedWeights:
+    """The model and optimizer part of a checkpoint in DeepSpeed's files, under `deepspeed/`
+    in the checkpoint directory (opt_train/checkpoint.py adds state, RNG, config and hashes,
+    and publishes it atomically). Saves are synchronous: DeepSpeed writes from the training
+    thread. They load only at the world size that wrote them; DeepSpeed's universal-checkpoint
+    tools convert them for another one."""
+
+    format = FORMAT
+    reshards = False
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def write(self, tmp: Path, group, asynchronous: bool) -> Future | None:
+        # DeepSpeed also copies its zero_to_fp32.py consolidation script into `tmp`.
+        self.engine.save_checkpoint(str(tmp), tag=TAG, client_state={}, save_latest=False)
+        return None
+
+    def read(self, path: Path, group) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"{path / TAG}: DeepSpeed found no checkpoint to load")
+
+    @staticmethod
+    def files_of_rank(root: Path, rank: int) -> list[str]:
+        """DeepSpeed names a rank's partition files `*zero_pp_rank_{rank}_mp_rank_*`."""
+        return sorted(
+            f"{TAG}/{p.name}" for p in (root / TAG).glob(f"*zero_pp_rank_{rank}_mp_rank_*")
+        )
+
+
+def zero_checkpoint_classes() -> list:
+    """The classes DeepSpeed pickles into its ZeRO checkpoint files besides tensors and
+    containers (found with torch.serialization.get_unsafe_globals_in_checkpoint)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def load_weights_only(path: str | Path, map_location=None):
+    """torch.load with weights_only=True, allowing DeepSpeed's checkpoint classes: a file that
+    names any other global is refused (pickle.UnpicklingError) instead of executed."""
+    with torch.serialization.safe_globals(zero_checkpoint_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _weights_only_checkpoint_engine(engine):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise TypeError(
+            f"DeepSpeed chose {type(engine.checkpoint_engine).__name__}; opt-train replaces only "
+            "its default TorchCheckpointEngine (remove checkpoint engine settings)"
+        )
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    return WeightsOnly(engine._config)

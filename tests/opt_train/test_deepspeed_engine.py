@@ -1,0 +1,220 @@
+"""engine=deepspeed: ZeRO 1/2/3 from the same config, equal to the FSDP2 engine, resuming exactly.
+
+Runs launch the real `torchrun ... train.py` (or `python train.py`) with deepspeed 0.19.8 on
+gloo, one thread per rank. Like the FSDP2 engine, DeepSpeed on gloo is bitwise reproducible at
+a fixed world size and thread count, so an interrupted-and-resumed run must give the
+uninterrupted run's losses exactly (dropout on, so the RNG states must come back too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opt_train.deepspeed_engine import (
+    deepspeed_config,
+    load_weights_only,
+    overflows_allowed_at_floor,
+)
+from opt_train.signals import EXIT_REQUEUE
+from opt_train.trainer import Trainer
+from tests.multirank import REPO, rank_env, torchrun_cmd
+from tests.opt_train.conftest import make_config, small_job
+from tests.opt_train.test_fault_tolerance import (
+    job,
+    losses,
+    popen,
+    run_ok,
+    sigkill_tree,
+    wait_for,
+)
+
+STEPS = 12
+NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
+
+
+def zero(stage: int, *extra: str) -> list[str]:
+    return ["engine=deepspeed", f"deepspeed.stage={stage}", *extra]
+
+
+# -- the config DeepSpeed gets ----------------------------------------------------------------
+
+
+def test_deepspeed_config_carries_our_batch_clipping_precision_and_loss_scale():
+    cfg = make_config(
+        *zero(3, "deepspeed.offload_optimizer=true"),
+        "precision=fp16",
+        "data.seq_len=128",
+        "train.micro_batch_size=2",
+        "train.batch_tokens=4096",  # 32 sequences = 2 per micro-batch x 4 ranks x 4 steps
+        "optim.clip_grad_norm=0.5",
+        "loss_scale.init=8",
+        "loss_scale.window=100",
+    )
+    ds = deepspeed_config(cfg, world=4, accum=cfg.grad_accum_steps(4))
+    assert ds["train_batch_size"] == 32
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # our AdamW, nothing JIT-compiled
+    assert "optimizer" not in ds and "scheduler" not in ds  # ours: AdamW and the LR schedule
+    fp16 = ds["fp16"]
+    assert fp16["enabled"] and not ds["bf16"]["enabled"]
+    assert 2 ** fp16["initial_scale_power"] == 8 and fp16["loss_scale_window"] == 100
+    assert fp16["hysteresis"] == 1  # metaseq halves on every overflow
+
+
+def test_fp16_stop_rule_counts_the_halvings_metaseq_would_make_below_one():
+    # metaseq from scale 1 with min 2^-5: 1/2, 1/4, 1/8, 1/16, 1/32 (= min, still allowed),
+    # then 1/64 < min stops the run on the 6th overflow in a row.
+    assert overflows_allowed_at_floor(2.0**-5) == 6
+    assert overflows_allowed_at_floor(1.0) == 1
+    assert overflows_allowed_at_floor(0.75) == 1
+    assert overflows_allowed_at_floor(0.5) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (zero(1, "parallel.tp=2"), "parallel.tp and parallel.dp_replicate must be 1"),
+        (["engine=deepspeed", "deepspeed.stage=4"], "deepspeed.stage must be 1, 2 or 3"),
+        (zero(3, "parallel.init=meta"), "parallel.init=meta is not available"),
+        (["engine=deepspeedd"], "engine must be fsdp or deepspeed"),
+    ],
+)
+def test_bad_deepspeed_settings_stop_at_start_naming_the_key(overrides, message):
+    with pytest.raises(Exception, match=message):
+        make_config(*overrides)
+
+
+def test_loading_refuses_a_pickled_object_that_is_not_a_tensor_or_deepspeed_state(tmp_path):
+    f = tmp_path / "evil.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "payload": Path("/etc/passwd")}, f)
+    with pytest.raises(pickle.UnpicklingError, match="pathlib"):
+        load_weights_only(f)
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, f)
+    assert load_weights_only(f)["module"]["w"].sum() == 2
+
+
+# -- one process ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_checkpoint(
+    tmp_path, small_shards
+):
+    run = tmp_path / "run"
+    overrides = job(run, small_shards, *NO_DROPOUT, *zero(2, "deepspeed.offload_optimizer=true"))
+    r = subprocess.run(
+        [sys.executable, "train.py", *overrides, "train.max_steps=3"],
+        cwd=REPO,
+        env=rank_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = tmp_path / "plain"
+    Trainer(make_config(*job(plain, small_shards, *NO_DROPOUT, "train.max_steps=3"))).fit()
+    # One rank, the same fp32 arithmetic on the same samples; only DeepSpeed's flattened
+    # parameter partition differs in layout, so the values agree to fp32 rounding.
+    assert losses(run) == pytest.approx(losses(plain), rel=1e-6)
+
+    ckpt = run / "checkpoints" / "step_00000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["format"] == "opt-train-deepspeed/1"
+    assert any(name.startswith("deepspeed/") for name in meta["files"])
+    assert {"state.json", "config.yaml", "rng/rank_00000.json"} <= set(meta["files"])
+    with pytest.raises(ValueError, match="opt-train-deepspeed/1"):
+        Trainer(small_job(run, small_shards, "train.max_steps=4"))
+
+
+# -- two ranks ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(tmp_path, small_shards):
+    fsdp = tmp_path / "fsdp"
+    run_ok(2, job(fsdp, small_shards, *NO_DROPOUT, "train.max_steps=6"))
+    want = losses(fsdp)
+    assert sorted(want) == list(range(1, 7))
+    fsdp_rows = [json.loads(x) for x in (fsdp / "metrics.jsonl").read_text().splitlines()]
+    for stage in (1, 2, 3):
+        run = tmp_path / f"zero{stage}"
+        run_ok(2, job(run, small_shards, *NO_DROPOUT, *zero(stage), "train.max_steps=6"))
+        got = losses(run)
+        # fp32 gradients averaged by another collective (all-reduce or reduce-scatter in
+        # another order): ~1e-6 relative per step, compounding over 6 steps of Adam; a
+        # different sample or LR would move the loss by ~1e-2 here.
+        assert got == pytest.approx(want, rel=1e-4), f"ZeRO-{stage}"
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [sorted(r) for r in rows] == [sorted(r) for r in fsdp_rows]  # same fields
+        assert all(math.isfinite(r["grad_norm"]) and not r["skipped"] for r in rows if "loss" in r)
+
+
+@pytest.fixture(scope="module")
+def zero3_reference(tmp_path_factory, small_shards) -> dict[int, float]:
+    """The uninterrupted 2-rank ZeRO-3 run (dropout on) that interrupted runs must reproduce."""
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    run_ok(2, job(run, small_shards, *zero(3)))
+    got = losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sigkill_then_rerun_resumes_with_bit_identical_losses(
+    tmp_path, small_shards, zero3_reference
+):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    # The test hook holds each save for 1 s before it becomes visible (training goes on), so
+    # the kill lands mid-run.
+    slow = job(run, small_shards, *zero(3), "checkpoint.debug_delay_s=1")
+    proc = popen(torchrun_cmd(2, slow), tmp_path / "log")
+    wait_for(lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc)
+    sigkill_tree(proc.pid)
+    proc.wait()
+    killed_at = max(losses(run))
+    assert killed_at < STEPS, "the kill came after the run had finished"
+    stderr = run_ok(2, job(run, small_shards, *zero(3)))
+    assert "resumed from " + str(ckpts) in stderr
+    assert losses(run) == zero3_reference  # bit for bit
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exactly(
+    tmp_path, small_shards, zero3_reference
+):
+    run = tmp_path / "run"
+    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
+    proc = popen(
+        torchrun_cmd(2, job(run, small_shards, *zero(3), "train.max_steps=100000"), args),
+        tmp_path / "log",
+    )
+    wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=60)
+    log = (tmp_path / "log").read_text()
+    assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
+    stopped = max(losses(run))
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
+    if stopped < STEPS:
+        run_ok(2, job(run, small_shards, *zero(3)))
+        assert losses(run) == zero3_reference
+
+
+def losses_or_empty(run: Path) -> dict[int, float]:
+    return losses(run) if (run / "metrics.jsonl").is_file() else {}
