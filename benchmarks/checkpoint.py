@@ -2,7 +2,7 @@
 OPT-125m-shaped model (fp32 weights + AdamW moments) at 1 and 2 gloo ranks, sync and async,
 against the disk's own write bandwidth measured in the same run (`dd ... conv=fsync`).
 
-Saves go through the real `CheckpointManager` (DCP shards, per-file sha256, atomic publish),
+Saves go through the real `CheckpointManager` (DCP shards, per-file xxh3-128 checksums, atomic publish),
 so "save" is the time until the checkpoint is visible and verified-loadable; "blocked" is how
 long the training thread waits (all of it when sync; the copy to CPU memory when async);
 "load" is `latest()` (verifies every hash) plus `load()` into a freshly built model.

@@ -6,7 +6,7 @@
         state.json           step, tokens, data position, loss scaler, counters (rank 0)
         rng/rank_00000.json  each rank's torch (CPU and CUDA), numpy and python RNG states
         config.yaml          the resolved job config
-        meta.json            format, step, mesh, size and sha256 of every file above; last
+        meta.json            format, step, mesh, size and checksum of every file above; last
     checkpoints/latest      name of the newest complete checkpoint (for scripts and people)
 
 With `engine=deepspeed` the DCP files are replaced by DeepSpeed's own (`deepspeed/*.pt`, see
@@ -38,6 +38,8 @@ match expected size") because two threads then interleave collectives on one gro
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -55,8 +57,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
+from torch.distributed.checkpoint.filesystem import FileSystem
 
-from data_pipeline.durable import fsync_path, sha256_file
+from data_pipeline.durable import fsync_path
 from opt_train.config import CheckpointConfig
 from opt_train.distributed import DistInfo
 
@@ -75,13 +79,28 @@ class CorruptCheckpoint(RuntimeError):
 # -- files and hashes -----------------------------------------------------------------------
 
 
-def _describe(root: Path, names: list[str]) -> dict[str, dict]:
-    """Size and sha256 of each file, hashed in parallel threads (hashlib releases the GIL), as
-    DCP writes `checkpoint.write_threads` files per rank."""
+CHECKSUM = "xxh3_128"  # meta.json's per-file checksum; "sha256" in checkpoints before it
+
+
+def _checksum(path: Path, algorithm: str = CHECKSUM) -> str:
+    """A file's checksum. xxh3-128 runs at ~10 GB/s per core here against ~1.3 GB/s for sha256,
+    which made hashing a large part of a save's time; it detects truncation and corruption as
+    well (a cryptographic hash beside the data it covers would not stop tampering anyway).
+    sha256 stays readable for checkpoints written before."""
+    h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe(root: Path, names: list[str], algorithm: str = CHECKSUM) -> dict[str, dict]:
+    """Size and checksum of each file, hashed in parallel threads (both hashes release the
+    GIL), as DCP writes `checkpoint.write_threads` files per rank."""
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        digests = list(pool.map(lambda n: sha256_file(root / n), names))
+        digests = list(pool.map(lambda n: _checksum(root / n, algorithm), names))
     return {
-        n: {"bytes": (root / n).stat().st_size, "sha256": d}
+        n: {"bytes": (root / n).stat().st_size, algorithm: d}
         for n, d in zip(names, digests, strict=True)
     }
 
@@ -119,9 +138,10 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
                 f"{f}: {f.stat().st_size} bytes, meta.json says {files[name]['bytes']} (truncated?)"
             )
     mine = names[rank::world]
-    for name, got in zip(mine, _describe(path, mine).values(), strict=True):
-        if got["sha256"] != files[name]["sha256"]:
-            raise CorruptCheckpoint(f"{path / name}: sha256 mismatch (corrupted)")
+    algorithm = CHECKSUM if all(CHECKSUM in files[n] for n in names) else "sha256"
+    for name, got in zip(mine, _describe(path, mine, algorithm).values(), strict=True):
+        if got[algorithm] != files[name].get(algorithm):
+            raise CorruptCheckpoint(f"{path / name}: {algorithm} checksum mismatch (corrupted)")
     return meta
 
 
@@ -185,6 +205,26 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
 
 
+class _FileSystemWithoutZipCRC(FileSystem):
+    """DCP's file system, but `torch.save` computes no zip CRC32 while a file is open for
+    writing. DCP opens each file in the thread that writes it; the setting is per thread in
+    torch 2.13, so it is made there and undone when the file is closed."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        finally:
+            torch.serialization.set_crc32_options(before)
+
+
 class Weights(Protocol):
     """What writes and reads the model and optimizer part of a checkpoint for one engine."""
 
@@ -216,9 +256,14 @@ class DCPWeights:
 
     def write(self, tmp: Path, group, asynchronous: bool) -> Future | None:
         """Write into `tmp`; asynchronously: stage (copy) the tensors into CPU memory now and
-        return a future that completes when DCP's threads have written them."""
+        return a future that completes when DCP's threads have written them.
+
+        DCP stores each tensor as a `torch.save` zip record, whose CRC32 halved the write rate
+        here (2.2 vs 4.4 GB/s into the page cache); the checkpoint's own checksums already
+        cover every byte, so DCP's writer threads skip the CRC (`_FileSystemWithoutZipCRC`)."""
         state, _ = _sharded_state(self.model, self.optimizer)
         writer = dcp.FileSystemWriter(tmp, thread_count=self.write_threads)
+        writer.fs = _FileSystemWithoutZipCRC()
         save = dcp.async_save if asynchronous else dcp.save
         out = save(state, storage_writer=writer, process_group=group, no_dist=group is None)
         return out if asynchronous else None

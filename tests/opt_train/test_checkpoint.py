@@ -3,16 +3,18 @@
 import json
 import logging
 
+import pytest
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from opt_train.checkpoint import CheckpointManager, verify
+from data_pipeline.durable import sha256_file
+from opt_train.checkpoint import CheckpointManager, CorruptCheckpoint, verify
 from opt_train.config import CheckpointConfig
 from opt_train.trainer import Trainer
 from tests.opt_train.conftest import small_job
 
 
-def test_checkpoint_lists_every_file_with_size_and_sha256_and_stores_only_tensors_in_dcp(
+def test_checkpoint_lists_every_file_with_size_and_checksum_and_stores_only_tensors_in_dcp(
     tmp_path, small_shards
 ):
     run = tmp_path / "run"
@@ -52,7 +54,7 @@ def test_truncated_flipped_or_unfinished_checkpoints_are_reported_and_skipped(
         assert manager.latest() == ckpts / "step_00000002"
     log = caplog.text
     assert "step_00000006/__0_0.distcp" in log and "truncated" in log
-    assert "step_00000004/state.json" in log and "sha256 mismatch" in log
+    assert "step_00000004/state.json" in log and "checksum mismatch" in log
     (ckpts / "step_00000002" / "meta.json").unlink()
     assert manager.latest() is None
     # The trainer starts over rather than loading damaged state.
@@ -82,6 +84,25 @@ def test_sync_and_async_saves_write_identical_bytes(tmp_path, small_shards):
     )
     # config.yaml differs (it names the mode); weights, optimizer, state and RNG must not.
     del a["config.yaml"], b["config.yaml"]
-    assert {k: v["sha256"] for k, v in a.items() if k != ".metadata"} == {
-        k: v["sha256"] for k, v in b.items() if k != ".metadata"
+    assert {k: v["xxh3_128"] for k, v in a.items() if k != ".metadata"} == {
+        k: v["xxh3_128"] for k, v in b.items() if k != ".metadata"
     }
+
+
+def test_checkpoints_with_sha256_checksums_from_before_still_verify(tmp_path, small_shards):
+    run = tmp_path / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=2", "checkpoint.interval=2")).fit()
+    ckpt = run / "checkpoints" / "step_00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert all(set(f) == {"bytes", "xxh3_128"} for f in meta["files"].values())
+    meta["files"] = {
+        name: {"bytes": f["bytes"], "sha256": sha256_file(ckpt / name)}
+        for name, f in meta["files"].items()
+    }
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert verify(ckpt)["step"] == 2
+    with open(ckpt / "state.json", "r+b") as f:
+        f.seek(2)
+        f.write(b"9")
+    with pytest.raises(CorruptCheckpoint, match="sha256 checksum mismatch"):
+        verify(ckpt)
