@@ -7,11 +7,12 @@ speed is not expected to scale (the ranks share the cores).
 
 Configs: `N` (N ranks of FSDP2), `NxtpT` (N x T ranks, FSDP2 x tensor parallel), `NxzeroS`
 (N ranks of DeepSpeed ZeRO stage S, engine=deepspeed), `NxzeroSoff` (the same with the optimizer
-offloaded to host memory). FSDP2 runs start sharded (`parallel.init=meta`); DeepSpeed builds the
-whole model on every rank before ZeRO partitions it (`init` column).
+offloaded to host memory). FSDP2 runs start sharded (`parallel.init=meta`) unless the name ends
+in `full` (`2full`: every rank builds the whole model first, as DeepSpeed always does; `init`
+column).
 
     python benchmarks/parallel.py [--model opt-125m] [--steps 4] [--configs 1,2,4,2xtp2]
-    python benchmarks/parallel.py --configs 2,2xzero1,2xzero2,2xzero3,2xzero3off   # engines
+    python benchmarks/parallel.py --configs 2,2full,2xzero1,2xzero2,2xzero3,2xzero3off  # engines
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def layout(config: str) -> tuple[int, list[str], str]:
             ],
             "full",
         )
-    n, _, tp = config.partition("xtp")
-    # Sharded from the start: no rank builds the whole model.
-    return int(n) * int(tp or 1), [f"parallel.tp={tp or 1}", "parallel.init=meta"], "meta"
+    # Sharded from the start (no rank builds the whole model) unless the name ends in "full".
+    init = "full" if config.endswith("full") else "meta"
+    n, _, tp = config.removesuffix("full").partition("xtp")
+    return int(n) * int(tp or 1), [f"parallel.tp={tp or 1}", f"parallel.init={init}"], init
 
 
 def run(config: str, model: str, steps: int, work: Path, shards: Path) -> dict:
