@@ -270,7 +270,15 @@ def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Bat
     if legacy:
         _permute_min_legacy(hashes, sh_off, a, b, sigs)
     else:
-        _permute_min_affine32(hashes, sh_off, a.astype(np.uint32), b.astype(np.uint32), sigs)
+        width = -(-len(a) // 16) * 16  # the kernel works on whole vectors of 16 permutations
+        a32, b32 = np.zeros(width, np.uint32), np.zeros(width, np.uint32)
+        a32[: len(a)], b32[: len(b)] = a, b
+        if width != len(a):
+            wide = np.empty((len(raw), width), dtype=np.uint32)
+            _permute_min_affine32(hashes, sh_off, a32, b32, wide)
+            sigs[:] = wide[:, : len(a)]
+        else:
+            _permute_min_affine32(hashes, sh_off, a32, b32, sigs)
     return Batch(sigs, hashes, sh_off)
 
 
@@ -688,24 +696,80 @@ if HAVE_NUMBA:
         for i in range(len(starts)):
             out[i] = _U(_sha1_hash32(norm, starts[i], lens[i], w))
 
+    def _affine32_x16(nvec: int):
+        """An intrinsic: the affine32 MinHash of one document over 16 * nvec permutations,
+        with the running minima held in nvec vector registers across the whole document
+        (the loop numba generated stored and reloaded all 128 minima for every shingle).
+        Arguments: address of the document's `count` uint32 shingle hashes, count, addresses
+        of a and b (16 * nvec uint32 each), of the output (16 * nvec uint32)."""
+
+        @_intrinsic
+        def affine32(typingctx, hashes, count, a, b, out):
+            def codegen(context, builder, sig, args):
+                from numba.core import cgutils
+
+                bld = builder
+                i32 = _I32
+                vt = _V16
+                vp = vt.as_pointer()
+
+                def splat(c):
+                    return _ir.Constant(vt, [c] * 16)
+
+                def const(c):
+                    return _ir.Constant(i32, c)
+
+                hp = bld.inttoptr(args[0], i32.as_pointer())
+                ap, bp = bld.inttoptr(args[2], vp), bld.inttoptr(args[3], vp)
+                av = [bld.load(bld.gep(ap, [_ir.Constant(_I64, k)]), align=4) for k in range(nvec)]
+                bv = [bld.load(bld.gep(bp, [_ir.Constant(_I64, k)]), align=4) for k in range(nvec)]
+                acc = [cgutils.alloca_once_value(bld, splat(0xFFFFFFFF)) for _ in range(nvec)]
+                with cgutils.for_range(bld, args[1]) as loop:
+                    h = bld.load(bld.gep(hp, [loop.index]), align=4)
+                    # datasketch affine32 pre-mixes the hash with MurmurHash3's fmix32
+                    h = bld.xor(h, bld.lshr(h, const(16)))
+                    h = bld.mul(h, const(0x85EBCA6B))
+                    h = bld.xor(h, bld.lshr(h, const(13)))
+                    h = bld.mul(h, const(0xC2B2AE35))
+                    h = bld.xor(h, bld.lshr(h, const(16)))
+                    hv = bld.insert_element(_ir.Constant(vt, _ir.Undefined), h, const(0))
+                    hv = bld.shuffle_vector(hv, hv, _ir.Constant(vt, [0] * 16))
+                    for k in range(nvec):
+                        v = bld.add(bld.mul(av[k], hv), bv[k])  # wraps mod 2^32
+                        cur = bld.load(acc[k])
+                        bld.store(bld.select(bld.icmp_unsigned("<", v, cur), v, cur), acc[k])
+                op = bld.inttoptr(args[4], vp)
+                for k in range(nvec):
+                    bld.store(bld.load(acc[k]), bld.gep(op, [_ir.Constant(_I64, k)]), align=4)
+                return context.get_dummy_value()
+
+            intp = numba.types.intp
+            return numba.types.none(intp, intp, intp, intp, intp), codegen
+
+        return affine32
+
+    _affine32_x128 = _affine32_x16(8)
+    _affine32_x16_1 = _affine32_x16(1)
+
     @numba.njit(cache=True)
     def _permute_min_affine32(hashes, sh_off, a, b, sigs):
-        """datasketch affine32: fmix32 pre-mix, then min over shingles of a*h + b mod 2^32."""
+        """datasketch affine32: fmix32 pre-mix, then min over shingles of a*h + b mod 2^32.
+        a, b and each row of sigs hold a multiple of 16 permutations; 128 at a time, then
+        16 at a time."""
         num_perm = len(a)
-        sig = np.empty(num_perm, dtype=np.uint32)
+        hp = hashes.ctypes.data
         for d in range(len(sh_off) - 1):
-            sig[:] = _U(0xFFFFFFFF)
-            for i in range(sh_off[d], sh_off[d + 1]):
-                h = hashes[i]
-                h = _U(h ^ (h >> _U(16)))
-                h = _U(h * _U(0x85EBCA6B))
-                h = _U(h ^ (h >> _U(13)))
-                h = _U(h * _U(0xC2B2AE35))
-                h = _U(h ^ (h >> _U(16)))
-                for p in range(num_perm):
-                    v = _U(a[p] * h + b[p])
-                    sig[p] = min(sig[p], v)
-            sigs[d, :] = sig
+            lo, n = sh_off[d], sh_off[d + 1] - sh_off[d]
+            p = 0
+            while p < num_perm:
+                at = hp + 4 * lo
+                args = (a.ctypes.data + 4 * p, b.ctypes.data + 4 * p, sigs[d].ctypes.data + 4 * p)
+                if num_perm - p >= 128:
+                    _affine32_x128(at, n, *args)
+                    p += 128
+                else:
+                    _affine32_x16_1(at, n, *args)
+                    p += 16
 
     @numba.njit(cache=True)
     def _permute_min_legacy(hashes, sh_off, a, b, sigs):
