@@ -61,6 +61,7 @@ from data_pipeline.io import (
     loads_line,
     truncated_reason,
 )
+from data_pipeline.jsonl_fast import FAST, SLOW, parse_block
 from data_pipeline.minhash import HAVE_NUMBA, MinHasher
 
 if HAVE_NUMBA:
@@ -275,6 +276,51 @@ def _init_worker(params: dict) -> None:
     _HASHER = MinHasher(**params)
 
 
+def _parse_lines(block: bytes, first: int, name: str, parsed, rejects: list):
+    """Texts (UTF-8) and output lines of a block's documents, each line parsed exactly as
+    io.read_documents does, except those jsonl_fast parsed already (`parsed`, or None)."""
+    texts, out = [], []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    last = first + len(lines) - 1  # the last line has a newline only if the block ends in one
+    if parsed is not None:
+        status, _, _, text, text_off, lines_out, out_off = parsed
+        status, text_off, out_off = status.tolist(), text_off.tolist(), out_off.tolist()
+    for k, raw in enumerate(lines):
+        lineno = first + k
+        if parsed is not None and status[k] != SLOW:
+            if status[k] == FAST:
+                texts.append(text[text_off[k] : text_off[k + 1]].tobytes())
+                out.append(lines_out[out_off[k] : out_off[k + 1]].tobytes())
+            continue
+        try:
+            obj = json_object(raw, ("text",))
+            if obj is None:
+                continue
+            doc = document(obj, f"{name}:{lineno}")
+        except LineRejected as e:
+            bad = e.raw
+            if bad is raw and (lineno < last or block.endswith(b"\n")):
+                bad = raw + b"\n"  # the raw line as io.iter_lines gives it, newline and all
+            rejects.append((lineno, e.reason, bad))
+            continue
+        try:  # JSON allows lone surrogates, UTF-8 cannot hold them
+            encoded = doc["text"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            reason = f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}"
+            rejects.append((lineno, reason, b""))
+            continue
+        try:
+            line = dumps_doc(doc)
+        except UnicodeEncodeError as e:  # in the id or meta: the document cannot be written
+            rejects.append((lineno, f"document not encodable as UTF-8 ({e.reason})", b""))
+            continue
+        texts.append(encoded)
+        out.append(line)
+    return texts, out
+
+
 def _signature_task(task: tuple):
     """Parse a task's lines exactly as io.read_documents does, and return the signatures and
     shingle hashes of its documents, the documents as output lines (one zstd frame: the
@@ -287,38 +333,27 @@ def _signature_task(task: tuple):
             f.seek(block[0])
             block = f.read(block[1])
     name = Path(path).name
-    texts, out, rejects = [], [], []
-    lines = block.split(b"\n")
-    if block.endswith(b"\n"):
-        lines.pop()
-    last = first + len(lines) - 1  # the last line has a newline only if the block ends in one
-    for lineno, raw in enumerate(lines, start=first):
-        try:
-            obj = json_object(raw, ("text",))
-            if obj is None:
-                continue
-            doc = document(obj, f"{name}:{lineno}")
-        except LineRejected as e:
-            bad = e.raw
-            if bad is raw and (lineno < last or block.endswith(b"\n")):
-                bad = raw + b"\n"  # the raw line as io.iter_lines gives it, newline and all
-            rejects.append((lineno, e.reason, bad))
-            continue
-        try:
-            texts.append(doc["text"].encode("utf-8"))
-        except UnicodeEncodeError as e:
-            reason = f"text not encodable as UTF-8 ({e.reason}) id={doc['id']}"
-            rejects.append((lineno, reason, b""))
-            continue
-        out.append(dumps_doc(doc))
+    rejects = []
+    parsed = parse_block(block)
+    if parsed is not None and not (parsed[0] == SLOW).any():
+        # The common case, every line compiled (jsonl_fast): no Python per document.
+        status, _, _, text, text_off, lines_out, out_off = parsed
+        fast = np.flatnonzero(status == FAST)
+        t_off = np.concatenate(([0], text_off[fast + 1]))
+        o_off = np.concatenate(([0], out_off[fast + 1]))
+        b = _HASHER.batch_joined(text, t_off)
+        out = [memoryview(lines_out)[: o_off[-1]]]
+        sizes = np.diff(o_off)
+    else:
+        texts, out = _parse_lines(block, first, name, parsed, rejects)
+        b = _HASHER.batch(texts)
+        sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
     if truncated:
         rejects.append((*truncated, b""))
-    b = _HASHER.batch(texts)
     keys = _band_keys(b.signatures, banding[1], banding[0])
-    spool = b"".join(out)
-    if zstd and spool:
+    spool = out[0] if len(out) == 1 else b"".join(out)
+    if zstd and len(spool):
         spool = _SPOOL_CCTX.compress(spool)
-    sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
     # The shingle hashes and the spool (~5 KB per 3 KB document) stay in this process's own
     # part files, where later stages read them (the segments table says where): receiving
     # them through the pool's pipe cost the parent ~12 us of CPU per document, and copying

@@ -136,6 +136,19 @@ class MinHasher:
         docs = [" ".join(t.decode("utf-8").split()).encode("utf-8") for t in raw]
         return _batch_numpy(docs, self.ngram, self.a, self.b, self.scheme == "legacy")
 
+    def batch_joined(self, buf: np.ndarray, offsets: np.ndarray) -> Batch:
+        """batch() of documents already joined as UTF-8: document i is
+        buf[offsets[i]:offsets[i + 1]] (uint8), and buf holds at least 64 bytes after the
+        last one (the numba kernels read whole 64-byte chunks)."""
+        if self.backend == "numpy":
+            raw = [buf[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+            return self.batch(raw)
+        if len(buf) < offsets[-1] + 64:
+            raise ValueError("batch_joined needs 64 readable bytes after the last document")
+        legacy = self.scheme == "legacy"
+        raw_off = np.ascontiguousarray(offsets, dtype=np.int64)
+        return _batch_buffer(buf, raw_off, self.ngram, self.a, self.b, legacy, self.backend)
+
     def signatures(self, texts: list[str]) -> np.ndarray:
         return self.batch(texts).signatures
 
@@ -245,6 +258,12 @@ def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Bat
     buf = np.frombuffer(b"".join([*raw, bytes(64)]), dtype=np.uint8)
     raw_off = np.zeros(len(raw) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in raw], out=raw_off[1:])
+    return _batch_buffer(buf, raw_off, n, a, b, legacy, sha1)
+
+
+def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bool, sha1: str):
+    """The numba path over documents buf[raw_off[i]:raw_off[i+1]] (64 readable bytes after
+    the last)."""
     cap = len(buf) + 2
     # 128 spare bytes: the SIMD SHA-1 reads up to 120 bytes from a shingle start (and masks)
     norm = _scratch("norm", len(buf) + 128, np.uint8)
@@ -266,7 +285,7 @@ def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Bat
         _sha1_spans_openssl(*_LIBCRYPTO, norm, starts, lens, hashes)
     else:
         _sha1_spans_portable(norm, starts, lens, hashes)
-    sigs = np.empty((len(raw), len(a)), dtype=np.uint32)
+    sigs = np.empty((len(raw_off) - 1, len(a)), dtype=np.uint32)
     if legacy:
         _permute_min_legacy(hashes, sh_off, a, b, sigs)
     else:
@@ -274,7 +293,7 @@ def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Bat
         a32, b32 = np.zeros(width, np.uint32), np.zeros(width, np.uint32)
         a32[: len(a)], b32[: len(b)] = a, b
         if width != len(a):
-            wide = np.empty((len(raw), width), dtype=np.uint32)
+            wide = np.empty((len(raw_off) - 1, width), dtype=np.uint32)
             _permute_min_affine32(hashes, sh_off, a32, b32, wide)
             sigs[:] = wide[:, : len(a)]
         else:
