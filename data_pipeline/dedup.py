@@ -162,12 +162,52 @@ def _band_keys(sig: np.ndarray, rows: int, bands: int) -> np.ndarray:
     return keys
 
 
+if HAVE_NUMBA:
+
+    @numba.njit(cache=True)
+    def _shared_keys_kernel(keys, table, used, count):
+        """Count each key in an open-addressing table (the keys are already hashes: their
+        low bits are the slot), then list, in input order, the documents whose key occurs
+        more than once."""
+        mask = len(table) - 1
+        slot_of = np.empty(len(keys), dtype=np.int64)
+        for i in range(len(keys)):
+            k = keys[i]
+            s = np.int64(k & np.uint64(mask))
+            while used[s] and table[s] != k:
+                s = (s + 1) & mask
+            used[s] = True
+            table[s] = k
+            count[s] += 1
+            slot_of[i] = s
+        out = np.empty(len(keys), dtype=np.int64)
+        n = 0
+        for i in range(len(keys)):
+            if count[slot_of[i]] > 1:
+                out[n] = i
+                n += 1
+        return out[:n]
+
+
+def _shared_keys(keys: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the keys that occur more than once."""
+    if not HAVE_NUMBA:
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        return np.flatnonzero(counts[inverse] > 1)
+    size = 1 << max(int(2 * len(keys)).bit_length(), 4)  # load factor <= 1/2
+    table = np.empty(size, dtype=np.uint64)
+    used = np.zeros(size, dtype=np.bool_)
+    count = np.zeros(size, dtype=np.int32)
+    return _shared_keys_kernel(keys, table, used, count)
+
+
 def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
     """Candidate pairs (i < j, as [m, 2] int64) of documents with equal keys. Members of a
     bucket, in input order, are paired with their next `window` members: every pair in
     buckets of up to window + 1 documents, and a connected chain in larger ones (which are
     copies of one text: exact duplicates verify, so the chain links them all)."""
-    order = np.argsort(keys, kind="stable")
+    shared = _shared_keys(keys)  # most documents share no key: sort only those that do
+    order = shared[np.argsort(keys[shared], kind="stable")]
     sk = keys[order]
     same = np.flatnonzero(sk[1:] == sk[:-1])
     if len(same) == 0:
@@ -807,6 +847,39 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict):
     )
 
 
+class _Writeback:
+    """Starts the disk writes of a file being written every 16 MiB (Linux sync_file_range,
+    asynchronous), so that the fsync that makes the output durable at the end waits for the
+    last few MiB instead of the whole file: it was half of the write stage (measured ~40 ms
+    of ~80 for 60 MB). A no-op where sync_file_range is missing."""
+
+    _SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self, path: Path):
+        self.fd, self.pending = -1, 0
+        try:
+            import ctypes
+
+            self.call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            self.call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            self.fd = os.open(path, os.O_RDONLY)
+        except (AttributeError, OSError):
+            pass
+
+    def poke(self, written: int) -> None:
+        self.pending += written
+        if self.fd >= 0 and self.pending >= 16 << 20:
+            self.call(self.fd, 0, 0, self._SYNC_FILE_RANGE_WRITE)
+            self.pending = 0
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
 def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict, want: set):
     """Copy the kept documents from the spool (document k is its line k, already in output
     form) to the output, atomically: a segment of the spool at a time, one write per run of
@@ -820,9 +893,10 @@ def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict, wan
     ids: dict[int, str] = {}
     done = 0
     try:
-        with AtomicWriter(cfg.output) as out:
+        with AtomicWriter(cfg.output) as out, _Writeback(out.tmp) as writeback:
             with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
                 for lo, hi, data in parts.segments():
+                    writeback.poke(len(data))
                     base = off[lo]
                     k = keep[lo:hi]
                     # runs of kept documents: [edges[2i], edges[2i+1]) relative to lo

@@ -140,6 +140,17 @@ def test_bucket_pairs_cover_small_buckets_fully_and_chain_large_ones():
     assert {i for p in big for i in p} == set(range(6, 46))  # but every member linked
 
 
+def test_only_documents_sharing_a_key_are_bucketed():
+    """_bucket_pairs sorts only the documents whose key occurs again (found with a hash
+    table); the table must find exactly those, colliding slots included."""
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 2**63, 5000).astype(np.uint64)
+    keys[100:200] = keys[200:300]  # repeated keys
+    keys[4000] = keys[17] + np.uint64(1 << 40)  # same low bits (table slot), another key
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    assert np.array_equal(dedup._shared_keys(keys), np.flatnonzero(counts[inverse] > 1))
+
+
 def test_compiled_band_keys_equal_the_numpy_reference():
     """Keys only need to be equal for equal bands, but a resumed run may mix key files made
     with and without numba, so the two implementations must agree bit for bit."""
