@@ -61,7 +61,7 @@ from data_pipeline.io import (
     loads_line,
     truncated_reason,
 )
-from data_pipeline.jsonl_fast import FAST, SLOW, parse_block
+from data_pipeline.jsonl_fast import FAST, SLOW, count_newlines, parse_block
 from data_pipeline.minhash import HAVE_NUMBA, MinHasher
 
 if HAVE_NUMBA:
@@ -304,7 +304,7 @@ def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
                     continue
                 cut = n  # the last line, without a newline
             yield str(path), lineno + 1, (pos, cut), None, zstd
-            lineno += buf.count(b"\n", 0, cut)
+            lineno += count_newlines(buf, cut)
             pos += cut
 
 
@@ -609,19 +609,23 @@ class _Parts:
                 raise RuntimeError(f"{self.names[part]}.hashes: shorter than the index says")
         return out, offs
 
-    def segments(self) -> Iterator[tuple[int, int, memoryview]]:
-        """(first doc, end doc, its spooled lines) for each segment in document order."""
+    def segments(self) -> Iterator[tuple[int, int, list]]:
+        """(first doc, end doc, its segments.npy row) for each segment in document order."""
         n_docs = len(self.spool_off) - 1
         ends = [*self.seg[1:, FIRST].tolist(), n_docs][: len(self.seg)]
         for row, end in zip(self.seg.tolist(), ends, strict=True):
-            data = os.pread(self._fd(row[PART], "spool"), row[SPOOL_LEN], row[SPOOL_OFF])
-            if len(data) != row[SPOOL_LEN]:
-                raise RuntimeError(f"{self.names[row[PART]]}.spool: shorter than its index")
-            if self.zstd and data:
-                data = zstandard.ZstdDecompressor().decompress(data)
-            if len(data) != self.spool_off[end] - self.spool_off[row[FIRST]]:
-                raise RuntimeError("the spool does not match its offsets (truncated?)")
-            yield row[FIRST], end, memoryview(data)
+            yield row[FIRST], end, row
+
+    def spool(self, row: list, lo: int, hi: int) -> memoryview:
+        """The spooled lines of documents lo..hi-1, the whole segment of `row`."""
+        data = os.pread(self._fd(row[PART], "spool"), row[SPOOL_LEN], row[SPOOL_OFF])
+        if len(data) != row[SPOOL_LEN]:
+            raise RuntimeError(f"{self.names[row[PART]]}.spool: shorter than its index")
+        if self.zstd and data:
+            data = zstandard.ZstdDecompressor().decompress(data)
+        if len(data) != self.spool_off[hi] - self.spool_off[lo]:
+            raise RuntimeError("the spool does not match its offsets (truncated?)")
+        return memoryview(data)
 
 
 def _signature_rows(work: _Work, num_perm: int, lo: int, hi: int) -> np.ndarray:
@@ -895,9 +899,8 @@ def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict, wan
     try:
         with AtomicWriter(cfg.output) as out, _Writeback(out.tmp) as writeback:
             with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-                for lo, hi, data in parts.segments():
-                    writeback.poke(len(data))
-                    base = off[lo]
+                for lo, hi, row in parts.segments():
+                    data, base = parts.spool(row, lo, hi), off[lo]
                     k = keep[lo:hi]
                     # runs of kept documents: [edges[2i], edges[2i+1]) relative to lo
                     edges = np.flatnonzero(np.diff(k.astype(np.int8), prepend=0, append=0))
@@ -908,6 +911,7 @@ def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict, wan
                         if lo <= d < hi:
                             line = bytes(data[off[d] - base : off[d + 1] - base])
                             ids[d] = loads_line(line)["id"]
+                    writeback.poke(len(data))
                     bar.update(hi - lo)
                     done = hi
             if done != n_docs:

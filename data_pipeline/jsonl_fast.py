@@ -69,6 +69,30 @@ if HAVE_NUMBA:
 
         return numba.types.none(numba.types.intp, numba.types.intp), codegen
 
+    @intrinsic
+    def _newlines64(typingctx, addr):
+        """The number of b"\\n" among the 64 bytes at addr."""
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            v = b.load(b.inttoptr(args[0], _V64.as_pointer()), align=1)
+            m = b.bitcast(b.icmp_unsigned("==", v, ir.Constant(_V64, [10] * 64)), ir.IntType(64))
+            return b.ctpop(m)
+
+        return numba.types.uint64(numba.types.intp), codegen
+
+    @numba.njit(cache=True)
+    def _count_newlines(buf, n):
+        count = 0
+        base = buf.ctypes.data
+        i = 0
+        while i + 64 <= n:
+            count += np.int64(_newlines64(base + i))
+            i += 64
+        for q in range(i, n):
+            count += buf[q] == 10
+        return count
+
     _ONE = np.uint64(1)
     _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8).copy()
 
@@ -624,3 +648,11 @@ def parse_block(block: bytes) -> tuple | None:
     status = np.empty(n, dtype=np.uint8)
     _parse(buf, starts, ends, text, out, text_off, out_off, status, longest)
     return status, starts, ends, text, text_off, out, out_off
+
+
+def count_newlines(buf: bytearray | bytes, n: int) -> int:
+    """buf.count(b"\\n", 0, n), 64 bytes at a time (bytes.count ran ~3 GB/s here: 20 ms of
+    the dedup parent's CPU per 60 MB of input just to number the lines)."""
+    if not HAVE_NUMBA:
+        return buf.count(b"\n", 0, n)
+    return int(_count_newlines(np.frombuffer(buf, dtype=np.uint8), n))

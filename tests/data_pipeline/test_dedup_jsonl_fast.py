@@ -161,3 +161,10 @@ def test_benchmark_style_lines_all_take_the_fast_path():
     docs = [{"text": f'doc {i} \u00e9 "q" \n end', "id": str(i), "meta": {}} for i in range(50)]
     lines = [json.dumps(d).encode() for d in docs] + [dumps_doc(d).rstrip(b"\n") for d in docs]
     assert check(lines)[jsonl_fast.FAST] == 100
+
+
+def test_newline_count_equals_bytes_count_at_every_length():
+    """Whole 64-byte chunks, then the tail byte by byte: every n around the chunk edges."""
+    data = bytearray(random.Random(5).choice(b"ab\n") for _ in range(300))
+    for n in range(len(data) + 1):
+        assert jsonl_fast.count_newlines(data, n) == data.count(b"\n", 0, n)
