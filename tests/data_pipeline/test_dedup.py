@@ -380,6 +380,18 @@ def test_a_failing_worker_task_fails_the_stage_with_its_error(tmp_path):
     assert all(not p.is_alive() for p in workers.procs)
 
 
+def test_zstd_spool_gives_the_same_output_as_the_plain_one(tmp_path):
+    docs = small_corpus()
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    outs = []
+    for spool in ("plain", "zstd"):
+        c = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / f"{spool}.jsonl"))
+        c.spool, c.workers, c.batch_bytes = spool, 2, 8192  # several segments per worker
+        assert run(c)["docs_out"] == 100
+        outs.append((tmp_path / f"{spool}.jsonl").read_bytes())
+    assert outs[0] == outs[1]
+
+
 def test_signature_verification_mode_and_explicit_banding(tmp_path):
     docs = small_corpus()
     write_jsonl(tmp_path / "in.jsonl", docs)
