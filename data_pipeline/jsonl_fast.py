@@ -81,6 +81,34 @@ if HAVE_NUMBA:
 
         return numba.types.uint64(numba.types.intp), codegen
 
+    @intrinsic
+    def _newline_mask64(typingctx, addr):
+        """Bit i: byte i of the 64 at addr is b"\\n"."""
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            v = b.load(b.inttoptr(args[0], _V64.as_pointer()), align=1)
+            m = b.icmp_unsigned("==", v, ir.Constant(_V64, [10] * 64))
+            return b.bitcast(m, ir.IntType(64))
+
+        return numba.types.uint64(numba.types.intp), codegen
+
+    @numba.njit(cache=True)
+    def _line_ends(buf, n, ends):
+        """The positions of b"\\n" in buf[:n] (buf holds 64 bytes more) into `ends`; their
+        number."""
+        base = buf.ctypes.data
+        k = 0
+        for i in range(0, n, 64):
+            m = _newline_mask64(base + i)
+            if n - i < 64:
+                m &= (_ONE << np.uint64(n - i)) - _ONE
+            while m:
+                ends[k] = i + np.int64(_tz(m))
+                k += 1
+                m &= m - _ONE
+        return k
+
     @numba.njit(cache=True)
     def _count_newlines(buf, n):
         count = 0
@@ -633,14 +661,16 @@ def parse_block(block: bytes) -> tuple | None:
     if not HAVE_NUMBA:
         return None
     buf = np.frombuffer(block + bytes(64), dtype=np.uint8)
-    ends = np.flatnonzero(buf[: len(block)] == 10)
-    if not block.endswith(b"\n"):
-        ends = np.append(ends, len(block))
+    ends = np.empty(len(block) + 1, dtype=np.int64)
+    n = _line_ends(buf, len(block), ends)
+    if not block.endswith(b"\n"):  # a last line without a newline (or an empty block)
+        ends[n] = len(block)
+        n += 1
+    ends = ends[:n]
     starts = np.empty(len(ends), dtype=np.int64)
     starts[:1] = 0
     starts[1:] = ends[:-1] + 1
     longest = int((ends - starts).max()) if len(ends) else 0
-    n = len(ends)
     text = np.empty(len(block) + 128, dtype=np.uint8)
     out = np.empty(len(block) + 32 * n + 128, dtype=np.uint8)
     text_off = np.zeros(n + 1, dtype=np.int64)

@@ -272,8 +272,8 @@ def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bo
     starts, lens = starts[: sh_off[-1]], lens[: sh_off[-1]]
     hashes = np.empty(len(starts), dtype=np.uint32)
     if sha1 == "simd":
-        _sha1_spans_simd(norm, starts, lens, hashes)  # leaves shingles > 119 bytes to the next
-        long = np.flatnonzero(lens > _SIMD_MAX)
+        long = _scratch("long", len(starts), np.int64)  # shingles > 119 bytes, left to the next
+        long = long[: _sha1_spans_simd(norm, starts, lens, hashes, long)]
         if len(long):
             out = np.empty(len(long), dtype=np.uint32)
             if _LIBCRYPTO:
@@ -621,27 +621,30 @@ if HAVE_NUMBA:
             out[lane[j]] = h[j]
 
     @numba.njit(cache=True)
-    def _sha1_spans_simd(norm, starts, lens, out):
+    def _sha1_spans_simd(norm, starts, lens, out, long):
         """out[i] = datasketch's sha1_hash32(norm[starts[i]:starts[i]+lens[i]]) for every
         shingle of at most 119 bytes, one- and two-block messages in separate queues;
-        longer ones are left to the caller. `norm` must hold 128 bytes after the last
-        start."""
+        longer ones are left to the caller: their indices go to `long`, their number is
+        returned. `norm` must hold 128 bytes after the last start."""
         width = 16 * _SETS
         offs1, offs2 = np.zeros(width, dtype=np.int64), np.zeros(16, dtype=np.int64)
         ln1, ln2 = np.zeros(width, dtype=np.int32), np.zeros(16, dtype=np.int32)
         lane1, lane2 = np.zeros(width, dtype=np.int64), np.zeros(16, dtype=np.int64)
         h = np.zeros(width, dtype=np.uint32)
         base = norm.ctypes.data
-        m1 = m2 = 0
+        m1 = m2 = nlong = 0
         for i in range(len(starts)):
             n = lens[i]
-            if n <= 55:
+            if n > _SIMD_MAX:
+                long[nlong] = i
+                nlong += 1
+            elif n <= 55:
                 offs1[m1], ln1[m1], lane1[m1] = starts[i], n, i
                 m1 += 1
                 if m1 == width:
                     _sha1_flush(1, m1, base, offs1, ln1, lane1, h, out)
                     m1 = 0
-            elif n <= _SIMD_MAX:
+            else:
                 offs2[m2], ln2[m2], lane2[m2] = starts[i], n, i
                 m2 += 1
                 if m2 == 16:
@@ -651,6 +654,7 @@ if HAVE_NUMBA:
             _sha1_flush(1, m1, base, offs1, ln1, lane1, h, out)
         if m2:
             _sha1_flush(2, m2, base, offs2, ln2, lane2, h, out)
+        return nlong
 
     @numba.njit(cache=True)
     def _sha1_spans_openssl(init, update, final, norm, starts, lens, out):
