@@ -14,12 +14,15 @@ shingle sets before it may join a cluster. See docs/data-dedup.md for the arithm
 Stages, each restartable from files in a work directory beside the output
 (`<output>.dedup-work/`, removed after success unless `keep_work=true`):
 
-1. signatures: stream the input lines to worker processes, which parse them as
-   io.read_documents does and compute MinHash signatures (data_pipeline.minhash,
-   bit-identical to datasketch); append the signatures and every document's shingle hashes
-   to flat files, and the documents in output form to a spool file (plain or zstd).
-2. buckets: for each band, a 64-bit key per document, written per band to disk; each band's
-   keys are sorted on their own, and documents with equal keys become candidate pairs.
+1. signatures: hand blocks of input lines to worker processes, which parse them as
+   io.read_documents does (the common line in compiled code, data_pipeline.jsonl_fast),
+   compute MinHash signatures (data_pipeline.minhash, bit-identical to datasketch) and the
+   band keys of the run's banding, and append every document's shingle hashes and its line
+   in output form (the spool, plain or zstd) to their own part files, which stay where they
+   are (segments.npy says where each task's documents lie). Signatures and band keys come
+   back to the parent, which writes signatures.u32 and one key file per band.
+2. buckets: each band's keys on their own; documents with equal keys become candidate
+   pairs (keys are made again from the signatures if the banding changed on a re-run).
 3. clusters: verify each candidate pair, union-find over verified pairs, keep the first
    document of each cluster in input order.
 4. write: copy the kept documents' lines from the spool to the output atomically

@@ -42,9 +42,10 @@ except ImportError:  # pragma: no cover - exercised on machines without numba
 
 SCHEMES = ("affine32", "legacy")
 # Signature backends, fastest first; all give the same bits. "simd": numba kernels with a
-# 16-lane SIMD SHA-1 for shingles of up to 55 bytes (one SHA-1 block; 97% of word 5-grams of
-# English) and libcrypto's (or, without it, the portable) SHA-1 for longer ones; "openssl": numba kernels with
-# libcrypto's SHA-1; "numba": numba kernels with a portable SHA-1; "numpy": hashlib + numpy.
+# 16-lane SIMD SHA-1 for shingles of up to 119 bytes (one or two SHA-1 blocks; 99.9% of word
+# 5-grams of English) and libcrypto's (or, without it, the portable) SHA-1 for longer ones;
+# "openssl": numba kernels with libcrypto's SHA-1; "numba": numba kernels with a portable
+# SHA-1; "numpy": hashlib + numpy.
 BACKENDS = ("simd", "openssl", "numba", "numpy")
 MERSENNE_61 = (1 << 61) - 1
 EMPTY = 0xFFFFFFFF  # datasketch's initial (empty-set) hash value in both schemes
@@ -203,11 +204,13 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
 # --- numba path ----------------------------------------------------------------------------
 #
 # One batch goes through three kernels: whitespace normalisation and shingle spans; SHA-1 of
-# every shingle; the permute-and-min per document (vectorised across permutations).
+# every shingle; the permute-and-min per document (vectorised across permutations, the
+# minima held in vector registers).
 #
-# SHA-1 (backend simd, the default) runs 16 shingles at a time in LLVM vector IR for every
-# shingle that fits one SHA-1 block (<= 55 bytes): ~13 ns per 5-gram here, against ~50 ns for
-# libcrypto with the CPU's SHA extensions. Longer shingles, and backend openssl, use
+# SHA-1 (backend simd, the default) runs 2 x 16 shingles at a time in LLVM vector IR for
+# every shingle that fits one SHA-1 block (<= 55 bytes), 16 at a time for two blocks (<= 119
+# bytes): ~12 ns per 5-gram here, against ~50 ns for libcrypto with the CPU's SHA
+# extensions. Longer shingles, and backend openssl, use
 # OpenSSL's libcrypto, the library CPython's own hashlib is linked to, called
 # from compiled code through its low-level SHA1_Init/Update/Final entry points: the one-shot
 # EVP path costs ~0.5 us per call in OpenSSL 3 and hashlib adds Python overhead on top, while
