@@ -377,6 +377,7 @@ def test_a_failing_worker_task_fails_the_stage_with_its_error(tmp_path):
             list(workers.imap([task]))
     finally:
         workers.close()
+        workers.join()
     assert all(not p.is_alive() for p in workers.procs)
 
 
