@@ -364,6 +364,18 @@ def _parse_lines(block: bytes, first: int, name: str, parsed, rejects: list):
     return texts, out
 
 
+_READ_BUFFER = bytearray()
+
+
+def _read_buffer(size: int) -> bytearray:
+    """The block buffer of this worker, kept between tasks (no page faults for fresh
+    memory); its bytes are valid until the next task."""
+    global _READ_BUFFER
+    if len(_READ_BUFFER) < size:
+        _READ_BUFFER = bytearray(max(size, 2 * len(_READ_BUFFER)))
+    return _READ_BUFFER
+
+
 def _signature_task(task: tuple):
     """Parse a task's lines exactly as io.read_documents does, and return the signatures and
     shingle hashes of its documents, the documents as output lines (one zstd frame: the
@@ -372,12 +384,19 @@ def _signature_task(task: tuple):
     cannot encode: such a text is a reject (it could be neither hashed nor written)."""
     path, first, block, truncated, zstd, work_dir, banding = task
     if isinstance(block, tuple):  # (offset, length) in an uncompressed file
-        with open(path, "rb") as f:
-            f.seek(block[0])
-            block = f.read(block[1])
+        size = block[1]
+        buf = _read_buffer(size + 64)  # 64 spare bytes: the parser reads 64-byte chunks
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.preadv(fd, [memoryview(buf)[:size]], block[0]) != size:
+                raise RuntimeError(f"{path}: shorter than when its lines were counted")
+        finally:
+            os.close(fd)
+    else:
+        size, buf = len(block), block
     name = Path(path).name
     rejects = []
-    parsed = parse_block(block)
+    parsed = parse_block(buf, size)
     if parsed is not None and not (parsed[0] == SLOW).any():
         # The common case, every line compiled (jsonl_fast): no Python per document.
         status, _, _, text, text_off, lines_out, out_off = parsed
@@ -388,6 +407,7 @@ def _signature_task(task: tuple):
         out = [memoryview(lines_out)[: o_off[-1]]]
         sizes = np.diff(o_off)
     else:
+        block = bytes(memoryview(buf)[:size])
         texts, out = _parse_lines(block, first, name, parsed, rejects)
         b = _HASHER.batch(texts)
         sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
