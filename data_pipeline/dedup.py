@@ -91,7 +91,7 @@ class DedupConfig:
     bucket_window: int = 16  # pair each bucket member with the next `window` members
     workers: int = 0  # signature processes; 0: min(2, cpus)
     batch_bytes: int = 1 << 20  # input bytes per signature task
-    backend: str = "auto"  # signature backend: auto | openssl | numba | numpy
+    backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
