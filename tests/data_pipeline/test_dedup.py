@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
 
+from data_pipeline import dedup
 from data_pipeline.dedup import (
     DedupConfig,
     _bucket_pairs,
@@ -137,6 +138,48 @@ def test_bucket_pairs_cover_small_buckets_fully_and_chain_large_ones():
     big = [(i, j) for i, j in pairs if i >= 6]
     assert all(0 < j - i <= 4 for i, j in big)  # a window, not all 780 pairs
     assert {i for p in big for i in p} == set(range(6, 46))  # but every member linked
+
+
+def test_only_documents_sharing_a_key_are_bucketed():
+    """_bucket_pairs sorts only the documents whose key occurs again (found with a hash
+    table); the table must find exactly those, colliding slots included."""
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 2**63, 5000).astype(np.uint64)
+    keys[100:200] = keys[200:300]  # repeated keys
+    keys[4000] = keys[17] + np.uint64(1 << 40)  # same low bits (table slot), another key
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    assert np.array_equal(dedup._shared_keys(keys), np.flatnonzero(counts[inverse] > 1))
+
+
+def test_compiled_band_keys_equal_the_numpy_reference():
+    """Keys only need to be equal for equal bands, but a resumed run may mix key files made
+    with and without numba, so the two implementations must agree bit for bit."""
+    sig = np.random.default_rng(0).integers(0, 2**32, (500, 128), dtype=np.uint64)
+    sig = sig.astype(np.uint32)
+    sig[7] = sig[3]  # equal signatures, equal keys in every band
+    keys = dedup._band_keys(sig, 7, 18)
+    assert np.array_equal(keys, dedup._band_keys_numpy(sig, 7, 18))
+    assert np.array_equal(keys[7], keys[3]) and (keys[7] != keys[4]).all()
+
+
+def test_compiled_set_jaccard_equals_the_numpy_reference():
+    """Repeated hashes within a document count once, two empty documents are identical
+    (J = 1, as datasketch's empty MinHashes are), and the value is the exact fraction."""
+    rng = np.random.default_rng(1)
+    lens = rng.integers(0, 300, 200)
+    lens[:2] = 0
+    offs = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offs[1:])
+    hashes = rng.integers(0, 400, offs[-1]).astype(np.uint32)  # many repeats and overlaps
+    ia = np.concatenate(([0, 0, 9], rng.integers(0, 200, 500)))
+    ib = np.concatenate(([1, 5, 4], rng.integers(0, 200, 500)))
+    got, want = np.empty(len(ia)), np.empty(len(ia))
+    dedup._set_jaccard_kernel(dedup._sort_each(hashes.copy(), offs), offs, ia, ib, got)
+    dedup._set_jaccard_numpy(hashes, offs, ia, ib, want)
+    assert np.array_equal(got, want)
+    assert got[0] == 1.0 and got[1] == 0.0
+    a, b = set(hashes[offs[9] : offs[10]].tolist()), set(hashes[offs[4] : offs[5]].tolist())
+    assert 0 < got[2] < 1 and got[2] == len(a & b) / len(a | b)
 
 
 # --- quality acceptance --------------------------------------------------------------------
@@ -301,6 +344,53 @@ def test_changed_input_is_rehashed_not_resumed(tmp_path):
     report = run(c)
     assert report["resumed_stages"] == []
     assert (report["docs_in"], report["docs_out"]) == (19, 19)
+
+
+def test_resumed_run_with_another_banding_keys_the_signatures_again(tmp_path):
+    """The signature pass writes band keys for the banding of its run; a re-run with other
+    bands x rows resumes the signatures but must not bucket the old keys."""
+    docs = small_corpus()
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    first = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "a.jsonl"), workers=1)
+    first.keep_work, first.work_dir = True, str(tmp_path / "work")
+    run(first)
+    second = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "b.jsonl"), workers=1)
+    second.keep_work, second.work_dir = True, str(tmp_path / "work")
+    second.bands, second.rows = 32, 4
+    report = run(second)
+    assert report["resumed_stages"] == ["signatures"]
+    fresh = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "c.jsonl"), workers=1)
+    fresh.bands, fresh.rows = 32, 4
+    want = run(fresh)
+    assert report["candidate_pairs"] == want["candidate_pairs"]
+    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+
+
+def test_a_failing_worker_task_fails_the_stage_with_its_error(tmp_path):
+    """An exception in a signature worker reaches the parent (no hang, no silent loss), and
+    no output appears."""
+    workers = dedup._Workers(2, {})
+    missing = str(tmp_path / "gone.jsonl")
+    task = (missing, 1, (0, 10), None, False, str(tmp_path), (18, 7))
+    try:
+        with pytest.raises(FileNotFoundError):
+            list(workers.imap([task]))
+    finally:
+        workers.close()
+        workers.join()
+    assert all(not p.is_alive() for p in workers.procs)
+
+
+def test_zstd_spool_gives_the_same_output_as_the_plain_one(tmp_path):
+    docs = small_corpus()
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    outs = []
+    for spool in ("plain", "zstd"):
+        c = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / f"{spool}.jsonl"))
+        c.spool, c.workers, c.batch_bytes = spool, 2, 8192  # several segments per worker
+        assert run(c)["docs_out"] == 100
+        outs.append((tmp_path / f"{spool}.jsonl").read_bytes())
+    assert outs[0] == outs[1]
 
 
 def test_signature_verification_mode_and_explicit_banding(tmp_path):

@@ -143,3 +143,18 @@ def test_sha1_of_every_length_across_the_one_block_limit(backend):
     want = [struct.unpack("<I", hashlib.sha1(w.encode()).digest()[:4])[0] for w in words]
     assert batch.hashes.tolist() == want
     assert sorted({len(w.encode()) for w in words}) == list(range(1, 131))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_batch_of_joined_documents_equals_batch_of_a_list(backend):
+    """batch_joined takes documents already concatenated (the dedup workers' parsed block);
+    same signatures and shingle hashes as batch() on the list."""
+    texts = [t.encode() for t in real_texts(20) + EDGE_TEXTS]
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in texts], out=offsets[1:])
+    buf = np.frombuffer(b"".join(texts) + bytes(64), dtype=np.uint8)
+    hasher = MinHasher(backend=backend)
+    want, got = hasher.batch(texts), hasher.batch_joined(buf, offsets)
+    assert np.array_equal(got.signatures, want.signatures)
+    assert np.array_equal(got.hashes, want.hashes)
+    assert np.array_equal(got.offsets, want.offsets)
