@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_train.config import ModelConfig
+from opt_train.dropout import dropout, uses_bulk_dropout
 from opt_train.loss import chunked_cross_entropy
 
 POSITION_OFFSET = 2  # fairseq reserved the first two position rows (padding idx 1 + 1)
@@ -41,14 +42,31 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and uses_bulk_dropout(q):
+            y = causal_attention_with_dropout(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     @property
     def head_dim(self) -> int:
         return self.q_proj.in_features // self.n_heads
+
+
+def causal_attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
+) -> torch.Tensor:
+    """Causal softmax attention with dropout on the probabilities, written out.
+
+    On CPU, SDPA with dropout_p > 0 leaves its fused kernel for the math path, which computes
+    these same steps but drops with `bernoulli_`, one draw per element of [batch, heads, T, T]:
+    written out, the dropout can be the bulk-bits one (opt_train/dropout.py)."""
+    t = q.shape[-2]
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+    probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return dropout(probs, p) @ v
 
 
 class DecoderLayer(nn.Module):
@@ -64,15 +82,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_layer_norm:
-            x = x + F.dropout(
+            x = x + dropout(
                 self.self_attn(self.self_attn_layer_norm(x)), self.dropout, self.training
             )
             h = self.fc2(F.relu(self.fc1(self.final_layer_norm(x))))
-            return x + F.dropout(h, self.dropout, self.training)
+            return x + dropout(h, self.dropout, self.training)
         # 350m: post-LayerNorm
-        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x), self.dropout, self.training))
+        x = self.self_attn_layer_norm(x + dropout(self.self_attn(x), self.dropout, self.training))
         h = self.fc2(F.relu(self.fc1(x)))
-        return self.final_layer_norm(x + F.dropout(h, self.dropout, self.training))
+        return self.final_layer_norm(x + dropout(h, self.dropout, self.training))
 
 
 class OPT(nn.Module):
