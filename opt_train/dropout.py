@@ -40,15 +40,20 @@ def keep_threshold(p: float) -> tuple[int, float]:
     return kept_lanes - _LANES // 2, kept_lanes / _LANES
 
 
-def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU tensor of `shape`: 1 / keep-probability where kept, 0 where dropped."""
-    threshold, keep_prob = keep_threshold(p)
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """A boolean CPU tensor of `shape`, each element True with probability 1 - p (to 2^-17)."""
+    threshold, _ = keep_threshold(p)
     n = shape.numel()
     # from=-2**63, to=None asks for all 64 bits (plain `random_()` on int64 leaves the top bit
     # zero, which would bias every fourth lane).
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-    keep = bits.view(torch.int16)[:n].view(shape) < threshold
-    return torch.where(keep, torch.tensor(1.0 / keep_prob, dtype=dtype), 0)
+    return bits.view(torch.int16)[:n].view(shape) < threshold
+
+
+def dropout_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of `shape`: 1 / keep-probability where kept, 0 where dropped."""
+    scale = torch.tensor(1.0 / keep_threshold(p)[1], dtype=dtype)
+    return torch.where(keep_mask(shape, p), scale, 0)
 
 
 def uses_bulk_dropout(x: torch.Tensor) -> bool:
