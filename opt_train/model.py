@@ -162,10 +162,10 @@ class OPT(nn.Module):
         autograd adds it into the projection's dense [vocab, width] gradient, where a dense
         lookup gradient would be a zero-filled [vocab, width] tensor summed with it (~3% of an
         OPT-125m CPU step). Without the projection the weight's gradient would stay sparse,
-        which the fused AdamW and gradient clipping refuse, hence the flag."""
+        which the fused AdamW and gradient clipping refuse, hence the flag. The module is
+        still what is called, so hooks on it run."""
         weight = self.embed_tokens.weight
-        if tied_output and uses_bulk_dropout(weight):
-            return F.embedding(input_ids, weight, sparse=True)
+        self.embed_tokens.sparse = tied_output and uses_bulk_dropout(weight)
         return self.embed_tokens(input_ids)
 
     def forward(
