@@ -157,15 +157,18 @@ class OPT(nn.Module):
         return x
 
     def embed(self, input_ids: torch.Tensor, tied_output: bool) -> torch.Tensor:
-        """Token embeddings. When the tied output projection follows (`tied_output`) and the
-        weight is a plain CPU tensor, the lookup's gradient is sparse (the batch's rows only):
-        autograd adds it into the projection's dense [vocab, width] gradient, where a dense
-        lookup gradient would be a zero-filled [vocab, width] tensor summed with it (~3% of an
-        OPT-125m CPU step). Without the projection the weight's gradient would stay sparse,
-        which the fused AdamW and gradient clipping refuse, hence the flag. The module is
-        still what is called, so hooks on it run."""
+        """Token embeddings. When the tied output projection follows (`tied_output`), the
+        weight is a plain CPU tensor and the batch has fewer tokens than the vocabulary, the
+        lookup's gradient is sparse (the batch's rows only): autograd adds it into the
+        projection's dense [vocab, width] gradient, where a dense lookup gradient would be a
+        zero-filled [vocab, width] tensor summed with it (~3% of an OPT-125m CPU step). Without
+        the projection the weight's gradient would stay sparse, which the fused AdamW and
+        gradient clipping refuse, hence the flag. The module is still what is called, so hooks
+        on it run."""
         weight = self.embed_tokens.weight
-        self.embed_tokens.sparse = tied_output and uses_bulk_dropout(weight)
+        self.embed_tokens.sparse = (
+            tied_output and input_ids.numel() < weight.shape[0] and uses_bulk_dropout(weight)
+        )
         return self.embed_tokens(input_ids)
 
     def forward(

@@ -93,8 +93,9 @@ def test_training_step_uses_the_bulk_path_for_attention_dropout():
 
 
 def test_tied_embedding_gradient_is_dense_and_equals_the_dense_lookup_path():
-    """The lookup's sparse gradient is added into the loss's dense one: the sum is the one the
-    dense lookup gives up to fp32 rounding of the order of addition (|grad| < 0.1)."""
+    """For a batch of fewer tokens than vocabulary rows the lookup's gradient is sparse and added
+    into the loss's dense one: the sum is the one the dense lookup gives up to fp32 rounding of
+    the order of addition (|grad| < 0.1)."""
     cfg = ModelConfig(
         vocab_size=512, d_model=64, n_heads=4, n_layers=2, dropout=0.0, attention_dropout=0.0
     )
@@ -103,6 +104,8 @@ def test_tied_embedding_gradient_is_dense_and_equals_the_dense_lookup_path():
     x = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
     assert model.embed(x, tied_output=True).grad_fn._saved_sparse
     assert not model.embed(x, tied_output=False).grad_fn._saved_sparse
+    # More tokens than vocabulary rows: the sparse values would outweigh the dense gradient.
+    assert not model.embed(torch.zeros(8, 65, dtype=torch.long), True).grad_fn._saved_sparse
     model(x[:, :-1], x[:, 1:]).backward()
     fast = model.embed_tokens.weight.grad.clone()
     assert fast.layout == torch.strided
