@@ -10,6 +10,7 @@ that load on the machine hits both alike. Prints a table and the ratio ours / HF
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -83,7 +84,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, OPT-125m, "
-        f"micro-batch {args.batch} x seq {args.seq}, dropout 0.1"
+        f"micro-batch {args.batch} x seq {args.seq}, dropout 0.1, {_load()}"
     )
     print(f"{'precision':>9} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
     for precision in args.precision.split(","):
@@ -96,6 +97,12 @@ def main() -> None:
         o, h = statistics.median(t_ours), statistics.median(t_hf)
         print(f"{precision:>9} {tokens / o:>11.0f} {tokens / h:>10.0f} {h / o:>7.2f}x")
         del ours, hf
+    print(f"at the end: {_load()}")
+
+
+def _load() -> str:
+    """The machine's load average: the figures mean little when other jobs share the cores."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_train.config import ModelConfig
+from opt_train.dropout import dropout, keep_mask, keep_threshold, uses_bulk_dropout
 from opt_train.loss import chunked_cross_entropy
 
 POSITION_OFFSET = 2  # fairseq reserved the first two position rows (padding idx 1 + 1)
@@ -41,14 +42,41 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and uses_bulk_dropout(q):
+            y = causal_attention_with_dropout(q, k, v, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     @property
     def head_dim(self) -> int:
         return self.q_proj.in_features // self.n_heads
+
+
+def causal_attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float
+) -> torch.Tensor:
+    """Causal softmax attention with dropout on the probabilities, written out for CPU.
+
+    SDPA with dropout_p > 0 leaves its fused CPU kernel for the math path (in bf16 it also
+    upcasts to fp32) and drops with `bernoulli_`, one draw per element of [batch, heads, T, T].
+    Here the scores, scale and causal mask are one `baddbmm` (the mask as a -inf bias, so no
+    masked_fill in forward or backward), the probabilities are dropped with bulk random bits
+    (opt_train/dropout.py) by `where`, which keeps a boolean mask for backward, and the
+    1 / keep-probability scale is applied to the [.., T, head_dim] output instead of the
+    [.., T, T] probabilities.
+    """
+    b, h, t, d = q.shape
+    future = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    q, k, v = (z.reshape(b * h, t, d) for z in (q, k, v))
+    probs = torch.softmax(torch.baddbmm(future, q, k.transpose(1, 2), alpha=d**-0.5), dim=-1)
+    if p > 0.0:
+        probs = torch.where(keep_mask(probs.shape, p), probs, 0.0)
+    y = probs @ v
+    if p > 0.0:
+        y = y * (1.0 / keep_threshold(p)[1])
+    return y.view(b, h, t, d)
 
 
 class DecoderLayer(nn.Module):
@@ -64,15 +92,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_layer_norm:
-            x = x + F.dropout(
+            x = x + dropout(
                 self.self_attn(self.self_attn_layer_norm(x)), self.dropout, self.training
             )
             h = self.fc2(F.relu(self.fc1(self.final_layer_norm(x))))
-            return x + F.dropout(h, self.dropout, self.training)
+            return x + dropout(h, self.dropout, self.training)
         # 350m: post-LayerNorm
-        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x), self.dropout, self.training))
+        x = self.self_attn_layer_norm(x + dropout(self.self_attn(x), self.dropout, self.training))
         h = self.fc2(F.relu(self.fc1(x)))
-        return self.final_layer_norm(x + F.dropout(h, self.dropout, self.training))
+        return self.final_layer_norm(x + dropout(h, self.dropout, self.training))
 
 
 class OPT(nn.Module):
@@ -107,14 +135,15 @@ class OPT(nn.Module):
             else:
                 p.fill_(1.0 if "layer_norm" in name and name.endswith("weight") else 0.0)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states in the embedding width, before the tied output projection."""
+    def hidden_states(self, input_ids: torch.Tensor, tied_output: bool = False) -> torch.Tensor:
+        """Final hidden states in the embedding width, before the tied output projection.
+        `tied_output`: the caller projects them through the tied embedding (see `embed`)."""
         t = input_ids.shape[1]
         if t > self.cfg.max_positions:
             raise ValueError(
                 f"sequence of {t} tokens exceeds model.max_positions={self.cfg.max_positions}"
             )
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids, tied_output)
         if self.project_in is not None:
             x = self.project_in(x)
         pos = torch.arange(POSITION_OFFSET, t + POSITION_OFFSET, device=input_ids.device)
@@ -127,6 +156,21 @@ class OPT(nn.Module):
             x = self.project_out(x)
         return x
 
+    def embed(self, input_ids: torch.Tensor, tied_output: bool) -> torch.Tensor:
+        """Token embeddings. When the tied output projection follows (`tied_output`), the
+        weight is a plain CPU tensor and the batch has fewer tokens than the vocabulary, the
+        lookup's gradient is sparse (the batch's rows only): autograd adds it into the
+        projection's dense [vocab, width] gradient, where a dense lookup gradient would be a
+        zero-filled [vocab, width] tensor summed with it (~3% of an OPT-125m CPU step). Without
+        the projection the weight's gradient would stay sparse, which the fused AdamW and
+        gradient clipping refuse, hence the flag. The module is still what is called, so hooks
+        on it run."""
+        weight = self.embed_tokens.weight
+        self.embed_tokens.sparse = (
+            tied_output and input_ids.numel() < weight.shape[0] and uses_bulk_dropout(weight)
+        )
+        return self.embed_tokens(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -138,7 +182,7 @@ class OPT(nn.Module):
         computed through the tied output projection in chunks so that the full logits never
         exist. `grad_scale` is the factor the caller multiplies the loss by before backward.
         (Training goes through `__call__` so that FSDP's hooks see it.)"""
-        h = self.hidden_states(input_ids)
+        h = self.hidden_states(input_ids, tied_output=True)
         if targets is None:
             return F.linear(h, self.embed_tokens.weight)
         return chunked_cross_entropy(
