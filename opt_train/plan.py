@@ -319,8 +319,9 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
 
     if planner.device == "cpu" and m.attention_dropout > 0:
         notes.append(
-            "on CPU, attention dropout takes SDPA's math path, which keeps [T, T] attention "
-            "weights per head; not modelled (set model.attention_dropout=0 to compare)"
+            "on CPU, attention with dropout is written out (opt_train/model.py) and keeps "
+            "[T, T] attention weights per head; not modelled (set model.attention_dropout=0 to "
+            "compare)"
         )
     bytes_params = 4 * counts.shard
     bytes_grads = 4 * counts.shard

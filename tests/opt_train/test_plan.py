@@ -127,7 +127,7 @@ def cpu_plan(model_cfg: ModelConfig, batch: int, seq: int, ac: str, world: int =
     return make_plan(job, PlannerConfig(nodes=1, gpus_per_node=world, device="cpu"))
 
 
-# Attention dropout is 0: on CPU it sends SDPA down its math path, which keeps the [T, T]
+# Attention dropout is 0: on CPU attention with dropout is written out and keeps the [T, T]
 # attention weights that the GPU's flash/efficient kernels never store (the planner models GPUs).
 TINY = dict(vocab_size=512, n_layers=2, n_heads=4, d_model=64, attention_dropout=0.0)
 CASES = {
