@@ -70,16 +70,8 @@ def _build(world: int):
     return model, opt
 
 
-def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
+def _rank_main(rank: int, world: int, root: str, repeats: int, queue) -> None:
+    """One rank (tests.multirank.spawn sets up its gloo group and one thread)."""
     import torch
     import torch.distributed as dist
 
@@ -87,9 +79,6 @@ def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue)
     from opt_train.config import CheckpointConfig
     from opt_train.distributed import DistInfo
 
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo")
     info = DistInfo(rank, world, rank, torch.device("cpu"))
     model, opt = _build(world)
     rows = []
@@ -125,29 +114,15 @@ def _rank_main(rank: int, world: int, port: int, root: str, repeats: int, queue)
                 shutil.rmtree(d)
     if rank == 0:
         queue.put(rows)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def bench(world: int, root: Path, repeats: int) -> list[tuple]:
     import torch.multiprocessing as mp
 
-    from tests.multirank import free_port
+    from tests.multirank import spawn
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, str(root), repeats, queue))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    queue = mp.get_context("spawn").SimpleQueue()
+    spawn(_rank_main, world, str(root), repeats, queue)
     return queue.get()
 
 

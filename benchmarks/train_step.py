@@ -21,39 +21,35 @@ def make_ours(precision: str):
     from opt_train.config import ModelConfig, OptimConfig
     from opt_train.model import OPT
     from opt_train.optim import build_optimizer
-    from opt_train.precision import autocast
 
     torch.manual_seed(0)
     model = OPT(ModelConfig(name="opt-125m", n_layers=12, n_heads=12, d_model=768))
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
-    model.train()
-
-    def step(x: torch.Tensor) -> float:
-        with autocast(precision, "cpu"):
-            loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return training_step(model, opt, precision, lambda x: model(x[:, :-1], x[:, 1:]))
 
 
 def make_hf(precision: str):
     from transformers import OPTConfig, OPTForCausalLM
 
-    from opt_train.precision import autocast
-
     torch.manual_seed(0)
     cfg = OPTConfig(dropout=0.1, attention_dropout=0.1)  # OPT-125m shape is HF's default
     model = OPTForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    return training_step(
+        model, opt, precision, lambda x: model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+    )
+
+
+def training_step(model, opt, precision: str, loss_of):
+    """One optimizer step on a batch, the same for both models: forward under autocast,
+    backward, clipping at 1.0, AdamW."""
+    from opt_train.precision import autocast
+
     model.train()
 
     def step(x: torch.Tensor) -> float:
         with autocast(precision, "cpu"):
-            loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+            loss = loss_of(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

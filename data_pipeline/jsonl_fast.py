@@ -398,6 +398,19 @@ if HAVE_NUMBA:
             return i + 4 if ok else -1
         return -1
 
+    @numba.njit(cache=True, inline="always")
+    def _member_name(buf, i, end, scratch):
+        """The index after an object member's name and its colon at buf[i], or -1."""
+        if _at(buf, i, end) != 34:
+            return -1
+        i = _string(buf, i, end, 0, scratch, 0, scratch, 0)[0]
+        if i < 0:
+            return -1
+        i = _ws(buf, i, end)
+        if _at(buf, i, end) != 58:
+            return -1
+        return i + 1
+
     @numba.njit(cache=True)
     def _skip_value(buf, i, end, stack, scratch):
         """Validate the JSON value starting at buf[i] (after whitespace); the index after it,
@@ -417,15 +430,9 @@ if HAVE_NUMBA:
                     stack[sp] = close
                     sp += 1
                     if c == 123:
-                        if _at(buf, i, end) != 34:
-                            return -1
-                        i = _string(buf, i, end, 0, scratch, 0, scratch, 0)[0]
+                        i = _member_name(buf, i, end, scratch)
                         if i < 0:
                             return -1
-                        i = _ws(buf, i, end)
-                        if _at(buf, i, end) != 58:
-                            return -1
-                        i += 1
                     continue  # the first member's or element's value
             elif c == 34:
                 i = _string(buf, i, end, 0, scratch, 0, scratch, 0)[0]
@@ -450,15 +457,9 @@ if HAVE_NUMBA:
                     return -1
                 i = _ws(buf, i + 1, end)
                 if stack[sp - 1] == 125:
-                    if _at(buf, i, end) != 34:
-                        return -1
-                    i = _string(buf, i, end, 0, scratch, 0, scratch, 0)[0]
+                    i = _member_name(buf, i, end, scratch)
                     if i < 0:
                         return -1
-                    i = _ws(buf, i, end)
-                    if _at(buf, i, end) != 58:
-                        return -1
-                    i += 1
                 break
 
     @numba.njit(cache=True, inline="always")

@@ -212,12 +212,9 @@ class _FileSystemWithoutZipCRC(FileSystem):
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
         before = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
+        if "w" in mode:
+            torch.serialization.set_crc32_options(False)
         try:
             with super().create_stream(path, mode) as stream:
                 yield stream

@@ -29,15 +29,16 @@ from opt_train.trainer import Trainer
 from tests.multirank import REPO, rank_env, torchrun_cmd
 from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.test_fault_tolerance import (
+    STEPS,
     job,
     losses,
     popen,
     run_ok,
     sigkill_tree,
+    uninterrupted,
     wait_for,
 )
 
-STEPS = 12
 NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
 
 
@@ -165,11 +166,7 @@ def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(tmp_path, small_s
 @pytest.fixture(scope="module")
 def zero3_reference(tmp_path_factory, small_shards) -> dict[int, float]:
     """The uninterrupted 2-rank ZeRO-3 run (dropout on) that interrupted runs must reproduce."""
-    run = tmp_path_factory.mktemp("zero3") / "run"
-    run_ok(2, job(run, small_shards, *zero(3)))
-    got = losses(run)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    return got
+    return uninterrupted(tmp_path_factory.mktemp("zero3") / "run", small_shards, *zero(3))
 
 
 @pytest.mark.slow

@@ -94,14 +94,18 @@ def sigkill_tree(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_shards) -> dict[int, float]:
-    """The uninterrupted 2-rank FSDP2 run every interrupted run must reproduce."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    run_ok(2, job(run, small_shards))
+def uninterrupted(run: Path, data: Path, *extra: str) -> dict[int, float]:
+    """The losses of an uninterrupted 2-rank run of `job`, one for every step."""
+    run_ok(2, job(run, data, *extra))
     got = losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_shards) -> dict[int, float]:
+    """The uninterrupted 2-rank FSDP2 run every interrupted run must reproduce."""
+    return uninterrupted(tmp_path_factory.mktemp("reference") / "run", small_shards)
 
 
 @pytest.mark.slow
