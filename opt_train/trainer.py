@@ -425,11 +425,16 @@ class Trainer:
             blocking=blocking,
         )
 
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimizer, RNG and trainer state (callbacks' included) from a
+        checkpoint directory (collective: every rank calls it)."""
+        self.load_state_dict(self.ckpt.load(path, self.engine.weights, self._mesh()))
+
     def _maybe_resume(self) -> str | None:
         path = self.ckpt.latest()
         if path is None:
             return None
-        self.load_state_dict(self.ckpt.load(path, self.engine.weights, self._mesh()))
+        self.load_checkpoint(path)
         return str(path)
 
     def close(self) -> None:
