@@ -19,13 +19,14 @@ import torch
 
 def make_ours(precision: str):
     from opt_train.config import ModelConfig, OptimConfig
+    from opt_train.loss import lm_loss
     from opt_train.model import OPT
     from opt_train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = OPT(ModelConfig(name="opt-125m", n_layers=12, n_heads=12, d_model=768))
     opt = build_optimizer(model, OptimConfig(lr=1e-4))
-    return training_step(model, opt, precision, lambda x: model(x[:, :-1], x[:, 1:]))
+    return training_step(model, opt, precision, lambda x: lm_loss(model, x[:, :-1], x[:, 1:]))
 
 
 def make_hf(precision: str):

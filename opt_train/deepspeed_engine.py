@@ -1,9 +1,10 @@
 """`engine=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 from the same job config.
 
-The trainer's loop is the same for both engines (opt_train/trainer.py); this module holds what
-differs under DeepSpeed: its config, derived from ours; the engine, which owns the optimizer step
-(ZeRO partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm
-is NaN/inf); and the checkpoint weights in DeepSpeed's own files.
+The trainer's loop is the same for both engines: it drives the `TrainEngine` interface of
+opt_train/engine.py. This module holds its DeepSpeed implementation: DeepSpeed's config, derived
+from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
+partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm is
+NaN/inf); and the checkpoint weights in DeepSpeed's own files.
 
 Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (compile times as measured in issue #6):
 - The optimizer is our torch AdamW (param groups, betas, eps, weight decay from `optim.*`).
@@ -29,7 +30,10 @@ from pathlib import Path
 import torch
 
 from opt_train.config import JobConfig
-from opt_train.precision import LossScaleTooSmall
+from opt_train.engine import StepOutcome, TrainEngine
+from opt_train.loss import lm_loss
+from opt_train.optim import build_optimizer, set_lr
+from opt_train.precision import DynamicLossScaler, LossScaleTooSmall
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +90,20 @@ def overflows_allowed_at_floor(min_scale: float) -> int:
     return n
 
 
-class ZeroEngine:
-    """A model and its optimizer inside a DeepSpeed engine. Every rank builds the full model
+class DeepSpeedEngine(TrainEngine):
+    """A model and our AdamW inside a DeepSpeed engine. Every rank builds the full model
     first (ZeRO then keeps only its partition), so this engine suits models whose fp32 weights
-    fit in one host's memory; beyond that use the FSDP engine with `parallel.init=meta`."""
+    fit in one host's memory; beyond that use the FSDP engine with `parallel.init=meta`.
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        cfg: JobConfig,
-        world: int,
-        accum: int,
-    ):
+    DeepSpeed's `engine.step()` after the last micro-batch averages gradients over ranks,
+    clips, and applies the optimizer step or, when the gradient norm is NaN/inf (as after a NaN
+    loss on any rank) or fp16 overflowed, skips it; `optim_step` reads what it did."""
+
+    def __init__(self, model: torch.nn.Module, cfg: JobConfig, world: int, accum: int):
         import deepspeed
         import deepspeed.ops
 
+        super().__init__(cfg)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if not torch.cuda.is_available():
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -109,36 +111,48 @@ class ZeroEngine:
             # The output projection reads the embedding's weight outside the embedding's own
             # forward; ZeRO-3 gathers it for the root module's forward only when told.
             deepspeed.zero.register_external_parameter(model, model.embed_tokens.weight)
-        self.cfg = cfg
+        self.model = model
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, accum)
+            model=model,
+            optimizer=build_optimizer(model, cfg.optim),
+            config=deepspeed_config(cfg, world, accum),
         )
         self.engine.checkpoint_engine = _weights_only_checkpoint_engine(self.engine)
+        self.weights = DeepSpeedWeights(self.engine)
+        # DeepSpeed scales fp16 losses itself (set from the same loss_scale.* keys); ours stays
+        # disabled and is kept only so that state.json has the same entries for both engines.
+        self.scaler = DynamicLossScaler(cfg.loss_scale, enabled=False)
+        self.autocast_precision = "fp32"  # DeepSpeed casts the parameters itself
         self.fp16 = cfg.precision == "fp16"
         self.floor_overflows = 0  # fp16: overflows in a row at the floor scale
+        self.step_scale = 1.0
 
     def loss_scale(self) -> float:
         return float(self.optimizer.loss_scale) if self.fp16 else 1.0
 
-    def micro_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int
+    def start_step(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)  # DeepSpeed's optimizer wrapper shares our param_groups
+        self.model.train()
+        self.step_scale = self.loss_scale()
+
+    def forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, n_micro: int
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; after the step's last micro-batch,
-        `engine.step()` applies (or skips) the optimizer step. Returns the detached loss."""
-        accum = self.engine.gradient_accumulation_steps()
-        loss = self.engine(inputs, targets, chunk_tokens, self.loss_scale() / accum)
+        """After the step's last micro-batch, `engine.step()` applies (or skips) the
+        optimizer step; on the others it only counts the micro-batch."""
+        loss = lm_loss(self.engine, inputs, targets, self.chunk_tokens, self.step_scale / n_micro)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
 
-    def outcome(self, scale_before: float) -> tuple[bool, float]:
-        """(whether the last optimizer step was applied, the gradient norm before clipping).
-        Raises LossScaleTooSmall when fp16 keeps overflowing at the floor scale."""
+    def optim_step(self, loss_finite: bool) -> StepOutcome:
+        """Raises LossScaleTooSmall when fp16 keeps overflowing at the floor scale."""
+        scale = self.step_scale
         applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         if self.fp16 and not applied:
-            at_floor = scale_before <= DS_MIN_LOSS_SCALE
+            at_floor = scale <= DS_MIN_LOSS_SCALE
             self.floor_overflows = self.floor_overflows + 1 if at_floor else 0
             if self.floor_overflows >= overflows_allowed_at_floor(self.cfg.loss_scale.min):
                 raise LossScaleTooSmall(
@@ -150,10 +164,8 @@ class ZeroEngine:
                 )
         elif applied:
             self.floor_overflows = 0
-        return applied, norm
-
-    def weights(self) -> DeepSpeedWeights:
-        return DeepSpeedWeights(self.engine)
+        overflow = self.fp16 and not applied and loss_finite
+        return StepOutcome(applied, norm, scale, overflow)
 
 
 class DeepSpeedWeights:

@@ -1,11 +1,15 @@
 """The training loss: next-token cross-entropy through the tied output projection, in chunks.
 
-Kept apart from the model because it is where tensor parallelism reaches inside a computation:
-with a vocabulary-sharded output projection the softmax statistics are all-reduced across the
+Kept apart from the model (torchtitan's split): the model returns logits, or hands its final
+hidden states and the tied output weight to a `head`; the trainer passes `cross_entropy_head`,
+through `lm_loss`. It is also where tensor parallelism reaches inside a computation: with a
+vocabulary-sharded output projection the softmax statistics are all-reduced across the
 tensor-parallel group instead of gathering full-vocabulary logits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -143,3 +147,37 @@ def chunked_cross_entropy(
         return _ChunkedCrossEntropy.apply(
             hidden, weight, targets, chunk_tokens, grad_scale, group, vocab_start
         )
+
+
+def cross_entropy_head(
+    targets: torch.Tensor, chunk_tokens: int = 2048, grad_scale: float = 1.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss as the model's output head (`OPT.forward(input_ids, head=...)`): from the final
+    hidden states [batch, seq, width] and the tied output weight, the mean cross-entropy
+    against `targets` [batch, seq]."""
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            targets.reshape(-1),
+            chunk_tokens,
+            grad_scale,
+        )
+
+    return head
+
+
+def lm_loss(
+    model: Callable[..., torch.Tensor],
+    input_ids: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int = 2048,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` (an OPT, or an engine wrapping one) on a batch.
+
+    Goes through the model's `__call__`, so FSDP's and DeepSpeed's forward hooks run.
+    `grad_scale` is the factor the caller multiplies the loss by before backward (the fp16 loss
+    scale over the accumulation steps); the gradients are formed already scaled by it."""
+    return model(input_ids, head=cross_entropy_head(targets, chunk_tokens, grad_scale))

@@ -1,16 +1,12 @@
-"""What a run reports: metrics.jsonl rows, wandb, the console progress bar, and MFU.
+"""The figures behind MFU: training FLOPs per token and a device's peak FLOP/s.
 
-Only rank 0 writes. metrics.jsonl has one JSON object per optimizer step with at least
-step, loss, lr, grad_norm, loss_scale, tokens, tokens_per_s, mfu; evaluation rows carry val_loss.
+The rows of metrics.jsonl are built in opt_train/trainer.py and written by the callbacks in
+opt_train/callbacks.py (file, progress bar, wandb).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import uuid
-from pathlib import Path
 
 import torch
 
@@ -59,93 +55,3 @@ def device_peak_flops(
         a @ a
         n += 1
     return 2 * 1024**3 * n / (time.perf_counter() - t0)
-
-
-class MetricsLogger:
-    """Rank-0 sink for step and eval metrics: JSONL file, wandb, progress bar."""
-
-    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self._file = None
-        self._bar = None
-        self._wandb = None
-        if not enabled:
-            return
-        _drop_rows_after(self.path, start_step)
-        self._file = open(self.path, "a", encoding="utf-8")
-        if cfg.logging.progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total_steps, initial=start_step, desc="train", dynamic_ncols=True
-            )
-        if cfg.logging.wandb != "disabled":
-            self._wandb = _init_wandb(run_dir, cfg)
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        if self._bar is not None:
-            if "loss" in row:
-                self._bar.update(1)
-                self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if "val_loss" in row:
-                self._bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        if self._file is not None:
-            self._file.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    """A run killed after its last checkpoint logged steps that the resumed run repeats; keep
-    one row per step by dropping those (and a torn last line) before appending."""
-    if not path.exists():
-        return
-    kept, dropped = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped = True
-            continue
-        if row.get("step", 0) > step:
-            dropped = True
-            continue
-        kept.append(line)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
-        os.replace(tmp, path)
-
-
-def _init_wandb(run_dir: Path, cfg):
-    """wandb in the run directory; offline by default. The run id is kept in run_dir so a
-    resumed run continues the same wandb run. The config logged is the resolved job config,
-    which holds no secrets (the API key stays in the environment)."""
-    import dataclasses
-
-    import wandb
-
-    id_file = run_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        project=cfg.logging.wandb_project,
-        dir=str(run_dir),
-        id=run_id,
-        resume="allow",
-        mode=cfg.logging.wandb,
-        config=dataclasses.asdict(cfg),
-        settings=wandb.Settings(console="off", x_save_requirements=False),
-    )

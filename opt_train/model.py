@@ -13,6 +13,7 @@ embeddings; attention dropout; input and output embeddings tied.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,6 @@ from torch import nn
 
 from opt_train.config import ModelConfig
 from opt_train.dropout import dropout, keep_mask, keep_threshold, uses_bulk_dropout
-from opt_train.loss import chunked_cross_entropy
 
 POSITION_OFFSET = 2  # fairseq reserved the first two position rows (padding idx 1 + 1)
 
@@ -174,24 +174,18 @@ class OPT(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        chunk_tokens: int = 2048,
-        grad_scale: float = 1.0,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Logits [batch, seq, vocab]; or, given `targets`, the mean next-token cross-entropy,
-        computed through the tied output projection in chunks so that the full logits never
-        exist. `grad_scale` is the factor the caller multiplies the loss by before backward.
-        (Training goes through `__call__` so that FSDP's hooks see it.)"""
+        """Logits [batch, seq, vocab] through the output projection tied to the token embedding.
+
+        `head(hidden, weight)` replaces that projection: the trainer's loss (opt_train/loss.py)
+        takes the final hidden states and the tied weight and computes the cross-entropy in
+        chunks, so full-vocabulary logits never exist. It is called here, inside the forward,
+        because FSDP2 and ZeRO-3 gather the embedding weight only for the model's forward."""
         h = self.hidden_states(input_ids, tied_output=True)
-        if targets is None:
+        if head is None:
             return F.linear(h, self.embed_tokens.weight)
-        return chunked_cross_entropy(
-            h.reshape(-1, h.shape[-1]),
-            self.embed_tokens.weight,
-            targets.reshape(-1),
-            chunk_tokens,
-            grad_scale,
-        )
+        return head(h, self.embed_tokens.weight)
 
 
 def count_params(model: nn.Module) -> int:

@@ -2,14 +2,17 @@
 
 `Trainer.__init__` builds everything from the typed config: process group and mesh, model
 (on the meta device for big models), parallelism, optimizer, schedule, loss scaler, data.
-`Trainer.fit` runs the loop: for each optimizer step, set the LR, run this rank's micro-batches
-(gradient accumulation up to `train.batch_tokens`), unscale and check for fp16 overflow on every
-rank, skip the step if the loss or gradient norm is not finite, clip, step, log, evaluate, save,
-and stop after a preemption signal (opt_train/signals.py). State that must survive a restart is
-collected in `state_dict()`; opt_train/checkpoint.py writes it with the model and optimizer.
+`Trainer.fit` runs the loop: for each optimizer step, run this rank's micro-batches through the
+engine (gradient accumulation up to `train.batch_tokens`), average the loss over ranks, let the
+engine step or skip (fp16 overflow, NaN/inf loss or gradient norm: every rank alike), build the
+step's metrics, hand them to the callbacks and write them, and stop after a preemption signal
+(opt_train/signals.py) or a callback's request, agreed by every rank.
 
-With `engine=deepspeed` the same loop drives a DeepSpeed ZeRO engine (opt_train/
-deepspeed_engine.py), which then owns gradient averaging, clipping and the optimizer step.
+The engine (opt_train/engine.py: FSDP2 / one process; opt_train/deepspeed_engine.py: DeepSpeed
+ZeRO) owns forward/backward, clipping, the optimizer step and the checkpoint weights; the loop
+never asks which one it drives. Side concerns (metrics.jsonl, progress bar, wandb, evaluation and
+checkpoint cadence) are callbacks (opt_train/callbacks.py). State that must survive a restart is
+collected in `state_dict()`; opt_train/checkpoint.py writes it with the model and optimizer.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from opt_train.checkpoint import CheckpointManager, DCPWeights
+from opt_train.callbacks import Callback, default_callbacks
+from opt_train.checkpoint import CheckpointManager
 from opt_train.config import JobConfig
 from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path, validation_batches
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
-from opt_train.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from opt_train.engine import StepOutcome, TrainEngine, build_engine
+from opt_train.metrics import device_peak_flops, flops_per_token
 from opt_train.model import OPT, count_params
-from opt_train.optim import LinearWarmupDecay, build_optimizer, clip_grad_norm_, set_lr
+from opt_train.optim import LinearWarmupDecay
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
-from opt_train.precision import DynamicLossScaler, autocast
+from opt_train.precision import DynamicLossScaler
 from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -48,7 +53,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, callbacks: list[Callback] | None = None):
         self.cfg = cfg
         # First, so that a preemption during start-up is not lost (it stops after step one).
         self.preemption = PreemptionFlag().install()
@@ -80,24 +85,8 @@ class Trainer:
         # After init, every data-parallel rank draws its own dropout masks; TP peers share them
         # because they hold replicated activations.
         _seed_everything(cfg.train.seed + self.dp_rank)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.engine = None
-        if self.deepspeed:
-            from opt_train.deepspeed_engine import ZeroEngine
-
-            self.engine = ZeroEngine(self.model, self.optimizer, cfg, self.dist.world, self.accum)
-            self.optimizer = self.engine.optimizer  # DeepSpeed's wrapper; the LR is set on it
-            self.weights = self.engine.weights()
-        else:
-            self.weights = DCPWeights(self.model, self.optimizer, cfg.checkpoint.write_threads)
+        self.engine: TrainEngine = build_engine(cfg, self.model, self.dist.world, self.accum)
         self.schedule = LinearWarmupDecay(cfg.optim, cfg.train.batch_tokens)
-        # Under DeepSpeed fp16 its own scaler, set from the same loss_scale.* keys, is used.
-        self.scaler = DynamicLossScaler(
-            cfg.loss_scale, enabled=cfg.precision == "fp16" and not self.deepspeed
-        )
-        # FSDP and DeepSpeed cast parameters to the low precision themselves; one process
-        # uses autocast.
-        self.autocast_precision = "fp32" if self.distributed or self.deepspeed else cfg.precision
 
         data_path = resolve_data_path(cfg.data.path, cfg.data.cache_dir)
         train_windows = PackedWindows(data_path, "train", cfg.data.seq_len)
@@ -134,7 +123,10 @@ class Trainer:
         self.tokens = 0
         self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss or gradient norm, in total
         self.nonfinite_in_a_row = 0
-        self.preempted = False
+        self.preempted = False  # every rank agreed on a preemption signal: exit to be requeued
+        self.stop_reason: str | None = None  # a callback's request_stop, or another rank's
+        self._stop_request: str | None = None
+        self.callbacks: list[Callback] = [*default_callbacks(cfg), *(callbacks or [])]
         self._act_sq = self._watch_final_activations()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         # Before the resume: measuring the CPU's peak draws random matrices from the global
@@ -142,9 +134,6 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
-        self.metrics = MetricsLogger(
-            self.run_dir, cfg, cfg.train.max_steps, self.step, enabled=self.dist.is_main
-        )
         log.info(
             "model %s: %.2fM parameters; mesh dp_replicate=%d dp_shard=%d tp=%d; "
             "%d micro-batches of %d per rank per step; resumed from %s (torchrun restart %s)",
@@ -216,127 +205,84 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        cfg = self.cfg
+        """Train to `train.max_steps` (or an agreed stop); returns the last step's metrics."""
         last: dict = {}
-        act_every = cfg.logging.activation_norm_interval
+        error: BaseException | None = None
         try:
-            while self.step < cfg.train.max_steps:
-                t0 = time.perf_counter()
+            self._call("on_start")
+            while self.step < self.cfg.train.max_steps:
                 self.step += 1
+                self._call("pre_step")
+                t0 = time.perf_counter()
                 lr = self.schedule(self.step)  # the schedule is a function of the step alone
-                set_lr(self.optimizer, lr)
-                self._log_activations = bool(act_every) and self.step % act_every == 0
-                out = self.train_step(self.loader.next_step())
-                self.tokens += cfg.train.batch_tokens
-                dt = time.perf_counter() - t0
-                last = {
-                    "step": self.step,
-                    "loss": out["loss"],
-                    "lr": lr,
-                    "grad_norm": out["grad_norm"],
-                    "loss_scale": out["loss_scale"],
-                    "skipped": out["skipped"],
-                    "nonfinite_skips": self.nonfinite_skips,
-                    "tokens": self.tokens,
-                    "tokens_per_s": cfg.train.batch_tokens / dt,
-                    "mfu": cfg.train.batch_tokens
-                    * self.flops_per_token
-                    / dt
-                    / (self.peak_flops * self.dist.world),
-                    "step_time_s": dt,
-                }
-                if "act_rms" in out:
-                    last["act_rms"] = out["act_rms"]
-                self.metrics.log(last)
-                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLoss(
-                        f"step {self.step}: the loss or gradient norm was NaN/inf for "
-                        f"{self.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); the run has diverged. Resume from an "
-                        "earlier checkpoint with a lower LR, or skip the bad data with "
-                        "data.skip_steps (docs/fault-tolerance.md)."
-                    )
-                if self.val_batches and self.step % cfg.train.eval_interval == 0:
-                    self.metrics.log({"step": self.step, "val_loss": self.evaluate()})
-                if self._preemption_agreed():
-                    log.warning("preempted: saving step %d, then exiting", self.step)
-                    self.save(blocking=True)
-                    self.preempted = True
-                    return last
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                    self.save()
-            if self.step > self.resumed_step and self.ckpt.last_saved_step != self.step:
-                self.save()
-            self.ckpt.wait()  # the final checkpoint is on disk before the run reports success
+                out = self.train_step(self.loader.next_step(), lr)
+                self.tokens += self.cfg.train.batch_tokens
+                last = self._step_metrics(out, lr, time.perf_counter() - t0)
+                self._call("on_step_end", last)
+                self.log(last)
+                self._stop_if_diverged()
+                self._call("post_step")
+                if self._stop_agreed():
+                    break
+            self._call("on_end")
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            self.metrics.close()
+            self._call("on_close", error)
         return last
 
-    def train_step(self, micro_batches) -> dict:
-        if self.engine is not None:
-            return self._train_step_deepspeed(micro_batches)
-        cfg = self.cfg
-        self.model.train()
+    def train_step(self, micro_batches, lr: float) -> dict:
+        """One optimizer step: this rank's micro-batches through the engine, their loss
+        averaged over ranks, then the engine's step or (on every rank alike) skip."""
+        act_every = self.cfg.logging.activation_norm_interval
+        self._log_activations = bool(act_every) and self.step % act_every == 0
         self._act_sq.clear()
-        grad_scale = self.scaler.scale / len(micro_batches)
+        self.engine.start_step(lr)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, targets in micro_batches:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with autocast(self.autocast_precision, self.device.type):
-                loss = self.model(inputs, targets, cfg.train.loss_chunk_tokens, grad_scale)
-            (loss * grad_scale).backward()
-            total += loss.detach().float()
+            total += self.engine.forward_backward(inputs, targets, len(micro_batches)).float()
         act_sq = torch.stack(self._act_sq).mean() if self._act_sq else None
         # Summed over ranks, a NaN/inf on any rank is NaN/inf on all: every rank skips alike.
         mean_loss, act_ms = self._mean_over_ranks(total / len(micro_batches), act_sq)
+        outcome = self.engine.optim_step(math.isfinite(mean_loss))
+        self._count_nonfinite(mean_loss, outcome)
+        out = {
+            "loss": mean_loss,
+            "grad_norm": outcome.grad_norm,
+            "loss_scale": outcome.loss_scale,
+            "skipped": not outcome.stepped,
+        }
+        if act_ms is not None:
+            out["act_rms"] = math.sqrt(act_ms)
+        return out
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        loss_ok = math.isfinite(mean_loss)
-        overflow = self.scaler.found_overflow(params)  # fp16 only: unscales, agrees over ranks
-        loss_scale = self.scaler.scale
-        grad_norm = float("nan")
-        stepped = False
-        if loss_ok and not overflow:
-            # The norm is a global reduction, so every rank sees the same value here too.
-            grad_norm = clip_grad_norm_(params, cfg.optim.clip_grad_norm)
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-                stepped = True
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.update(overflow or not loss_ok)
-        return self._outcome(mean_loss, act_ms, grad_norm, loss_scale, stepped, overflow)
+    def _step_metrics(self, out: dict, lr: float, dt: float) -> dict:
+        """The step's row of metrics.jsonl (callbacks may add keys in on_step_end)."""
+        batch_tokens = self.cfg.train.batch_tokens
+        metrics = {
+            "step": self.step,
+            "loss": out["loss"],
+            "lr": lr,
+            "grad_norm": out["grad_norm"],
+            "loss_scale": out["loss_scale"],
+            "skipped": out["skipped"],
+            "nonfinite_skips": self.nonfinite_skips,
+            "tokens": self.tokens,
+            "tokens_per_s": batch_tokens / dt,
+            "mfu": batch_tokens * self.flops_per_token / dt / (self.peak_flops * self.dist.world),
+            "step_time_s": dt,
+        }
+        if "act_rms" in out:
+            metrics["act_rms"] = out["act_rms"]
+        return metrics
 
-    def _train_step_deepspeed(self, micro_batches) -> dict:
-        """The same step through DeepSpeed: its `engine.step()` after the last micro-batch
-        averages gradients over ranks, clips, and applies the optimizer step or, when the
-        gradient norm is NaN/inf (as after a NaN loss on any rank) or fp16 overflowed, skips it."""
-        self.model.train()
-        self._act_sq.clear()
-        loss_scale = self.engine.loss_scale()
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for inputs, targets in micro_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            loss = self.engine.micro_step(inputs, targets, self.cfg.train.loss_chunk_tokens)
-            total += loss.float()
-        act_sq = torch.stack(self._act_sq).mean() if self._act_sq else None
-        mean_loss, act_ms = self._mean_over_ranks(total / len(micro_batches), act_sq)
-        stepped, grad_norm = self.engine.outcome(loss_scale)
-        overflow = self.cfg.precision == "fp16" and not stepped and math.isfinite(mean_loss)
-        return self._outcome(mean_loss, act_ms, grad_norm, loss_scale, stepped, overflow)
-
-    def _outcome(
-        self,
-        mean_loss: float,
-        act_ms: float | None,
-        grad_norm: float,
-        loss_scale: float,
-        stepped: bool,
-        overflow: bool,
-    ) -> dict:
-        """Count a skipped step and report the step's metrics. fp16 gradient overflow is the
-        loss scaler's business (halve and retry), not a divergence; any other NaN/inf is
-        counted and, repeated, stops the run."""
-        nonfinite = not stepped and not (overflow and math.isfinite(mean_loss))
+    def _count_nonfinite(self, mean_loss: float, outcome: StepOutcome) -> None:
+        """Count a skipped step. fp16 gradient overflow is the loss scaler's business (halve
+        and retry), not a divergence; any other NaN/inf is counted and, repeated, stops the
+        run."""
+        nonfinite = not outcome.stepped and not (outcome.overflow and math.isfinite(mean_loss))
         if nonfinite:
             self.nonfinite_skips += 1
             self.nonfinite_in_a_row += 1
@@ -344,20 +290,47 @@ class Trainer:
                 "step %d skipped: loss %s, grad norm %s (%d in a row)",
                 self.step,
                 mean_loss,
-                grad_norm,
+                outcome.grad_norm,
                 self.nonfinite_in_a_row,
             )
-        elif stepped:
+        elif outcome.stepped:
             self.nonfinite_in_a_row = 0
-        out = {
-            "loss": mean_loss,
-            "grad_norm": grad_norm,
-            "loss_scale": loss_scale,
-            "skipped": not stepped,
-        }
-        if act_ms is not None:
-            out["act_rms"] = math.sqrt(act_ms)
-        return out
+
+    def _stop_if_diverged(self) -> None:
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLoss(
+                f"step {self.step}: the loss or gradient norm was NaN/inf for "
+                f"{self.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps="
+                f"{limit}); the run has diverged. Resume from an earlier checkpoint with a "
+                "lower LR, or skip the bad data with data.skip_steps (docs/fault-tolerance.md)."
+            )
+
+    # -- what callbacks call ----------------------------------------------------------------
+
+    def log(self, row: dict) -> None:
+        """Send a row to every callback's on_log (metrics.jsonl, wandb, console), in order."""
+        self._call("on_log", row)
+
+    def log_event(self, event: str, **fields) -> None:
+        """An event row `{"event": event, "step": <this step>, **fields}` in metrics.jsonl."""
+        self.log({"event": event, "step": self.step, **fields})
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step, as if `train.max_steps` were reached (final save
+        included). Any rank may ask; every rank stops after the same step."""
+        self._stop_request = reason
+
+    def run_evaluation(self) -> dict:
+        """Evaluate, let callbacks add to the row (on_eval), write it; returns the row."""
+        row = {"step": self.step, "val_loss": self.evaluate()}
+        self._call("on_eval", row)
+        self.log(row)
+        return row
+
+    def _call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -365,9 +338,7 @@ class Trainer:
         logging_acts, self._log_activations = self._log_activations, False
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, targets in self.val_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with autocast(self.autocast_precision, self.device.type):
-                total += self.model(inputs, targets, self.cfg.train.loss_chunk_tokens).float()
+            total += self.engine.eval_loss(inputs.to(self.device), targets.to(self.device))
         self.model.train()
         self._log_activations = logging_acts
         return self._mean_over_ranks(total / max(1, len(self.val_batches)))[0]
@@ -384,28 +355,41 @@ class Trainer:
         a, b = both.tolist()
         return a, (b if extra is not None else None)
 
-    def _preemption_agreed(self) -> bool:
-        """Whether any rank got SIGTERM/SIGUSR1: MAX over ranks, so all stop after this step."""
-        flag = torch.tensor([int(self.preemption.requested)], device=self.device)
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 or a callback's request_stop: MAX over ranks,
+        so all stop after this step."""
+        flags = torch.tensor(
+            [int(self.preemption.requested), int(self._stop_request is not None)],
+            device=self.device,
+        )
         if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        preempted, stop = flags.tolist()
+        self.preempted = bool(preempted)
+        if stop:
+            self.stop_reason = self._stop_request or "requested on another rank"
+            log.warning("step %d: stopping: %s", self.step, self.stop_reason)
+        return bool(preempted or stop)
 
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything besides weights, optimizer moments and RNG states (checkpoint.py keeps
         those per rank) that a resumed run needs. The LR is not here: it is schedule(step)."""
-        return {
+        state = {
             "step": self.step,
             "tokens": self.tokens,
             "data": self.loader.state_dict(),
-            "loss_scaler": self.scaler.state_dict(),
+            **self.engine.state_dict(),  # "loss_scaler"
             "nonfinite_skips": self.nonfinite_skips,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world": self.dist.world,
             "mesh": self._mesh(),
         }
+        callbacks = {cb.key: sd for cb in self.callbacks if (sd := cb.state_dict())}
+        if callbacks:
+            state["callbacks"] = callbacks
+        return state
 
     def _mesh(self) -> dict:
         return {
@@ -418,24 +402,39 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.loader.load_state_dict(state["data"])
-        self.scaler.load_state_dict(state["loss_scaler"])
+        self.engine.load_state_dict(state)
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.key in saved:
+                cb.load_state_dict(saved[cb.key])
+
+    @property
+    def scaler(self) -> DynamicLossScaler:
+        """Our fp16 loss scaler (disabled under DeepSpeed, which scales by itself)."""
+        return self.engine.scaler
 
     def save(self, blocking: bool = False) -> Path:
+        """Checkpoint this step (collective: every rank calls it)."""
         return self.ckpt.save(
             self.step,
-            self.weights,
+            self.engine.weights,
             self.state_dict(),
             self.config_yaml,
             blocking=blocking,
         )
 
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimizer, RNG and trainer state (callbacks' included) from a
+        checkpoint directory (collective: every rank calls it)."""
+        self.load_state_dict(self.ckpt.load(path, self.engine.weights, self._mesh()))
+
     def _maybe_resume(self) -> str | None:
         path = self.ckpt.latest()
         if path is None:
             return None
-        self.load_state_dict(self.ckpt.load(path, self.weights, self._mesh()))
+        self.load_checkpoint(path)
         return str(path)
 
     def close(self) -> None:

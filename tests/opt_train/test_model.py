@@ -1,3 +1,5 @@
+"""The plain OPT module: each test checks one fact of OPT's architecture or of forward's contract."""
+
 import math
 
 import pytest
@@ -6,20 +8,50 @@ import torch
 from opt_train.config import ModelConfig
 from opt_train.model import OPT
 
+TINY = dict(d_model=32, n_heads=4, vocab_size=64, dropout=0.0, attention_dropout=0.0)
 
-def test_positions_have_offset_two_rows():
-    m = OPT(ModelConfig(max_positions=64, d_model=32, n_heads=4))
+
+def test_vocab_default_is_opts_50265_padded_to_a_multiple_of_8():
+    cfg = ModelConfig()
+    assert cfg.vocab_size == 50272 and cfg.vocab_size % 8 == 0 and cfg.vocab_size - 50265 < 8
+
+
+def test_positions_start_at_row_two_of_2_plus_max_positions_rows():
+    torch.manual_seed(0)
+    m = OPT(ModelConfig(max_positions=64, **TINY)).eval()
     assert m.embed_positions.weight.shape[0] == 66
+    x = torch.randint(0, 64, (1, 5))
+    before = m(x)
+    with torch.no_grad():
+        m.embed_positions.weight[:2] = 100.0  # the reserved rows: never read
+    assert torch.equal(m(x), before)
+    with torch.no_grad():
+        m.embed_positions.weight[2] += 1.0  # the first token's position
+    assert not torch.equal(m(x)[0, 0], before[0, 0])
 
 
-def test_vocab_padded_default_and_embeddings_tied():
-    cfg = ModelConfig(d_model=32, n_heads=4)
-    assert cfg.vocab_size == 50272 and cfg.vocab_size % 8 == 0
-    m = OPT(cfg).eval()
-    x = torch.randint(0, 100, (1, 5))
-    h = m.hidden_states(x)
-    assert torch.equal(m(x), h @ m.embed_tokens.weight.t())
+def test_logits_are_the_hidden_states_through_the_tied_token_embedding():
+    m = OPT(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 64, (2, 5))
+    logits = m(x)
+    assert logits.shape == (2, 5, 64)
+    assert torch.equal(logits, m.hidden_states(x) @ m.embed_tokens.weight.t())
     assert "lm_head.weight" not in dict(m.named_parameters())
+
+
+def test_a_head_receives_the_hidden_states_and_the_tied_weight_instead_of_logits():
+    m = OPT(ModelConfig(**TINY)).eval()
+    x = torch.randint(0, 64, (2, 5))
+    seen = {}
+
+    def head(hidden, weight):
+        seen["hidden"], seen["weight"] = hidden, weight
+        return hidden.sum()
+
+    out = m(x, head=head)
+    assert seen["weight"] is m.embed_tokens.weight
+    assert torch.equal(seen["hidden"], m.hidden_states(x))
+    assert torch.equal(out, seen["hidden"].sum())
 
 
 def test_350m_layout_has_projections_without_bias_and_no_final_layer_norm():
@@ -50,18 +82,22 @@ def test_init_statistics_match_opt():
 
 def test_causal_attention_ignores_future_tokens():
     torch.manual_seed(0)
-    m = OPT(
-        ModelConfig(d_model=32, n_heads=4, vocab_size=64, dropout=0, attention_dropout=0)
-    ).eval()
+    m = OPT(ModelConfig(**TINY)).eval()
     x = torch.randint(0, 64, (1, 10))
     y = x.clone()
     y[0, 7:] = (y[0, 7:] + 1) % 64
     assert torch.allclose(m(x)[0, :7], m(y)[0, :7], atol=1e-6)
 
 
-def test_dropout_config_reaches_layers_and_is_off_in_eval():
-    m = OPT(ModelConfig(d_model=32, n_heads=4, vocab_size=64, dropout=0.3, attention_dropout=0.2))
-    assert m.layers[0].dropout == 0.3 and m.layers[0].self_attn.dropout == 0.2
+def test_dropout_config_reaches_every_layer():
+    cfg = ModelConfig(**{**TINY, "n_layers": 3, "dropout": 0.3, "attention_dropout": 0.2})
+    m = OPT(cfg)
+    assert all(layer.dropout == 0.3 for layer in m.layers)
+    assert all(layer.self_attn.dropout == 0.2 for layer in m.layers)
+
+
+def test_dropout_draws_new_masks_in_train_mode_and_none_in_eval():
+    m = OPT(ModelConfig(**{**TINY, "dropout": 0.3, "attention_dropout": 0.2}))
     x = torch.randint(0, 64, (2, 8))
     m.eval()
     assert torch.equal(m(x), m(x))

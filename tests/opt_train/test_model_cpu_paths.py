@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from opt_train.config import ModelConfig
 from opt_train.dropout import dropout_mask
-from opt_train.loss import chunked_cross_entropy
+from opt_train.loss import chunked_cross_entropy, lm_loss
 from opt_train.model import OPT, causal_attention_with_dropout
 from opt_train.parallelize import apply_ac
 
@@ -67,7 +67,7 @@ def test_activation_checkpointing_replays_attention_and_residual_dropout_masks(m
     results = []
     for model in (plain, ckpt):
         torch.manual_seed(5)
-        loss = model(x[:, :-1], x[:, 1:])
+        loss = lm_loss(model, x[:, :-1], x[:, 1:])
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     (want_loss, want), (got_loss, got) = results
@@ -106,7 +106,7 @@ def test_tied_embedding_gradient_is_dense_and_equals_the_dense_lookup_path():
     assert not model.embed(x, tied_output=False).grad_fn._saved_sparse
     # More tokens than vocabulary rows: the sparse values would outweigh the dense gradient.
     assert not model.embed(torch.zeros(8, 65, dtype=torch.long), True).grad_fn._saved_sparse
-    model(x[:, :-1], x[:, 1:]).backward()
+    lm_loss(model, x[:, :-1], x[:, 1:]).backward()
     fast = model.embed_tokens.weight.grad.clone()
     assert fast.layout == torch.strided
     model.zero_grad()

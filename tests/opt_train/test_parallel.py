@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from opt_train.config import ParallelConfig
+from opt_train.loss import lm_loss
 from opt_train.parallel_dims import ParallelDims
 from tests.multirank import spawn, torchrun_train
 
@@ -95,7 +96,7 @@ def _clip_on_2d_mesh(rank: int, world: int, want_norm: float) -> None:
     model = OPT(ModelConfig(vocab_size=64, d_model=32, n_heads=4, dropout=0, attention_dropout=0))
     parallelize(model, dims, mesh, "fp32", "off", False)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    loss = model(x[:, :-1], x[:, 1:])
+    loss = lm_loss(model, x[:, :-1], x[:, 1:])
     loss.backward()
     norm = clip_grad_norm_([p for p in model.parameters()], max_norm=1e-3)
     assert norm == pytest.approx(want_norm, rel=1e-5)
@@ -112,7 +113,7 @@ def test_grad_norm_clipping_over_a_2d_mesh_matches_one_process():
     torch.manual_seed(0)
     model = OPT(ModelConfig(vocab_size=64, d_model=32, n_heads=4, dropout=0, attention_dropout=0))
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    model(x[:, :-1], x[:, 1:]).backward()
+    lm_loss(model, x[:, :-1], x[:, 1:]).backward()
     want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
     # Each of the 2 data-parallel ranks sees the same batch here, so the mean gradient is the
     # one-process gradient.

@@ -2,13 +2,14 @@ import pytest
 import torch
 
 from opt_train.config import ModelConfig
+from opt_train.loss import lm_loss
 from opt_train.model import OPT
 from opt_train.parallelize import apply_ac
 
 
 def loss_and_grads(model: OPT, x: torch.Tensor):
     model.zero_grad()
-    loss = model(x[:, :-1], x[:, 1:])
+    loss = lm_loss(model, x[:, :-1], x[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -23,6 +23,7 @@ from opt_train.config import (
     ParallelConfig,
     TrainConfig,
 )
+from opt_train.loss import lm_loss
 from opt_train.model import OPT
 from opt_train.optim import build_optimizer
 from opt_train.parallel_dims import ParallelDims
@@ -107,7 +108,7 @@ def measure_training(
         targets = torch.randint(0, model_cfg.vocab_size, (batch, seq))
         for _ in range(2):
             before = mode.peak = mode.live()
-            loss = model(ids, targets, 4096, 1.0)
+            loss = lm_loss(model, ids, targets, 4096)
             saved = mode.live() - before
             loss.backward()
             optimizer.step()

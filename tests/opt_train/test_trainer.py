@@ -4,6 +4,7 @@ import shutil
 import pytest
 import torch
 
+from opt_train.callbacks import Callback
 from opt_train.checkpoint import CheckpointManager
 from opt_train.config import CheckpointConfig
 from opt_train.trainer import Trainer
@@ -147,3 +148,52 @@ def test_wandb_offline_run_lives_in_run_dir_without_secrets(tmp_path, small_shar
     for f in run.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+class _Watcher(Callback):
+    """Adds a key to every step's metrics, logs an event at step 2, asks to stop at step 3,
+    and keeps a count that must survive a restart."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_step_end(self, trainer, metrics):
+        self.seen += 1
+        metrics["seen"] = self.seen
+        if trainer.step == 2:
+            trainer.log_event("spike", loss=metrics["loss"])
+        if trainer.step == 3:
+            trainer.request_stop("test asked")
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+def test_a_callback_adds_metrics_writes_events_stops_the_run_and_keeps_its_state(
+    tmp_path, small_shards
+):
+    run = tmp_path / "run"
+    t = Trainer(small_job(run, small_shards, "train.max_steps=10"), callbacks=[_Watcher()])
+    last = t.fit()
+    assert last["step"] == 3 and t.stop_reason == "test asked" and not t.preempted
+    rows = metrics(run)
+    # An event logged in on_step_end is written before that step's row.
+    assert [(r["step"], r.get("event")) for r in rows] == [
+        (1, None),
+        (2, "spike"),
+        (2, None),
+        (3, None),
+    ]
+    assert [r["seen"] for r in rows if "loss" in r and "event" not in r] == [1, 2, 3]
+    assert rows[1]["loss"] == rows[2]["loss"]
+    ckpts = CheckpointManager(run / "checkpoints", CheckpointConfig(), None)
+    assert ckpts.latest().name == "step_00000003"  # a requested stop saves like the end
+    state = json.loads((ckpts.latest() / "state.json").read_text())
+    assert state["callbacks"] == {"_Watcher": {"seen": 3}}
+    back = Trainer(small_job(run, small_shards, "train.max_steps=4"), callbacks=[_Watcher()])
+    assert back.callbacks[-1].seen == 3
+    back.fit()
+    assert metrics(run)[-1]["seen"] == 4
