@@ -32,7 +32,9 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
+from functools import cache, partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,11 +172,18 @@ def init_one_rank(device: torch.device) -> None:
     )
 
 
-def one_rank_mesh(device: torch.device):
+@cache
+def _mesh(device_type: str):
     from opt_train.parallel_dims import ParallelDims
 
     dims = ParallelDims.from_config(ParallelConfig(), 1)
-    return dims, dims.build_mesh(device.type)[0]
+    return dims, dims.build_mesh(device_type)[0]
+
+
+def one_rank_mesh(device: torch.device):
+    """The trainer's mesh for one rank, built once per device type (each build makes process
+    groups, NCCL communicators on a GPU)."""
+    return _mesh(device.type)
 
 
 def sync(device: torch.device) -> None:
@@ -255,9 +264,7 @@ def tiny_losses(
     batches = patterned_batches(
         shapes.correctness_steps, shapes.tiny_batch, shapes.tiny_seq, shapes.tiny.vocab_size
     )
-    return train_steps(
-        model, optimizer, batches, device, "fp32" if fsdp else precision, shapes.tiny_seq
-    )
+    return train_steps(model, optimizer, batches, device, "fp32" if fsdp else precision, CHUNK)
 
 
 def correctness(table: Table, shapes: Shapes, device: torch.device) -> None:
@@ -404,7 +411,7 @@ def speed_row(table, shapes, device, label, model_cfg, mb, compile, ac, peak_tfl
     table.add(
         "speed",
         case,
-        f"{tps:,.0f} tok/s, {tflops:.1f} TFLOP/s, MFU {mfu:.1%}, {mem}; "
+        f"{tps:,.0f} tok/s, {tflops:.3g} TFLOP/s, MFU {mfu:.1%}, {mem}; "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}",
         "plan within 15%" if device.type == "cuda" else "-",
         ok,
@@ -428,24 +435,14 @@ def speed_row(table, shapes, device, label, model_cfg, mb, compile, ac, peak_tfl
 def hf_tokens_per_s(model_cfg: ModelConfig, device, mb: int, shapes: Shapes) -> float:
     """transformers.OPTForCausalLM with SDPA attention and torch AdamW under bf16 autocast (what
     HF's Trainer does with bf16=True): fp32 weights, same shape, dropout and micro-batch."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
+    from opt_train.hf import hf_config_from_model_config
     from opt_train.precision import autocast
 
     fresh(device)
-    cfg = OPTConfig(
-        vocab_size=model_cfg.vocab_size,
-        hidden_size=model_cfg.d_model,
-        num_hidden_layers=model_cfg.n_layers,
-        ffn_dim=model_cfg.ffn,
-        num_attention_heads=model_cfg.n_heads,
-        max_position_embeddings=model_cfg.max_positions,
-        word_embed_proj_dim=model_cfg.embed_dim,
-        do_layer_norm_before=model_cfg.pre_layer_norm,
-        dropout=model_cfg.dropout,
-        attention_dropout=model_cfg.attention_dropout,
-        attn_implementation="sdpa",
-    )
+    cfg = hf_config_from_model_config(model_cfg)
+    cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         model = OPTForCausalLM(cfg)
@@ -506,9 +503,9 @@ def baseline_row(table, shapes, device, label, model_cfg, mb, ours: SpeedResult 
 
 
 def checkpoint_row(table, device, label, model, optimizer, directory: Path) -> None:
-    """Two async saves through the real CheckpointManager: the first pins its staging buffer,
-    the second reuses it (the steady state of a run)."""
-    from opt_train.checkpoint import CheckpointManager, DCPWeights, pinned_staging
+    """Async saves through the real CheckpointManager: the first pins its staging buffer, the
+    second (when the budget allows) reuses it, the steady state of a run."""
+    from opt_train.checkpoint import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.distributed import DistInfo
 
@@ -518,34 +515,57 @@ def checkpoint_row(table, device, label, model, optimizer, directory: Path) -> N
             root, CheckpointConfig(keep=1, async_save=True), DistInfo(0, 1, 0, device)
         )
         weights = DCPWeights(model, optimizer)
-        times = []
+        saves = []  # (blocked s, visible s, bytes)
         for step in (1, 2):
+            if saves and not table.fits(saves[-1][1] + 5):
+                break
             t0 = time.perf_counter()
             final = mgr.save(step, weights, {"step": step, "tokens": 0}, "bench: true\n")
             blocked = time.perf_counter() - t0
             mgr.wait()
-            total = time.perf_counter() - t0
+            visible = time.perf_counter() - t0
             meta = json.loads((final / "meta.json").read_text())
-            nbytes = sum(f["bytes"] for f in meta["files"].values())
-            times.append((blocked, total, nbytes))
+            saves.append((blocked, visible, sum(f["bytes"] for f in meta["files"].values())))
             shutil.rmtree(final)  # one checkpoint on disk at a time (the GPU host's disk)
         mgr.close()
+        pinned = _staged_pinned(weights)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    (b1, _, _), (b2, t2, n) = times
+    blocked, visible, n = saves[-1]
     gb = n / 1e9
+    first = (
+        f"first save blocked {saves[0][0]:.2f} s{' (pinning the buffer)' if pinned else ''}"
+        if len(saves) > 1
+        else "one save only (time budget)"
+    )
     table.add(
         "checkpoint",
-        f"async save, {label} weights + AdamW ({gb:.1f} GB), "
-        f"{'pinned' if pinned_staging(model) else 'unpinned (CPU)'} staging",
-        f"blocked {b2:.2f} s ({gb / b2:.1f} GB/s staging; first save {b1:.2f} s with pinning), "
-        f"visible after {t2:.1f} s ({gb / t2:.2f} GB/s)",
+        f"async save, {label} weights + AdamW ({gb:.2f} GB), staging buffer "
+        f"{'pinned' if pinned else 'not pinned'}",
+        f"blocked {blocked:.2f} s ({gb / blocked:.3g} GB/s staging; {first}), "
+        f"visible after {visible:.1f} s ({gb / visible:.3g} GB/s)",
         ok=None,
-        blocked_s=b2,
-        first_blocked_s=b1,
-        visible_s=t2,
+        blocked_s=blocked,
+        first_blocked_s=saves[0][0],
+        visible_s=visible,
         bytes=n,
+        pinned=pinned,
     )
+
+
+def _staged_pinned(weights) -> bool:
+    """Whether the writer's kept CPU copy of the state (the staging buffer) is page-locked."""
+    cache = getattr(weights.writer(Path(".")), "state_dict_cache", None)
+    stack = [cache]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            return x.is_pinned()
+        if isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return False
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -565,7 +585,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --dry-run for the CPU check")
-        from opt_train.distributed import pick_device
+        from opt_train.distributed import ALLOC_CONF_VARS, pick_device
 
         device, shapes = pick_device("cuda", 0), gpu_shapes()  # allocator and TF32 settings
         budget = args.budget_s or 450.0
@@ -576,7 +596,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         driver = _driver_version()
         print(
             f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, driver {driver}, "
-            f"Python {sys.version.split()[0]}, {os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}"
+            f"Python {sys.version.split()[0]}, allocator "
+            + " ".join(f"{v}={os.environ[v]}" for v in ALLOC_CONF_VARS if v in os.environ)
         )
         found = gpu_peak_tflops(name, "bf16", tf32=False)
         peak = found[1] if found else None
@@ -585,7 +606,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         print(f"dry run on CPU: torch {torch.__version__}, {torch.get_num_threads()} threads")
         peak = device_peak_flops(device, "bf16", None) / 1e12  # this CPU's measured bf16 rate
-    print(f"MFU against {peak if peak else 'unknown'} TFLOP/s (dense bf16); budget {budget:.0f} s")
+    against = f"{peak:.4g} TFLOP/s" if peak else "unknown (MFU NaN)"
+    print(f"MFU against {against} (dense bf16); budget {budget:.0f} s")
     table.header()
     try:
         run(table, shapes, device, peak, Path(args.dir))
@@ -612,8 +634,21 @@ def _driver_version() -> str:
         return "?"
 
 
+def attempt(table: Table, section: str, case: str, fn):
+    """fn(); an error becomes a failed row (traceback on stderr) and the run goes on, so
+    one broken path does not cost the rest of a scarce GPU run."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        table.add(section, case, f"error: {type(e).__name__}: {first}", ok=False)
+        return None
+
+
 def run(table: Table, shapes: Shapes, device, peak_tflops: float | None, ckpt_dir: Path) -> None:
-    correctness(table, shapes, device)
+    attempt(table, "correctness", "all rows", lambda: correctness(table, shapes, device))
+    fresh(device)
 
     torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer runs (bf16 does not use it)
     torch.backends.cudnn.allow_tf32 = True
@@ -647,26 +682,30 @@ def run(table: Table, shapes: Shapes, device, peak_tflops: float | None, ckpt_di
             )
             continue
         t0 = time.perf_counter()
-        result = model = optimizer = None
-        try:
-            result, model, optimizer = speed_row(
-                table, shapes, device, n, model_cfg, mb, compile, ac, peak_tflops
-            )
-        except torch.cuda.OutOfMemoryError:
-            case = f"{n} mb {mb}, compile {'on' if compile else 'off'}, AC {ac}"
-            table.add("speed", case, "out of memory", ok=False)
+        case = f"{n} mb {mb}, compile {'on' if compile else 'off'}, AC {ac}"
+        out = attempt(
+            table,
+            "speed",
+            case,
+            partial(speed_row, table, shapes, device, n, model_cfg, mb, compile, ac, peak_tflops),
+        )
+        result, model, optimizer = out or (None, None, None)
+        out = None
         cost[compile] = max(cost[compile] * 0.5, time.perf_counter() - t0)
         if result and (n not in best or result.tokens_per_s > best[n].tokens_per_s):
             best[n] = result
         if result and not ckpt_done and n == names[-1] and table.fits(60.0):
-            checkpoint_row(table, device, n, model, optimizer, ckpt_dir)
+            ckpt = partial(checkpoint_row, table, device, n, model, optimizer, ckpt_dir)
+            attempt(table, "checkpoint", f"async save, {n}", ckpt)
             ckpt_done = True
         model = optimizer = None
         fresh(device)
         if compile and ac == "off" and n not in baseline_done:
             baseline_done.add(n)
             if table.fits(cost[False] * 1.5):
-                baseline_row(table, shapes, device, n, model_cfg, mb, best.get(n))
+                hf = partial(baseline_row, table, shapes, device, n, model_cfg, mb, best.get(n))
+                attempt(table, "baseline", f"HF {n}", hf)
+                fresh(device)
             else:
                 table.add("baseline", f"HF {n}", "time budget", ok="skipped")
     if not ckpt_done:

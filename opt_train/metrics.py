@@ -27,25 +27,26 @@ log = logging.getLogger(__name__)
 # tensor-core figures with sparsity and mark them so; the dense figure is half of those.
 # "tf32" is fp32 matmuls on tensor cores (torch.backends.cuda.matmul.allow_tf32), "fp32" without.
 # Matched in order against torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM),
-# "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB".
+# "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB";
+# whole words only, so that e.g. GH200 (not in the table) is not taken for an H200.
 GPU_PEAKS: tuple[tuple[str, str, dict[str, float]], ...] = (
-    (r"H200 NVL", "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
-    (r"H200", "H200 SXM", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
-    (r"H100 NVL", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
-    (r"H100 PCIe", "H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.0}),
+    (r"\bH200 NVL", "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"\bH200\b", "H200 SXM", {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0}),
+    (r"\bH100 NVL", "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    (r"\bH100 PCIe", "H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.0}),
     (
-        r"H100 (80GB HBM3|SXM)",
+        r"\bH100 (80GB HBM3|SXM)",
         "H100 SXM",
         {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5, "fp32": 67.0},
     ),
-    (r"A100.*(SXM|PCI)", "A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    (r"L40S", "L40S", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
-    (r"L40\b", "L40", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
-    (r"L4\b", "L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
-    (r"A10\b", "A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    (r"\bA100\b.*(SXM|PCI)", "A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"\bL40S\b", "L40S", {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    (r"\bL40\b", "L40", {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5}),
+    (r"\bL4\b", "L4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (r"\bA10\b", "A10", {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2}),
     # No bf16 or TF32 tensor cores on V100: those precisions have no peak to quote.
-    (r"V100-SXM2", "V100 SXM2", {"fp16": 125.0, "fp32": 15.7}),
-    (r"V100-PCIE", "V100 PCIe", {"fp16": 112.0, "fp32": 14.0}),
+    (r"\bV100-SXM2", "V100 SXM2", {"fp16": 125.0, "fp32": 15.7}),
+    (r"\bV100-PCIE", "V100 PCIe", {"fp16": 112.0, "fp32": 14.0}),
 )
 
 _said_unknown: set[str] = set()

@@ -49,3 +49,4 @@ def test_dry_run_prints_every_section_and_the_correctness_rows_pass(tmp_path):
     assert baseline["hf_tokens_per_s"] > 0 and baseline["ratio"] > 0
     (ckpt,) = by["checkpoint"]
     assert ckpt["bytes"] > 0 and 0 < ckpt["blocked_s"] <= ckpt["visible_s"]
+    assert ckpt["pinned"] is False  # CPU weights: plain memory (pinning needs CUDA)

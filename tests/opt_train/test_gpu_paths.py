@@ -89,6 +89,7 @@ def test_the_peak_follows_the_gpu_and_the_precision_its_matmuls_run_in(
     [
         ("NVIDIA GeForce RTX 4090", "bf16"),  # not in the table
         ("NVIDIA A10G", "bf16"),  # not the A10's figures: unknown, not guessed
+        ("NVIDIA GH200 480GB", "bf16"),  # not an H200
         ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16"),  # a slice of the GPU
         ("Tesla V100-SXM2-32GB", "bf16"),  # no bf16 tensor cores
         ("Tesla V100-SXM2-32GB", "fp32"),  # TF32 asked, none there
