@@ -695,8 +695,13 @@ def run(table: Table, shapes: Shapes, device, peak_tflops: float | None, ckpt_di
         if result and (n not in best or result.tokens_per_s > best[n].tokens_per_s):
             best[n] = result
         if result and not ckpt_done and n == names[-1] and table.fits(60.0):
-            ckpt = partial(checkpoint_row, table, device, n, model, optimizer, ckpt_dir)
-            attempt(table, "checkpoint", f"async save, {n}", ckpt)
+            # (no name kept for the call: it would hold the model past this row)
+            attempt(
+                table,
+                "checkpoint",
+                f"async save, {n}",
+                partial(checkpoint_row, table, device, n, model, optimizer, ckpt_dir),
+            )
             ckpt_done = True
         model = optimizer = None
         fresh(device)
