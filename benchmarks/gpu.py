@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"Python {sys.version.split()[0]}, allocator "
             + " ".join(f"{v}={os.environ[v]}" for v in ALLOC_CONF_VARS if v in os.environ)
         )
+        torch.zeros(1, device=device)  # the allocator starts with its settings read
+        print(f"expandable segments in effect: {_expandable_segments()}")
         found = gpu_peak_tflops(name, "bf16", tf32=False)
         peak = found[1] if found else None
     else:
@@ -617,6 +619,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             Path(args.json).write_text(json.dumps(table.rows, indent=1))
         dist.destroy_process_group()
     return table.rows
+
+
+def _expandable_segments() -> str:
+    """What the CUDA caching allocator says about expandable segments (the setting, not the
+    environment variable: some torch versions ignore one of the variable's names)."""
+    try:
+        settings = torch.cuda.memory._snapshot().get("allocator_settings", {})
+    except Exception as e:  # a private API: report, do not fail the run
+        return f"unknown ({type(e).__name__})"
+    return str(settings.get("expandable_segments", "unknown (not in the snapshot)"))
 
 
 def _driver_version() -> str:

@@ -71,12 +71,16 @@ def configure_cuda(tf32: bool = True) -> None:
     """Process-wide CUDA settings, before the first allocation. `tf32`: fp32 matmuls and
     convolutions run on TF32 tensor cores (10-bit mantissa, ~8x the fp32 rate on A100/H100);
     opt_train.metrics then takes the TF32 peak for MFU. bf16/fp16 runs do not depend on it."""
-    # The variable the user set, if any (torch >= 2.9 reads either name, older only the second).
+    # The variable the user set, if any, else the CUDA one: torch >= 2.9 reads either name
+    # (and warns that the CUDA one is deprecated), but in torch 2.9.1 the generic name alone
+    # left expandable_segments off on CUDA (pytorch/pytorch#183387).
     var = next((v for v in ALLOC_CONF_VARS if v in os.environ), ALLOC_CONF_VARS[-1])
     os.environ[var] = with_expandable_segments(os.environ.get(var))
     if torch.cuda.is_initialized():
-        # Too late for the variable to be read; the allocator still takes the setting.
-        torch.cuda.memory._set_allocator_settings(os.environ[var])
+        # Too late for the variable to be read; the allocator still takes the setting (the
+        # public-ish name moved in torch 2.9, the old one is kept as a deprecated alias).
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)(os.environ[var])
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 
