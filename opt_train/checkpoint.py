@@ -235,6 +235,12 @@ class Weights(Protocol):
     def files_of_rank(self, root: Path, rank: int) -> list[str]: ...
 
 
+def pinned_staging(model: torch.nn.Module) -> bool:
+    """Whether async saves stage into pinned memory: when the weights are on a CUDA device
+    (pinning needs the CUDA driver, and CPU weights are copied within host memory anyway)."""
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
 class DCPWeights:
     """Model weights and optimizer moments of the FSDP/TP engine, through DCP.
 
@@ -250,6 +256,25 @@ class DCPWeights:
         self.model = model
         self.optimizer = optimizer
         self.write_threads = write_threads
+        self._writer: dcp.FileSystemWriter | None = None
+
+    def writer(self, tmp: Path) -> dcp.FileSystemWriter:
+        """One DCP writer for every save of the run, pointed at `tmp` by DCP (`reset`).
+
+        It is also the async saves' stager. With CUDA weights it keeps its CPU copy of the
+        state between saves in pinned (page-locked) memory (`cache_staged_state_dict`):
+        device-to-host copies into pinned memory run at the PCIe/NVLink-C2C rate, into
+        pageable memory at a fraction of it, and pinning tens of GB anew for every save would
+        cost more than the copy. The copy stays allocated for the run (the size of this rank's
+        shards of weights and optimizer state). CPU runs stage into plain memory, as before."""
+        if self._writer is None:
+            self._writer = dcp.FileSystemWriter(
+                tmp,
+                thread_count=self.write_threads,
+                cache_staged_state_dict=pinned_staging(self.model),
+            )
+            self._writer.fs = _FileSystemWithoutZipCRC()
+        return self._writer
 
     def write(self, tmp: Path, group, asynchronous: bool) -> Future | None:
         """Write into `tmp`; asynchronously: stage (copy) the tensors into CPU memory now and
@@ -259,10 +284,14 @@ class DCPWeights:
         here (2.2 vs 4.4 GB/s into the page cache); the checkpoint's own checksums already
         cover every byte, so DCP's writer threads skip the CRC (`_FileSystemWithoutZipCRC`)."""
         state, _ = _sharded_state(self.model, self.optimizer)
-        writer = dcp.FileSystemWriter(tmp, thread_count=self.write_threads)
-        writer.fs = _FileSystemWithoutZipCRC()
         save = dcp.async_save if asynchronous else dcp.save
-        out = save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+        out = save(
+            state,
+            checkpoint_id=tmp,
+            storage_writer=self.writer(tmp),
+            process_group=group,
+            no_dist=group is None,
+        )
         return out if asynchronous else None
 
     def read(self, path: Path, group) -> None:

@@ -31,9 +31,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # The fused kernel exists for CPU and CUDA tensors in torch >= 2.4 and is the fastest;
-    # DTensor parameters (after FSDP/TP) take the foreach path instead.
-    fused = not any(isinstance(p, DTensor) for p in model.parameters())
+    fused = use_fused_adamw(list(model.parameters()))
     return torch.optim.AdamW(
         param_groups(model, cfg),
         lr=0.0,  # set every step by the schedule
@@ -41,6 +39,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         eps=cfg.eps,
         fused=fused,
     )
+
+
+def use_fused_adamw(params: list[torch.Tensor]) -> bool:
+    """The fused AdamW kernel (one launch for all parameters of a dtype, the fastest on GPUs)
+    for CUDA parameters, DTensors (FSDP2/TP shards) included: DTensor runs the fused op on
+    the local shards. On CPU, plain tensors use it too; CPU DTensors keep the foreach path."""
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return on_cuda or not any(isinstance(p, DTensor) for p in params)
 
 
 class LinearWarmupDecay:

@@ -45,19 +45,27 @@ def apply_tp(model: OPT, tp_mesh: DeviceMesh) -> None:
         parallelize_module(layer, tp_mesh, block_plan)
 
 
+def sdpa_ops() -> set:
+    """Every kernel SDPA may dispatch to: flash and memory-efficient (CUDA), cuDNN (CUDA,
+    chosen on H100-class GPUs by some torch versions) and the CPU flash kernel. A kernel left
+    out of the selective policy's save list would be recomputed in backward, attention
+    included (the layer's most expensive op after the matmuls)."""
+    names = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
 def _selective_policy():
     """Save matmul and attention outputs, recompute the cheap elementwise ops (LayerNorm,
     ReLU, dropout, residual adds): most of full AC's memory saving at a fraction of its cost."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    save = {
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten._scaled_dot_product_flash_attention.default,
-        torch.ops.aten._scaled_dot_product_efficient_attention.default,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    }
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, *sdpa_ops()}
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
@@ -84,10 +92,14 @@ def apply_ac(model: OPT, mode: str) -> None:
         model.layers[i] = checkpoint_wrapper(layer, **kwargs)
 
 
-def apply_compile(model: OPT) -> None:
-    """torch.compile each decoder layer (one graph reused by all layers)."""
+def apply_compile(model: OPT, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer (one graph reused by all layers: dynamo treats the
+    layers' parameters as inputs, so the layers share one compiled graph; a process that
+    compiles models of several shapes should call torch._dynamo.reset() between them, or
+    the recompilation limit sends later layers back to eager). `backend`: inductor for
+    speed; benchmarks/gpu.py's CPU dry run uses aot_eager (traced, without C++ codegen)."""
     for layer in model.layers:
-        layer.compile()
+        layer.compile(backend=backend)
 
 
 def mixed_precision_policy(precision: str, root: bool) -> MixedPrecisionPolicy:
@@ -124,13 +136,19 @@ def dp_mesh_of(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
 
 
 def parallelize(
-    model: OPT, dims: ParallelDims, mesh: DeviceMesh, precision: str, ac: str, compile: bool
+    model: OPT,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    precision: str,
+    ac: str,
+    compile: bool,
+    compile_backend: str = "inductor",
 ) -> OPT:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
     apply_ac(model, ac)
     if compile:
-        apply_compile(model)
+        apply_compile(model, compile_backend)
     apply_fsdp(model, dp_mesh_of(mesh, dims), precision)
     return model
 

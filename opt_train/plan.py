@@ -56,6 +56,8 @@ class PlannerConfig:
     peak_tflops: float = 312.0  # A100 dense bf16
     format: str = "table"  # table | json
     device: str = "cuda"  # cuda | cpu (what the tests measure: dropout masks differ)
+    # FSDP2 even on one GPU (as benchmarks/gpu.py runs it); train.py uses autocast alone there.
+    fsdp_alone: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -303,7 +305,7 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
     dims = ParallelDims.from_config(job.parallel, world)
     dims.check_model(job.model)
     m, tp = job.model, dims.tp
-    distributed = world > 1
+    distributed = world > 1 or planner.fsdp_alone
     counts = count_params(m, tp, dims.dp_shard)
     p = BYTES[job.precision]
     notes: list[str] = []
