@@ -619,9 +619,9 @@ def _report(plan: _Plan, maps: list[dict], reduces: list[dict], rejects: Rejects
     }
 
 
-def run(cfg: RedditConfig) -> dict | None:
-    """map -> reduce -> report on the configured executor; returns the stage report (None when
-    Slurm jobs were submitted with slurm.wait=false: the report is written when they end)."""
+def run(cfg: RedditConfig) -> dict:
+    """map -> reduce -> report on the configured executor; returns the stage report (with
+    slurm.wait=false, the submitted job ids: the report is written when the jobs end)."""
     _validate(cfg)
     t0 = time.perf_counter()
     plan = _Plan(cfg)
@@ -635,8 +635,7 @@ def run(cfg: RedditConfig) -> dict | None:
     ]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
     if cfg.executor == "slurm" and not cfg.slurm.wait:
-        print(json.dumps({"stage": "reddit", "slurm_jobs": jobs, "work_dir": str(plan.work)}))
-        return None
+        return {"stage": "reddit", "slurm_jobs": jobs, "work_dir": str(plan.work)}
     report = json.loads(report_path(plan.out).read_text())
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["comments_per_s"] = (
@@ -649,7 +648,11 @@ def run(cfg: RedditConfig) -> dict | None:
 
 
 def main() -> None:
-    stage_main("reddit", RedditConfig, run)
+    # Through the module's import name, not __main__: the executors pickle the steps, and a
+    # class of __main__ would be pickled by value, without the module's other names.
+    from data_pipeline import reddit
+
+    stage_main("reddit", reddit.RedditConfig, reddit.run)
 
 
 if __name__ == "__main__":

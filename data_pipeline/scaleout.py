@@ -22,6 +22,8 @@ rank order so the stage report sums every task.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import resource
@@ -76,19 +78,18 @@ def auto_tasks(cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int) -
 
 
 def contiguous_shares(sizes: list[int], tasks: int) -> list[tuple[int, int]]:
-    """Split items (in order) into `tasks` contiguous ranges [lo, hi) of about equal total size:
-    concatenating the shares in rank order gives the items in their original order, which is
-    what makes the output independent of the split. Some shares may be empty."""
-    total = sum(sizes)
-    bounds, acc, k = [0], 0, 1
-    for i, s in enumerate(sizes):
-        acc += s
-        while k < tasks and acc * tasks >= k * total and total:
-            bounds.append(i + 1)
-            k += 1
-    while len(bounds) < tasks:
-        bounds.append(len(sizes))
-    bounds.append(len(sizes))
+    """Split items (in order) into `tasks` contiguous ranges [lo, hi) of about equal total size,
+    none empty while there are at least as many items as tasks. Concatenating the shares in rank
+    order gives the items in their original order, which is what makes the output independent
+    of the split."""
+    n, total = len(sizes), sum(sizes)
+    cum = list(itertools.accumulate(sizes, initial=0))
+    bounds = [0]
+    for k in range(1, tasks):
+        i = bisect.bisect_left(cum, total * k / tasks)
+        i = min(max(i, bounds[-1] + 1), n - (tasks - k))  # one item left for each later task
+        bounds.append(max(i, bounds[-1]))
+    bounds.append(n)
     return [(bounds[r], bounds[r + 1]) for r in range(tasks)]
 
 
