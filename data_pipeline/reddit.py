@@ -55,7 +55,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
-from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines, iter_lines
+from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
 OK, DELETED, REMOVED, BOT, URL, LONG_NO_SPACE, SHORT, NON_ASCII_START = range(8)
@@ -429,7 +429,7 @@ class _Plan:
         self.work = (
             Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
         )
-        self.to_file = is_file_output(self.out)
+        self.to_file = scaleout.is_file_output(self.out)
         self.parts = self.work / "parts" if self.to_file else self.out
 
     def fingerprint(self) -> dict:
@@ -463,12 +463,14 @@ class RedditMap(scaleout.TaskStep):
 
     name = "map"
 
-    def __init__(self, cfg: RedditConfig, work: Path):
-        super().__init__(work)
-        self.cfg = cfg
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
-        plan = _Plan(self.cfg)
+        plan = self.plan
         lo, hi = plan.file_shares[rank]
         final = self.work / "map" / f"task-{rank:05d}"
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # of a killed attempt
@@ -491,12 +493,14 @@ class RedditReduce(scaleout.TaskStep):
 
     name = "reduce"
 
-    def __init__(self, cfg: RedditConfig, work: Path):
-        super().__init__(work)
-        self.cfg = cfg
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
-        plan = _Plan(self.cfg)
+        plan = self.plan
         lo, hi = plan.bucket_shares[rank]
         maps = [self.work / "map" / f"task-{m:05d}" for m in range(plan.map_tasks)]
         part = plan.part(rank)
@@ -521,53 +525,26 @@ class RedditReport(scaleout.TaskStep):
 
     name = "report"
 
-    def __init__(self, cfg: RedditConfig, work: Path):
-        super().__init__(work)
-        self.cfg = cfg
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
-        plan = _Plan(self.cfg)
+        plan = self.plan
         maps = scaleout.task_stats(self.work, "map", plan.map_tasks)
         reduces = scaleout.task_stats(self.work, "reduce", plan.reduce_tasks)
-        rpath = rejects_path(plan.out)
-        rpath.unlink(missing_ok=True)
-        rejects = Rejects(None)
-        tmp = rpath.with_name(f".{rpath.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            for m, st in enumerate(maps):
-                for file, counts in st["rejects"]["by_file"].items():
-                    rejects.counts[file].update(counts)
-                src = self.work / "map" / f"task-{m:05d}" / "rejects.jsonl"
-                if src.exists():
-                    with open(src, "rb") as g:
-                        shutil.copyfileobj(g, f)
-        if rejects.total:
-            tmp.replace(rpath)
-        else:
-            tmp.unlink()
-        if plan.to_file:
-            _join_parts([plan.part(r) for r in range(plan.reduce_tasks)], plan.out)
-        else:  # parts of an earlier run with more tasks would be read as output
-            want = {plan.part(r).name for r in range(plan.reduce_tasks)}
-            for p in plan.parts.glob(f"part-*{_PART_SUFFIX}"):
-                if p.name not in want:
-                    p.unlink()
+        rejects = scaleout.gather_rejects(
+            [self.work / "map" / f"task-{m:05d}" / "rejects.jsonl" for m in range(plan.map_tasks)],
+            [m["rejects"] for m in maps],
+            rejects_path(plan.out),
+        )
+        parts = [plan.part(r) for r in range(plan.reduce_tasks)]
+        scaleout.finish_parts(parts, plan.out, plan.to_file)
         report = _report(plan, maps, reduces, rejects)
         write_report(plan.out, report)
         return {"threads_out": report["threads_out"]}
-
-
-def is_file_output(out: Path) -> bool:
-    """`output=x.jsonl[.gz|.zst]` is one file; anything else a directory of ordered parts."""
-    return out.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".gz", ".zst"))
-
-
-def _join_parts(parts: list[Path], out: Path) -> None:
-    """The parts' lines, in order, into one file (compressed as its name says), atomically."""
-    with AtomicWriter(out) as w:
-        for p in parts:
-            for line in iter_lines(p):
-                w.write_bytes(line)
 
 
 def _sum(stats: list[dict]) -> Counter:
@@ -627,11 +604,13 @@ def run(cfg: RedditConfig) -> dict:
     plan = _Plan(cfg)
     for stale in plan.out.parent.glob(f".{plan.out.name}.tmp-*"):  # of a killed run
         stale.unlink(missing_ok=True)
-    scaleout.prepare_work(plan.work, plan.fingerprint())
+    scaleout.prepare_steps(plan.work, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
+    if not plan.out.exists():  # the output was removed since: write it again
+        scaleout.forget(plan.work, ["report"] if plan.to_file else ["reduce", "report"])
     steps = [
-        (RedditMap(cfg, plan.work), plan.map_tasks),
-        (RedditReduce(cfg, plan.work), plan.reduce_tasks),
-        (RedditReport(cfg, plan.work), 1),
+        (RedditMap(plan), plan.map_tasks),
+        (RedditReduce(plan), plan.reduce_tasks),
+        (RedditReport(plan), 1),
     ]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
     if cfg.executor == "slurm" and not cfg.slurm.wait:

@@ -37,6 +37,8 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
+from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+
 EXECUTORS = ("local", "slurm")
 
 
@@ -100,20 +102,75 @@ def even_shares(n: int, tasks: int) -> list[tuple[int, int]]:
 # --- work directory --------------------------------------------------------------------------
 
 
-def prepare_work(work: Path, fingerprint: dict) -> None:
-    """Reuse `work` only if it was made for exactly this fingerprint; otherwise start afresh."""
-    fp = json.loads(json.dumps(fingerprint, default=str))
-    marker = work / "fingerprint.json"
-    if marker.exists():
-        try:
-            same = json.loads(marker.read_text()) == fp
-        except ValueError:
-            same = False
-        if same:
-            return
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    write_json(marker, fp)
+def prepare_steps(work: Path, steps: list[tuple[str, dict]]) -> None:
+    """Keep a step's files (`work/<step>/`, its completion markers in `work/executor/<step>/`)
+    only while its fingerprint and every earlier step's are what they were when they were
+    made; otherwise clear it and everything after it, so no marker of another run is trusted."""
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / "fingerprints.json"
+    try:
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+    except ValueError:
+        old = {}
+    new, stale = {}, False
+    for name, fp in steps:
+        new[name] = json.loads(json.dumps(fp, default=str))
+        stale = stale or old.get(name) != new[name]
+        if stale:
+            forget(work, [name])
+    write_json(marker, new)
+
+
+def forget(work: Path, steps: list[str]) -> None:
+    """Remove these steps' files and completion markers: they run again."""
+    for name in steps:
+        shutil.rmtree(work / name, ignore_errors=True)
+        shutil.rmtree(work / "executor" / name, ignore_errors=True)
+
+
+def completed(work: Path, step: str, tasks: int) -> bool:
+    done = work / "executor" / step / "completions"
+    return all((done / f"{r:05d}").exists() for r in range(tasks))
+
+
+def is_file_output(out: Path) -> bool:
+    """`output=x.jsonl[.gz|.zst]` is one file; anything else a directory of ordered parts."""
+    return out.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".gz", ".zst"))
+
+
+def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
+    """A file output: the parts' lines, in order, joined into it (compressed as its name says),
+    atomically. A directory output: part files of an earlier run with more tasks removed, so
+    that reading the directory gives this run's documents only."""
+    if to_file:
+        with AtomicWriter(out) as w:
+            for p in parts:
+                for line in iter_lines(p):
+                    w.write_bytes(line)
+        return
+    want = {p.name for p in parts}
+    for p in out.glob("part-*"):
+        if p.name not in want:
+            p.unlink()
+
+
+def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects:
+    """Every task's rejects, in task order (input order), into one rejects file `out` (none
+    when nothing was rejected); the returned Rejects holds the summed counts."""
+    rejects = Rejects(None)
+    for rep in reports:
+        for file, counts in rep["by_file"].items():
+            rejects.counts[file].update(counts)
+    out.unlink(missing_ok=True)
+    if rejects.total:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for src in files:
+                if src.exists():
+                    with open(src, "rb") as g:
+                        shutil.copyfileobj(g, f)
+        tmp.replace(out)
+    return rejects
 
 
 def write_json(path: Path, obj: Any) -> None:

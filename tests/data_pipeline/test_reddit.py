@@ -412,7 +412,7 @@ def test_stale_work_dir_from_other_inputs_is_not_reused(scenario_dump, scenario_
     out = tmp_path / "o.jsonl"
     work = tmp_path / ".o.jsonl.work"
     (work / "map" / "task-00000").mkdir(parents=True)
-    (work / "fingerprint.json").write_text(json.dumps({"files": []}))
+    (work / "fingerprints.json").write_text(json.dumps({"map": {"files": []}}))
     (work / "map" / "task-00000" / "bucket-00000.bin").write_bytes(b"garbage")
     (work / "executor" / "map" / "completions").mkdir(parents=True)
     (work / "executor" / "map" / "completions" / "00000").write_text("")
