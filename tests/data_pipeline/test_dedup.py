@@ -34,6 +34,7 @@ from data_pipeline.dedup import (
 )
 from data_pipeline.io import Rejects, iter_json_lines
 from data_pipeline.scaleout import completed
+from tests.data_pipeline.test_reddit import parts_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -304,16 +305,6 @@ def split_corpus(tmp_path: Path) -> Path:
         bad = ["{not json", '{"text": ""}'] if k in (1, 3) else []
         write_jsonl(d / f"part{k}.jsonl", docs[k * 255 : (k + 1) * 255], bad)
     return d
-
-
-def parts_bytes(out: Path) -> bytes:
-    """The documents of a directory output, its part files read in name order."""
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    return b"".join(
-        dctx.stream_reader(p.open("rb")).read() for p in sorted(out.glob("part-*.jsonl.zst"))
-    )
 
 
 def test_four_tasks_on_two_workers_give_one_tasks_bytes_rejects_and_counts(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
+from data_pipeline.io import expand_inputs, iter_lines
 from data_pipeline.reddit import RedditConfig, RedditFilters, run
 from tests.data_pipeline.pushshift_gen import (
     brute_force_chain,
@@ -301,11 +302,8 @@ def test_clean_input_exits_0_and_bad_config_exits_1(scenario_dump, tmp_path):
 
 
 def parts_bytes(out: Path) -> bytes:
-    """The documents of a directory output, its part files read in name order."""
-    dctx = zstandard.ZstdDecompressor()
-    return b"".join(
-        dctx.stream_reader(p.open("rb")).read() for p in sorted(out.glob("part-*.jsonl.zst"))
-    )
+    """The lines of a directory output as every stage reads it (its files in name order)."""
+    return b"".join(line for p in expand_inputs(out) for line in iter_lines(p))
 
 
 def test_three_tasks_on_two_workers_give_one_tasks_bytes_threads_across_months_right(

@@ -1,5 +1,7 @@
-"""launch/slurm/submit-pipeline.sh + pipeline.sbatch on a real Slurm: tokenize as a job array
-over input files, then the merge job (afterok) gives one run's shard set."""
+"""The data pipeline on a real Slurm: launch/slurm/submit-pipeline.sh + pipeline.sbatch
+(tokenize as a job array over input files, then the merge job), and the stages' own
+`executor=slurm` (datatrove job arrays, one per step): the same bytes as a local run, and a
+task killed mid-way rerun alone."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import shards
+from data_pipeline.dedup import DedupConfig
+from data_pipeline.dedup import run as dedup
 from data_pipeline.reddit import RedditConfig
 from data_pipeline.reddit import run as reddit
 from data_pipeline.tokenize import TokenizeConfig
 from data_pipeline.tokenize import run as tokenize
 from tests.data_pipeline.pushshift_gen import write_random_dump
+from tests.data_pipeline.test_dedup import split_corpus
 from tests.data_pipeline.test_merge import write_inputs
 from tests.data_pipeline.test_reddit import parts_bytes
 
@@ -195,3 +200,21 @@ def test_reddit_task_killed_on_slurm_is_rerun_alone_and_output_is_unchanged(slur
     assert (work / "map" / "task-00000").stat().st_ino == first  # not redone
     launched = json.loads((work / "executor" / "map" / "ranks_to_run.json").read_text())
     assert launched == [1]  # the re-run's map array held the killed task only
+
+
+def test_dedup_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
+    inp = split_corpus(tmp_path)
+    local = tmp_path / "local.jsonl"
+    want = dedup(DedupConfig(input=str(inp), output=str(local), tasks=1, progress=False))
+    out = tmp_path / "slurm"
+    t0 = time.time()
+    r = _stage_on_slurm(
+        slurm, "dedup", [f"input={inp}", f"output={out}", "tasks=4", "progress=false"]
+    )
+    assert r.returncode == 3, r.stderr[-4000:]  # finished; the corpus has rejected lines
+    print(f"dedup on slurm, 4+4+1+4+1 tasks: {time.time() - t0:.1f} s")
+    assert parts_bytes(out) == local.read_bytes()
+    report = json.loads(r.stdout)
+    assert report["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    for k in ("docs_in", "docs_out", "candidate_pairs", "clusters", "rejects"):
+        assert report[k] == want[k], k
