@@ -379,20 +379,6 @@ def _read_buffer(size: int) -> bytearray:
     return _READ_BUFFER
 
 
-def _warm_up(banding: tuple) -> None:
-    """Load (on a new machine, compile) every kernel a worker runs, for the very argument
-    types it passes (numba keys its compiled code on them: a read-only array is another
-    type), so that forked workers inherit them. A kernel first called in a worker is loaded
-    by each worker of each run: ~0.3 s for the line parser, ~40 ms for the word scan on a
-    writable buffer (measured)."""
-    line = b'{"text": "warm up the compiled kernels", "id": "0"}\n'
-    buf = bytearray(line + bytes(64))
-    _, _, _, text, text_off, _, _ = parse_block(buf, len(line))
-    sigs = _HASHER.batch_joined(text, text_off[[0, 1]]).signatures
-    _band_keys(sigs, banding[1], banding[0])
-    _HASHER.batch([b"and those of the Python path"])
-
-
 def _signature_task(task: tuple):
     """Parse a task's lines exactly as io.read_documents does, and return the signatures and
     shingle hashes of its documents, the documents as output lines (one zstd frame: the
@@ -554,7 +540,6 @@ def _signatures(
         with open(sig_tmp, "wb") as fs:
             with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
                 _init_worker(hasher_params)
-                _warm_up(banding)
                 try:
                     for path, sigs, keys, cnt, size, hashes, spool, bad in map(
                         _signature_task, tasks

@@ -218,3 +218,20 @@ def test_dedup_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
     assert report["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
     for k in ("docs_in", "docs_out", "candidate_pairs", "clusters", "rejects"):
         assert report[k] == want[k], k
+
+
+@pytest.mark.parametrize("stage", ["reddit", "dedup"])
+def test_submit_pipeline_sends_reddit_and_dedup_to_their_own_slurm_executor(stage, tmp_path):
+    """One array task per input file cuts threads at month boundaries and misses
+    near-duplicates across files: the script refuses and names the command to use."""
+    import subprocess
+
+    r = subprocess.run(
+        [str(SUBMIT), stage, str(tmp_path / "w"), str(tmp_path / "o"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2
+    assert f"python -m data_pipeline.{stage}" in r.stderr and "executor=slurm" in r.stderr
+    assert not (tmp_path / "w").exists()
