@@ -240,13 +240,16 @@ def _slurm_executor_class():
 
 def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> list[str]:
     """Run each (step, tasks) in order on the configured executor. Returns the Slurm job ids
-    (empty for local). Raises when a task failed (or, waiting on Slurm, did not complete)."""
+    (empty for local; there each step's wall seconds go to `<work>/step_seconds.json`).
+    Raises when a task failed (or, waiting on Slurm, did not complete)."""
     validate(cfg)
     logs = work / "executor"
     if cfg.executor == "local":
         from datatrove.executor.local import LocalPipelineExecutor
 
+        walls = {}
         for step, tasks in steps:
+            t = time.perf_counter()
             workers = min(cfg.workers or os.cpu_count() or 1, tasks)
             ex = LocalPipelineExecutor(
                 pipeline=[step],
@@ -257,6 +260,8 @@ def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> l
             )
             ex.run()
             _check_complete(ex, step.name, logs)
+            walls[step.name] = round(time.perf_counter() - t, 3)
+        write_json(work / "step_seconds.json", walls)
         return []
     s = cfg.slurm
     cls = _slurm_executor_class()
