@@ -1027,7 +1027,7 @@ class _Plan:
             else self.out.with_name(self.out.name + ".dedup-work")
         )
         self.to_file = scaleout.is_file_output(self.out)
-        self.parts = self.work / "filter" if self.to_file else self.out
+        self.parts = self.work / "filter"  # published as the output by the report step
 
     def step_counts(self) -> dict[str, int]:
         return dict(zip(_STEPS, (self.tasks, self.band_tasks, 1, self.tasks, 1), strict=True))
@@ -1239,12 +1239,11 @@ def run(cfg: DedupConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     MinHasher(**plan.hasher_params)  # validates the parameters before any work
-    for stale in plan.out.parent.glob(f".{plan.out.name}.tmp-*"):  # of a killed run
-        stale.unlink(missing_ok=True)
+    scaleout.clear_stale(plan.out)  # of a killed run
     scaleout.prepare_steps(plan.work, plan.fingerprints())
     counts = plan.step_counts()
     if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"] if plan.to_file else ["filter", "report"])
+        scaleout.forget(plan.work, ["report"])
     resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
     steps = [
         (cls(plan), counts[cls.name])

@@ -430,7 +430,7 @@ class _Plan:
             Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
         )
         self.to_file = scaleout.is_file_output(self.out)
-        self.parts = self.work / "parts" if self.to_file else self.out
+        self.parts = self.work / "parts"  # published as the output by the report step
 
     def fingerprint(self) -> dict:
         """What the work files depend on: a re-run reuses finished tasks only if all is equal."""
@@ -603,11 +603,10 @@ def run(cfg: RedditConfig) -> dict:
     _validate(cfg)
     t0 = time.perf_counter()
     plan = _Plan(cfg)
-    for stale in plan.out.parent.glob(f".{plan.out.name}.tmp-*"):  # of a killed run
-        stale.unlink(missing_ok=True)
+    scaleout.clear_stale(plan.out)  # of a killed run
     scaleout.prepare_steps(plan.work, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
     if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"] if plan.to_file else ["reduce", "report"])
+        scaleout.forget(plan.work, ["report"])
     steps = [
         (RedditMap(plan), plan.map_tasks),
         (RedditReduce(plan), plan.reduce_tasks),

@@ -139,19 +139,38 @@ def is_file_output(out: Path) -> bool:
 
 
 def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
-    """A file output: the parts' lines, in order, joined into it (compressed as its name says),
-    atomically. A directory output: part files of an earlier run with more tasks removed, so
-    that reading the directory gives this run's documents only."""
+    """Publish the parts (in the work directory) as the output, all at once: for a file
+    output their lines joined in order (compressed as its name says), for a directory a new
+    directory of them (hard links) that replaces the old one by rename. A reader sees the
+    previous output or the new one, never a mix of parts from two runs."""
     if to_file:
         with AtomicWriter(out) as w:
             for p in parts:
                 for line in iter_lines(p):
                     w.write_bytes(line)
         return
-    want = {p.name for p in parts}
-    for p in out.glob("part-*"):
-        if p.name not in want:
-            p.unlink()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in parts:
+        try:
+            os.link(p, tmp / p.name)
+        except OSError:  # another filesystem, or no hard links
+            shutil.copy2(p, tmp / p.name)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale(out: Path) -> None:
+    """Temporaries a killed run left beside the output."""
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects:

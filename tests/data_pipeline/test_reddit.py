@@ -329,6 +329,17 @@ def test_three_tasks_on_two_workers_give_one_tasks_bytes_threads_across_months_r
         assert r3[k] == r1[k], k
 
 
+def test_a_rerun_with_fewer_tasks_replaces_the_whole_output_directory(scenario_dump, tmp_path):
+    _, inp = scenario_dump
+    out = tmp_path / "out"
+    run(RedditConfig(input=str(inp), output=str(out), num_buckets=5, tasks=3))
+    first = parts_bytes(out)
+    run(RedditConfig(input=str(inp), output=str(out), num_buckets=5, tasks=2))
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.jsonl.zst", "part-00001.jsonl.zst"]
+    assert parts_bytes(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.report.json"]
+
+
 @pytest.mark.slow
 def test_four_tasks_equal_one_task_on_a_random_dump_with_rejects(medium_dump, tmp_path):
     inp, ref = medium_dump
