@@ -351,6 +351,11 @@ def test_four_tasks_equal_one_task_on_a_random_dump_with_rejects(medium_dump, tm
     )
     assert r["tasks"] == {"map": 4, "reduce": 4}
     assert parts_bytes(out) == ref
+    assert r["rejects"]["total"] == 2  # both bad lines of RC_2020-03.jsonl, from one task
+    bad = [json.loads(x) for x in rejects_path(out).read_text().splitlines()]
+    assert [(Path(b["file"]).name, b["line"]) for b in bad] == [
+        ("RC_2020-03.jsonl", n) for n in (1, 2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +363,7 @@ def medium_dump(tmp_path_factory) -> tuple[Path, bytes]:
     """~60k comments in several monthly files and the output of an uninterrupted run."""
     d = tmp_path_factory.mktemp("medium")
     write_random_dump(d / "in", 60_000, seed=11)
+    (d / "in" / "RC_2020-03.jsonl").write_text('not json\n{"id": "c1", "body": "no parent"}\n')
     out = d / "ref.jsonl"
     run(
         RedditConfig(
@@ -408,7 +414,8 @@ def test_killed_task_is_rerun_alone_and_output_is_unchanged(medium_dump, tmp_pat
     first = work / "map" / "task-00000"
     before = first.stat().st_ino
     res = cli(*args, "keep_work=true")
-    assert res.returncode == EXIT_OK, res.stderr
+    assert res.returncode == EXIT_REJECTS, res.stderr  # finished; the dump has 2 bad lines
+    assert json.loads(res.stdout)["rejects"]["total"] == 2
     assert out.read_bytes() == ref
     assert first.stat().st_ino == before  # map task 0 was not redone
     assert sorted(p.name for p in done.iterdir()) == ["00000", "00001", "00002"]
