@@ -69,7 +69,7 @@ ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {"workers", "batch_bytes", "progress", "tasks", "executor", "slurm"}
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "dedup")
+SCALED_STAGES = ("reddit", "clean", "dedup")
 JSONL_SUFFIX = ".jsonl.zst"
 
 
@@ -88,7 +88,7 @@ class SourceConfig:
 class ChainConfig(ScaleOut):
     """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each. The
     scale-out keys (tasks, workers, executor, slurm) apply to every stage that is split into
-    tasks (reddit, dedup) unless that stage's own parameters set them."""
+    tasks (reddit, clean, dedup) unless that stage's own parameters set them."""
 
     work_dir: str = MISSING
     output: str | None = None
