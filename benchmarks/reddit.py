@@ -61,24 +61,24 @@ def main() -> None:
                 f"({mb:.0f} MiB zstd) in {time.perf_counter() - t0:.0f}s",
                 flush=True,
             )
-            r = run_stage(tmp / f"in{n}", tmp / f"out{n}.jsonl")
+            r = run_stage(tmp / f"in{n}", tmp / f"out{n}.jsonl", "tasks=1")
             rows.append((f"{n:,} comments, 1024 buckets", r))
             (tmp / f"out{n}.jsonl").unlink()
         n = sizes[-1]
-        r = run_stage(tmp / f"in{n}", tmp / "one.jsonl", "num_buckets=1")
+        r = run_stage(tmp / f"in{n}", tmp / "one.jsonl", "num_buckets=1", "tasks=1")
         rows.append((f"{n:,} comments, 1 bucket (in memory)", r))
 
     print()
-    # comments/s is the stage's own figure (both passes, without interpreter start-up);
+    # comments/s is the stage's own figure (map and reduce, without interpreter start-up);
     # wall s is the whole process.
     print(
-        f"{'run':<38}{'comments/s':>12}{'pass1 s':>9}{'pass2 s':>9}{'wall s':>8}"
+        f"{'run':<38}{'comments/s':>12}{'map s':>9}{'reduce s':>9}{'wall s':>8}"
         f"{'peak RSS MiB':>14}{'threads':>10}{'reduction':>11}"
     )
     for name, r in rows:
-        sec = r["seconds"]
+        sec = r["timings_s"]
         print(
-            f"{name:<38}{r['comments_per_s']:>12,.0f}{sec['pass1']:>9.1f}{sec['pass2']:>9.1f}"
+            f"{name:<38}{r['comments_per_s']:>12,.0f}{sec['map']:>9.1f}{sec['reduce']:>9.1f}"
             f"{r['wall_s']:>8.1f}{r['peak_rss_mib']:>14.0f}{r['threads_out']:>10,}"
             f"{r['size_reduction_percent']:>10.1f}%"
         )

@@ -41,7 +41,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ from omegaconf import MISSING, OmegaConf
 from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
 from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, Rejects
+from data_pipeline.scaleout import ScaleOut
+from data_pipeline.scaleout import validate as validate_scaleout
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
@@ -65,7 +67,9 @@ OPTIONAL_STAGES = {"clean", "dedup"}
 # Document stages that see all sources at once (the rest run once per source).
 ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
-RUNTIME_PARAMS = {"workers", "batch_bytes", "progress"}
+RUNTIME_PARAMS = {"workers", "batch_bytes", "progress", "tasks", "executor", "slurm"}
+# Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
+SCALED_STAGES = ("reddit", "clean", "dedup")
 JSONL_SUFFIX = ".jsonl.zst"
 
 
@@ -81,8 +85,10 @@ class SourceConfig:
 
 
 @dataclass
-class ChainConfig:
-    """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each."""
+class ChainConfig(ScaleOut):
+    """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each. The
+    scale-out keys (tasks, workers, executor, slurm) apply to every stage that is split into
+    tasks (reddit, clean, dedup) unless that stage's own parameters set them."""
 
     work_dir: str = MISSING
     output: str | None = None
@@ -286,6 +292,9 @@ def _read_report(output: Path) -> dict:
 
 
 def _validate(cfg: ChainConfig) -> None:
+    validate_scaleout(cfg)
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        raise ValueError("slurm.wait=false: the chain needs each stage's output before the next")
     if not cfg.sources:
         raise ValueError("sources is empty: list at least one {name, input}")
     names = [s.name for s in cfg.sources]
@@ -326,6 +335,10 @@ def run(cfg: ChainConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     r = _Runner(cfg)
     params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
+    scale = {k: getattr(cfg, k) for k in ("tasks", "workers", "executor")}
+    scale["slurm"] = asdict(cfg.slurm) if is_dataclass(cfg.slurm) else plain(cfg.slurm)
+    for s in SCALED_STAGES:
+        params[s] = {**scale, **params[s]}
 
     current: list[tuple[str, Any]] = []
     for src in cfg.sources:

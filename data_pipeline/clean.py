@@ -5,14 +5,18 @@ Boilerplate repeated across documents (Project Gutenberg licence headers and foo
 makes unrelated documents look alike to the MinHash dedup that follows. Whitespace is normalised
 last so that the blank lines a removal leaves behind are collapsed too.
 
-Every rule counts what it did (lines, runs or documents) in the report; a document left empty
+The stage runs as tasks (data_pipeline.scaleout), each cleaning a contiguous share of the input
+files into its part; the output is the same bytes for any split. Every rule counts what it did (lines, runs or documents) in the report; a document left empty
 is counted and its id listed in the report rather than written out (downstream stages reject
 empty texts). Bad input lines go to the rejects file as in `data_pipeline.io.read_documents`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,8 +25,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
-from data_pipeline.io import AtomicWriter, Rejects, read_documents
+from data_pipeline import scaleout
+from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
 
 # Line breaks other than \n: CRLF/CR (Windows/old Mac), VT, FF, NEL, LS, PS. CRLF first, so it
 # becomes one \n, not two. Plain `in`/`replace` scans are ~100x faster than a regex class here.
@@ -64,9 +69,14 @@ _MAX_EMPTY_IDS = 1000
 
 
 @dataclass
-class CleanConfig:
+class CleanConfig(scaleout.ScaleOut):
+    """Keys of `python -m data_pipeline.clean` (docs/data-reddit-clean.md); the scale-out keys
+    (tasks, workers, executor, slurm) are data_pipeline.scaleout's."""
+
     input: Any = MISSING
     output: str = MISSING
+    work_dir: str | None = None
+    keep_work: bool = False
     normalize_newlines: bool = True
     strip_trailing_spaces: bool = True
     collapse_spaces: bool = True
@@ -142,62 +152,170 @@ class Cleaner:
         return text
 
 
+_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of input
+_PART_SUFFIX = ".jsonl.zst"
+
+
+class _Plan:
+    """What every task of one run agrees on: the input files (expanded once), the shares."""
+
+    def __init__(self, cfg: CleanConfig):
+        Cleaner(cfg)  # refuses a bad rule before any work
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.files = expand_inputs(cfg.input)
+        sizes = [p.stat().st_size for p in self.files]
+        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
+        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
+        self.work = (
+            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        )
+        self.to_file = scaleout.is_file_output(self.out)
+        self.parts = self.work / "parts"  # published as the output by the report step
+
+    def fingerprint(self) -> dict:
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        params = {k: v for k, v in to_container(self.cfg).items() if k in _OUTPUT_PARAMS}
+        return {"files": files, "tasks": self.tasks, **params}
+
+    def part(self, rank: int) -> Path:
+        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
+
+
+# The keys that decide what is written (the rest: where, and how it runs).
+_OUTPUT_PARAMS = (
+    "normalize_newlines",
+    "strip_trailing_spaces",
+    "collapse_spaces",
+    "max_blank_lines",
+    "strip_document",
+    "gutenberg",
+    "chapter_headings",
+    "rules",
+)
+
+
+class CleanShare(scaleout.TaskStep):
+    """Task r cleans the documents of its contiguous share of the input files into part r."""
+
+    name = "clean"
+
+    def __init__(self, plan: _Plan):
+        super().__init__(plan.work)
+        self.plan = plan
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        lo, hi = plan.shares[rank]
+        clean = Cleaner(plan.cfg)
+        part = plan.part(rank)
+        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
+            stale.unlink(missing_ok=True)
+        final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        rejects = Rejects(tmp)
+        st: Counter = Counter()
+        empty_ids: list[str] = []
+        try:
+            with AtomicWriter(part) as out:
+                for doc in read_documents(plan.files[lo:hi], rejects):
+                    st["docs_in"] += 1
+                    text = doc["text"]
+                    new = clean(text)
+                    st["chars_in"] += len(text)
+                    st["docs_changed"] += new != text
+                    if not new.strip():
+                        st["empty_after_cleaning"] += 1
+                        if len(empty_ids) < _MAX_EMPTY_IDS:
+                            empty_ids.append(doc["id"])
+                        continue
+                    st["chars_out"] += len(new)
+                    doc["text"] = new
+                    out.write_doc(doc)
+                    st["docs_out"] += 1
+        finally:
+            rejects.close()
+        if tmp.exists():
+            tmp.replace(final)
+        return {
+            **st,
+            "rules": dict(clean.counts),
+            "empty_ids": empty_ids,
+            "rejects": rejects.report(),
+        }
+
+
+class CleanReport(scaleout.TaskStep):
+    """One task: the report (every task's counts summed), the rejects in input order, and the
+    parts published as the output."""
+
+    name = "report"
+
+    def __init__(self, plan: _Plan):
+        super().__init__(plan.work)
+        self.plan = plan
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        st = scaleout.task_stats(self.work, "clean", plan.tasks)
+        rejects = scaleout.gather_rejects(
+            [
+                scaleout.task_file(self.work, "clean", r, ".rejects.jsonl")
+                for r in range(plan.tasks)
+            ],
+            [t["rejects"] for t in st],
+            rejects_path(plan.out),
+        )
+        scaleout.finish_parts([plan.part(r) for r in range(plan.tasks)], plan.out, plan.to_file)
+        rules: Counter = Counter()
+        for t in st:
+            rules.update(t["rules"])
+        keys = ("docs_in", "docs_out", "docs_changed", "empty_after_cleaning")
+        report = {
+            "stage": "clean",
+            "output": str(plan.out),
+            "tasks": plan.tasks,
+            **{k: sum(t.get(k, 0) for t in st) for k in (*keys, "chars_in", "chars_out")},
+            "empty_after_cleaning_ids": [i for t in st for i in t["empty_ids"]][:_MAX_EMPTY_IDS],
+            "rules": dict(sorted(rules.items())),
+            "cpu_s": round(sum(t["cpu_s"] for t in st), 3),
+            "config": to_container(plan.cfg),
+            "rejects": rejects.report(),
+        }
+        write_report(plan.out, report)
+        return {"docs_out": report["docs_out"]}
+
+
 def run(cfg: CleanConfig) -> dict:
-    """Clean every document of `input` into `output`; returns the stage report."""
+    """Clean every document of `input` into `output` (tasks over shares of the input files,
+    data_pipeline.scaleout); returns the stage report (with slurm.wait=false, the job ids)."""
     t0 = time.perf_counter()
-    clean = Cleaner(cfg)
-    out_path = Path(cfg.output)
-    for stale in out_path.parent.glob(f".{out_path.name}.tmp-*"):
-        stale.unlink(missing_ok=True)
-    rpath = rejects_path(out_path)
-    rpath.unlink(missing_ok=True)
-    rejects = Rejects(rpath)
-    n_in = n_out = changed = chars_in = chars_out = 0
-    empty_ids: list[str] = []
-    n_empty = 0
-    try:
-        with AtomicWriter(out_path) as out:
-            for doc in read_documents(cfg.input, rejects):
-                n_in += 1
-                text = doc["text"]
-                new = clean(text)
-                chars_in += len(text)
-                if new != text:
-                    changed += 1
-                if not new.strip():
-                    n_empty += 1
-                    if len(empty_ids) < _MAX_EMPTY_IDS:
-                        empty_ids.append(doc["id"])
-                    continue
-                chars_out += len(new)
-                doc["text"] = new
-                out.write_doc(doc)
-                n_out += 1
-    finally:
-        rejects.close()
+    scaleout.validate(cfg)
+    plan = _Plan(cfg)
+    scaleout.clear_stale(plan.out)  # of a killed run
+    scaleout.prepare_steps(plan.work, [("clean", plan.fingerprint()), ("report", {})])
+    if not plan.out.exists():  # the output was removed since: write it again
+        scaleout.forget(plan.work, ["report"])
+    steps = [(CleanShare(plan), plan.tasks), (CleanReport(plan), 1)]
+    jobs = scaleout.run_steps(steps, cfg, plan.work)
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        return {"stage": "clean", "slurm_jobs": jobs, "work_dir": str(plan.work)}
+    report = json.loads(report_path(plan.out).read_text())
     secs = time.perf_counter() - t0
-    report = {
-        "stage": "clean",
-        "output": str(out_path),
-        "docs_in": n_in,
-        "docs_out": n_out,
-        "docs_changed": changed,
-        "empty_after_cleaning": n_empty,
-        "empty_after_cleaning_ids": empty_ids,
-        "chars_in": chars_in,
-        "chars_out": chars_out,
-        "rules": dict(sorted(clean.counts.items())),
-        "seconds": round(secs, 3),
-        "docs_per_s": round(n_in / secs, 1) if secs > 0 else 0.0,
-        "config": to_container(cfg),
-        "rejects": rejects.report(),
-    }
-    write_report(out_path, report)
+    report["seconds"] = round(secs, 3)
+    report["docs_per_s"] = round(report["docs_in"] / secs, 1) if secs > 0 else 0.0
+    write_report(plan.out, report)
+    if not cfg.keep_work:
+        shutil.rmtree(plan.work, ignore_errors=True)
     return report
 
 
 def main() -> None:
-    stage_main("clean", CleanConfig, run)
+    # Through the module's import name, not __main__: the executors pickle the steps, and a
+    # class of __main__ would be pickled by value, without the module's other names.
+    from data_pipeline import clean
+
+    stage_main("clean", clean.CleanConfig, clean.run)
 
 
 if __name__ == "__main__":

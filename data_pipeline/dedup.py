@@ -11,33 +11,35 @@ recall instead (default 18 bands x 7 rows: P(candidate | J = 0.90) > 0.9999), wh
 dissimilar pairs through, and every candidate pair is then verified on the documents' exact
 shingle sets before it may join a cluster. See docs/data-dedup.md for the arithmetic.
 
-Stages, each restartable from files in a work directory beside the output
-(`<output>.dedup-work/`, removed after success unless `keep_work=true`):
+Steps, each split into tasks on datatrove's executors (data_pipeline.scaleout: local processes
+or Slurm job arrays), each task writing atomically into the work directory beside the output
+(`<output>.dedup-work/`, removed after success unless `keep_work=true`) so it restarts alone:
 
-1. signatures: hand blocks of input lines to worker processes, which parse them as
+1. signatures (one task per contiguous share of the input files): parse the lines as
    io.read_documents does (the common line in compiled code, data_pipeline.jsonl_fast),
-   compute MinHash signatures (data_pipeline.minhash, bit-identical to datasketch) and the
-   band keys of the run's banding, and append every document's shingle hashes and its line
-   in output form (the spool, plain or zstd) to their own part files, which stay where they
-   are (segments.npy says where each task's documents lie). Signatures and band keys come
-   back to the parent, which writes signatures.u32 and one key file per band.
-2. buckets: each band's keys on their own; documents with equal keys become candidate
-   pairs (keys are made again from the signatures if the banding changed on a re-run).
-3. clusters: verify each candidate pair, union-find over verified pairs, keep the first
-   document of each cluster in input order.
-4. write: copy the kept documents' lines from the spool to the output atomically
-   (AtomicWriter); the input is read and parsed once.
+   compute MinHash signatures (data_pipeline.minhash, bit-identical to datasketch), the band
+   keys of the run's banding, every document's shingle hashes and its line in output form
+   (the spool, plain or zstd), into the task's own directory. Global document numbers are the
+   tasks' documents in rank order: the input order.
+2. buckets (one task per group of bands): each band's keys from every signature task;
+   documents with equal keys become candidate pairs (keys are made again from the signatures
+   if the banding changed on a re-run).
+3. clusters (one task, over the candidate pairs only): prefilter by estimated Jaccard, verify
+   on exact shingle sets, union-find over verified pairs, keep the first document of each
+   cluster in global input order.
+4. filter (one task per signature task): copy its kept documents' lines from its spool to
+   its part file; the input is read and parsed once.
+5. report: every task's statistics and rejects summed; a file output joins the parts.
 
-Memory follows the number of documents (a few tens of bytes each while sorting one band) and
-the batch size, never the corpus text.
+The output is the same bytes for any tasks, workers and executor. Memory of a signature or
+filter task follows its block size; of a buckets task, one band's keys (8 bytes per document);
+of the cluster task, the candidate pairs and the documents in them.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -49,7 +51,8 @@ import numpy as np
 import zstandard
 from omegaconf import MISSING
 
-from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline import scaleout
+from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
@@ -72,8 +75,9 @@ if HAVE_NUMBA:
 
 
 @dataclass
-class DedupConfig:
-    """Keys of `python -m data_pipeline.dedup` (docs/data-dedup.md explains each)."""
+class DedupConfig(scaleout.ScaleOut):
+    """Keys of `python -m data_pipeline.dedup` (docs/data-dedup.md explains each); the
+    scale-out keys (tasks, workers, executor, slurm) are data_pipeline.scaleout's."""
 
     input: Any = MISSING
     output: str = MISSING
@@ -89,8 +93,7 @@ class DedupConfig:
     verify: str = "exact"  # exact: shingle-set Jaccard; signature: MinHash estimate
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
-    workers: int = 0  # signature processes; 0: min(2, cpus)
-    batch_bytes: int = 1 << 20  # input bytes per signature task
+    batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
@@ -376,17 +379,23 @@ def _read_buffer(size: int) -> bytearray:
     return _READ_BUFFER
 
 
-def _warm_up(banding: tuple) -> None:
-    """Load (on a new machine, compile) every kernel a worker runs, for the very argument
-    types it passes (numba keys its compiled code on them: a read-only array is another
-    type), so that forked workers inherit them. A kernel first called in a worker is loaded
-    by each worker of each run: ~0.3 s for the line parser, ~40 ms for the word scan on a
-    writable buffer (measured)."""
+def _warm_up(hasher_params: dict, banding: tuple) -> None:
+    """Load (on a new machine, compile) every kernel the tasks run, for the very argument
+    types they pass (numba keys its compiled code on them: a read-only array is another type),
+    in the process that forks the local task processes, so that they inherit them instead of
+    each loading them again (~0.3 s per process for the line parser, measured)."""
+    _init_worker(hasher_params)
     line = b'{"text": "warm up the compiled kernels", "id": "0"}\n'
     buf = bytearray(line + bytes(64))
-    _, _, _, text, text_off, _, _ = parse_block(buf, len(line))
-    sigs = _HASHER.batch_joined(text, text_off[[0, 1]]).signatures
-    _band_keys(sigs, banding[1], banding[0])
+    parsed = parse_block(buf, len(line))
+    if parsed is not None:  # None: no compiled parser (numba missing)
+        _, _, _, text, text_off, _, _ = parsed
+        sigs = _HASHER.batch_joined(text, text_off[[0, 1]]).signatures
+        _band_keys(sigs, banding[1], banding[0])
+        keys = np.arange(8, dtype=np.uint64)
+        _shared_keys(np.concatenate([keys, keys]))
+        hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
+        _set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
     _HASHER.batch([b"and those of the Python path"])
 
 
@@ -528,26 +537,21 @@ class _Work:
 FIRST, PART, HASH_OFF, SHINGLE_BASE, SPOOL_OFF, SPOOL_LEN, SPOOL_BASE = range(7)
 
 
-def _stage_signatures(
+def _signatures(
     cfg: DedupConfig,
     files: list[Path],
     work: _Work,
     hasher_params: dict,
     banding: tuple,
-    exiting: list,
-):
-    """The signature pass; its worker processes, stopped but not yet reaped, go to
-    `exiting` with the CPU seconds they used."""
-    rejects_path(cfg.output).unlink(missing_ok=True)  # a stale one would describe other input
-    rejects = Rejects(rejects_path(cfg.output))
+    rejects: Rejects,
+) -> dict:
+    """Signatures, band keys, shingle hashes and spool of `files` into `work`, in this process
+    (tasks, not threads or a pool inside a task, are how the stage uses more cores)."""
     sig_tmp = work.file("signatures.u32.tmp")
     if cfg.spool not in ("plain", "zstd"):
         raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
     counts, sizes, segments, parts = [], [], [], {}
     n_docs = n_shingles = n_spool = 0
-    workers = _workers(cfg)
-    for stale in work.path.glob("part-*"):  # of a killed run
-        stale.unlink()
     zstd = cfg.spool == "zstd"
     tasks = ((*t, str(work.path), banding) for t in _line_tasks(files, cfg.batch_bytes, zstd))
     band_files = [work.file(f"band{k:03d}.u64") for k in range(banding[0])]
@@ -556,15 +560,10 @@ def _stage_signatures(
         with open(sig_tmp, "wb") as fs:
             with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
                 _init_worker(hasher_params)
-                _warm_up(banding)
-                if workers > 1:
-                    pool = _Workers(workers, hasher_params)
-                    results = pool.imap(tasks)
-                else:
-                    pool = None
-                    results = map(_signature_task, tasks)
                 try:
-                    for path, sigs, keys, cnt, size, hashes, spool, bad in results:
+                    for path, sigs, keys, cnt, size, hashes, spool, bad in map(
+                        _signature_task, tasks
+                    ):
                         for line, reason, raw in bad:
                             rejects.add(path, line, reason, raw)
                         if not len(sigs):
@@ -581,13 +580,10 @@ def _stage_signatures(
                         n_spool += int(size.sum())
                         bar.update(len(sigs))
                 finally:
-                    if pool is not None:
-                        exiting.append((pool, pool.close()))
                     _close_parts()
     finally:
         for f in handles:
             f.close()
-    rejects.close()
     offsets = np.zeros(n_docs + 1, dtype=np.int64)
     if counts:
         np.cumsum(np.concatenate(counts), out=offsets[1:])
@@ -606,7 +602,6 @@ def _stage_signatures(
             "shingles": n_shingles,
             "spool": cfg.spool,
             "parts": sorted(parts, key=parts.get),
-            "rejects": rejects.report(),
         },
     )
 
@@ -670,51 +665,101 @@ class _Parts:
         return memoryview(data)
 
 
-def _signature_rows(work: _Work, num_perm: int, lo: int, hi: int) -> np.ndarray:
-    """Signatures of documents lo..hi-1, read from disk. Plain reads rather than a memmap, so
-    that pages already used do not stay in this process's resident set."""
-    with open(work.file("signatures.u32"), "rb") as f:
+class _Corpus:
+    """Every signature task's documents as one corpus in input order: global document d is
+    document d - offsets[t] of task t (the tasks' shares are contiguous and in order)."""
+
+    def __init__(self, plan: _Plan):
+        self.dirs = [plan.sig_dir(r) for r in range(plan.tasks)]
+        self.infos = [json.loads((d / "signatures.done.json").read_text()) for d in self.dirs]
+        self.offsets = np.cumsum([0] + [i["docs"] for i in self.infos]).astype(np.int64)
+        self.n_docs = int(self.offsets[-1])
+        self.num_perm = plan.cfg.num_perm
+        self._parts: dict[int, _Parts] = {}
+
+    def parts(self, t: int) -> _Parts:
+        if t not in self._parts:
+            self._parts[t] = _Parts(_Work(self.dirs[t], {}), self.infos[t])
+        return self._parts[t]
+
+    def close(self) -> None:
+        for p in self._parts.values():
+            p.close()
+        self._parts.clear()
+
+    def _by_task(self, docs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(task, its documents' local numbers) for sorted global `docs`, in order."""
+        task = np.searchsorted(self.offsets, docs, side="right") - 1
+        for t in np.unique(task).tolist():
+            yield t, docs[task == t] - self.offsets[t]
+
+    def hashes(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As _Parts.hashes, for sorted global document numbers."""
+        outs, sizes = [], []
+        for t, local in self._by_task(docs):
+            h, o = self.parts(t).hashes(local)
+            outs.append(h)
+            sizes.append(np.diff(o))
+        offs = np.zeros(len(docs) + 1, dtype=np.int64)
+        if sizes:
+            np.cumsum(np.concatenate(sizes), out=offs[1:])
+        return (np.concatenate(outs) if outs else np.zeros(0, np.uint32)), offs
+
+    def signatures(self, docs: np.ndarray) -> np.ndarray:
+        """[len(docs), num_perm] signatures of sorted global `docs`."""
+        sig = np.empty((len(docs), self.num_perm), dtype=np.uint32)
+        row = 4 * self.num_perm
+        view = memoryview(sig).cast("B")
+        n = 0
+        for t, local in self._by_task(docs):
+            fd = os.open(self.dirs[t] / "signatures.u32", os.O_RDONLY)
+            try:
+                for d in local.tolist():
+                    if os.preadv(fd, [view[n * row : (n + 1) * row]], d * row) != row:
+                        raise RuntimeError(f"{self.dirs[t]}/signatures.u32: shorter than its count")
+                    n += 1
+            finally:
+                os.close(fd)
+        return sig
+
+    def band_keys(self, k: int, bands: int, rows: int) -> np.ndarray:
+        """Band k's key of every document. Read from the signature tasks' band files, or made
+        again from their signatures when those were keyed for another banding."""
+        out = []
+        for d, info in zip(self.dirs, self.infos, strict=True):
+            if json.loads((d / "band_keys.json").read_text()) == [bands, rows]:
+                keys = np.fromfile(d / f"band{k:03d}.u64", dtype=np.uint64)
+            else:
+                keys = np.empty(info["docs"], dtype=np.uint64)
+                step = 1 << 14
+                for lo in range(0, info["docs"], step):
+                    hi = min(lo + step, info["docs"])
+                    sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
+                    keys[lo:hi] = _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
+            if len(keys) != info["docs"]:
+                raise RuntimeError(f"{d}/band{k:03d}.u64: {len(keys)} keys for {info['docs']} docs")
+            out.append(keys)
+        return np.concatenate(out) if out else np.zeros(0, np.uint64)
+
+    def doc_id(self, d: int) -> str:
+        ((t, local),) = self._by_task(np.array([d]))
+        parts, local = self.parts(t), int(local[0])
+        for lo, hi, row in parts.segments():
+            if lo <= local < hi:
+                data, off = parts.spool(row, lo, hi), parts.spool_off
+                return loads_line(bytes(data[off[local] - off[lo] : off[local + 1] - off[lo]]))[
+                    "id"
+                ]
+        raise RuntimeError(f"document {d} is in no spool segment")
+
+
+def _signature_rows(task_dir: Path, num_perm: int, lo: int, hi: int) -> np.ndarray:
+    """Signatures of documents lo..hi-1 of a task, read from disk. Plain reads rather than a
+    memmap, so that pages already used do not stay in this process's resident set."""
+    with open(task_dir / "signatures.u32", "rb") as f:
         f.seek(4 * num_perm * lo)
         raw = f.read(4 * num_perm * (hi - lo))
     return np.frombuffer(raw, dtype=np.uint32).reshape(-1, num_perm)
-
-
-def _stage_buckets(cfg: DedupConfig, work: _Work, n_docs: int, banding: tuple):
-    bands, rows = banding
-    band_files = [work.file(f"band{k:03d}.u64") for k in range(bands)]
-    marker = work.file("band_keys.json")  # the banding the band files hold keys for
-    if not marker.exists() or json.loads(marker.read_text()) != [bands, rows]:
-        # The signature pass keyed another banding: key the stored signatures again.
-        marker.unlink(missing_ok=True)
-        handles = [open(p, "wb") for p in band_files]
-        try:
-            step = 1 << 14
-            with _progress(cfg, desc="dedup band keys", unit="doc", total=n_docs) as bar:
-                for lo in range(0, n_docs, step):
-                    sig = _signature_rows(work, cfg.num_perm, lo, min(lo + step, n_docs))
-                    keys = _band_keys(sig, rows, bands)
-                    for k, f in enumerate(handles):
-                        f.write(np.ascontiguousarray(keys[:, k]))
-                    bar.update(len(keys))
-        finally:
-            for f in handles:
-                f.close()
-        marker.write_text(json.dumps([bands, rows]))
-    codes = []
-    with _progress(cfg, desc="dedup buckets", unit="band", total=bands) as bar:
-        for p in band_files:
-            keys = np.fromfile(p, dtype=np.uint64)
-            if len(keys) != n_docs:
-                raise RuntimeError(f"{p.name}: {len(keys)} keys for {n_docs} documents")
-            pairs = _bucket_pairs(keys, cfg.bucket_window)
-            codes.append(pairs[:, 0] * n_docs + pairs[:, 1])
-            bar.update(1)
-    codes = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
-    pairs = np.stack([codes // max(n_docs, 1), codes % max(n_docs, 1)], axis=1)
-    tmp = work.file("candidates.tmp.npy")
-    np.save(tmp, pairs)
-    tmp.replace(work.file("candidates.npy"))
-    return work.finish("buckets", {"candidate_pairs": len(pairs)})
 
 
 def _set_jaccard_numpy(hashes: np.ndarray, offs: np.ndarray, ia, ib, out) -> None:
@@ -775,7 +820,7 @@ def _sort_each(hashes: np.ndarray, offs: np.ndarray) -> np.ndarray:
     return hashes
 
 
-def _exact_jaccard(parts: _Parts, pairs: np.ndarray, progress) -> np.ndarray:
+def _exact_jaccard(parts: _Corpus, pairs: np.ndarray, progress) -> np.ndarray:
     """Jaccard of the exact shingle sets of each pair, a chunk of pairs at a time, so memory
     follows the chunk (at most 2 x 8192 documents' hashes), not the corpus."""
     out = np.empty(len(pairs), dtype=np.float64)
@@ -794,20 +839,11 @@ def _exact_jaccard(parts: _Parts, pairs: np.ndarray, progress) -> np.ndarray:
     return out
 
 
-def _estimated_jaccard(work: _Work, num_perm: int, pairs: np.ndarray) -> np.ndarray:
+def _estimated_jaccard(corpus: _Corpus, pairs: np.ndarray) -> np.ndarray:
     """datasketch's MinHash.jaccard (fraction of equal slots) of each pair, reading only the
     signatures of documents that are in some pair."""
     docs = np.unique(pairs)
-    sig = np.empty((len(docs), num_perm), dtype=np.uint32)
-    row = 4 * num_perm
-    view = memoryview(sig).cast("B")
-    fd = os.open(work.file("signatures.u32"), os.O_RDONLY)
-    try:
-        for n, d in enumerate(docs.tolist()):
-            if os.preadv(fd, [view[n * row : (n + 1) * row]], d * row) != row:
-                raise RuntimeError("signatures.u32 is shorter than the document count")
-    finally:
-        os.close(fd)
+    sig = corpus.signatures(docs)
     a, b = np.searchsorted(docs, pairs[:, 0]), np.searchsorted(docs, pairs[:, 1])
     est = np.empty(len(pairs), dtype=np.float64)
     step = 1 << 14
@@ -816,19 +852,16 @@ def _estimated_jaccard(work: _Work, num_perm: int, pairs: np.ndarray) -> np.ndar
     return est
 
 
-def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict):
-    pairs = np.load(work.file("candidates.npy"))
-    est = _estimated_jaccard(work, cfg.num_perm, pairs) if len(pairs) else np.zeros(0)
+def _clusters(cfg: DedupConfig, corpus: _Corpus, pairs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Verify each candidate pair, union-find over verified pairs; (keep mask, statistics)."""
+    n_docs = corpus.n_docs
+    est = _estimated_jaccard(corpus, pairs) if len(pairs) else np.zeros(0)
     sim = est.copy()
     checked = np.zeros(len(pairs), dtype=bool)
     if cfg.verify == "exact":
         todo = np.flatnonzero(est >= cfg.threshold - cfg.prefilter_margin)
-        parts = _Parts(work, sig_info)
-        try:
-            with _progress(cfg, desc="dedup verify", unit="pair", total=len(todo)) as bar:
-                sim[todo] = _exact_jaccard(parts, pairs[todo], bar)
-        finally:
-            parts.close()
+        with _progress(cfg, desc="dedup verify", unit="pair", total=len(todo)) as bar:
+            sim[todo] = _exact_jaccard(corpus, pairs[todo], bar)
         checked[todo] = True
     elif cfg.verify == "signature":
         checked[:] = True
@@ -861,8 +894,6 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict):
     keep = np.ones(n_docs, dtype=bool)
     if removed:
         keep[np.array(removed, dtype=np.int64)] = False
-    np.save(work.file("keep.tmp.npy"), keep)
-    work.file("keep.tmp.npy").replace(work.file("keep.npy"))
 
     v_idx = np.flatnonzero(verified)
     v_idx = v_idx[np.argsort(sim[v_idx], kind="stable")]
@@ -872,25 +903,24 @@ def _stage_clusters(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict):
     near = rejected[np.argsort(-sim[rejected], kind="stable")[: min(3, cfg.examples)]]
 
     def pair_info(t: int) -> dict:
+        docs = [int(pairs[t, 0]), int(pairs[t, 1])]
         return {
-            "docs": [int(pairs[t, 0]), int(pairs[t, 1])],
+            "docs": docs,
+            "ids": [corpus.doc_id(d) for d in docs],
             "jaccard": round(float(sim[t]), 4),
             "estimated_jaccard": round(float(est[t]), 4),
         }
 
-    return work.finish(
-        "clusters",
-        {
-            "candidate_pairs": len(pairs),
-            "prefiltered_pairs": int((~checked).sum()),
-            "verified_pairs": int(verified.sum()),
-            "clusters": len(sizes),
-            "largest_cluster": max(sizes.values(), default=1),
-            "docs_removed": len(removed),
-            "examples": [pair_info(t) for t in picks],
-            "closest_rejected": [pair_info(t) for t in near],
-        },
-    )
+    return keep, {
+        "candidate_pairs": len(pairs),
+        "prefiltered_pairs": int((~checked).sum()),
+        "verified_pairs": int(verified.sum()),
+        "clusters": len(sizes),
+        "largest_cluster": max(sizes.values(), default=1),
+        "docs_removed": len(removed),
+        "examples": [pair_info(t) for t in picks],
+        "closest_rejected": [pair_info(t) for t in near],
+    }
 
 
 class _Writeback:
@@ -926,279 +956,323 @@ class _Writeback:
             os.close(self.fd)
 
 
-def _stage_write(cfg: DedupConfig, work: _Work, n_docs: int, sig_info: dict, want: set):
-    """Copy the kept documents from the spool (document k is its line k, already in output
-    form) to the output, atomically: a segment of the spool at a time, one write per run of
-    kept documents. No JSON is parsed here, except for the few documents whose ids the report
-    names."""
-    keep = np.load(work.file("keep.npy"))
-    parts = _Parts(work, sig_info)
+def _write_kept(parts: _Parts, keep: np.ndarray, output: Path, progress) -> int:
+    """Copy the kept documents of one signature task from its spool (document k is its line k,
+    already in output form) to `output`, atomically: a segment of the spool at a time, one
+    write per run of kept documents. No JSON is parsed here."""
     off = parts.spool_off
-    if len(keep) != n_docs or len(off) != n_docs + 1:
-        raise RuntimeError("keep.npy or spool_offsets.npy do not match the document count")
-    ids: dict[int, str] = {}
+    n_docs = len(off) - 1
+    if len(keep) != n_docs:
+        raise RuntimeError("keep.npy does not match the document count of the spool")
     done = 0
-    try:
-        with AtomicWriter(cfg.output) as out, _Writeback(out.tmp) as writeback:
-            with _progress(cfg, desc="dedup write", unit="doc", total=n_docs) as bar:
-                for lo, hi, row in parts.segments():
-                    data, base = parts.spool(row, lo, hi), off[lo]
-                    k = keep[lo:hi]
-                    # runs of kept documents: [edges[2i], edges[2i+1]) relative to lo
-                    edges = np.flatnonzero(np.diff(k.astype(np.int8), prepend=0, append=0))
-                    cuts = (off[lo + edges] - base).tolist()
-                    for a, b in zip(cuts[::2], cuts[1::2], strict=True):
-                        out.write_bytes(data[a:b])
-                    for d in want:
-                        if lo <= d < hi:
-                            line = bytes(data[off[d] - base : off[d + 1] - base])
-                            ids[d] = loads_line(line)["id"]
-                    writeback.poke(len(data))
-                    bar.update(hi - lo)
-                    done = hi
-            if done != n_docs:
-                raise RuntimeError("the spool segments do not cover every document")
-    finally:
-        parts.close()
-    return int(keep.sum()), ids
+    with AtomicWriter(output) as out, _Writeback(out.tmp) as writeback:
+        for lo, hi, row in parts.segments():
+            data, base = parts.spool(row, lo, hi), off[lo]
+            k = keep[lo:hi]
+            # runs of kept documents: [edges[2i], edges[2i+1]) relative to lo
+            edges = np.flatnonzero(np.diff(k.astype(np.int8), prepend=0, append=0))
+            cuts = (off[lo + edges] - base).tolist()
+            for a, b in zip(cuts[::2], cuts[1::2], strict=True):
+                out.write_bytes(data[a:b])
+            writeback.poke(len(data))
+            progress.update(hi - lo)
+            done = hi
+        if done != n_docs:
+            raise RuntimeError("the spool segments do not cover every document")
+    return int(keep.sum())
 
 
-def _cpu() -> float:
-    """CPU seconds used so far by this process and its reaped children (the workers)."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+# --- the stage as tasks (data_pipeline.scaleout) ---------------------------------------------
+
+_BYTES_PER_TASK = 256 << 20  # tasks=0: one signature task per 256 MiB of input
+_PART_SUFFIX = ".jsonl.zst"
+_STEPS = ("signatures", "buckets", "clusters", "filter", "report")
 
 
-def _workers(cfg: DedupConfig) -> int:
-    return cfg.workers or min(2, os.cpu_count() or 1)
+class _Plan:
+    """What every task of one run agrees on: inputs, shares, banding, where files go."""
+
+    def __init__(self, cfg: DedupConfig):
+        if not 0.0 < cfg.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
+        if cfg.spool not in ("plain", "zstd"):
+            raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
+        if cfg.verify not in ("exact", "signature"):
+            raise ValueError(f"verify must be exact or signature, got {cfg.verify!r}")
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.files = expand_inputs(cfg.input)
+        sizes = [p.stat().st_size for p in self.files]
+        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
+        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
+        cand_j = cfg.candidate_jaccard or max(cfg.threshold - 0.05, 0.01)
+        if cfg.bands and cfg.rows:
+            self.bands, self.rows = cfg.bands, cfg.rows
+        else:
+            self.bands, self.rows = choose_banding(cfg.num_perm, cand_j, cfg.candidate_recall)
+        if self.bands * self.rows > cfg.num_perm:
+            raise ValueError(f"bands x rows = {self.bands * self.rows} > num_perm = {cfg.num_perm}")
+        self.band_tasks = min(self.tasks, self.bands)
+        self.band_shares = scaleout.even_shares(self.bands, self.band_tasks)
+        self.hasher_params = dict(
+            num_perm=cfg.num_perm,
+            seed=cfg.seed,
+            ngram=cfg.ngram,
+            scheme=cfg.scheme,
+            backend=cfg.backend,
+        )
+        self.work = (
+            Path(cfg.work_dir)
+            if cfg.work_dir
+            else self.out.with_name(self.out.name + ".dedup-work")
+        )
+        self.to_file = scaleout.is_file_output(self.out)
+        self.parts = self.work / "filter"  # published as the output by the report step
+
+    def step_counts(self) -> dict[str, int]:
+        return dict(zip(_STEPS, (self.tasks, self.band_tasks, 1, self.tasks, 1), strict=True))
+
+    def fingerprints(self) -> list[tuple[str, dict]]:
+        """Each step's files depend on its own entry and every earlier one."""
+        cfg = self.cfg
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
+        return [
+            ("signatures", {"inputs": files, "tasks": self.tasks, "spool": cfg.spool, **params}),
+            ("buckets", {"banding": [self.bands, self.rows], "window": cfg.bucket_window}),
+            (
+                "clusters",
+                {
+                    "threshold": cfg.threshold,
+                    "verify": cfg.verify,
+                    "prefilter_margin": cfg.prefilter_margin,
+                    "examples": cfg.examples,
+                },
+            ),
+            ("filter", {"output": str(self.out.resolve())}),
+            ("report", {}),
+        ]
+
+    def sig_dir(self, rank: int) -> Path:
+        return self.work / "signatures" / f"task-{rank:05d}"
+
+    def part(self, rank: int) -> Path:
+        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
 
 
-def _worker_main(conn, hasher_params: dict | None) -> None:
-    """A signature worker: run each task received on `conn`, send back ("ok", result) or
-    ("error", exception); None ends it."""
-    if hasher_params is not None:  # not forked: build the hasher (and load the kernels) here
-        _init_worker(hasher_params)
-    try:
-        while (task := conn.recv()) is not None:
-            try:
-                conn.send(("ok", _signature_task(task)))
-            except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
-                conn.send(("error", e))
-        _close_parts()
-        use = resource.getrusage(resource.RUSAGE_SELF)
-        conn.send(("cpu", use.ru_utime + use.ru_stime))  # the parent reaps this process later
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        pass
-    finally:
-        _close_parts()
-        conn.close()
+class _DedupStep(scaleout.TaskStep):
+    """Every task gets the driver's plan: the input list is expanded once (a task expanding
+    it again could see files written since, e.g. in an output beside the input)."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
 
 
-class _Workers:
-    """Signature worker processes, results in task order. Each worker has its own pipe and
-    at most two tasks queued (one when a task carries its data), so memory follows the
-    worker count, not the input. Not multiprocessing.Pool: its worker-handler thread polls in
-    a loop while a result waits in the pipe, which cost the parent ~5 us of CPU per document
-    here (measured), more than everything else it does while signatures are computed.
-    Forked where the platform can: workers then inherit the loaded numba kernels."""
+class DedupSignatures(_DedupStep):
+    """Task r: MinHash signatures, band keys, shingle hashes and the parsed lines (spool) of its
+    contiguous share of the input files, in its own directory."""
 
-    def __init__(self, count: int, hasher_params: dict):
-        fork = "fork" in mp.get_all_start_methods()
-        ctx = mp.get_context("fork" if fork else None)
-        self.conns, self.procs = [], []
-        for _ in range(count):
-            mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(theirs, None if fork else hasher_params))
-            p.daemon = True
-            p.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.procs.append(p)
+    name = "signatures"
 
-    def imap(self, tasks) -> Iterator:
-        from collections import deque
-        from multiprocessing.connection import wait
-
-        queued = [deque() for _ in self.conns]  # task numbers sent to each worker
-        done: dict[int, Any] = {}
-        tasks = iter(tasks)
-        nxt = next(tasks, None)
-        sent = emitted = 0
-        while True:
-            while nxt is not None:  # hand out tasks while some worker has room
-                big = not isinstance(nxt[2], tuple)  # carries its lines, not a file range
-                free = [w for w, q in enumerate(queued) if len(q) < (1 if big else 2)]
-                if not free:
-                    break
-                w = min(free, key=lambda w: len(queued[w]))
-                self.conns[w].send(nxt)
-                queued[w].append(sent)
-                sent += 1
-                nxt = next(tasks, None)
-            while emitted in done:
-                yield done.pop(emitted)
-                emitted += 1
-            if emitted == sent and nxt is None:
-                return
-            busy = [self.conns[w] for w, q in enumerate(queued) if q]
-            for conn in wait(busy):
-                w = self.conns.index(conn)
-                try:
-                    status, value = conn.recv()
-                except EOFError:
-                    raise RuntimeError("a dedup signature worker died") from None
-                if status != "ok":
-                    raise value
-                done[queued[w].popleft()] = value
-
-    def close(self) -> float:
-        """Stop the workers; the CPU seconds they report having used. They are not waited
-        for: a worker's exit (unmapping a few hundred MB of numba runtime) took ~70 ms per run
-        here, while the next stages can already run. join() reaps them."""
-        cpu = 0.0
-        for conn in self.conns:
-            try:
-                conn.send(None)
-                if conn.poll(5):
-                    status, value = conn.recv()
-                    cpu += value if status == "cpu" else 0.0
-            except (OSError, EOFError):
-                pass
-            conn.close()
-        return cpu
-
-    def join(self) -> None:
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        lo, hi = plan.shares[rank]
+        final = plan.sig_dir(rank)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # of a killed attempt
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        rejects = Rejects(tmp / "rejects.jsonl")
+        try:
+            info = _signatures(
+                self.cfg,
+                plan.files[lo:hi],
+                _Work(tmp, {}),
+                plan.hasher_params,
+                (plan.bands, plan.rows),
+                rejects,
+            )
+        finally:
+            rejects.close()
+        tmp.replace(final)
+        return {
+            "files": hi - lo,
+            "docs": info["docs"],
+            "shingles": info["shingles"],
+            "rejects": rejects.report(),
+        }
 
 
-# --- the stage -----------------------------------------------------------------------------
+class DedupBuckets(_DedupStep):
+    """Task g: the candidate pairs of its group of bands, from every signature task's keys."""
+
+    name = "buckets"
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        corpus = _Corpus(plan)
+        n = max(corpus.n_docs, 1)
+        lo, hi = plan.band_shares[rank]
+        codes = [np.zeros(0, np.int64)]
+        with _progress(self.cfg, desc="dedup buckets", unit="band", total=hi - lo) as bar:
+            for k in range(lo, hi):
+                pairs = _bucket_pairs(
+                    corpus.band_keys(k, plan.bands, plan.rows), self.cfg.bucket_window
+                )
+                codes.append(pairs[:, 0] * n + pairs[:, 1])
+                bar.update(1)
+        codes = np.unique(np.concatenate(codes))
+        _save_npy(self.work / "buckets" / f"pairs-{rank:05d}.npy", codes)
+        return {"bands": hi - lo, "pair_codes": len(codes)}
+
+
+class DedupClusters(_DedupStep):
+    """One task over the candidate pairs only: prefilter by estimated Jaccard, exact Jaccard,
+    union-find, keep the first document of each cluster in input order."""
+
+    name = "clusters"
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        corpus = _Corpus(plan)
+        n = max(corpus.n_docs, 1)
+        groups = [
+            np.load(self.work / "buckets" / f"pairs-{g:05d}.npy") for g in range(plan.band_tasks)
+        ]
+        codes = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
+        pairs = np.stack([codes // n, codes % n], axis=1)
+        try:
+            keep, info = _clusters(self.cfg, corpus, pairs)
+        finally:
+            corpus.close()
+        _save_npy(self.work / "clusters" / "keep.npy", keep)
+        return info
+
+
+class DedupFilter(_DedupStep):
+    """Task r: the kept documents of signature task r's share, from its spool, as part r."""
+
+    name = "filter"
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        corpus = _Corpus(plan)
+        keep = np.load(self.work / "clusters" / "keep.npy")
+        if len(keep) != corpus.n_docs:
+            raise RuntimeError("keep.npy does not match the document count")
+        lo, hi = int(corpus.offsets[rank]), int(corpus.offsets[rank + 1])
+        part = plan.part(rank)
+        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
+            stale.unlink(missing_ok=True)
+        try:
+            with _progress(self.cfg, desc="dedup write", unit="doc", total=hi - lo) as bar:
+                kept = _write_kept(corpus.parts(rank), keep[lo:hi], part, bar)
+        finally:
+            corpus.close()
+        return {"docs_in": hi - lo, "docs_out": kept}
+
+
+class DedupReport(_DedupStep):
+    """One task: the stage report (every task's statistics), the rejects of every signature
+    task in input order, and for a file output the parts joined into it."""
+
+    name = "report"
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        counts = plan.step_counts()
+        st = {s: scaleout.task_stats(self.work, s, counts[s]) for s in _STEPS[:-1]}
+        rejects = scaleout.gather_rejects(
+            [plan.sig_dir(r) / "rejects.jsonl" for r in range(plan.tasks)],
+            [s["rejects"] for s in st["signatures"]],
+            rejects_path(plan.out),
+        )
+        scaleout.finish_parts([plan.part(r) for r in range(plan.tasks)], plan.out, plan.to_file)
+        cl = st["clusters"][0]
+        docs_in = sum(s["docs"] for s in st["signatures"])
+        docs_out = sum(s["docs_out"] for s in st["filter"])
+        report = {
+            "stage": "dedup",
+            "output": str(plan.out),
+            "tasks": {s: counts[s] for s in _STEPS[:-1]},
+            "docs_in": docs_in,
+            "docs_out": docs_out,
+            "docs_removed": docs_in - docs_out,
+            "shingles": sum(s["shingles"] for s in st["signatures"]),
+            **{k: cl[k] for k in ("candidate_pairs", "prefiltered_pairs", "verified_pairs")},
+            **{k: cl[k] for k in ("clusters", "largest_cluster", "examples", "closest_rejected")},
+            "banding": {
+                "bands": plan.bands,
+                "rows": plan.rows,
+                "p_candidate": {
+                    str(j): round(candidate_probability(j, plan.bands, plan.rows), 6)
+                    for j in (0.5, 0.8, 0.85, 0.9, 0.95, 0.97)
+                },
+            },
+            # Summed over each step's tasks: CPU seconds do not depend on what else the
+            # machine runs; per-core rates for sizing come from them (docs/data-pipeline.md).
+            "timings_s": {s: round(sum(t["seconds"] for t in st[s]), 3) for s in st},
+            "cpu_s": {s: round(sum(t["cpu_s"] for t in st[s]), 3) for s in st},
+            "max_rss_mb": {s: max(t["max_rss_mb"] for t in st[s]) for s in st},
+            "config": to_container(self.cfg),
+            "rejects": rejects.report(),
+        }
+        write_report(plan.out, report)
+        return {"docs_out": docs_out}
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    tmp.replace(path)
 
 
 def run(cfg: DedupConfig) -> dict:
-    """Run (or resume) the dedup stage; returns the report written beside the output."""
-    exiting: list[tuple[_Workers, float]] = []
-    try:
-        return _run(cfg, exiting)
-    finally:
-        for pool, _ in exiting:
-            pool.join()
-
-
-def _run(cfg: DedupConfig, exiting: list) -> dict:
-    t_start = time.perf_counter()
-    if not 0.0 < cfg.threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {cfg.threshold}")
-    files = expand_inputs(cfg.input)
-    cand_j = cfg.candidate_jaccard or max(cfg.threshold - 0.05, 0.01)
-    if cfg.bands and cfg.rows:
-        bands, rows = cfg.bands, cfg.rows
-    else:
-        bands, rows = choose_banding(cfg.num_perm, cand_j, cfg.candidate_recall)
-    if bands * rows > cfg.num_perm:
-        raise ValueError(f"bands x rows = {bands * rows} > num_perm = {cfg.num_perm}")
-    hasher_params = dict(
-        num_perm=cfg.num_perm,
-        seed=cfg.seed,
-        ngram=cfg.ngram,
-        scheme=cfg.scheme,
-        backend=cfg.backend,
-    )
-    MinHasher(**hasher_params)  # validates the parameters before any work
-    inputs = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    out = Path(cfg.output)
-    work_path = Path(cfg.work_dir) if cfg.work_dir else out.with_name(out.name + ".dedup-work")
-    params = {k: v for k, v in hasher_params.items() if k != "backend"}
-    fp = {"inputs": inputs, **params}
-    timings, cpu, resumed = {}, {}, []
-
-    work = _Work(work_path, fp)
-    t, c = time.perf_counter(), _cpu()
-    sig_info = work.done("signatures")
-    if sig_info is None:
-        work.invalidate_from(["buckets", "clusters"])
-        sig_info = _stage_signatures(cfg, files, work, hasher_params, (bands, rows), exiting)
-    else:
-        resumed.append("signatures")
-    timings["signatures"], cpu["signatures"] = time.perf_counter() - t, _cpu() - c
-    cpu["signatures"] += sum(used for _, used in exiting)  # workers not reaped yet
-    n_docs = sig_info["docs"]
-
-    work.fingerprint = {**fp, "bands": bands, "rows": rows, "window": cfg.bucket_window}
-    t, c = time.perf_counter(), _cpu()
-    if work.done("buckets") is None:
-        work.invalidate_from(["clusters"])
-        _stage_buckets(cfg, work, n_docs, (bands, rows))
-    else:
-        resumed.append("buckets")
-    timings["buckets"], cpu["buckets"] = time.perf_counter() - t, _cpu() - c
-
-    work.fingerprint = {
-        **work.fingerprint,
-        "threshold": cfg.threshold,
-        "verify": cfg.verify,
-        "prefilter_margin": cfg.prefilter_margin,
-    }
-    t, c = time.perf_counter(), _cpu()
-    cl = work.done("clusters")
-    if cl is None:
-        cl = _stage_clusters(cfg, work, n_docs, sig_info)
-    else:
-        resumed.append("clusters")
-    timings["clusters"], cpu["clusters"] = time.perf_counter() - t, _cpu() - c
-
-    t, c = time.perf_counter(), _cpu()
-    want = {d for e in cl["examples"] + cl["closest_rejected"] for d in e["docs"]}
-    kept, ids = _stage_write(cfg, work, n_docs, sig_info, want)
-    timings["write"], cpu["write"] = time.perf_counter() - t, _cpu() - c
-    for e in cl["examples"] + cl["closest_rejected"]:
-        e["ids"] = [ids.get(d) for d in e["docs"]]
+    """signatures -> buckets -> clusters -> filter -> report on the configured executor;
+    returns the stage report (with slurm.wait=false, the submitted job ids)."""
+    t0 = time.perf_counter()
+    scaleout.validate(cfg)
+    plan = _Plan(cfg)
+    MinHasher(**plan.hasher_params)  # validates the parameters before any work
+    scaleout.clear_stale(plan.out)  # of a killed run
+    scaleout.prepare_steps(plan.work, plan.fingerprints())
+    counts = plan.step_counts()
+    if not plan.out.exists():  # the output was removed since: write it again
+        scaleout.forget(plan.work, ["report"])
+    resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
+    steps = [
+        (cls(plan), counts[cls.name])
+        for cls in (DedupSignatures, DedupBuckets, DedupClusters, DedupFilter, DedupReport)
+    ]
+    if cfg.executor == "local":
+        _warm_up(plan.hasher_params, (plan.bands, plan.rows))
+    jobs = scaleout.run_steps(steps, cfg, plan.work)
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        return {"stage": "dedup", "slurm_jobs": jobs, "work_dir": str(plan.work)}
+    report = json.loads(report_path(plan.out).read_text())
+    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
+        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
+    report["resumed_stages"] = resumed
+    elapsed = time.perf_counter() - t0
+    report["seconds"] = round(elapsed, 3)
+    report["docs_per_s"] = round(report["docs_in"] / elapsed, 1) if elapsed > 0 else None
+    write_report(plan.out, report)
     if not cfg.keep_work:
-        shutil.rmtree(work_path, ignore_errors=True)
-    elapsed = time.perf_counter() - t_start
-    report = {
-        "stage": "dedup",
-        "output": str(out),
-        "docs_in": n_docs,
-        "docs_out": kept,
-        "docs_removed": n_docs - kept,
-        "shingles": sig_info["shingles"],
-        "candidate_pairs": cl["candidate_pairs"],
-        "prefiltered_pairs": cl["prefiltered_pairs"],
-        "verified_pairs": cl["verified_pairs"],
-        "clusters": cl["clusters"],
-        "largest_cluster": cl["largest_cluster"],
-        "examples": cl["examples"],
-        "closest_rejected": cl["closest_rejected"],
-        "banding": {
-            "bands": bands,
-            "rows": rows,
-            "p_candidate": {
-                str(j): round(candidate_probability(j, bands, rows), 6)
-                for j in (0.5, 0.8, 0.85, 0.9, 0.95, 0.97)
-            },
-        },
-        "resumed_stages": resumed,
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        # CPU seconds of this process and its finished workers: unlike wall time, they do
-        # not depend on what else the machine runs.
-        "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
-        "docs_per_s": round(n_docs / elapsed, 1) if elapsed > 0 else None,
-        "config": to_container(cfg),
-        "rejects": sig_info["rejects"],
-    }
-    write_report(cfg.output, report)
+        shutil.rmtree(plan.work, ignore_errors=True)
     return report
 
 
 def main() -> None:
-    stage_main("dedup", DedupConfig, run)
+    # Through the module's import name, not __main__: the executors pickle the steps, and a
+    # class of __main__ would be pickled by value, without the module's other names.
+    from data_pipeline import dedup
+
+    stage_main("dedup", dedup.DedupConfig, dedup.run)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,26 @@
 """Pushshift Reddit dumps -> one document per thread: the submission, then its longest comment chain.
 
 OPT used the Reddit subset of Roller et al. (2021) reduced, per thread, to the single longest chain
-of comments from the top down (about 66% smaller than the whole threads). Real monthly dumps are
-far larger than RAM, so this stage works out of core in two passes:
+of comments from the top down (about 66% smaller than the whole threads). Real dumps are far
+larger than RAM and a thread's pieces are spread over monthly files (a submission in `RS_2019-01`,
+its comments in `RC_2019-01` and `RC_2019-02`), so the stage is a map and a reduce over bucket
+files, each split into tasks (data_pipeline.scaleout: local processes or Slurm job arrays):
 
-1. stream every input once and append each submission and comment (only the fields needed) to one
-   of `num_buckets` on-disk bucket files chosen by a stable hash of its thread id (`link_id`), so
-   all of a thread's pieces meet in one bucket whatever monthly file they came from;
-2. load one bucket at a time, rebuild its threads and pick each thread's longest chain.
+1. map: task r streams its contiguous share of the (sorted) input files and appends each
+   submission and comment (only the fields needed) to its own bucket file of `num_buckets`,
+   chosen by a stable hash (crc32) of the thread id (`link_id`), so all of a thread's pieces
+   land in the same bucket number whatever file, or task, they came from;
+2. reduce: task r takes a contiguous range of bucket numbers, reads each bucket from every map
+   task in map order (so records meet in input order, as in one process), rebuilds the threads
+   and writes each thread's longest chain to part r (threads in bucket order, then by id);
+3. report: the stage report summing every task, the rejects, and for a file output the parts
+   joined into it.
 
-Peak memory follows the largest bucket (plus a bounded write buffer), not the dump. The buckets
-live in a work directory beside the output and are removed after success; a finished pass 1 is
-recorded there, so a stage killed during pass 2 resumes without re-reading the dumps.
+The output is the same bytes for any tasks, workers or executor. Peak memory of a reduce task
+follows the largest bucket, of a map task its write buffer; neither depends on the dump size.
+Each task writes atomically and datatrove records its completion, so a re-run redoes only the
+tasks that did not finish. The work directory (`<output>` beside it, `.<name>.work`) is removed
+after success unless `keep_work=true`.
 
 Choices the issue left open (see docs/data-reddit-clean.md):
 - submission vs comment: an `RS_*` file holds submissions, an `RC_*` file comments; in any other
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import json
 import marshal
+import os
 import re
 import shutil
 import struct
@@ -43,7 +53,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline import scaleout
+from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
@@ -58,7 +69,6 @@ STATUS_NAMES = {
     NON_ASCII_START: "filter:non_ascii_start",
 }
 _GONE = ("[deleted]", "[removed]")
-_PASS1_DONE = "pass1.done.json"
 # Bucket files are a sequence of frames: 8-byte little-endian length, then a marshalled list of
 # records (marshal.load on a file object reads in tiny pieces; whole-file reads are 10x faster).
 _FRAME = struct.Struct("<Q")
@@ -82,7 +92,10 @@ class RedditFilters:
 
 
 @dataclass
-class RedditConfig:
+class RedditConfig(scaleout.ScaleOut):
+    """Keys of `python -m data_pipeline.reddit` (docs/data-reddit-clean.md); the scale-out
+    keys (tasks, workers, executor, slurm) are data_pipeline.scaleout's."""
+
     input: Any = MISSING
     output: str = MISSING
     num_buckets: int = 1024
@@ -91,6 +104,7 @@ class RedditConfig:
     min_comments: int = 1
     separator: str = "\n\n"
     work_dir: str | None = None
+    keep_work: bool = False
     filters: RedditFilters = field(default_factory=RedditFilters)
 
 
@@ -148,17 +162,6 @@ class _CommentFilter:
         if self.non_ascii and stripped and ord(stripped[0]) > 127:
             return NON_ASCII_START
         return OK
-
-
-def _fingerprint(cfg: RedditConfig, files: list[Path]) -> dict:
-    """What pass 1's buckets depend on: a re-run may reuse them only if all of this is equal."""
-    return {
-        "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        "num_buckets": cfg.num_buckets,
-        "filters": to_container(cfg.filters),
-        # marshal's format may change between Python versions.
-        "python": sys.version,
-    }
 
 
 def _partition(cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects) -> dict:
@@ -408,64 +411,164 @@ def _validate(cfg: RedditConfig) -> None:
         raise ValueError(f"num_buckets={cfg.num_buckets}: must be >= 1")
     if cfg.flush_records < 1:
         raise ValueError(f"flush_records={cfg.flush_records}: must be >= 1")
+    scaleout.validate(cfg)
 
 
-def run(cfg: RedditConfig) -> dict:
-    """Both passes; returns the stage report (see the module docstring)."""
-    _validate(cfg)
-    t0 = time.perf_counter()
-    out_path = Path(cfg.output)
-    files = expand_inputs(cfg.input)
-    work = Path(cfg.work_dir) if cfg.work_dir else out_path.with_name(f".{out_path.name}.work")
-    # A killed earlier run may have left its temporary output behind (named by its pid).
-    for stale in out_path.parent.glob(f".{out_path.name}.tmp-*"):
-        stale.unlink(missing_ok=True)
-    fp = _fingerprint(cfg, files)
-    done = work / _PASS1_DONE
-    resumed = False
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        saved = json.loads(done.read_text())
-        pass1, rejects = saved["stats"], Rejects(None)
-        for f, counts in saved["rejects"]["by_file"].items():
-            rejects.counts[f].update(counts)
-        resumed = True
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        rpath = rejects_path(out_path)
-        rpath.unlink(missing_ok=True)
-        rejects = Rejects(rpath)
+class _Plan:
+    """What every task of one run agrees on: the input files, the shares, where things go."""
+
+    def __init__(self, cfg: RedditConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.files = expand_inputs(cfg.input)
+        sizes = [p.stat().st_size for p in self.files]
+        self.map_tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
+        self.reduce_tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, cfg.num_buckets)
+        self.file_shares = scaleout.contiguous_shares(sizes, self.map_tasks)
+        self.bucket_shares = scaleout.even_shares(cfg.num_buckets, self.reduce_tasks)
+        self.work = (
+            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        )
+        self.to_file = scaleout.is_file_output(self.out)
+        self.parts = self.work / "parts"  # published as the output by the report step
+
+    def fingerprint(self) -> dict:
+        """What the work files depend on: a re-run reuses finished tasks only if all is equal."""
+        cfg = self.cfg
+        return {
+            "files": [
+                [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files
+            ],
+            "output": str(self.out.resolve()),
+            "tasks": [self.map_tasks, self.reduce_tasks],
+            "num_buckets": cfg.num_buckets,
+            "filters": to_container(cfg.filters),
+            "orphans": cfg.orphans,
+            "min_comments": cfg.min_comments,
+            "separator": cfg.separator,
+            # marshal's format may change between Python versions.
+            "python": sys.version,
+        }
+
+    def part(self, rank: int) -> Path:
+        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
+
+
+_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of (compressed) dump
+_PART_SUFFIX = ".jsonl.zst"
+
+
+class RedditMap(scaleout.TaskStep):
+    """Task r parses its share of the input files into its own bucket files."""
+
+    name = "map"
+
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        lo, hi = plan.file_shares[rank]
+        final = self.work / "map" / f"task-{rank:05d}"
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # of a killed attempt
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        rejects = Rejects(tmp / "rejects.jsonl")
         try:
-            pass1 = _partition(cfg, files, work, rejects)
+            stats = _partition(self.cfg, plan.files[lo:hi], tmp, rejects)
         finally:
             rejects.close()
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "stats": pass1, "rejects": rejects.report()}))
-        tmp.replace(done)
-    t1 = time.perf_counter()
+        tmp.replace(final)
+        return {"files": hi - lo, **stats, "rejects": rejects.report()}
 
-    stats: Counter = Counter()
-    largest = 0
-    with AtomicWriter(out_path) as out:
-        for i in range(cfg.num_buckets):
-            recs = _load_bucket(work / f"bucket-{i:05d}.bin")
-            largest = max(largest, len(recs))
-            _resolve_bucket(recs, cfg, out, stats)
-            del recs
-    shutil.rmtree(work, ignore_errors=True)
-    t2 = time.perf_counter()
 
+class RedditReduce(scaleout.TaskStep):
+    """Task r takes its share of the buckets (from every map task, in map order, so records
+    meet in input order as in one process), rebuilds the threads and writes part r."""
+
+    name = "reduce"
+
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        lo, hi = plan.bucket_shares[rank]
+        maps = [self.work / "map" / f"task-{m:05d}" for m in range(plan.map_tasks)]
+        part = plan.part(rank)
+        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
+            stale.unlink(missing_ok=True)
+        stats: Counter = Counter()
+        largest = 0
+        with AtomicWriter(part) as out:
+            for i in range(lo, hi):
+                recs = []
+                for m in maps:
+                    recs.extend(_load_bucket(m / f"bucket-{i:05d}.bin"))
+                largest = max(largest, len(recs))
+                _resolve_bucket(recs, self.cfg, out, stats)
+                del recs
+        return {**stats, "largest_bucket_records": largest}
+
+
+class RedditReport(scaleout.TaskStep):
+    """One task: the stage report (every task's statistics summed), the rejects file (every
+    map task's, in input order) and, for a file output, the parts joined into it."""
+
+    name = "report"
+
+    def __init__(self, plan: _Plan):
+        # The driver's plan: the input list is expanded once, not again by each task.
+        super().__init__(plan.work)
+        self.plan = plan
+        self.cfg = plan.cfg
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        maps = scaleout.task_stats(self.work, "map", plan.map_tasks)
+        reduces = scaleout.task_stats(self.work, "reduce", plan.reduce_tasks)
+        rejects = scaleout.gather_rejects(
+            [self.work / "map" / f"task-{m:05d}" / "rejects.jsonl" for m in range(plan.map_tasks)],
+            [m["rejects"] for m in maps],
+            rejects_path(plan.out),
+        )
+        parts = [plan.part(r) for r in range(plan.reduce_tasks)]
+        scaleout.finish_parts(parts, plan.out, plan.to_file)
+        report = _report(plan, maps, reduces, rejects)
+        write_report(plan.out, report)
+        return {"threads_out": report["threads_out"]}
+
+
+def _sum(stats: list[dict]) -> Counter:
+    total: Counter = Counter()
+    for st in stats:
+        total.update({k: v for k, v in st.items() if isinstance(v, int) and k != "rejects"})
+    return total
+
+
+def _report(plan: _Plan, maps: list[dict], reduces: list[dict], rejects: Rejects) -> dict:
+    cfg = plan.cfg
+    pass1, stats = _sum(maps), _sum(reduces)
+    steps = {"map": maps, "reduce": reduces}
     text_in = pass1.get("text_bytes_in", 0)
     text_out = stats.get("text_bytes_out", 0)
-    comments_in = pass1.get("comments", 0)
     fates = {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("comments:")}
-    report = {
+    return {
         "stage": "reddit",
-        "output": str(out_path),
-        "files": len(files),
+        "output": str(plan.out),
+        "files": len(plan.files),
+        "tasks": {"map": plan.map_tasks, "reduce": plan.reduce_tasks},
         "input_bytes": pass1.get("input_bytes", 0),
         "submissions_in": pass1.get("submissions", 0),
-        "comments_in": comments_in,
+        "comments_in": pass1.get("comments", 0),
         "threads_out": stats.get("threads_out", 0),
         "comments_out": stats.get("comments_out", 0),
         "orphan_threads_out": stats.get("orphan_threads_out", 0),
@@ -483,23 +586,54 @@ def run(cfg: RedditConfig) -> dict:
         if text_in
         else 0.0,
         "num_buckets": cfg.num_buckets,
-        "largest_bucket_records": largest,
-        "resumed_after_pass1": resumed,
-        "seconds": {
-            "pass1": round(t1 - t0, 3),
-            "pass2": round(t2 - t1, 3),
-            "total": round(t2 - t0, 3),
-        },
-        "comments_per_s": round(comments_in / (t2 - t0), 1) if t2 > t0 else 0.0,
+        "largest_bucket_records": max((r["largest_bucket_records"] for r in reduces), default=0),
+        # Summed over each step's tasks: CPU seconds do not depend on what else the machine
+        # runs; per-core rates for sizing come from them (docs/data-pipeline.md).
+        "timings_s": {s: round(sum(t["seconds"] for t in st), 3) for s, st in steps.items()},
+        "cpu_s": {s: round(sum(t["cpu_s"] for t in st), 3) for s, st in steps.items()},
+        "max_rss_mb": {s: max(t["max_rss_mb"] for t in st) for s, st in steps.items()},
         "config": to_container(cfg),
         "rejects": rejects.report(),
     }
-    write_report(out_path, report)
+
+
+def run(cfg: RedditConfig) -> dict:
+    """map -> reduce -> report on the configured executor; returns the stage report (with
+    slurm.wait=false, the submitted job ids: the report is written when the jobs end)."""
+    _validate(cfg)
+    t0 = time.perf_counter()
+    plan = _Plan(cfg)
+    scaleout.clear_stale(plan.out)  # of a killed run
+    scaleout.prepare_steps(plan.work, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
+    if not plan.out.exists():  # the output was removed since: write it again
+        scaleout.forget(plan.work, ["report"])
+    steps = [
+        (RedditMap(plan), plan.map_tasks),
+        (RedditReduce(plan), plan.reduce_tasks),
+        (RedditReport(plan), 1),
+    ]
+    jobs = scaleout.run_steps(steps, cfg, plan.work)
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        return {"stage": "reddit", "slurm_jobs": jobs, "work_dir": str(plan.work)}
+    report = json.loads(report_path(plan.out).read_text())
+    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
+        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["comments_per_s"] = (
+        round(report["comments_in"] / report["seconds"], 1) if report["seconds"] else 0.0
+    )
+    write_report(plan.out, report)
+    if not cfg.keep_work:
+        shutil.rmtree(plan.work, ignore_errors=True)
     return report
 
 
 def main() -> None:
-    stage_main("reddit", RedditConfig, run)
+    # Through the module's import name, not __main__: the executors pickle the steps, and a
+    # class of __main__ would be pickled by value, without the module's other names.
+    from data_pipeline import reddit
+
+    stage_main("reddit", reddit.RedditConfig, reddit.run)
 
 
 if __name__ == "__main__":

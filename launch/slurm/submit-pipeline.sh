@@ -5,10 +5,11 @@
 #
 #   launch/slurm/submit-pipeline.sh STAGE WORK_DIR OUTPUT INPUT... [-- OVERRIDE...]
 #
-#   STAGE     a per-document stage: tokenize, clean or reddit
+#   STAGE     a per-document stage: tokenize or clean (reddit and dedup split themselves
+#             into tasks: python -m data_pipeline.reddit|dedup ... executor=slurm)
 #   WORK_DIR  shared directory for inputs.txt (the file list), parts/ and logs/
-#   OUTPUT    tokenize: the merged shard directory; clean/reddit: a directory of the parts'
-#             JSONL files (any stage reads a directory as input)
+#   OUTPUT    tokenize: the merged shard directory; clean: a directory of the parts' JSONL
+#             files (any stage reads a directory as input)
 #   INPUT     files, directories or globs (quote globs), expanded now the way every stage
 #             expands input= (sorted), one file per line in WORK_DIR/inputs.txt
 #   OVERRIDE  Hydra overrides for the stage, e.g. tokenizer.name=opt tokenizer.path=/models/opt
@@ -28,9 +29,16 @@ shift 3
 inputs=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do inputs+=("$1"); shift; done
 [ $# -gt 0 ] && shift  # the --
-case $stage in tokenize | clean | reddit) ;; *)
-    echo "submit-pipeline: STAGE must be tokenize, clean or reddit (dedup needs every document" \
-         "at once: run it as one job)" >&2
+case $stage in
+tokenize | clean) ;;
+reddit | dedup)
+    # One array task per input file is wrong for these: a thread's submission and comments
+    # sit in different monthly files, near-duplicates in different files.
+    echo "submit-pipeline: $stage splits itself into map/reduce tasks on Slurm; run" \
+         "python -m data_pipeline.$stage input=... output=... executor=slurm tasks=N" >&2
+    exit 2 ;;
+*)
+    echo "submit-pipeline: STAGE must be tokenize or clean" >&2
     exit 2 ;;
 esac
 

@@ -1,8 +1,8 @@
 """The chain: sources through ingest to token shards, and what a re-run skips or redoes.
 
-These tests use `steps=[]` (ingest -> tokenize) so that they check the chain's own logic
+Most tests use `steps=[]` (ingest -> tokenize) so that they check the chain's own logic
 whatever document stages are installed; the missing-stage tests point the stage table at a
-module that cannot exist.
+module that cannot exist. One runs the real chain: a reddit source, clean and dedup.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 
 from data_pipeline import chain, shards
 from data_pipeline.chain import ChainConfig, SourceConfig, run
+from data_pipeline.io import Rejects, read_documents
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -304,3 +305,49 @@ def test_a_chain_killed_during_tokenize_completes_on_rerun(tmp_path):
     shards.verify(out)
     m = shards.read_manifest(out)
     assert sum(m["splits"][s]["num_documents"] for s in m["splits"]) == 20000
+
+
+def test_reddit_clean_dedup_chain_gives_the_same_tokens_for_any_split(tmp_path):
+    """The real chain (a `kind: reddit` source, clean, dedup, tokenize), once with one task
+    per stage and once with 3 tasks on 2 workers: the same token shards, the cross-month
+    thread's longest chain intact, and exact copies removed across sources."""
+    from tests.data_pipeline.pushshift_gen import scenarios, write_dump
+
+    threads = scenarios()
+    write_dump(threads, tmp_path / "dumps")
+    web = [{"text": f"The web page number {i} says {i * 7} things about it.", "id": str(i)}
+           for i in range(40)]  # fmt: skip
+    web += [dict(d, id=f"copy-{d['id']}") for d in web[:5]]
+    write_jsonl(tmp_path / "in" / "web.jsonl", web)
+
+    def chain_run(name: str, **kw) -> dict:
+        return run(
+            ChainConfig(
+                work_dir=str(tmp_path / name),
+                sources=[
+                    SourceConfig(name="rd", kind="reddit", input=str(tmp_path / "dumps")),
+                    SourceConfig(name="web", input=str(tmp_path / "in" / "web.jsonl")),
+                ],
+                steps=["clean", "dedup"],
+                reddit={"num_buckets": 5},
+                dedup={"progress": False},
+                tokenize={"validation_fraction": 0.1},
+                **kw,
+            )
+        )
+
+    one, many = chain_run("one", tasks=1), chain_run("many", tasks=3, workers=2)
+    assert (
+        [s["status"] for s in one["steps"]] == [s["status"] for s in many["steps"]] == ["ran"] * 7
+    )
+    for split in ("train", "validation"):
+        a = [d.tolist() for d in shards.iter_documents(tmp_path / "one" / "tokens", split)]
+        b = [d.tolist() for d in shards.iter_documents(tmp_path / "many" / "tokens", split)]
+        assert a == b and a
+    rep = json.loads((tmp_path / "many" / "dedup" / "all.jsonl.zst.report.json").read_text())
+    assert rep["tasks"]["signatures"] == 2  # one per input file (rd, web)
+    assert rep["docs_removed"] == 5
+    th = next(t for t in threads if t.name == "across months")
+    reddit_out = tmp_path / "many" / "reddit" / "rd.jsonl.zst"
+    rd = {d["id"]: d for d in read_documents(reddit_out, Rejects(None))}
+    assert rd["t3_" + th.key]["meta"]["comment_ids"] == th.expected

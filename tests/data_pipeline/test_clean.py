@@ -15,6 +15,7 @@ import pytest
 from data_pipeline.clean import CleanConfig, Cleaner, run
 from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
 from data_pipeline.io import Rejects, read_documents
+from tests.data_pipeline.test_reddit import parts_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -228,8 +229,9 @@ def test_killed_stage_leaves_no_output_and_rerun_matches(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
+    parts = tmp_path / ".o.jsonl.work" / "parts"  # killed while the task writes its part
     while (
-        not any(tmp_path.glob(".o.jsonl.tmp-*"))
+        not any(parts.glob(".part-00000.jsonl.zst.tmp-*"))
         and proc.poll() is None
         and time.monotonic() < deadline
     ):
@@ -252,3 +254,27 @@ def test_killed_stage_leaves_no_output_and_rerun_matches(tmp_path):
 )
 def test_each_horizontal_whitespace_run_becomes_one_space(raw, want):
     assert clean_text(raw)[0] == want
+
+
+def test_three_tasks_on_two_workers_give_one_tasks_bytes_counts_and_rejects(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(3):
+        texts = [f"Chapter {i}\n\nFile {k}, text  {i}.  \n\n\n" for i in range(50)]
+        write_jsonl(d / f"f{k}.jsonl", texts)
+        with open(d / f"f{k}.jsonl", "a") as f:
+            f.write('{"text": ""}\nnot json\n')
+    one = run(CleanConfig(input=str(d), output=str(tmp_path / "one.jsonl"), tasks=1))
+    three = run(CleanConfig(input=str(d), output=str(tmp_path / "three"), tasks=3, workers=2))
+    assert (one["tasks"], three["tasks"]) == (1, 3)
+    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == [
+        f"part-0000{k}.jsonl.zst" for k in range(3)
+    ]
+    assert parts_bytes(tmp_path / "three") == (tmp_path / "one.jsonl").read_bytes()
+    for k in ("docs_in", "docs_out", "docs_changed", "rules", "rejects", "chars_out"):
+        assert three[k] == one[k], k
+    assert three["rejects"]["total"] == 6
+    assert (
+        rejects_path(tmp_path / "three").read_text()
+        == rejects_path(tmp_path / "one.jsonl").read_text()
+    )

@@ -11,6 +11,7 @@ import json
 import os
 import pydoc_data.topics
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from data_pipeline.dedup import (
     run,
 )
 from data_pipeline.io import Rejects, iter_json_lines
+from data_pipeline.scaleout import completed
+from tests.data_pipeline.test_reddit import parts_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -290,46 +293,78 @@ def test_cli_keeps_first_of_each_cluster_counts_rejects_and_exits_3(tmp_path):
     assert not Path(f"{out}.dedup-work").exists()  # removed after success
 
 
-@pytest.mark.slow
-def test_killed_run_leaves_no_output_and_rerun_completes_identically(tmp_path):
-    docs = small_corpus() * 10  # 1,020 docs, hashed 4 KB at a time: killed mid-stage
+def split_corpus(tmp_path: Path) -> Path:
+    """1,020 documents over four files, near-duplicates across files (so clusters span
+    tasks) and bad lines in two of them."""
+    docs = small_corpus() * 10
     for i, d in enumerate(docs):
         docs[i] = dict(d, id=f"{d['id']}#{i}")
-    write_jsonl(tmp_path / "in.jsonl", docs)
-    ref = tmp_path / "ref.jsonl"
-    run(cfg(input=str(tmp_path / "in.jsonl"), output=str(ref), workers=1))
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(4):
+        bad = ["{not json", '{"text": ""}'] if k in (1, 3) else []
+        write_jsonl(d / f"part{k}.jsonl", docs[k * 255 : (k + 1) * 255], bad)
+    return d
 
+
+def test_four_tasks_on_two_workers_give_one_tasks_bytes_rejects_and_counts(tmp_path):
+    inp = split_corpus(tmp_path)
+    one = run(cfg(input=str(inp), output=str(tmp_path / "one.jsonl"), tasks=1))
+    four = run(cfg(input=str(inp), output=str(tmp_path / "four"), tasks=4, workers=2))
+    assert one["tasks"]["signatures"] == 1
+    assert four["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    assert parts_bytes(tmp_path / "four") == (tmp_path / "one.jsonl").read_bytes()
+    assert four["docs_removed"] > 255  # copies of the first file's documents in the others
+    for k in ("docs_in", "docs_out", "candidate_pairs", "verified_pairs", "clusters", "rejects"):
+        assert four[k] == one[k], k
+    assert four["rejects"]["total"] == 4
+    assert (tmp_path / "four.rejects.jsonl").read_bytes() == (
+        tmp_path / "one.jsonl.rejects.jsonl"
+    ).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["signatures", "buckets", "clusters", "filter"])
+def test_a_run_killed_during_each_step_reruns_to_the_same_bytes(tmp_path, step):
+    """SIGKILL of the whole run (tasks=3, workers=1) after `step` started and before all its
+    tasks completed: no output, and the re-run, which redoes only unfinished tasks, writes the
+    bytes of an uninterrupted run."""
+    inp = split_corpus(tmp_path)
+    ref = tmp_path / "ref.jsonl"
+    run(cfg(input=str(inp), output=str(ref), tasks=3))
     out = tmp_path / "out.jsonl"
     work = Path(f"{out}.dedup-work")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "data_pipeline.dedup", f"input={tmp_path / 'in.jsonl'}"]
-    proc = subprocess.Popen(
-        [*cmd, f"output={out}", "progress=false", "batch_bytes=4096", "workers=1"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 60
-    partial = work / "signatures.u32.tmp"
-    while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size > 0:
+    cmd = [sys.executable, "-m", "data_pipeline.dedup", f"input={inp}", f"output={out}"]
+    cmd += ["progress=false", "batch_bytes=4096", "tasks=3", "workers=1"]
+    started = work / "executor" / step / "executor.json"
+    counts = {"signatures": 3, "buckets": 3, "clusters": 1, "filter": 3}
+    for _attempt in range(5):  # a step of a few ms can finish between two polls
+        shutil.rmtree(work, ignore_errors=True)
+        proc = subprocess.Popen(
+            [*cmd, "keep_work=true"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not started.exists():
+            time.sleep(0.0005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if started.exists() and not completed(work, step, counts[step]):
             break
-        time.sleep(0.01)
-    killed = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert killed, "the run finished before it could be killed mid-stage"
+    assert started.exists() and not completed(work, step, counts[step]), "never killed mid-step"
     assert not out.exists()  # never a file that looks complete
-    assert not (work / "signatures.done.json").exists()
-
-    rerun = cfg(input=str(tmp_path / "in.jsonl"), output=str(out), workers=1, keep_work=True)
-    run(rerun)
+    before = [s for s in counts if completed(work, s, counts[s])]
+    report = run(cfg(input=str(inp), output=str(out), tasks=3, keep_work=True))
     assert out.read_bytes() == ref.read_bytes()
+    assert report["resumed_stages"] == [s for s in before if s != "filter"]
     # and a second re-run resumes every stage from the work directory
     out.unlink()
-    report = run(rerun)
+    report = run(cfg(input=str(inp), output=str(out), tasks=3, keep_work=True))
     assert report["resumed_stages"] == ["signatures", "buckets", "clusters"]
     assert out.read_bytes() == ref.read_bytes()
 
@@ -366,28 +401,13 @@ def test_resumed_run_with_another_banding_keys_the_signatures_again(tmp_path):
     assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
 
 
-def test_a_failing_worker_task_fails_the_stage_with_its_error(tmp_path):
-    """An exception in a signature worker reaches the parent (no hang, no silent loss), and
-    no output appears."""
-    workers = dedup._Workers(2, {})
-    missing = str(tmp_path / "gone.jsonl")
-    task = (missing, 1, (0, 10), None, False, str(tmp_path), (18, 7))
-    try:
-        with pytest.raises(FileNotFoundError):
-            list(workers.imap([task]))
-    finally:
-        workers.close()
-        workers.join()
-    assert all(not p.is_alive() for p in workers.procs)
-
-
 def test_zstd_spool_gives_the_same_output_as_the_plain_one(tmp_path):
     docs = small_corpus()
     write_jsonl(tmp_path / "in.jsonl", docs)
     outs = []
     for spool in ("plain", "zstd"):
         c = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / f"{spool}.jsonl"))
-        c.spool, c.workers, c.batch_bytes = spool, 2, 8192  # several segments per worker
+        c.spool, c.batch_bytes = spool, 8192  # several segments
         assert run(c)["docs_out"] == 100
         outs.append((tmp_path / f"{spool}.jsonl").read_bytes())
     assert outs[0] == outs[1]

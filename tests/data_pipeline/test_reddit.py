@@ -17,8 +17,11 @@ import pytest
 import zstandard
 
 from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
+from data_pipeline.io import expand_inputs, iter_lines
 from data_pipeline.reddit import RedditConfig, RedditFilters, run
 from tests.data_pipeline.pushshift_gen import (
+    brute_force_chain,
+    month_of,
     scenarios,
     write_dump,
     write_random_dump,
@@ -165,10 +168,12 @@ def test_chain_needs_every_monthly_file_of_the_thread(scenario_dump, tmp_path):
         )
     )
     th = next(t for t in threads if t.name == "across months")
-    # Without February the winning branch is only root -> b1 (tie with the January branch of the
-    # same length and score is won by the earlier comment).
-    assert read_out(out)["t3_" + th.key]["meta"]["comment_ids"] != th.expected
-    assert len(read_out(out)["t3_" + th.key]["meta"]["comment_ids"]) == 2
+    # Without February both January branches have two comments and equal scores: the earlier
+    # one (the short branch) wins, exactly what the brute-force oracle says for January alone.
+    january = [c for c in th.comments if month_of(c["created_utc"]) == "2020-01"]
+    got = read_out(out)["t3_" + th.key]["meta"]["comment_ids"]
+    assert got == brute_force_chain(january)
+    assert got == [th.expected[0], th.comments[1]["id"]]
 
 
 def test_random_trees_match_brute_force_oracle_for_any_bucket_count(tmp_path):
@@ -296,13 +301,75 @@ def test_clean_input_exits_0_and_bad_config_exits_1(scenario_dump, tmp_path):
     assert "orphans" in res.stderr and not (tmp_path / "p.jsonl").exists()
 
 
+def parts_bytes(out: Path) -> bytes:
+    """The lines of a directory output as every stage reads it (its files in name order)."""
+    return b"".join(line for p in expand_inputs(out) for line in iter_lines(p))
+
+
+def test_three_tasks_on_two_workers_give_one_tasks_bytes_threads_across_months_right(
+    scenario_dump, tmp_path
+):
+    threads, inp = scenario_dump
+    one = tmp_path / "one.jsonl"
+    r1 = run(RedditConfig(input=str(inp), output=str(one), num_buckets=5, tasks=1))
+    many = tmp_path / "many"
+    r3 = run(RedditConfig(input=str(inp), output=str(many), num_buckets=5, tasks=3, workers=2))
+    assert r1["tasks"] == {"map": 1, "reduce": 1}
+    assert r3["tasks"] == {"map": 3, "reduce": 3}
+    assert sorted(p.name for p in many.iterdir()) == [f"part-0000{i}.jsonl.zst" for i in range(3)]
+    assert parts_bytes(many) == one.read_bytes()
+    # The map shares really split the monthly files of the cross-month thread between tasks.
+    files = sorted(p.name for p in inp.iterdir())
+    assert len(files) >= 3, files
+    th = next(t for t in threads if t.name == "across months")
+    got = {d["id"]: d for d in map(json.loads, parts_bytes(many).decode().splitlines())}
+    assert got["t3_" + th.key]["meta"]["comment_ids"] == th.expected
+    assert got["t3_" + th.key]["text"] == th.text(th.expected)
+    for k in ("threads_out", "comments_in", "comments_out", "comment_fates", "rejects"):
+        assert r3[k] == r1[k], k
+
+
+def test_a_rerun_with_fewer_tasks_replaces_the_whole_output_directory(scenario_dump, tmp_path):
+    _, inp = scenario_dump
+    out = tmp_path / "out"
+    run(RedditConfig(input=str(inp), output=str(out), num_buckets=5, tasks=3))
+    first = parts_bytes(out)
+    run(RedditConfig(input=str(inp), output=str(out), num_buckets=5, tasks=2))
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.jsonl.zst", "part-00001.jsonl.zst"]
+    assert parts_bytes(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.report.json"]
+
+
+@pytest.mark.slow
+def test_four_tasks_equal_one_task_on_a_random_dump_with_rejects(medium_dump, tmp_path):
+    inp, ref = medium_dump
+    out = tmp_path / "four"
+    r = run(
+        RedditConfig(
+            input=str(inp), output=str(out), num_buckets=64, flush_records=2000, tasks=4, workers=2
+        )
+    )
+    assert r["tasks"] == {"map": 4, "reduce": 4}
+    assert parts_bytes(out) == ref
+    assert r["rejects"]["total"] == 2  # both bad lines of RC_2020-03.jsonl, from one task
+    bad = [json.loads(x) for x in rejects_path(out).read_text().splitlines()]
+    assert [(Path(b["file"]).name, b["line"]) for b in bad] == [
+        ("RC_2020-03.jsonl", n) for n in (1, 2)
+    ]
+
+
 @pytest.fixture(scope="module")
 def medium_dump(tmp_path_factory) -> tuple[Path, bytes]:
-    """~60k comments and the output of an uninterrupted run, for the kill tests."""
+    """~60k comments in several monthly files and the output of an uninterrupted run."""
     d = tmp_path_factory.mktemp("medium")
     write_random_dump(d / "in", 60_000, seed=11)
+    (d / "in" / "RC_2020-03.jsonl").write_text('not json\n{"id": "c1", "body": "no parent"}\n')
     out = d / "ref.jsonl"
-    run(RedditConfig(input=str(d / "in"), output=str(out), num_buckets=64, flush_records=2000))
+    run(
+        RedditConfig(
+            input=str(d / "in"), output=str(out), num_buckets=64, flush_records=2000, tasks=1
+        )
+    )
     return d / "in", out.read_bytes()
 
 
@@ -321,35 +388,50 @@ def _kill_when(args: list[str], ready, timeout: float = 60) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["pass1", "pass2"])
-def test_killed_stage_rerun_completes_identically(medium_dump, tmp_path, phase):
+@pytest.mark.parametrize("step", ["map", "reduce"])
+def test_killed_task_is_rerun_alone_and_output_is_unchanged(medium_dump, tmp_path, step):
+    """tasks=3, workers=1 (tasks one after another in one process): SIGKILL while task 1 of
+    `step` is writing; the re-run redoes only the tasks without a completion marker."""
     inp, ref = medium_dump
     out = tmp_path / "o.jsonl"
     work = tmp_path / ".o.jsonl.work"
-    args = [f"input={inp}", f"output={out}", "num_buckets=64", "flush_records=2000"]
-    if phase == "pass1":
-        ready = lambda: work.exists() and any(work.glob("bucket-*"))  # noqa: E731
+    args = [
+        f"input={inp}",
+        f"output={out}",
+        "num_buckets=64",
+        "flush_records=500",
+        "tasks=3",
+        "workers=1",
+    ]
+    if step == "map":
+        ready = lambda: any((work / "map").glob(".task-00001.tmp-*/bucket-*"))  # noqa: E731
     else:
-        ready = lambda: (work / "pass1.done.json").exists()  # noqa: E731
+        ready = lambda: any((work / "parts").glob(".part-00001.jsonl.zst.tmp-*"))  # noqa: E731
     assert _kill_when(args, ready) == -signal.SIGKILL  # killed, not finished
     assert not out.exists()  # a killed stage leaves nothing that looks complete
-    res = cli(*args)
-    assert res.returncode == EXIT_OK, res.stderr
+    done = work / "executor" / step / "completions"
+    assert sorted(p.name for p in done.iterdir()) == ["00000"]
+    first = work / "map" / "task-00000"
+    before = first.stat().st_ino
+    res = cli(*args, "keep_work=true")
+    assert res.returncode == EXIT_REJECTS, res.stderr  # finished; the dump has 2 bad lines
+    assert json.loads(res.stdout)["rejects"]["total"] == 2
     assert out.read_bytes() == ref
-    report = json.loads(res.stdout)
-    assert report["resumed_after_pass1"] is (phase == "pass2")
-    assert not work.exists()
+    assert first.stat().st_ino == before  # map task 0 was not redone
+    assert sorted(p.name for p in done.iterdir()) == ["00000", "00001", "00002"]
     assert not list(tmp_path.glob(".o.jsonl.tmp-*"))
+    assert not list(work.glob("*/.*.tmp-*"))
 
 
 def test_stale_work_dir_from_other_inputs_is_not_reused(scenario_dump, scenario_run, tmp_path):
     _, inp = scenario_dump
     out = tmp_path / "o.jsonl"
     work = tmp_path / ".o.jsonl.work"
-    work.mkdir()
-    (work / "pass1.done.json").write_text(json.dumps({"fingerprint": {"files": []}, "stats": {}}))
-    (work / "bucket-00000.bin").write_bytes(b"garbage")
-    report = run(RedditConfig(input=str(inp), output=str(out), num_buckets=5))
-    assert report["resumed_after_pass1"] is False
+    (work / "map" / "task-00000").mkdir(parents=True)
+    (work / "fingerprints.json").write_text(json.dumps({"map": {"files": []}}))
+    (work / "map" / "task-00000" / "bucket-00000.bin").write_bytes(b"garbage")
+    (work / "executor" / "map" / "completions").mkdir(parents=True)
+    (work / "executor" / "map" / "completions" / "00000").write_text("")
+    run(RedditConfig(input=str(inp), output=str(out), num_buckets=5))
     assert read_out(out) == scenario_run[1]
     assert not work.exists()

@@ -1,0 +1,341 @@
+"""Running a stage as tasks on datatrove's executors: the scale-out keys every stage shares.
+
+A scaled-out stage is a list of steps (map, reduce, ...), each a datatrove `PipelineStep` whose
+task `rank` of `world_size` does one share of the work and writes it atomically into the
+stage's work directory. datatrove runs them:
+
+- `executor=local`: `LocalPipelineExecutor`, `workers` task processes at once on this machine;
+- `executor=slurm`: `SlurmPipelineExecutor`, one job array per step, each after the previous
+  one (`--dependency=afterok`, and `--kill-on-invalid-dep=yes` so a failed step cancels the
+  next instead of leaving it pending). With `slurm.wait=true` (default) the command waits for
+  the jobs and fails when a task did not complete; `wait=false` prints the job ids and returns.
+
+datatrove writes a completion marker per finished task (`<work>/executor/<step>/completions/`),
+so running the same command again runs only the tasks that did not finish: a killed or failed
+task is redone alone. The work directory also holds the fingerprint of what its files depend on
+(inputs, parameters, task counts); when that changes the directory is cleared and every task
+runs again, so markers of another run are never trusted.
+
+Each task's statistics go to `<work>/<step>/task-<rank>.json`; `task_stats` reads them back in
+rank order so the stage report sums every task.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datatrove.pipeline.base import PipelineStep
+
+from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+
+EXECUTORS = ("local", "slurm")
+
+
+@dataclass
+class SlurmOptions:
+    """Where and how the job arrays of `executor=slurm` run."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    sbatch_args: dict = field(default_factory=dict)  # extra sbatch options, e.g. {account: x}
+    job_name: str = "opt-data"
+    wait: bool = True  # block until the jobs end; exit with their status
+    poll_s: float = 2.0
+
+
+@dataclass
+class ScaleOut:
+    """The keys every scaled-out stage (and the chain) takes."""
+
+    tasks: int = 0  # shares of the work; 0: chosen from the input size
+    workers: int = 0  # task processes at once on this machine (local); 0: min(tasks, cpus)
+    executor: str = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+
+def validate(cfg: ScaleOut) -> None:
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if cfg.tasks < 0 or cfg.workers < 0:
+        raise ValueError(f"tasks={cfg.tasks}, workers={cfg.workers}: must be >= 0")
+
+
+def auto_tasks(cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int) -> int:
+    """`tasks`, or (0) one task per `per_task_bytes` of input, at least 1 and at most `cap`."""
+    n = cfg.tasks or -(-input_bytes // per_task_bytes)
+    return max(1, min(n, max(cap, 1)))
+
+
+def contiguous_shares(sizes: list[int], tasks: int) -> list[tuple[int, int]]:
+    """Split items (in order) into `tasks` contiguous ranges [lo, hi) of about equal total size,
+    none empty while there are at least as many items as tasks. Concatenating the shares in rank
+    order gives the items in their original order, which is what makes the output independent
+    of the split."""
+    n, total = len(sizes), sum(sizes)
+    cum = list(itertools.accumulate(sizes, initial=0))
+    bounds = [0]
+    for k in range(1, tasks):
+        i = bisect.bisect_left(cum, total * k / tasks)
+        i = min(max(i, bounds[-1] + 1), n - (tasks - k))  # one item left for each later task
+        bounds.append(max(i, bounds[-1]))
+    bounds.append(n)
+    return [(bounds[r], bounds[r + 1]) for r in range(tasks)]
+
+
+def even_shares(n: int, tasks: int) -> list[tuple[int, int]]:
+    return [(n * r // tasks, n * (r + 1) // tasks) for r in range(tasks)]
+
+
+# --- work directory --------------------------------------------------------------------------
+
+
+def prepare_steps(work: Path, steps: list[tuple[str, dict]]) -> None:
+    """Keep a step's files (`work/<step>/`, its completion markers in `work/executor/<step>/`)
+    only while its fingerprint and every earlier step's are what they were when they were
+    made; otherwise clear it and everything after it, so no marker of another run is trusted."""
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / "fingerprints.json"
+    try:
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+    except ValueError:
+        old = {}
+    new, stale = {}, False
+    for name, fp in steps:
+        new[name] = json.loads(json.dumps(fp, default=str))
+        stale = stale or old.get(name) != new[name]
+        if stale:
+            forget(work, [name])
+    write_json(marker, new)
+
+
+def forget(work: Path, steps: list[str]) -> None:
+    """Remove these steps' files and completion markers: they run again."""
+    for name in steps:
+        shutil.rmtree(work / name, ignore_errors=True)
+        shutil.rmtree(work / "executor" / name, ignore_errors=True)
+
+
+def completed(work: Path, step: str, tasks: int) -> bool:
+    done = work / "executor" / step / "completions"
+    return all((done / f"{r:05d}").exists() for r in range(tasks))
+
+
+def is_file_output(out: Path) -> bool:
+    """`output=x.jsonl[.gz|.zst]` is one file; anything else a directory of ordered parts."""
+    return out.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".gz", ".zst"))
+
+
+def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
+    """Publish the parts (in the work directory) as the output, all at once: for a file
+    output their lines joined in order (compressed as its name says), for a directory a new
+    directory of them (hard links) that replaces the old one by rename. A reader sees the
+    previous output or the new one, never a mix of parts from two runs."""
+    if to_file:
+        with AtomicWriter(out) as w:
+            for p in parts:
+                for line in iter_lines(p):
+                    w.write_bytes(line)
+        return
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in parts:
+        try:
+            os.link(p, tmp / p.name)
+        except OSError:  # another filesystem, or no hard links
+            shutil.copy2(p, tmp / p.name)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale(out: Path) -> None:
+    """Temporaries a killed run left beside the output."""
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects:
+    """Every task's rejects, in task order (input order), into one rejects file `out` (none
+    when nothing was rejected); the returned Rejects holds the summed counts."""
+    rejects = Rejects(None)
+    for rep in reports:
+        for file, counts in rep["by_file"].items():
+            rejects.counts[file].update(counts)
+    out.unlink(missing_ok=True)
+    if rejects.total:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            for src in files:
+                if src.exists():
+                    with open(src, "rb") as g:
+                        shutil.copyfileobj(g, f)
+        tmp.replace(out)
+    return rejects
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically (a crash leaves the old file or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, default=str, sort_keys=True))
+    tmp.replace(path)
+
+
+def task_file(work: Path, step: str, rank: int, suffix: str = ".json") -> Path:
+    return work / step / f"task-{rank:05d}{suffix}"
+
+
+def task_stats(work: Path, step: str, tasks: int) -> list[dict]:
+    return [json.loads(task_file(work, step, r).read_text()) for r in range(tasks)]
+
+
+class TaskStep(PipelineStep):
+    """A pipeline step whose task does its share through `self.task(rank, world_size)` (which
+    returns its statistics, written to `task-<rank>.json`) and passes no documents on."""
+
+    type = "opt-data"
+    name = "task"
+
+    def __init__(self, work: Path):
+        super().__init__()
+        self.work = Path(work)
+
+    def task(self, rank: int, world_size: int) -> dict:
+        raise NotImplementedError
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        t, c = time.perf_counter(), time.process_time()
+        with self.track_time(unit="task"):
+            stats = self.task(rank, world_size)
+        stats["seconds"] = round(time.perf_counter() - t, 4)
+        stats["cpu_s"] = round(time.process_time() - c, 4)
+        # Peak resident set of the process that ran the task (a worker may run several).
+        stats["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        for k, v in stats.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                self.stat_update(k, value=v)
+        write_json(task_file(self.work, self.name, rank), stats)
+        return []
+
+
+# --- executors -------------------------------------------------------------------------------
+
+
+def _slurm_executor_class():
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    class _Slurm(SlurmPipelineExecutor):
+        """datatrove's Slurm executor without its stats-merging job (the stage's last step
+        writes the report from every task's statistics) and without empty sbatch options."""
+
+        def launch_merge_stats(self) -> None:
+            pass
+
+        def get_sbatch_args(self, max_array: int = 1) -> dict:
+            args = super().get_sbatch_args(max_array)
+            return {k: v for k, v in args.items() if v != "" or k == "requeue"}
+
+    return _Slurm
+
+
+def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> list[str]:
+    """Run each (step, tasks) in order on the configured executor. Returns the Slurm job ids
+    (empty for local; there each step's wall seconds go to `<work>/step_seconds.json`).
+    Raises when a task failed (or, waiting on Slurm, did not complete)."""
+    validate(cfg)
+    logs = work / "executor"
+    if cfg.executor == "local":
+        from datatrove.executor.local import LocalPipelineExecutor
+
+        walls = {}
+        for step, tasks in steps:
+            t = time.perf_counter()
+            workers = min(cfg.workers or os.cpu_count() or 1, tasks)
+            ex = LocalPipelineExecutor(
+                pipeline=[step],
+                tasks=tasks,
+                workers=workers,
+                logging_dir=str(logs / step.name),
+                start_method="fork",
+            )
+            ex.run()
+            _check_complete(ex, step.name, logs)
+            walls[step.name] = round(time.perf_counter() - t, 3)
+        write_json(work / "step_seconds.json", walls)
+        return []
+    s = cfg.slurm
+    cls = _slurm_executor_class()
+    prev, executors = None, []
+    for step, tasks in steps:
+        ex = cls(
+            pipeline=[step],
+            tasks=tasks,
+            time=s.time,
+            partition=s.partition,
+            cpus_per_task=s.cpus_per_task,
+            mem_per_cpu_gb=s.mem_per_cpu_gb,
+            workers=cfg.workers or -1,
+            job_name=f"{s.job_name}-{step.name}",
+            qos="",
+            sbatch_args={"kill-on-invalid-dep": "yes", **s.sbatch_args},
+            logging_dir=str(logs / step.name),
+            depends=prev,
+            # The environment reaches the job through sbatch's --export=ALL: run the same
+            # Python (venv/conda included) that submitted.
+            env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
+            mail_type="NONE",
+        )
+        executors.append(ex)
+        prev = ex
+    executors[-1].run()  # launches the earlier steps first, each depending on the one before
+    ids = [str(ex.job_id) for ex in executors if ex.job_id not in (None, -1)]
+    if s.wait:
+        _wait_slurm(ids, s.poll_s)
+        for (step, _), ex in zip(steps, executors, strict=True):
+            _check_complete(ex, step.name, logs)
+    return ids
+
+
+def _check_complete(ex, name: str, logs: Path) -> None:
+    left = ex.get_incomplete_ranks(skip_completed=True)
+    if left:
+        raise RuntimeError(
+            f"step {name}: tasks {left} did not complete (logs: {logs / name}/logs, "
+            f"slurm_logs); run the same command again to redo only them"
+        )
+
+
+def _wait_slurm(ids: list[str], poll_s: float) -> None:
+    """Until none of the jobs is pending or running (squeue lists only those)."""
+    if not ids:
+        return
+    while True:
+        r = subprocess.run(
+            ["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0 and "Invalid job id" not in r.stderr:
+            raise RuntimeError(f"squeue failed ({r.returncode}): {r.stderr.strip()}")
+        if r.returncode != 0 or not r.stdout.strip():
+            return
+        time.sleep(poll_s)
