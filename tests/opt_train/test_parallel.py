@@ -52,8 +52,10 @@ def test_fp32_losses_equal_one_process_under_fsdp_tp_and_both(tmp_path, small_sh
     }
     assert len(one) == 6 and one[-1] < one[0]
     for name, got in runs.items():
-        # fp32 reductions split across ranks sum in another order: ~1e-6 relative.
-        assert got == pytest.approx(one, rel=1e-4), name
+        # fp32 reductions split across ranks sum in another order: ~1e-7 relative per sum,
+        # compounding over 6 steps (measured at most 1.6e-7, under tp2). A one-sample shift,
+        # another LR or a missed gradient reduction moves the loss by ~1e-2.
+        assert got == pytest.approx(one, rel=2e-6), name
 
 
 @pytest.mark.slow
