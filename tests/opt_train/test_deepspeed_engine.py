@@ -29,6 +29,7 @@ from opt_train.trainer import Trainer
 from tests.multirank import REPO, rank_env, torchrun_cmd
 from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.test_fault_tolerance import (
+    BOUNDED,
     STEPS,
     job,
     losses,
@@ -198,7 +199,7 @@ def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exac
     run = tmp_path / "run"
     args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
     proc = popen(
-        torchrun_cmd(2, job(run, small_shards, *zero(3), "train.max_steps=100000"), args),
+        torchrun_cmd(2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args),
         tmp_path / "log",
     )
     wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
@@ -208,9 +209,10 @@ def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exac
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
-    if stopped < STEPS:
-        run_ok(2, job(run, small_shards, *zero(3)))
-        assert losses(run) == zero3_reference
+    assert stopped < STEPS, f"the signal landed at step {stopped}, after the last step"
+    stderr = run_ok(2, job(run, small_shards, *zero(3)))
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in stderr
+    assert losses(run) == zero3_reference
 
 
 def losses_or_empty(run: Path) -> dict[int, float]:

@@ -47,6 +47,11 @@ TINY = [
     "checkpoint.interval=3",
 ]
 STEPS = 12
+# For a signal sent once step 3's checkpoint is visible: one save is in flight at a time and
+# each is held 2 s before it becomes visible, so the run cannot pass step 9's save (which
+# waits for step 6's) until 2 s later. A signal sent in that time stops it by step 10 at the
+# latest, before STEPS: the resume after it is always checked.
+BOUNDED = ["checkpoint.debug_delay_s=2"]
 
 
 def job(run_dir: Path, data: Path, *extra: str) -> list[str]:
@@ -196,7 +201,7 @@ def test_sigterm_and_sigusr1_save_at_the_current_step_and_exit_85(
     run = tmp_path / "run"
     args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
     proc = popen(
-        torchrun_cmd(2, job(run, small_shards, "train.max_steps=100000"), args),
+        torchrun_cmd(2, job(run, small_shards, "train.max_steps=100000", *BOUNDED), args),
         tmp_path / "run.log",
     )
     wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
@@ -206,10 +211,10 @@ def test_sigterm_and_sigusr1_save_at_the_current_step_and_exit_85(
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
-    if stopped < STEPS:  # the resumed run continues the uninterrupted one exactly
-        stderr = run_ok(2, job(run, small_shards))
-        assert f"step_{stopped:08d}" in stderr
-        assert losses(run) == reference
+    assert stopped < STEPS, f"the signal landed at step {stopped}, after the last step"
+    stderr = run_ok(2, job(run, small_shards))  # continues the uninterrupted run exactly
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in stderr
+    assert losses(run) == reference
 
 
 @pytest.mark.slow

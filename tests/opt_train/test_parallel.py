@@ -53,8 +53,10 @@ def test_fp32_losses_equal_one_process_under_fsdp_tp_and_both(tmp_path, small_sh
     }
     assert len(one) == 6 and one[-1] < one[0]
     for name, got in runs.items():
-        # fp32 reductions split across ranks sum in another order: ~1e-6 relative.
-        assert got == pytest.approx(one, rel=1e-4), name
+        # fp32 reductions split across ranks sum in another order: ~1e-7 relative per sum,
+        # compounding over 6 steps (measured at most 1.6e-7, under tp2). A one-sample shift,
+        # another LR or a missed gradient reduction moves the loss by ~1e-2.
+        assert got == pytest.approx(one, rel=2e-6), name
 
 
 @pytest.mark.slow
@@ -146,9 +148,26 @@ def _meta_init_statistics(rank: int, world: int) -> None:
             want = out_std if name.endswith(("out_proj.weight", "fc2.weight")) else 0.006
             # >= 65k samples: sample std within ~1% of the true std.
             assert full.std().item() == pytest.approx(want, rel=0.02), name
-            if full.shape[0] >= 4:  # shards are not copies of each other
-                q = full.shape[0] // 4
-                assert not torch.equal(full[:q], full[q : 2 * q]), name
+            _shards_differ_across_every_mesh_dim(name, p)
+
+
+def _shards_differ_across_every_mesh_dim(name: str, p) -> None:
+    """Every rank's local shard against every other rank's: ranks at other coordinates along
+    a mesh dim that splits the parameter (FSDP, TP, or both) hold different values; ranks
+    that differ only along a replicating dim hold the same. Comparing pieces of the full
+    tensor would need the layout (FSDP x TP is strided); local shards do not."""
+    import torch.distributed as dist
+
+    split = [not (pl.is_replicate() or pl.is_partial()) for pl in p.placements]
+    coords = tuple(c for c, s in zip(p.device_mesh.get_coordinate(), split, strict=True) if s)
+    mine = p.to_local().detach().clone()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (coords, mine))
+    assert any(split), f"{name} is not split at all"
+    for i, (ci, ti) in enumerate(everyone):
+        for cj, tj in everyone[i + 1 :]:
+            same = ti.shape == tj.shape and torch.equal(ti, tj)
+            assert same == (ci == cj), f"{name}: shards at {ci} and {cj} equal={same}"
 
 
 @pytest.mark.multirank

@@ -49,12 +49,19 @@ def test_two_micro_batches_of_two_equal_one_of_four(tmp_path, small_shards):
     assert a.accum == 2 and b.accum == 1
     before = [p.detach().clone() for p in a.model.parameters()]
     la, lb = a.fit()["loss"], b.fit()["loss"]
-    # fp32 sums of the same terms in another grouping: ~1e-6 relative.
-    assert la == pytest.approx(lb, rel=1e-5)
+    # The same fp32 terms summed in another grouping (and batch 2 vs 4 picks other matmul
+    # blockings): ~1e-7 relative for a regrouped fp32 sum; measured bit-equal here.
+    assert la == pytest.approx(lb, rel=1e-6)
+    # Gradients are sums whose terms cancel, so their rounding is relative to the largest
+    # terms, not to each element: measured up to 1.5e-4 of a tensor's largest update (fc and
+    # attention weights). The key bias's true gradient is zero (softmax ignores a per-query
+    # constant); it holds rounding of ~1e-16, hence the absolute floor. A dropped or
+    # double-counted micro-batch, or a wrong divisor, is an O(1) difference.
     for (name, pa), (_, pb), p0 in zip(
         a.model.named_parameters(), b.model.named_parameters(), before, strict=True
     ):
-        torch.testing.assert_close(pa - p0, pb - p0, rtol=1e-4, atol=1e-9, msg=name)
+        da, db = pa - p0, pb - p0
+        assert (da - db).abs().max() <= 1e-3 * db.abs().max() + 1e-12, name
     assert any(not torch.equal(p, p0) for p, p0 in zip(a.model.parameters(), before, strict=True))
 
 
@@ -103,14 +110,76 @@ def test_half_written_checkpoint_is_invisible(tmp_path, small_shards):
     assert not (ckpts / ".tmp-step_00000004").exists()  # the leftover is cleaned up
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_steps_train_and_log_loss_scale(tmp_path, small_shards, precision):
+@pytest.fixture(scope="module")
+def fp32_rows(tmp_path_factory, small_shards) -> list[dict]:
+    run = tmp_path_factory.mktemp("fp32") / "run"
+    Trainer(small_job(run, small_shards, "train.max_steps=8")).fit()
+    return [r for r in metrics(run) if "loss" in r]
+
+
+@pytest.mark.parametrize("precision, rel", [("bf16", 1e-2), ("fp16", 5e-3)])
+def test_low_precision_losses_follow_fp32_within_their_rounding(
+    tmp_path, small_shards, fp32_rows, precision, rel
+):
+    """Autocast rounds matmul inputs to 8 (bf16) or 11 (fp16) mantissa bits: ~4e-3 and ~5e-4
+    relative per op, averaging out over the many terms of a mean loss (measured over these 8
+    steps: up to 7e-4 for bf16, 3.4e-4 for fp16). A step that did not train, or trained on
+    other samples or at another LR, moves the loss by several percent by step 8."""
     run = tmp_path / precision
     Trainer(small_job(run, small_shards, "train.max_steps=8", f"precision={precision}")).fit()
     rows = [r for r in metrics(run) if "loss" in r]
-    assert rows[-1]["loss"] < rows[0]["loss"]
-    want_scale = 4.0 if precision == "fp16" else 1.0
-    assert rows[0]["loss_scale"] == want_scale
+    assert fp32_rows[-1]["loss"] < 0.95 * fp32_rows[0]["loss"]  # the comparison has teeth
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in fp32_rows], rel=rel)
+    assert not any(r["skipped"] for r in rows)
+    # bf16 needs no scaling; fp16 starts at metaseq's 4 and has no reason to change in 8 steps.
+    assert [r["loss_scale"] for r in rows] == [4.0 if precision == "fp16" else 1.0] * 8
+
+
+def test_mfu_is_model_flops_over_peak_counted_from_the_model_itself(
+    tmp_path, small_shards, fp32_rows
+):
+    """MFU = tokens/s x training FLOPs per token / (world x peak). FLOPs per token counted
+    here from the model's own matmuls: 6 x the weights of every nn.Linear plus the tied
+    output projection (the token embedding), plus attention's scores and values, 2 matmuls of
+    seq_len x d_model per token per layer, 3 passes: 12 x layers x d_model x seq_len."""
+    from opt_train.model import OPT
+
+    cfg = small_job(tmp_path / "run", small_shards)
+    model = OPT(cfg.model)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    matmul_weights = linear + model.embed_tokens.weight.numel()
+    assert matmul_weights == 2 * 12 * 32 * 32 + 512 * 32  # 2 layers of d=32, vocab 512
+    per_token = 6 * matmul_weights + 12 * cfg.model.n_layers * cfg.model.d_model * 32
+    peak = cfg.logging.peak_tflops * 1e12
+    for r in fp32_rows:
+        assert r["tokens_per_s"] == pytest.approx(256 / r["step_time_s"], rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / peak, rel=1e-9)
+        assert 0 < r["mfu"] < 1
+
+
+def test_fp16_loss_scale_halves_and_skips_on_overflow_and_doubles_after_its_window(
+    tmp_path, small_shards, fp32_rows
+):
+    """A scale of 2^30 overflows fp16 gradients (per-logit gradients ~ 2^30 / 128 tokens >
+    65504): the step is skipped and the scale halved until gradients fit; then it doubles
+    after every `window` overflow-free steps."""
+    run = tmp_path / "run"
+    over = ["precision=fp16", "loss_scale.init=1073741824", "loss_scale.window=2"]
+    Trainer(small_job(run, small_shards, "train.max_steps=20", *over)).fit()
+    rows = [r for r in metrics(run) if "loss" in r]
+    skipped = [r["skipped"] for r in rows]
+    k = skipped.index(False)  # the first step that trained
+    assert k > 0 and all(skipped[:k])
+    # metaseq's rule, step by step: halve on overflow, double after `window` good steps.
+    want, scale, good = [], 2.0**30, 0
+    for overflowed in skipped:
+        want.append(scale)
+        scale, good = (scale / 2, 0) if overflowed else (scale, good + 1)
+        if good == 2:
+            scale, good = scale * 2, 0
+    assert [r["loss_scale"] for r in rows] == want
+    assert sum(skipped[k:]) < len(skipped[k:]) / 2  # mostly training once the scale fits
+    assert all(r["nonfinite_skips"] == 0 for r in rows)  # overflow is not divergence
 
 
 def test_fp16_loss_scale_is_restored_on_resume(tmp_path, small_shards):
@@ -132,7 +201,7 @@ def test_hf_export_cli_converts_a_checkpoint(tmp_path, small_shards):
     t.fit()
     main([str(run), str(tmp_path / "hf")])
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.randint(0, 512, (1, 16))
+    x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(x).logits - t.model.eval()(x)).abs().max().item() < 1e-4
 
