@@ -14,6 +14,7 @@ world-size independent as the order itself.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,12 +132,26 @@ class GlobalOrderLoader:
 def validation_batches(
     windows: PackedWindows, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same held-out windows at every evaluation (the first ones, in stored order)."""
-    total = min(len(windows), micro_batch * num_batches * world)
-    mine = list(range(rank, total, world))
+    """Data-parallel rank `rank`'s batches of the one fixed validation set.
+
+    The set is the split's first `micro_batch * num_batches` windows in stored order (fewer if
+    the split is smaller), whatever the world size, so `val_loss` means the same thing on any
+    topology and after a resume on another one. Evaluation cannot be left to rank 0: under
+    FSDP every rank takes part in each forward, and the trainer averages every rank's mean.
+    So the set is cut into `g = gcd(size, world)` equal contiguous shares, rank r evaluating
+    share r % g (when g < world, several ranks evaluate the same share), and every share into
+    batches of one size `b` (the largest divisor of the share no larger than `micro_batch`).
+    Every batch then weighs the same, and the mean over ranks of each rank's mean batch loss
+    is the mean over the whole set: the same batches as on one process, averaged in another
+    order."""
+    total = min(len(windows), micro_batch * num_batches)
+    groups = math.gcd(total, world)
+    share = total // groups
+    size = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+    first = (rank % groups) * share
     out = []
-    for i in range(0, len(mine), micro_batch):
-        rows = np.stack([windows.window(j) for j in mine[i : i + micro_batch]])
+    for i in range(first, first + share, size):
+        rows = np.stack([windows.window(j) for j in range(i, i + size)])
         t = torch.from_numpy(rows)
         out.append((t[:, :-1], t[:, 1:]))
     return out

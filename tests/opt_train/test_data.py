@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from data_pipeline.shards import SplitReader
+from data_pipeline.shards import ShardWriter, SplitReader, iter_documents
 from opt_train.data import GlobalOrderLoader, PackedWindows, validation_batches
 
 
@@ -86,10 +88,67 @@ def test_loader_refuses_state_from_other_data(small_shards):
         b.load_state_dict(a.state_dict())
 
 
-def test_validation_batches_are_fixed_and_split_across_ranks(small_shards):
-    w = PackedWindows(small_shards, "validation", 32)
-    single = validation_batches(w, 2, 2)
-    halves = [validation_batches(w, 2, 2, rank=r, world=2) for r in range(2)]
-    assert sum(len(x) for x, _ in single) == 4
-    ranks_rows = sorted(tuple(r) for h in halves for x, _ in h for r in x.numpy())
-    assert len(ranks_rows) == 8
+def rows_of(batches) -> list[tuple[int, ...]]:
+    """Each window of `batches` as its seq_len + 1 tokens."""
+    return [
+        tuple(np.concatenate([r, t[-1:]]))
+        for x, y in batches
+        for r, t in zip(x.numpy(), y.numpy(), strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def random_shards(tmp_path_factory) -> Path:
+    """Uniformly random documents (every 33-token window is unique with overwhelming
+    probability, unlike the patterned corpus, whose windows repeat across splits), every
+    tenth one held out, over several shards per split."""
+    rng = np.random.default_rng(0)
+    tok = {"name": "synthetic", "vocab_size": 512, "eos_id": 0}
+    path = tmp_path_factory.mktemp("random") / "shards"
+    with ShardWriter(path, tok, max_shard_tokens=1500) as w:
+        for i in range(300):
+            w.add(
+                rng.integers(1, 512, int(rng.integers(20, 120))),
+                "validation" if i % 10 == 0 else "train",
+            )
+    return path
+
+
+def test_validation_set_is_the_first_held_out_windows_and_never_a_training_window(random_shards):
+    val = PackedWindows(random_shards, "validation", 32)
+    train = PackedWindows(random_shards, "train", 32)
+    stream = np.concatenate([np.append(d, 0) for d in iter_documents(random_shards, "validation")])
+    batches = validation_batches(val, 2, 3)
+    assert [x.shape for x, _ in batches] == [(2, 32)] * 3
+    # Exactly windows 0..5 of the validation split, in stored order.
+    assert rows_of(batches) == [tuple(stream[32 * j : 32 * j + 33]) for j in range(6)]
+    assert rows_of(validation_batches(val, 2, 3)) == rows_of(batches)  # fixed across calls
+    train_rows = {tuple(train.window(j)) for j in range(len(train))}
+    assert not train_rows & set(rows_of(batches))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 16])
+def test_validation_set_and_its_mean_do_not_depend_on_world_size(small_shards, world):
+    """The trainer's val_loss is the mean over ranks of each rank's mean batch loss; with
+    equal batches and equal shares that is the one-process mean over the same windows."""
+    val = PackedWindows(small_shards, "validation", 32)
+    single = validation_batches(val, 4, 3)
+    ranks = [validation_batches(val, 4, 3, rank=r, world=world) for r in range(world)]
+    covered = sorted({row for b in ranks for row in rows_of(b)})
+    assert covered == sorted(rows_of(single))  # the same 12 windows, whatever the world
+    assert len({len(b) for b in ranks}) == 1  # same number of forwards on every rank
+    assert len({x.shape for b in ranks for x, _ in b}) == 1  # every batch weighs the same
+
+    def mean_over_ranks(per_rank) -> float:
+        return float(np.mean([np.mean([x.double().mean() for x, _ in b]) for b in per_rank]))
+
+    assert mean_over_ranks(ranks) == pytest.approx(mean_over_ranks([single]), rel=1e-12)
+
+
+def test_validation_set_smaller_than_asked_is_the_whole_split(small_shards):
+    val = PackedWindows(small_shards, "validation", 32)
+    n = len(val)
+    got = [validation_batches(val, 4, 10_000, rank=r, world=2) for r in range(2)]
+    assert sorted(row for b in got for row in rows_of(b)) == sorted(
+        tuple(val.window(j)) for j in range(n)
+    )
