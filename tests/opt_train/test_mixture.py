@@ -12,6 +12,7 @@ import pytest
 from data_pipeline.shards import ShardWriter
 from data_pipeline.tokenize import TokenizeConfig, TokenizerConfig
 from data_pipeline.tokenize import run as tokenize
+from opt_train.callbacks import flat_row
 from opt_train.data import GlobalOrderLoader, PackedWindows, Source, open_sources
 from opt_train.mixture import Mixture, integer_weights
 from opt_train.trainer import Trainer
@@ -302,3 +303,13 @@ def test_same_mixture_on_one_process_and_two_fsdp_ranks_gives_the_same_losses(
             if k in r1:
                 # fp32 reductions split across ranks sum in another order: ~1e-6 relative.
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4), (r1["step"], k)
+
+
+def test_rows_are_flattened_for_scalar_sinks():
+    row = {"step": 3, "loss": 1.5, "tokens_by_source": {"a": 768, "b": 256}}
+    assert flat_row(row) == {
+        "step": 3,
+        "loss": 1.5,
+        "tokens_by_source/a": 768,
+        "tokens_by_source/b": 256,
+    }
