@@ -83,7 +83,7 @@ class TrainConfig:
 class SourceConfig:
     """One shard set of a training mixture (`data.sources`)."""
 
-    name: str = "???"  # the key of its metrics: tokens_by_source.<name>, val_loss/<name>
+    name: str = "???"  # its metrics keys: tokens_by_source[<name>], val_loss/<name>
     path: str = "???"  # a token shard directory
     weight: float = 1.0  # its share of training tokens, relative to the other sources' weights
 
