@@ -7,6 +7,11 @@ a run of consecutive positions in that order; rank r of W takes the r-th slice o
 batch. So the samples a step sees depend on the seed and the step, never on the world size, and
 the loader's whole state is one number: how many samples the run has consumed.
 
+A mixture (`data.sources`) is several such splits: opt_train/mixture.py decides, from the global
+sample number alone, which source each sample comes from (each source's share exact to less than
+one sample at every point of the run), and each source has its own seeded permutation per pass.
+The state is still that one number (plus the tokens each source supplied, for the metrics).
+
 `skip_steps` ranges (`data.skip_steps`) name optimizer steps of the original order whose global
 batches are passed over; skipping moves that number forward, so it is as deterministic and as
 world-size independent as the order itself.
