@@ -81,7 +81,7 @@ class Evaluation(Callback):
         self.interval = interval
 
     def post_step(self, trainer: Trainer) -> None:
-        if self.interval and trainer.val_batches and trainer.step % self.interval == 0:
+        if self.interval and trainer.val_sets and trainer.step % self.interval == 0:
             trainer.run_evaluation()
 
 
@@ -155,7 +155,11 @@ class ProgressBar(Callback):
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         if "val_loss" in row:
-            self._bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
+            per_source = ", ".join(
+                f"{k.split('/', 1)[1]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss/")
+            )
+            line = f"step {row['step']}: val_loss {row['val_loss']:.4f}"
+            self._bar.write(f"{line} ({per_source})" if per_source else line)
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._bar is not None:
@@ -175,7 +179,7 @@ class Wandb(Callback):
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self._run is not None and "event" not in row:
-            self._run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self._run.log({k: v for k, v in flat_row(row).items() if k != "step"}, step=row["step"])
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._run is not None:
@@ -190,11 +194,27 @@ def default_callbacks(cfg) -> list[Callback]:
         Checkpointing(cfg.checkpoint.interval),
         MetricsFile(cfg.run_dir),
     ]
+    if cfg.data.sources:
+        from opt_train.mixture import SourceTokens
+
+        callbacks.append(SourceTokens())
     if cfg.logging.progress:
         callbacks.append(ProgressBar())
     if cfg.logging.wandb != "disabled":
         callbacks.append(Wandb())
     return callbacks
+
+
+def flat_row(row: dict) -> dict:
+    """A row with nested dicts flattened to "outer/inner" keys (`tokens_by_source` becomes
+    `tokens_by_source/<name>`), for sinks that take one scalar per key."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{ik}": iv for ik, iv in flat_row(v).items()})
+        else:
+            out[k] = v
+    return out
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

@@ -80,8 +80,33 @@ class TrainConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One shard set of a training mixture (`data.sources`)."""
+
+    name: str = "???"  # its metrics keys: tokens_by_source[<name>], val_loss/<name>
+    path: str = "???"  # a token shard directory
+    weight: float = 1.0  # its share of training tokens, relative to the other sources' weights
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name != self.name.strip():
+            raise ValueError(
+                f"data.sources: name {self.name!r} must be non-empty, without '/' or "
+                "surrounding spaces (it becomes the metrics key val_loss/<name>)"
+            )
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(
+                f"data.sources: weight of {self.name!r} must be a positive number, got "
+                f"{self.weight}"
+            )
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None  # a token shard directory; None: the embedded tiny corpus
+    # A train-time mixture: [{name, path, weight}, ...] (docs/training.md, "Data mixtures");
+    # `path` is the one-source shorthand, so only one of the two may be set.
+    sources: list[SourceConfig] = field(default_factory=list)
+    exhaust: str = "repeat"  # a used-up source: repeat (reshuffled) | stop (end the run)
     seq_len: int = 128
     cache_dir: str = "~/.cache/opt-train"  # where the embedded corpus is built once
     # [[first, last], ...]: optimizer steps (1-based, inclusive) of the original run whose global
@@ -90,6 +115,16 @@ class DataConfig:
     skip_steps: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.path and self.sources:
+            raise ValueError(
+                "data.path and data.sources are both set: data.path is the one-source "
+                "shorthand; list that directory among data.sources instead"
+            )
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: names must be unique, got {names}")
+        if self.exhaust not in ("repeat", "stop"):
+            raise ValueError(f"data.exhaust must be repeat or stop, got {self.exhaust!r}")
         for r in self.skip_steps:
             if len(r) != 2 or not 1 <= r[0] <= r[1]:
                 raise ValueError(

@@ -7,6 +7,11 @@ a run of consecutive positions in that order; rank r of W takes the r-th slice o
 batch. So the samples a step sees depend on the seed and the step, never on the world size, and
 the loader's whole state is one number: how many samples the run has consumed.
 
+A mixture (`data.sources`) is several such splits: opt_train/mixture.py decides, from the global
+sample number alone, which source each sample comes from (each source's share exact to less than
+one sample at every point of the run), and each source has its own seeded permutation per pass.
+The state is still that one number (plus the tokens each source supplied, for the metrics).
+
 `skip_steps` ranges (`data.skip_steps`) name optimizer steps of the original order whose global
 batches are passed over; skipping moves that number forward, so it is as deterministic and as
 world-size independent as the order itself.
@@ -14,13 +19,20 @@ world-size independent as the order itself.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_pipeline.shards import SplitReader, read_manifest
+from opt_train.mixture import Mixture
+
+log = logging.getLogger(__name__)
 
 
 def resolve_data_path(path: str | None, cache_dir: str) -> Path:
@@ -52,52 +64,134 @@ class PackedWindows:
         return self.reader.read(i * self.seq_len, self.seq_len + 1)
 
 
+@dataclass
+class Source:
+    """One shard set of the training mixture. `name` is None for the `data.path` shorthand
+    (its metrics keep the one-source form: no per-source keys)."""
+
+    name: str | None
+    windows: PackedWindows
+    weight: float = 1.0
+
+    def rng_key(self) -> list[int]:
+        """Entropy for this source's permutations besides seed and epoch: its name's hash, so
+        each source has its own order, unchanged when the list is reordered or reweighted."""
+        if self.name is None:
+            return []
+        return [int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=8).digest())]
+
+
 class GlobalOrderLoader:
-    """Rank `rank`'s micro-batches of each global batch, in the seed's global order."""
+    """Rank `rank`'s micro-batches of each global batch, in the seed's global order.
+
+    `data` is one split's windows, or the sources of a mixture (opt_train/mixture.py decides
+    which source global sample n comes from; source i's j-th sample is position j of its own
+    seeded permutation, one per pass over it). `exhaust="stop"` makes `has_next()` false before
+    the first global batch that would start a source over."""
 
     def __init__(
         self,
-        windows: PackedWindows,
+        data: PackedWindows | Sequence[Source],
         seed: int,
         global_batch: int,
         micro_batch: int,
         rank: int = 0,
         world: int = 1,
         skip_steps: list[tuple[int, int]] | None = None,
+        exhaust: str = "repeat",
     ):
         if global_batch % (micro_batch * world):
             raise ValueError(
                 f"global batch of {global_batch} sequences does not split into micro-batches of "
                 f"{micro_batch} on {world} data-parallel ranks"
             )
-        self.windows, self.seed = windows, seed
+        self.sources = [Source(None, data)] if isinstance(data, PackedWindows) else list(data)
+        self.mixture = Mixture([s.weight for s in self.sources])
+        self.sizes = np.array([len(s.windows) for s in self.sources], dtype=np.int64)
+        self.seq_len = self.sources[0].windows.seq_len
+        self.seed = seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world = rank, world
         self.skip_steps = sorted(skip_steps or [])
+        self.exhaust = exhaust
         self.samples_seen = 0
-        self._perm_epoch, self._perm = -1, None
+        self.trained = np.zeros(len(self.sources), dtype=np.int64)  # samples per source
+        self.repeated_this_step: list[str] = []  # sources that started over in the last step
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        if exhaust == "stop" and not self.has_next():
+            raise ValueError(
+                f"data.exhaust=stop: {self.exhausted_reason()} already in the first global batch"
+            )
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(len(self.windows)), epoch
-        return self._perm
+    def _order(self, source: int, epoch: int) -> np.ndarray:
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            src = self.sources[source]
+            rng = np.random.default_rng([self.seed, epoch, *src.rng_key()])
+            cached = self._perms[source] = (epoch, rng.permutation(len(src.windows)))
+        return cached[1]
+
+    def sample(self, g: int) -> tuple[int, int]:
+        """(source, window index in it) of global sample number g."""
+        i = int(self.mixture.source_of(g))
+        j = int(self.mixture.counts_before(g)[i])
+        n = int(self.sizes[i])
+        return i, int(self._order(i, j // n)[j % n])
 
     def sample_index(self, g: int) -> int:
-        """Window index of global sample number g."""
-        n = len(self.windows)
-        return int(self._order(g // n)[g % n])
+        """Window index (within its source) of global sample number g."""
+        return self.sample(g)[1]
+
+    def _next_start(self) -> int:
+        """The first global sample of the next step, past the `skip_steps` ranges."""
+        start = self.samples_seen
+        for first, last in sorted(self.skip_steps):
+            # Global batch b is the one original step b + 1 trained on.
+            if first <= start // self.global_batch + 1 <= last:
+                start = last * self.global_batch
+        return start
+
+    def has_next(self) -> bool:
+        """False when `exhaust="stop"` and the next global batch would start a source over."""
+        if self.exhaust != "stop":
+            return True
+        end = self.mixture.counts_before(self._next_start() + self.global_batch)
+        return bool((end <= self.sizes).all())
+
+    def exhausted_reason(self) -> str:
+        end = self.mixture.counts_before(self._next_start() + self.global_batch)
+        over = [i for i in range(len(self.sources)) if end[i] > self.sizes[i]]
+        i = over[0] if over else 0
+        name = self.sources[i].name or "the training data"
+        return f"source {name!r} ({self.sizes[i]} windows of {self.seq_len + 1} tokens) is used up"
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches (inputs, targets) for the next optimizer step."""
-        for first, last in self.skip_steps:
-            # Global batch b is the one original step b + 1 trained on.
-            if first <= self.samples_seen // self.global_batch + 1 <= last:
-                self.samples_seen = last * self.global_batch
+        start = self.samples_seen = self._next_start()
+        before = self.mixture.counts_before(start)
+        after = self.mixture.counts_before(start + self.global_batch)
+        self.trained += after - before
+        # A source starts over in this batch when its sample number sizes[i] falls in it.
+        self.repeated_this_step = [
+            self.sources[i].name or "the training data"
+            for i in range(len(self.sources))
+            if before[i] <= self.sizes[i] < after[i]
+        ]
+        for name in self.repeated_this_step:
+            if self.rank == 0:
+                log.warning(
+                    "data: %s used all its windows; repeating it in a fresh shuffled order", name
+                )
         per_rank = self.global_batch // self.world
-        start = self.samples_seen + self.rank * per_rank
+        g = np.arange(start + self.rank * per_rank, start + (self.rank + 1) * per_rank)
+        src = self.mixture.source_of(g)
+        j = self.mixture.counts_before(g)[np.arange(per_rank), src]
+        epoch, pos = np.divmod(j, self.sizes[src])
         rows = np.stack(
-            [self.windows.window(self.sample_index(start + i)) for i in range(per_rank)]
+            [
+                self.sources[i].windows.window(int(self._order(i, e)[p]))
+                for i, e, p in zip(src.tolist(), epoch.tolist(), pos.tolist(), strict=True)
+            ]
         )
         self.samples_seen += self.global_batch
         t = torch.from_numpy(rows)
@@ -106,27 +200,44 @@ class GlobalOrderLoader:
             for i in range(0, per_rank, self.micro_batch)
         ]
 
-    def state_dict(self) -> dict:
+    def tokens_by_source(self) -> dict[str, int]:
+        """Training tokens each named source has supplied so far (skipped batches excluded)."""
         return {
-            "samples_seen": self.samples_seen,
-            "seed": self.seed,
-            "num_windows": len(self.windows),
-            "seq_len": self.windows.seq_len,
+            s.name: int(n) * self.seq_len
+            for s, n in zip(self.sources, self.trained, strict=True)
+            if s.name is not None
         }
 
+    def _identity(self) -> dict:
+        """What a checkpoint's position is relative to: other values would not continue the
+        same sample sequence."""
+        mine = {"seq_len": self.seq_len, "seed": self.seed}
+        if self.sources[0].name is None:
+            mine["num_windows"] = int(self.sizes[0])
+        else:
+            mine["sources"] = [
+                {"name": s.name, "weight": s.weight, "num_windows": len(s.windows)}
+                for s in self.sources
+            ]
+        return mine
+
+    def state_dict(self) -> dict:
+        state = {"samples_seen": self.samples_seen, **self._identity()}
+        if self.sources[0].name is not None:
+            state["trained_samples"] = self.trained.tolist()
+        return state
+
     def load_state_dict(self, state: dict) -> None:
-        mine = {
-            "seq_len": self.windows.seq_len,
-            "seed": self.seed,
-            "num_windows": len(self.windows),
-        }
-        for key, value in mine.items():
-            if state[key] != value:
+        for key, value in self._identity().items():
+            if state.get(key) != value:
                 raise ValueError(
-                    f"checkpointed data loader has {key}={state[key]} but this run has {value}: "
-                    "resuming on other data or settings would not continue the same sample order"
+                    f"checkpointed data loader has {key}={state.get(key)} but this run has "
+                    f"{value}: resuming on other data or settings would not continue the same "
+                    "sample order"
                 )
         self.samples_seen = int(state["samples_seen"])
+        if "trained_samples" in state:
+            self.trained = np.array(state["trained_samples"], dtype=np.int64)
 
 
 def validation_batches(
@@ -159,3 +270,109 @@ def validation_batches(
 
 def vocab_size_of(path: str | Path) -> int:
     return int(read_manifest(path)["vocab_size"])
+
+
+@dataclass
+class ValidationSet:
+    """One source's validation batches on this rank. `name` None: the `data.path` shorthand."""
+
+    name: str | None
+    weight: float
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def open_sources(data_cfg) -> list[Source]:
+    """`data.sources` (or the `data.path` shorthand, or the embedded corpus) as training
+    sources, refusing sets made with different tokenizers."""
+    if not data_cfg.sources:
+        path = resolve_data_path(data_cfg.path, data_cfg.cache_dir)
+        return [Source(None, PackedWindows(path, "train", data_cfg.seq_len))]
+    sources = [
+        Source(
+            s.name, PackedWindows(Path(s.path).expanduser(), "train", data_cfg.seq_len), s.weight
+        )
+        for s in data_cfg.sources
+    ]
+    check_same_tokenizer(sources)
+    return sources
+
+
+def _tokenizer_record(manifest: dict) -> dict:
+    """The manifest's tokenizer record without where its files were (a copy elsewhere is the
+    same tokenizer)."""
+    return {k: v for k, v in manifest["tokenizer"].items() if k != "path"}
+
+
+def _describe_tokenizer(record: dict) -> str:
+    files = record.get("files") or {}
+    hashes = ", ".join(f"{f} sha256 {h}" for f, h in sorted(files.items())) or "no file hashes"
+    return (
+        f"{record.get('name')!r} ({hashes}; vocab_size {record.get('vocab_size')}, "
+        f"eos_id {record.get('eos_id')})"
+    )
+
+
+def check_same_tokenizer(sources: Sequence[Source]) -> None:
+    """Every source's manifest names the same tokenizer (name, file hashes, vocab, separator);
+    mixing ids of two tokenizers would train on nonsense without any error."""
+    first = sources[0]
+    want = _tokenizer_record(first.windows.reader.manifest)
+    for s in sources[1:]:
+        got = _tokenizer_record(s.windows.reader.manifest)
+        if got != want:
+            raise ValueError(
+                f"data.sources: {s.name!r} ({s.windows.reader.path}) was tokenized with "
+                f"{_describe_tokenizer(got)}, but {first.name!r} ({first.windows.reader.path}) "
+                f"with {_describe_tokenizer(want)}; all sources must share one tokenizer"
+            )
+
+
+def build_data(cfg, rank: int = 0, world: int = 1) -> tuple[GlobalOrderLoader, list[ValidationSet]]:
+    """The training loader and this data-parallel rank's validation sets for a job config."""
+    data = cfg.data
+    sources = open_sources(data)
+    manifest = sources[0].windows.reader.manifest
+    if manifest["vocab_size"] > cfg.model.vocab_size:
+        raise ValueError(
+            f"{sources[0].windows.reader.path}: token ids go up to {manifest['vocab_size']}, "
+            f"more than model.vocab_size={cfg.model.vocab_size}"
+        )
+    loader = GlobalOrderLoader(
+        sources,
+        cfg.train.seed,
+        cfg.global_batch_samples(),
+        cfg.train.micro_batch_size,
+        rank,
+        world,
+        skip_steps=[tuple(r) for r in data.skip_steps],
+        exhaust=data.exhaust,
+    )
+    val_sets: list[ValidationSet] = []
+    if cfg.train.eval_interval > 0:
+        for s in sources:
+            path = s.windows.reader.path
+            if s.name is not None and not _has_validation(path, data.seq_len):
+                log.info("data: source %r has no validation split; no val_loss/%s", s.name, s.name)
+                continue
+            windows = PackedWindows(path, "validation", data.seq_len)
+            batches = validation_batches(
+                windows, cfg.train.micro_batch_size, cfg.train.eval_batches, rank, world
+            )
+            val_sets.append(ValidationSet(s.name, s.weight, batches))
+        if not val_sets:
+            log.warning("data: no source has a validation split; evaluation is off")
+    return loader, val_sets
+
+
+def _has_validation(path: Path, seq_len: int) -> bool:
+    split = read_manifest(path)["splits"].get("validation")
+    return bool(split) and split["num_tokens"] > seq_len
+
+
+def validation_row(val_sets: Sequence[ValidationSet], losses: Sequence[float]) -> dict:
+    """The eval row's losses: `val_loss/<name>` per named source and `val_loss`, their mean
+    weighted as training draws them (over the sources that have a validation split)."""
+    row = {f"val_loss/{v.name}": x for v, x in zip(val_sets, losses, strict=True) if v.name}
+    total = sum(v.weight for v in val_sets)
+    overall = sum(v.weight * x for v, x in zip(val_sets, losses, strict=True)) / total
+    return {"val_loss": overall, **row}

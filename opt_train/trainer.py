@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from opt_train.callbacks import Callback, default_callbacks
 from opt_train.checkpoint import CheckpointManager
 from opt_train.config import JobConfig
-from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path, validation_batches
+from opt_train.data import build_data, validation_row
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
 from opt_train.engine import StepOutcome, TrainEngine, build_engine
 from opt_train.metrics import device_peak_flops, flops_per_token
@@ -88,33 +88,9 @@ class Trainer:
         self.engine: TrainEngine = build_engine(cfg, self.model, self.dist.world, self.accum)
         self.schedule = LinearWarmupDecay(cfg.optim, cfg.train.batch_tokens)
 
-        data_path = resolve_data_path(cfg.data.path, cfg.data.cache_dir)
-        train_windows = PackedWindows(data_path, "train", cfg.data.seq_len)
-        data_vocab = train_windows.reader.manifest["vocab_size"]
-        if data_vocab > cfg.model.vocab_size:
-            raise ValueError(
-                f"{data_path}: token ids go up to {data_vocab}, more than "
-                f"model.vocab_size={cfg.model.vocab_size}"
-            )
-        self.loader = GlobalOrderLoader(
-            train_windows,
-            cfg.train.seed,
-            cfg.global_batch_samples(),
-            cfg.train.micro_batch_size,
-            self.dp_rank,
-            self.dims.dp,
-            skip_steps=[tuple(r) for r in cfg.data.skip_steps],
-        )
-        self.val_batches = []
-        if cfg.train.eval_interval > 0:
-            val_windows = PackedWindows(data_path, "validation", cfg.data.seq_len)
-            self.val_batches = validation_batches(
-                val_windows,
-                cfg.train.micro_batch_size,
-                cfg.train.eval_batches,
-                self.dp_rank,
-                self.dims.dp,
-            )
+        # The sample sequence is a function of the seed and the step alone (opt_train/data.py,
+        # opt_train/mixture.py); validation sets are one fixed set per source.
+        self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp)
 
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints", cfg.checkpoint, self.dist, cfg.parallel.timeout_s
@@ -211,6 +187,10 @@ class Trainer:
         try:
             self._call("on_start")
             while self.step < self.cfg.train.max_steps:
+                if not self.loader.has_next():  # data.exhaust=stop; the same on every rank
+                    self.stop_reason = f"data.exhaust=stop: {self.loader.exhausted_reason()}"
+                    log.warning("step %d: stopping: %s", self.step, self.stop_reason)
+                    break
                 self.step += 1
                 self._call("pre_step")
                 t0 = time.perf_counter()
@@ -323,7 +303,7 @@ class Trainer:
 
     def run_evaluation(self) -> dict:
         """Evaluate, let callbacks add to the row (on_eval), write it; returns the row."""
-        row = {"step": self.step, "val_loss": self.evaluate()}
+        row = {"step": self.step, **self.evaluate()}
         self._call("on_eval", row)
         self.log(row)
         return row
@@ -333,15 +313,26 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
+        """`val_loss` (and `val_loss/<name>` per named source): each source's mean over its
+        fixed validation set, averaged over ranks in one all-reduce."""
+        if not self.val_sets:
+            return {}
         self.model.eval()
         logging_acts, self._log_activations = self._log_activations, False
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for inputs, targets in self.val_batches:
-            total += self.engine.eval_loss(inputs.to(self.device), targets.to(self.device))
+        means = []
+        for vs in self.val_sets:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for inputs, targets in vs.batches:
+                total += self.engine.eval_loss(inputs.to(self.device), targets.to(self.device))
+            means.append(total / max(1, len(vs.batches)))
         self.model.train()
         self._log_activations = logging_acts
-        return self._mean_over_ranks(total / max(1, len(self.val_batches)))[0]
+        means = torch.stack(means)
+        if self.distributed:  # TP peers hold equal values: the world mean is the DP mean
+            dist.all_reduce(means)
+            means /= self.dist.world
+        return validation_row(self.val_sets, means.tolist())
 
     def _mean_over_ranks(
         self, value: torch.Tensor, extra: torch.Tensor | None = None
