@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def row_kind(row: dict) -> str:
-    """"event", "eval" or "step": the three kinds of metrics.jsonl rows. An event row may
+    """The three kinds ("event", "eval", "step") of metrics.jsonl rows. An event row may
     carry a loss (a spike's), so "event" is looked at first."""
     if "event" in row:
         return "event"
@@ -224,6 +224,7 @@ class ProgressBar(_Console):
             total=trainer.cfg.train.max_steps,
             initial=trainer.step,
             desc="train",
+            unit="step",
             file=self.stream,
             dynamic_ncols=True,
         )
@@ -235,9 +236,9 @@ class ProgressBar(_Console):
             self._bar.write(line, file=self.stream)
 
     def show_step(self, trainer: Trainer, row: dict, eta: float | None) -> None:
-        self._bar.update(row["step"] - self._bar.n)
         fields = step_fields(row, peak_memory_gib(trainer.device))
         self._bar.set_postfix_str(" | ".join(fields), refresh=False)
+        self._bar.update(row["step"] - self._bar.n)  # redraws (at most every 0.1 s)
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._bar is not None:
