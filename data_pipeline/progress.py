@@ -102,11 +102,13 @@ class Progress:
         elapsed = max(now - self._t0, 1e-9)
         rate = self.n / elapsed
         done = format_count(self.n, self.unit)
-        parts = [f"{self.desc}: {done}"]
         if self.total:
-            parts[0] += (
-                f" of {format_count(self.total, self.unit)} ({100 * self.n / self.total:.1f}%)"
-            )
+            if self.unit == "B":
+                done += f" of {format_count(self.total, self.unit)}"
+            else:
+                done = f"{self.n:,.0f}/{format_count(self.total, self.unit)}"
+            done += f" ({100 * self.n / self.total:.1f}%)"
+        parts = [f"{self.desc}: {done}"]
         parts.append(f"{format_count(rate, self.unit)}/s")
         if self.total:
             left = (self.total - self.n) / rate if rate > 0 else None
