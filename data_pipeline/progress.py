@@ -36,10 +36,12 @@ def format_count(n: float, unit: str) -> str:
 
 
 def format_duration(seconds: float) -> str:
+    """`0:01:10`, `2d 3:04:05`."""
     seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+    return (f"{days}d " if days else "") + f"{h}:{m:02d}:{s:02d}"
 
 
 class Progress:

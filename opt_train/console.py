@@ -14,6 +14,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
+from data_pipeline.progress import format_duration
 from opt_train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -46,14 +47,6 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (2**30 if sys.platform == "darwin" else 2**20), "peak RSS"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    return (f"{days}d " if days else "") + f"{h}:{m:02d}:{s:02d}"
 
 
 def step_fields(row: dict, memory: tuple[float, str] | None = None) -> list[str]:

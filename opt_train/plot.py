@@ -17,16 +17,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, PercentFormatter  # noqa: E402
 
 from opt_train.console import row_kind  # noqa: E402
 
-PANELS = [  # (metric, title, log scale)
-    ("loss", "loss (dashed: validation)", False),
-    ("lr", "learning rate", False),
-    ("grad_norm", "gradient norm", True),
-    ("loss_scale", "loss scale", True),
-    ("tokens_per_s", "throughput (tokens/s)", False),
-    ("mfu", "MFU", False),
+PANELS = [  # (metric, title, log base of the y axis or None)
+    ("loss", "loss (dashed: validation)", None),
+    ("lr", "learning rate", None),
+    ("grad_norm", "gradient norm", None),
+    ("loss_scale", "loss scale", 2),  # fp16's scale moves by factors of 2
+    ("tokens_per_s", "throughput (tokens/s)", None),
+    ("mfu", "MFU", None),
 ]
 EVENT_MARKERS = "vox^sD*"
 
@@ -46,6 +47,14 @@ def read_rows(run_dir: Path) -> list[dict]:
             if i < len(lines):
                 raise SystemExit(f"error: {path}:{i}: not a JSON object") from None
     return rows
+
+
+def _si(x: float) -> str:
+    """25k, 1.5M, 300B: token counts as people say them."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:g}{suffix}"
+    return f"{x:g}"
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:
@@ -103,11 +112,14 @@ def draw(run_dirs: list[Path], labels: list[str] | None = None) -> matplotlib.fi
                 axes[0].plot(
                     tokens_at[r["step"]], y, marker=marker, color=colour, ms=9, mfc="none", mew=1.5
                 )
-    for ax, (_, title, log) in zip(axes, PANELS, strict=True):
+    for ax, (key, title, log_base) in zip(axes, PANELS, strict=True):
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if log and ax.has_data():
-            ax.set_yscale("log")
+        if log_base and ax.has_data():
+            ax.set_yscale("log", base=log_base)
+        if key == "mfu":
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda x, _: _si(x)))  # x is shared
     for ax in axes[3:]:
         ax.set_xlabel("tokens")
     handles, names = axes[0].get_legend_handles_labels()
