@@ -125,7 +125,8 @@ def header_lines(trainer: Trainer) -> list[str]:
         f"{dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} | engine {cfg.engine}",
         f"model {cfg.model.name}: {n_params / 1e6:,.2f}M parameters | precision "
         f"{cfg.precision} | {cfg.train.batch_tokens:,} tokens per step ({trainer.accum} "
-        f"micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} per rank)",
+        f"micro-batch{'es' if trainer.accum != 1 else ''} of {cfg.train.micro_batch_size} x "
+        f"{cfg.data.seq_len} per rank)",
         f"{start} | training to step {cfg.train.max_steps} | run_dir {trainer.run_dir}",
     ]
 
