@@ -221,6 +221,28 @@ def test_the_profiler_writes_a_trace_of_the_requested_steps(tmp_path, small_shar
     assert any(str(n).startswith("aten::") for n in names)  # the ops themselves are there
 
 
+def test_the_profiler_window_meets_the_end_of_a_run_and_a_resume(tmp_path, small_shards, caplog):
+    run = tmp_path / "run"
+
+    def fit(*extra):
+        t = Trainer(small_job(run, small_shards, "profile.enabled=true", *extra))
+        t.fit()
+        t.close()
+
+    fit("train.max_steps=2", "profile.steps=[2,5]")  # ends inside the window: keeps step 2
+    fit("train.max_steps=3", "profile.steps=[1,3]")  # resumed at 2: records step 3
+    with caplog.at_level(logging.WARNING, logger="opt_train.profiling"):
+        fit("train.max_steps=3", "profile.steps=[1,2]")  # resumed at 3: nothing left to record
+    assert "profile.steps=[1, 2] is already past (resumed at step 3)" in caplog.text
+    traces = sorted(p.name for p in (run / "profile").iterdir())
+    assert traces == ["trace_steps2-2_rank0.json", "trace_steps3-3_rank0.json"]
+    for name, step in zip(traces, (2, 3), strict=True):
+        names = {
+            e.get("name") for e in json.loads((run / "profile" / name).read_text())["traceEvents"]
+        }
+        assert {n for n in names if str(n).startswith("step ")} == {f"step {step}"}
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
