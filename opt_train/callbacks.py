@@ -1,5 +1,6 @@
-"""Side concerns of a run as callbacks: metrics.jsonl, the progress bar, wandb, evaluation and
-checkpoint cadence. The loop in opt_train/trainer.py calls the hooks; each callback keeps its
+"""Side concerns of a run as callbacks: metrics.jsonl, wandb, TensorBoard, evaluation and
+checkpoint cadence (the console is in opt_train/console.py, the profiler in
+opt_train/profiling.py). The loop in opt_train/trainer.py calls the hooks; each callback keeps its
 own state (and, where it must survive a restart, its own `state_dict`).
 
 Hooks run on every rank, in the order of `Trainer.callbacks` (the built-in ones, then those
@@ -131,44 +132,9 @@ class MetricsFile(Callback):
             self._file = None
 
 
-class ProgressBar(Callback):
-    """A tqdm bar on rank 0 (`logging.progress`): loss and LR per step, val loss lines."""
-
-    def __init__(self):
-        self._bar = None
-
-    def on_start(self, trainer: Trainer) -> None:
-        if trainer.dist.is_main:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=trainer.cfg.train.max_steps,
-                initial=trainer.step,
-                desc="train",
-                dynamic_ncols=True,
-            )
-
-    def on_log(self, trainer: Trainer, row: dict) -> None:
-        if self._bar is None:
-            return
-        if "loss" in row:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-        if "val_loss" in row:
-            per_source = ", ".join(
-                f"{k.split('/', 1)[1]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss/")
-            )
-            line = f"step {row['step']}: val_loss {row['val_loss']:.4f}"
-            self._bar.write(f"{line} ({per_source})" if per_source else line)
-
-    def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
 class Wandb(Callback):
-    """wandb in the run directory (`logging.wandb`: offline by default, online, disabled)."""
+    """wandb in the run directory (`logging.wandb`: offline by default, online, disabled;
+    `logging.wandb_project`, `_entity`, `_name`, `_group`, `_tags`)."""
 
     def __init__(self):
         self._run = None
@@ -187,6 +153,41 @@ class Wandb(Callback):
             self._run = None
 
 
+class TensorBoard(Callback):
+    """Scalars under `run_dir/tensorboard/` (`logging.tensorboard`), written by rank 0, with the
+    names of metrics.jsonl (a nested dict such as `tokens_by_source` as `tokens_by_source/<name>`);
+    event rows become text entries under `events`."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir) / "tensorboard"
+        self._writer = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run hides what a killed run wrote after its checkpoint (TensorBoard's
+            # purge_step), as MetricsFile drops those rows.
+            purge = trainer.step + 1 if trainer.step else None
+            self._writer = SummaryWriter(str(self.dir), purge_step=purge)
+
+    def on_log(self, trainer: Trainer, row: dict) -> None:
+        if self._writer is None:
+            return
+        step = row["step"]
+        if "event" in row:
+            self._writer.add_text("events", json.dumps(row), step)
+            return
+        for name, value in flat_row(row).items():
+            if name != "step" and isinstance(value, (int, float)):  # bool too (skipped: 0/1)
+                self._writer.add_scalar(name, float(value), step)
+
+    def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 def default_callbacks(cfg) -> list[Callback]:
     """The built-in callbacks for a job config, in the order they run."""
     callbacks: list[Callback] = [
@@ -199,9 +200,17 @@ def default_callbacks(cfg) -> list[Callback]:
 
         callbacks.append(SourceTokens())
     if cfg.logging.progress:
-        callbacks.append(ProgressBar())
+        from opt_train.console import console_callback
+
+        callbacks.append(console_callback(cfg))
     if cfg.logging.wandb != "disabled":
         callbacks.append(Wandb())
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoard(cfg.run_dir))
+    if cfg.profile.enabled:
+        from opt_train.profiling import Profiler
+
+        callbacks.append(Profiler(cfg.run_dir, cfg.profile))
     return callbacks
 
 
@@ -249,8 +258,13 @@ def _init_wandb(run_dir: Path, cfg):
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
+    lc = cfg.logging
     return wandb.init(
-        project=cfg.logging.wandb_project,
+        project=lc.wandb_project,
+        entity=lc.wandb_entity,
+        name=lc.wandb_name,
+        group=lc.wandb_group,
+        tags=list(lc.wandb_tags) or None,
         dir=str(run_dir),
         id=run_id,
         resume="allow",

@@ -214,7 +214,16 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "opt-train"
+    wandb_entity: Optional[str] = None  # None: the API key's default entity
+    wandb_name: Optional[str] = None  # None: wandb picks a name
+    wandb_group: Optional[str] = None
+    wandb_tags: list[str] = field(default_factory=list)
+    # Console output on rank 0: a progress bar when stdout is a terminal, plain lines every
+    # `interval` steps when it is not (a Slurm log); `console` forces one or the other.
     progress: bool = True
+    console: str = "auto"  # auto | bar | lines
+    interval: int = 10  # steps between console lines
+    tensorboard: bool = False  # scalars under run_dir/tensorboard/ (rank 0)
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs or measured on CPU
     # Steps between logs of `act_rms`, the RMS of the final hidden states (a rising value is an
     # early sign of divergence); 0: never.
@@ -224,6 +233,31 @@ class LoggingConfig:
         if self.wandb not in ("offline", "online", "disabled"):
             raise ValueError(
                 f"logging.wandb must be offline, online or disabled, got {self.wandb!r}"
+            )
+        if self.console not in ("auto", "bar", "lines"):
+            raise ValueError(f"logging.console must be auto, bar or lines, got {self.console!r}")
+        if self.interval < 1:
+            raise ValueError(f"logging.interval must be >= 1, got {self.interval}")
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a window of steps (docs/training.md, "Profiling")."""
+
+    enabled: bool = False
+    steps: list[int] = field(default_factory=lambda: [3, 4])  # [first, last], 1-based, inclusive
+    ranks: list[int] = field(default_factory=lambda: [0])  # global ranks that record
+    # CUDA only: also record the allocator's history over the window and dump
+    # torch.cuda.memory._snapshot() (open it at pytorch.org/memory_viz).
+    memory_snapshot: bool = False
+    record_shapes: bool = False  # input shapes per op (larger traces)
+    with_stack: bool = False  # Python stacks per op (much larger traces, slower)
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+            raise ValueError(
+                f"profile.steps must be [first, last] with 1 <= first <= last, got "
+                f"{list(self.steps)}"
             )
 
 
@@ -254,6 +288,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):

@@ -44,7 +44,12 @@ def small_shards(tmp_path_factory) -> Path:
 
 def small_job(run_dir: Path, data: Path, *extra: str) -> JobConfig:
     """A fast job: 2-layer, 32-wide OPT over a 512-token vocabulary, fp32, no dropout."""
-    return make_config(
+    return make_config(*small_job_overrides(run_dir, data, *extra))
+
+
+def small_job_overrides(run_dir: Path, data: Path, *extra: str) -> list[str]:
+    """`small_job`'s command-line overrides (for `python train.py ...` in a subprocess)."""
+    return [
         f"run_dir={run_dir}",
         f"data.path={data}",
         f"model.vocab_size={SMALL_VOCAB}",
@@ -64,4 +69,4 @@ def small_job(run_dir: Path, data: Path, *extra: str) -> JobConfig:
         "optim.lr=0.01",
         "optim.decay_tokens=8192",
         *extra,
-    )
+    ]
