@@ -75,6 +75,7 @@ class Trainer:
             self.mesh, dp_mesh = self.dims.build_mesh(self.device.type)
             self.dp_rank = dp_mesh.get_local_rank()
         self.accum = cfg.grad_accum_steps(self.dims.dp)
+        cfg.train.micro_batch_size = cfg.resolve_micro_batch(self.dims.dp)  # null: derived
 
         self.model = self._build_model()
         # After init, every data-parallel rank draws its own dropout masks; TP peers share them
