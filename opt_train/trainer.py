@@ -36,6 +36,7 @@ from opt_train.optim import LinearWarmupDecay, build_optimizer, clip_grad_norm_,
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
 from opt_train.precision import DynamicLossScaler, autocast
+from opt_train.resume_guard import check_resume
 from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,14 @@ class Trainer:
         # Before the resume: measuring the CPU's peak draws random matrices from the global
         # generator, which would otherwise move the restored RNG stream.
         self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
+        self.config_changes: list[dict] = []
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
         self.metrics = MetricsLogger(
             self.run_dir, cfg, cfg.train.max_steps, self.step, enabled=self.dist.is_main
         )
+        for event in self.config_changes:  # allowed config changes at resume (resume_guard.py)
+            self.metrics.log(event)
         log.info(
             "model %s: %.2fM parameters; mesh dp_replicate=%d dp_shard=%d tp=%d; "
             "%d micro-batches of %d per rank per step; resumed from %s (torchrun restart %s)",
@@ -436,6 +440,7 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return None
+        self.config_changes = check_resume(path, self.config_yaml, self.cfg.checkpoint.allow_changes)
         self.load_state_dict(self.ckpt.load(path, self.weights, self._mesh()))
         return str(path)
 
