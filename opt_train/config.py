@@ -309,7 +309,9 @@ class JobConfig:
         if self.train.micro_batch_size is not None:
             return self.train.micro_batch_size
         per_rank = max(1, self.global_batch_samples() // dp_world)
-        return max(d for d in range(1, min(per_rank, MAX_DERIVED_MICRO_BATCH) + 1) if not per_rank % d)
+        return max(
+            d for d in range(1, min(per_rank, MAX_DERIVED_MICRO_BATCH) + 1) if not per_rank % d
+        )
 
     def grad_accum_steps(self, dp_world: int) -> int:
         """Micro-batches per rank per optimizer step, derived from the global batch."""

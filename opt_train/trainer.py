@@ -30,6 +30,7 @@ from opt_train.checkpoint import CheckpointManager, DCPWeights
 from opt_train.config import JobConfig
 from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path, validation_batches
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
+from opt_train.init_from import load_init_weights
 from opt_train.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from opt_train.model import OPT, count_params
 from opt_train.optim import LinearWarmupDecay, build_optimizer, clip_grad_norm_, set_lr
@@ -199,6 +200,8 @@ class Trainer:
         if meta:
             model.to_empty(device=self.device)
             init_sharded_weights(model, cfg.train.seed)
+        if cfg.model.init_from:  # each rank reads only its shards (opt_train/init_from.py)
+            load_init_weights(model, cfg.model)
         return model
 
     def _watch_final_activations(self) -> list[torch.Tensor]:
@@ -440,7 +443,9 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return None
-        self.config_changes = check_resume(path, self.config_yaml, self.cfg.checkpoint.allow_changes)
+        self.config_changes = check_resume(
+            path, self.config_yaml, self.cfg.checkpoint.allow_changes
+        )
         self.load_state_dict(self.ckpt.load(path, self.weights, self._mesh()))
         return str(path)
 

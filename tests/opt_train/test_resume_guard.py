@@ -70,7 +70,13 @@ def test_other_changes_need_allow_changes_and_are_logged_as_events(
     rows = _rows(run_with_checkpoint)
     events = [r for r in rows if r.get("event") == "config_change"]
     assert events == [
-        {"event": "config_change", "step": 2, "key": "optim.clip_grad_norm", "old": 1.0, "new": 0.3},
+        {
+            "event": "config_change",
+            "step": 2,
+            "key": "optim.clip_grad_norm",
+            "old": 1.0,
+            "new": 0.3,
+        },
         {"event": "config_change", "step": 2, "key": "optim.lr", "old": 0.01, "new": 0.005},
         {"event": "config_change", "step": 2, "key": "train.max_steps", "old": 2, "new": 3},
     ]
@@ -108,9 +114,7 @@ def test_shrinking_max_steps_is_refused(run_with_checkpoint, small_shards):
 )
 def test_allow_changes_entries_are_checked(run_with_checkpoint, small_shards, entry, message):
     with pytest.raises(ResumeRefused) as e:
-        Trainer(
-            small_job(run_with_checkpoint, small_shards, f"checkpoint.allow_changes=[{entry}]")
-        )
+        Trainer(small_job(run_with_checkpoint, small_shards, f"checkpoint.allow_changes=[{entry}]"))
     assert message in str(e.value)
 
 
@@ -138,9 +142,7 @@ SMALL = [
 
 
 @pytest.mark.slow
-def test_multirun_jobs_get_their_own_run_dir_and_a_refusal_is_one_message(
-    tmp_path, small_shards
-):
+def test_multirun_jobs_get_their_own_run_dir_and_a_refusal_is_one_message(tmp_path, small_shards):
     data = f"data.path={small_shards}"
     r = _train_py(tmp_path, "-m", data, *SMALL, "optim.lr=0.01,0.02")
     assert r.returncode == 0, r.stderr[-3000:]
