@@ -247,6 +247,9 @@ def write_hf_dir(
     export = export or ExportConfig()
     dtype = TORCH_DTYPES[export.dtype]
     out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # An earlier export is replaced; anything else is not ours to delete.
+        raise FileExistsError(f"{out} exists and is not an HF model directory; choose another")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

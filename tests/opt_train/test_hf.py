@@ -310,3 +310,15 @@ def test_round_trip_train_export_transformers_and_init_from(tmp_path):
     got = json.loads((run2 / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert got == pytest.approx(expected.item(), rel=1e-5)
     assert got < first_loss - 2.0
+
+
+def test_export_replaces_an_earlier_export_but_never_another_directory(tmp_path):
+    cfg = random_config(1, True)
+    save_hf(OPT(cfg), cfg, tmp_path / "hf")
+    save_hf(OPT(cfg), cfg, tmp_path / "hf")  # again: replaced
+    assert OPTForCausalLM.from_pretrained(tmp_path / "hf") is not None
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not an HF model directory"):
+        save_hf(OPT(cfg), cfg, tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
