@@ -522,9 +522,11 @@ class CheckpointManager:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A run_dir, a checkpoints/ dir or one checkpoint dir -> the checkpoint dir to read."""
+    """A run_dir, a checkpoints/ dir or one checkpoint dir -> the checkpoint dir to read,
+    verified (a named checkpoint that fails verification raises CorruptCheckpoint)."""
     p = Path(path)
     if (p / "meta.json").is_file():
+        verify(p)
         return p
     for d in (p, p / "checkpoints"):
         if d.is_dir() and (found := CheckpointManager(d, CheckpointConfig(), None).latest()):

