@@ -9,8 +9,9 @@ of the running config is compared with the checkpoint's `config.yaml`:
   continue. Such a change is refused, naming each key with its old and new value.
 - Keys that decide nothing about the numbers trained (where and how often to log and save, the
   mesh, which device, evaluation, export) change freely.
-- `train.max_steps` may always grow, and `data.skip_steps` (replaying past bad data) may always
-  change; both are recorded as events.
+- `train.max_steps` may always change (grow, or come nearer: the LR schedule is in tokens, so it
+  only says where to stop), and so may `data.skip_steps` (replaying past bad data); both are
+  recorded as events.
 - Anything else (LR, clipping, schedule, precision, dropout, batch...) is refused unless the
   key, or its group, is listed in `checkpoint.allow_changes`: OPT lowered its LR and its
   clipping threshold on restarts, deliberately. An allowed change becomes an event row
@@ -41,10 +42,13 @@ NEVER = (
     "data.sources",
     "data.seq_len",
     "train.seed",
-    "engine",
 )
 FREE = (
     "run_dir",
+    # The engine's own format check refuses a checkpoint of another engine (checkpoint.load);
+    # ZeRO stage and offload change where state lives, not the numbers.
+    "engine",
+    "deepspeed",
     "logging",
     "checkpoint",
     "parallel",
@@ -61,7 +65,9 @@ FREE = (
     "model.init_from",
     "model.init_std",
 )
-ALWAYS_ALLOWED_EVENTS = ("data.skip_steps",)
+# Changed freely but recorded: the LR schedule is in tokens, so max_steps only says where to
+# stop (a preempted run may be given a nearer end, or a longer one).
+ALWAYS_ALLOWED_EVENTS = ("train.max_steps", "data.skip_steps")
 
 
 class ResumeRefused(ValueError):
@@ -119,8 +125,6 @@ def check_resume(checkpoint: Path, current_yaml: str, allow: list[str]) -> list[
         change = f"  {key}: {old!r} -> {new!r}"
         if _in(key, NEVER):
             never.append(change)
-        elif key == "train.max_steps" and new > old:
-            events.append(key)
         elif _in(key, ALWAYS_ALLOWED_EVENTS) or _in(key, allow):
             events.append(key)
         else:

@@ -62,7 +62,7 @@ def test_other_changes_need_allow_changes_and_are_logged_as_events(
     msg = str(e.value)
     assert "optim.lr: 0.01 -> 0.005" in msg and "optim.clip_grad_norm: 1.0 -> 0.3" in msg
     assert "checkpoint.allow_changes=[optim.clip_grad_norm,optim.lr]" in msg
-    assert "train.max_steps" not in msg  # growing is always allowed
+    assert "train.max_steps" not in msg  # always allowed
 
     allow = "checkpoint.allow_changes=[optim]"  # a whole group
     t = _train(run_with_checkpoint, small_shards, *changed, allow)
@@ -99,9 +99,13 @@ def test_max_steps_may_grow_and_free_keys_change_silently(run_with_checkpoint, s
     assert [e["key"] for e in events] == ["train.max_steps"]
 
 
-def test_shrinking_max_steps_is_refused(run_with_checkpoint, small_shards):
-    with pytest.raises(ResumeRefused, match=r"train.max_steps: 2 -> 1"):
-        Trainer(small_job(run_with_checkpoint, small_shards, "train.max_steps=1"))
+def test_a_nearer_max_steps_is_taken_and_logged(run_with_checkpoint, small_shards):
+    t = _train(run_with_checkpoint, small_shards, "train.max_steps=1")
+    assert t.resumed_step == 2 and t.step == 2  # nothing left to train
+    events = [r for r in _rows(run_with_checkpoint) if "event" in r]
+    assert events == [
+        {"event": "config_change", "step": 2, "key": "train.max_steps", "old": 2, "new": 1}
+    ]
 
 
 @pytest.mark.parametrize(
