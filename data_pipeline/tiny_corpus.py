@@ -9,13 +9,19 @@ so a falling loss shows the whole stack works. Generation is seeded and uses onl
 
 `build_tiny_shards(out_dir)` writes the corpus as JSONL and builds token shards from it through
 the chain (`ingest -> clean -> dedup -> tokenize`, GPT-2 ids; a document stage that is not
-installed is passed through).
+installed is passed through). Every rank of a torchrun job calls it at start: an exclusive lock
+on `out_dir/.build.lock` lets one process build while the others wait, then find the shards
+complete and reuse them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -101,7 +107,8 @@ def tiny_documents(seed: int = 0, num_docs: int = 3000) -> list[dict]:
 def write_tiny_corpus(path: str | Path, seed: int = 0, num_docs: int = 3000) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # This process's own temporary name: two writers never rename each other's file away.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for doc in tiny_documents(seed, num_docs):
             f.write(json.dumps(doc, sort_keys=True) + "\n")
@@ -112,11 +119,31 @@ def write_tiny_corpus(path: str | Path, seed: int = 0, num_docs: int = 3000) -> 
 def build_tiny_shards(out_dir: str | Path, seed: int = 0) -> Path:
     """Generate the corpus under `out_dir` and build GPT-2 token shards from it through the
     chain; returns the shard directory. Calling again with the same arguments reuses the
-    shards (the chain skips complete steps)."""
+    shards (the chain skips complete steps); concurrent calls build once."""
+    out_dir = Path(out_dir)
+    with _exclusive(out_dir / ".build.lock"):
+        corpus = out_dir / f"tiny-{seed}.jsonl"
+        if not corpus.is_file():  # written atomically, so present means complete
+            write_tiny_corpus(corpus, seed)
+        return _build_shards(out_dir, corpus, seed)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `lock_path` (blocking until it is free). The kernel
+    drops it when the process dies, so a killed builder never leaves the others waiting."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_shards(out_dir: Path, corpus: Path, seed: int) -> Path:
     from data_pipeline.chain import ChainConfig, SourceConfig, run
 
-    out_dir = Path(out_dir)
-    corpus = write_tiny_corpus(out_dir / f"tiny-{seed}.jsonl", seed)
     cfg = ChainConfig(
         work_dir=str(out_dir / "work"),
         output=str(out_dir / "tokens"),

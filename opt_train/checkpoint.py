@@ -551,32 +551,13 @@ class CheckpointManager:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A run_dir, a checkpoints/ dir or one checkpoint dir -> the checkpoint dir to read."""
+    """A run_dir, a checkpoints/ dir or one checkpoint dir -> the checkpoint dir to read,
+    verified (a named checkpoint that fails verification raises CorruptCheckpoint)."""
     p = Path(path)
     if (p / "meta.json").is_file():
+        verify(p)
         return p
     for d in (p, p / "checkpoints"):
         if d.is_dir() and (found := CheckpointManager(d, CheckpointConfig(), None).latest()):
             return found
     raise FileNotFoundError(f"{path}: no complete checkpoint found")
-
-
-def load_model_for_export(path: str | Path):
-    """(model, model_config) from any checkpoint, in one process: DCP reads every rank's
-    shards into full tensors of a model built on the CPU (no process group needed)."""
-    from omegaconf import OmegaConf
-
-    from opt_train.config import JobConfig
-    from opt_train.model import OPT
-
-    ckpt_dir = find_checkpoint(path)
-    verify(ckpt_dir)
-    raw = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(ckpt_dir / "config.yaml"))
-    cfg = OmegaConf.to_object(raw)
-    with torch.device("meta"):
-        model = OPT(cfg.model)
-    model.to_empty(device="cpu")  # storage without an init pass; every value is read below
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
-    model.load_state_dict(state["model"])
-    return model, cfg.model

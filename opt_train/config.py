@@ -31,6 +31,10 @@ class ModelConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     init_std: float = 0.006
+    # An HF OPT directory (config.json + *.safetensors) whose weights replace the random init
+    # of a fresh run (continued pretraining, fine-tuning); its shapes must match the keys
+    # above. A resumed run loads its checkpoint instead. opt_train/init_from.py.
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         # Derived sizes are properties, not filled in here: OmegaConf builds the schema from
@@ -61,7 +65,10 @@ class ModelConfig:
 class TrainConfig:
     max_steps: int = 200
     seed: int = 0
-    micro_batch_size: int = 8
+    # Sequences per forward/backward on each data-parallel rank. None: derived from the global
+    # batch and the number of data-parallel ranks (`JobConfig.resolve_micro_batch`), so one
+    # config runs at any world size that divides the batch.
+    micro_batch_size: Optional[int] = None
     batch_tokens: int = 1024  # global tokens per optimizer step; accumulation is derived
     eval_interval: int = 50  # steps; 0 disables validation
     eval_batches: int = 4  # micro-batches of the validation split per evaluation
@@ -73,6 +80,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(
+                f"train.micro_batch_size must be >= 1 or null (derived), got {self.micro_batch_size}"
+            )
         if self.max_nonfinite_steps < 1:
             raise ValueError(
                 f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
@@ -200,6 +211,9 @@ class CheckpointConfig:
     # Files (and writer threads) per rank: one thread wrote at ~1 GB/s here, two at ~2 GB/s.
     write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
+    # Config keys (or groups: "optim") that a resume may change from the checkpoint's config;
+    # model shape and data keys can never change (opt_train/resume_guard.py).
+    allow_changes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -274,6 +288,45 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.stage must be 1, 2 or 3, got {self.stage}")
 
 
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ExportConfig:
+    """`python -m opt_train.hf RUN OUT [export.KEY=VALUE ...]` (the run's values are defaults)."""
+
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the exported weights
+    # Largest safetensors file; above it the weights are split into model-0000N-of-0000M
+    # files with model.safetensors.index.json, as transformers writes them. 1000-based units
+    # like transformers' ("5GB" = 5e9 bytes); "GiB" and "MiB" are 1024-based.
+    max_shard_size: str = "5GB"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export.dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
+        parse_size(self.max_shard_size)  # raises naming the key
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
+    s = str(text).strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise ValueError(
+            f"export.max_shard_size must be a positive size such as 5GB or 512MiB, got {text!r}"
+        )
+    return int(value * _SIZE_UNITS[unit])
+
+
 @dataclass
 class JobConfig:
     run_dir: str = "runs/${model.name}"
@@ -289,6 +342,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -318,10 +372,27 @@ class JobConfig:
     def global_batch_samples(self) -> int:
         return self.train.batch_tokens // self.data.seq_len
 
+    def resolve_micro_batch(self, dp_world: int) -> int:
+        """`train.micro_batch_size`, or when it is null the largest divisor of this rank's share
+        of the global batch that is at most MAX_DERIVED_MICRO_BATCH: the tiny default's 8
+        sequences give 8 on one rank, 4 each on two, 2 each on four."""
+        if self.train.micro_batch_size is not None:
+            return self.train.micro_batch_size
+        per_rank = max(1, self.global_batch_samples() // dp_world)
+        return max(
+            d for d in range(1, min(per_rank, MAX_DERIVED_MICRO_BATCH) + 1) if not per_rank % d
+        )
+
     def grad_accum_steps(self, dp_world: int) -> int:
         """Micro-batches per rank per optimizer step, derived from the global batch."""
-        per_step = self.train.micro_batch_size * dp_world
         g = self.global_batch_samples()
+        if self.train.micro_batch_size is None and g % dp_world:
+            raise ValueError(
+                f"train.batch_tokens={self.train.batch_tokens} gives {g} sequences of "
+                f"data.seq_len={self.data.seq_len} per step, which {dp_world} data-parallel "
+                "ranks cannot share equally; change train.batch_tokens or the number of ranks"
+            )
+        per_step = self.resolve_micro_batch(dp_world) * dp_world
         if g % per_step:
             raise ValueError(
                 f"train.batch_tokens={self.train.batch_tokens} gives {g} sequences of "
@@ -330,6 +401,11 @@ class JobConfig:
                 f"ranks = {per_step}; change one of them"
             )
         return g // per_step
+
+
+# Sequences of a derived micro-batch at most: 8 x 2048 tokens fit OPT-125m..1.3B activations
+# on an 80 GB GPU; set train.micro_batch_size for anything else.
+MAX_DERIVED_MICRO_BATCH = 8
 
 
 def register_configs() -> None:

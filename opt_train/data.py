@@ -327,8 +327,16 @@ def check_same_tokenizer(sources: Sequence[Source]) -> None:
             )
 
 
-def build_data(cfg, rank: int = 0, world: int = 1) -> tuple[GlobalOrderLoader, list[ValidationSet]]:
-    """The training loader and this data-parallel rank's validation sets for a job config."""
+def build_data(
+    cfg, rank: int = 0, world: int = 1, val_micro_batch: int | None = None
+) -> tuple[GlobalOrderLoader, list[ValidationSet]]:
+    """The training loader and this data-parallel rank's validation sets for a job config.
+
+    The validation set's size is `val_micro_batch x train.eval_batches` windows, with
+    `val_micro_batch` the micro-batch of ONE rank (`cfg.resolve_micro_batch(1)` by default): a
+    micro-batch derived per world size would change the set, and `val_loss` with it."""
+    if val_micro_batch is None:
+        val_micro_batch = cfg.resolve_micro_batch(1)
     data = cfg.data
     sources = open_sources(data)
     manifest = sources[0].windows.reader.manifest
@@ -356,7 +364,7 @@ def build_data(cfg, rank: int = 0, world: int = 1) -> tuple[GlobalOrderLoader, l
                 continue
             windows = PackedWindows(path, "validation", data.seq_len)
             batches = validation_batches(
-                windows, cfg.train.micro_batch_size, cfg.train.eval_batches, rank, world
+                windows, val_micro_batch, cfg.train.eval_batches, rank, world
             )
             val_sets.append(ValidationSet(s.name, s.weight, batches))
         if not val_sets:

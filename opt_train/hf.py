@@ -3,18 +3,33 @@
 Our parameter names are HF's without the `model.decoder.` prefix, and HF ties `lm_head` to
 `embed_tokens`, so conversion is a rename. Weights are written as safetensors and read with
 safetensors or `torch.load(weights_only=True)` by transformers; nothing executes code from a file.
+
+An exported directory is what transformers needs as it is: `config.json` and
+`generation_config.json` whose special-token ids are the training data's separator, the
+tokenizer that made the data (`tokenizer.json`, from the shard manifest: GPT-2's files for
+`gpt2`, the user's OPT files for `opt`, checked against the hashes the manifest recorded), and
+the weights in `export.dtype`, split into files of at most `export.max_shard_size` with
+`model.safetensors.index.json` above it. `export_checkpoint` reads the weights from the DCP
+checkpoint one file's worth at a time, so exporting never holds the whole model in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opt_train.config import ModelConfig
+from opt_train.config import EXPORT_DTYPES, ExportConfig, ModelConfig, parse_size
 from opt_train.model import OPT
+
+log = logging.getLogger(__name__)
 
 HF_PREFIX = "model.decoder."
 
@@ -46,7 +61,22 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     )
 
 
-def hf_config_from_model_config(cfg: ModelConfig):
+@dataclass(frozen=True)
+class SpecialTokens:
+    """OPT's own ids by default: `</s>` (2) separates documents and starts each one, `<pad>` 1."""
+
+    bos: int = 2
+    eos: int = 2
+    pad: int = 1
+
+
+TORCH_DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def hf_config_from_model_config(
+    cfg: ModelConfig, tokens: SpecialTokens = SpecialTokens(), dtype: str = "fp32"
+):
     from transformers import OPTConfig
 
     return OPTConfig(
@@ -65,10 +95,11 @@ def hf_config_from_model_config(cfg: ModelConfig):
         enable_bias=True,
         layer_norm_elementwise_affine=True,
         tie_word_embeddings=True,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
+        pad_token_id=tokens.pad,
+        bos_token_id=tokens.bos,
+        eos_token_id=tokens.eos,
         architectures=["OPTForCausalLM"],
+        dtype=HF_DTYPE_NAMES[dtype],
     )
 
 
@@ -76,15 +107,20 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {HF_PREFIX + k: v for k, v in state_dict.items()}
 
 
+def our_name(hf_name: str) -> str | None:
+    """Our parameter name for an HF OPT tensor name; None for the tied `lm_head.weight`.
+    facebook/opt-* files name them `decoder.*` (no `model.` prefix); transformers writes
+    `model.decoder.*`."""
+    if hf_name == "lm_head.weight":
+        return None
+    for prefix in (HF_PREFIX, "decoder."):
+        if hf_name.startswith(prefix):
+            return hf_name[len(prefix) :]
+    raise KeyError(f"unexpected parameter {hf_name!r} in an OPT state dict")
+
+
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in hf_state.items():
-        if k == "lm_head.weight":
-            continue  # tied to embed_tokens
-        if not k.startswith(HF_PREFIX):
-            raise KeyError(f"unexpected parameter {k!r} in an OPT state dict")
-        out[k[len(HF_PREFIX) :]] = v
-    return out
+    return {n: v for k, v in hf_state.items() if (n := our_name(k)) is not None}
 
 
 def load_hf(path_or_model) -> tuple[OPT, ModelConfig]:
@@ -105,30 +141,262 @@ def load_hf(path_or_model) -> tuple[OPT, ModelConfig]:
     return model, cfg
 
 
-def save_hf(model: OPT, model_config: ModelConfig, out_dir: str | Path) -> Path:
-    """Write an HF directory (config.json + model.safetensors) that
-    `transformers.OPTForCausalLM.from_pretrained` loads."""
-    from safetensors.torch import save_file
+# -- writing an HF directory ----------------------------------------------------------------
 
+
+def _merges(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def tokenizer_files(record: dict) -> tuple[Path, Path]:
+    """(vocab, merges) of the tokenizer a shard manifest names, checked against the sha256
+    the manifest recorded, so the export writes the very vocabulary that made the data."""
+    from data_pipeline.durable import sha256_file
+    from data_pipeline.tokenizer import gpt2_files_dir
+
+    if record["name"] == "gpt2":
+        d = gpt2_files_dir()
+        files = {"encoder.json": d / "encoder.json", "vocab.bpe": d / "vocab.bpe"}
+    else:
+        d = Path(record["path"] or "")
+        files = {"vocab.json": d / "vocab.json", "merges.txt": d / "merges.txt"}
+    for key, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"the data was tokenized with {record['name']!r} files from {d}, but {f} is "
+                "missing here; export where those files are"
+            )
+        want = record.get("files", {}).get(key)
+        if want and sha256_file(f) != want:
+            raise ValueError(
+                f"{f} is not the file that tokenized the training data (sha256 differs from "
+                "the shard manifest's); the export would describe another vocabulary"
+            )
+    vocab, merges = files.values()
+    return vocab, merges
+
+
+def write_tokenizer(out: Path, record: dict, model_vocab: int, max_positions: int) -> SpecialTokens:
+    """The HF tokenizer of a shard manifest's `tokenizer` record into `out`; returns its ids.
+
+    Both keep the data's separator as BOS and EOS and prepend it to every text (the
+    `add_bos_token` of OPT's own tokenizer): in the shards every document but the first follows
+    a separator, so that is what the model saw before a document. GPT-2 has no padding token;
+    `<pad>` is added as id 50257, one of the rows that pad the vocabulary to 50,272 and that
+    the data never uses (or the separator, when the model has no such row)."""
+    from transformers import GPT2Tokenizer
+
+    vocab_path, merges_path = tokenizer_files(record)
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    if record["name"] == "gpt2":
+        sep = "<|endoftext|>"
+        special = {"bos_token": sep, "eos_token": sep, "unk_token": sep}
+        special["pad_token"] = "<pad>" if model_vocab > len(vocab) else sep
+    else:
+        special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        special["pad_token"] = "<pad>"
+    tok = GPT2Tokenizer(
+        vocab=vocab,
+        merges=_merges(merges_path),
+        add_bos_token=True,
+        model_max_length=max_positions,
+        **special,
+    )
+    ids = SpecialTokens(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+    if ids.eos != record["eos_id"] or max(ids.bos, ids.eos, ids.pad) >= model_vocab:
+        raise ValueError(
+            f"tokenizer {record['name']!r}: separator id {ids.eos} (pad {ids.pad}) does not "
+            f"agree with the shards' eos_id {record['eos_id']} and a {model_vocab}-row model"
+        )
+    tok.save_pretrained(out)
+    return ids
+
+
+def _shard_plan(
+    names_shapes: list[tuple[str, torch.Size]], itemsize: int, limit: int
+) -> list[list[tuple[str, torch.Size]]]:
+    """Consecutive groups of tensors of at most `limit` bytes (one tensor may exceed it)."""
+    groups: list[list[tuple[str, torch.Size]]] = [[]]
+    size = 0
+    for name, shape in names_shapes:
+        n = shape.numel() * itemsize
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += n
+    return groups
+
+
+def write_hf_dir(
+    out_dir: str | Path,
+    model_config: ModelConfig,
+    names_shapes: list[tuple[str, torch.Size]],
+    fetch: Callable[[list[tuple[str, torch.Size]]], Iterable[tuple[str, torch.Tensor]]],
+    tokenizer: dict | None = None,
+    export: ExportConfig | None = None,
+) -> Path:
+    """Write an HF OPT directory. `fetch(group)` yields (our name, tensor) for one group of the
+    shard plan, so only one weight file's tensors are in memory at a time. The directory is
+    built beside `out_dir` and renamed into place when complete: a killed export leaves no
+    half-written model where transformers would look."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    export = export or ExportConfig()
+    dtype = TORCH_DTYPES[export.dtype]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config_from_model_config(model_config).save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(to_hf_state_dict(state), out / "model.safetensors", metadata={"format": "pt"})
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # An earlier export is replaced; anything else is not ours to delete.
+        raise FileExistsError(f"{out} exists and is not an HF model directory; choose another")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokens = SpecialTokens()
+    if tokenizer is not None and tokenizer.get("name") in ("gpt2", "opt"):
+        tokens = write_tokenizer(
+            tmp, tokenizer, model_config.vocab_size, model_config.max_positions
+        )
+    elif tokenizer is not None:
+        eos = int(tokenizer["eos_id"])
+        tokens = SpecialTokens(bos=eos, eos=eos, pad=eos)
+        log.warning("tokenizer %r has no HF files; exporting without one", tokenizer.get("name"))
+    hf_config = hf_config_from_model_config(model_config, tokens, export.dtype)
+    hf_config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups = _shard_plan(names_shapes, itemsize, parse_size(export.max_shard_size))
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, group in enumerate(groups):
+        fname = (
+            "model.safetensors"
+            if len(groups) == 1
+            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
+        tensors = {
+            HF_PREFIX + name: t.detach().to("cpu", dtype).contiguous() for name, t in fetch(group)
+        }
+        save_file(tensors, tmp / fname, metadata={"format": "pt"})
+        total += sum(t.numel() * itemsize for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        shutil.rmtree(old)
+    os.rename(tmp, out)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m opt_train.hf CHECKPOINT OUT_DIR`: export a training checkpoint to HF."""
-    from opt_train.checkpoint import load_model_for_export
+def save_hf(
+    model: OPT,
+    model_config: ModelConfig,
+    out_dir: str | Path,
+    tokenizer: dict | None = None,
+    export: ExportConfig | None = None,
+) -> Path:
+    """Write an HF directory that `transformers.OPTForCausalLM.from_pretrained` loads, from a
+    model in memory. `tokenizer`: a shard manifest's `tokenizer` record (its files and ids
+    are written); without it the ids are OPT's and no tokenizer is written."""
+    state = model.state_dict()
+    names_shapes = [(k, v.shape) for k, v in state.items()]
+    return write_hf_dir(
+        out_dir,
+        model_config,
+        names_shapes,
+        lambda group: ((name, state[name]) for name, _ in group),
+        tokenizer,
+        export,
+    )
 
+
+FETCH_BYTES = 1 << 30  # fp32 bytes read from the checkpoint per DCP load while exporting
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    data_path: str | None = None,
+) -> dict:
+    """Export a training checkpoint (a run_dir, its checkpoints/ or one checkpoint) to an HF
+    directory. `overrides`: `export.KEY=VALUE` over the run's own `export` section.
+    `data_path`: the shard directory whose manifest names the tokenizer (default: the run's
+    `data.path`, or the embedded corpus)."""
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+
+    from data_pipeline.shards import read_manifest
+    from opt_train.checkpoint import FORMAT, find_checkpoint
+    from opt_train.config import JobConfig
+    from opt_train.data import resolve_data_path
+
+    ckpt = find_checkpoint(checkpoint)  # verified: sizes and checksums of every file
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if meta["format"] != FORMAT:
+        raise ValueError(f"{ckpt}: {meta['format']} checkpoints are not exported; only {FORMAT}")
+    raw = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(ckpt / "config.yaml"))
+    for ov in overrides or []:
+        key, _, value = ov.partition("=")
+        if not key.startswith("export.") or not value:
+            raise SystemExit(f"error: {ov!r}: only export.KEY=VALUE overrides are accepted")
+        try:
+            OmegaConf.update(raw, key, value, merge=False)
+        except Exception as e:
+            raise SystemExit(f"error: {ov!r}: {e}") from None
+    try:
+        cfg: JobConfig = OmegaConf.to_object(raw)
+    except Exception as e:
+        raise SystemExit(f"error: invalid export config: {e.__cause__ or e}") from None
+    data = Path(data_path) if data_path else resolve_data_path(cfg.data.path, cfg.data.cache_dir)
+    tokenizer = read_manifest(data)["tokenizer"]
+
+    with torch.device("meta"):
+        names_shapes = [(k, v.shape) for k, v in OPT(cfg.model).state_dict().items()]
+
+    def fetch(group):
+        # Chunks of at most FETCH_BYTES of fp32, each cast to the export dtype by the writer
+        # before the next is read: memory holds one weight file plus one chunk.
+        chunk: dict[str, torch.Tensor] = {}
+        for i, (name, shape) in enumerate(group):
+            chunk[name] = torch.empty(shape, dtype=torch.float32)
+            size = sum(t.numel() * 4 for t in chunk.values())
+            if size >= FETCH_BYTES or i == len(group) - 1:
+                dcp.load({"model": chunk}, checkpoint_id=ckpt, no_dist=True)
+                yield from chunk.items()
+                chunk = {}
+
+    out = write_hf_dir(out_dir, cfg.model, names_shapes, fetch, tokenizer, cfg.export)
+    return {
+        "exported": str(out),
+        "checkpoint": str(ckpt),
+        "step": meta["step"],
+        "model": cfg.model.name,
+        "dtype": cfg.export.dtype,
+        "tokenizer": tokenizer.get("name"),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m opt_train.hf CHECKPOINT OUT_DIR [export.dtype=bf16] [export.max_shard_size=2GB]`:
+    export a training checkpoint to an HF directory."""
     p = argparse.ArgumentParser(prog="python -m opt_train.hf", description=main.__doc__)
     p.add_argument("checkpoint", help="a run_dir, its checkpoints/ dir, or one checkpoint dir")
     p.add_argument("out_dir", help="where to write the HF model directory")
+    p.add_argument(
+        "overrides", nargs="*", help="export.dtype=fp32|bf16|fp16, export.max_shard_size=5GB"
+    )
+    p.add_argument("--data", help="shard directory whose manifest names the tokenizer")
     args = p.parse_args(argv)
-    model, cfg = load_model_for_export(args.checkpoint)
-    save_hf(model, cfg, args.out_dir)
-    print(json.dumps({"exported": str(args.out_dir), "model": cfg.name}))
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)))
 
 
 if __name__ == "__main__":

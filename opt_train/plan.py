@@ -311,11 +311,12 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
     notes: list[str] = []
 
     seqs = job.global_batch_samples()
-    accum = seqs / (job.train.micro_batch_size * dims.dp)
+    micro = job.resolve_micro_batch(dims.dp)
+    accum = seqs / (micro * dims.dp)
     if accum != int(accum) or accum < 1:
         notes.append(
             f"train.batch_tokens={job.train.batch_tokens} is {seqs} sequences, not a multiple of "
-            f"train.micro_batch_size={job.train.micro_batch_size} x dp={dims.dp}: train.py "
+            f"train.micro_batch_size={micro} x dp={dims.dp}: train.py "
             "refuses this; the numbers assume one micro-batch of that size"
         )
 
@@ -345,7 +346,7 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
     acts = {
         mode: activations(
             m,
-            job.train.micro_batch_size,
+            micro,
             job.data.seq_len,
             tp,
             job.precision,
@@ -375,7 +376,7 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
         dp_shard=dims.dp_shard,
         tp=tp,
         precision=job.precision,
-        micro_batch_size=job.train.micro_batch_size,
+        micro_batch_size=micro,
         seq_len=job.data.seq_len,
         batch_tokens=job.train.batch_tokens,
         grad_accum=accum,

@@ -35,12 +35,14 @@ from opt_train.config import JobConfig
 from opt_train.data import build_data, validation_row
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
 from opt_train.engine import StepOutcome, TrainEngine, build_engine
+from opt_train.init_from import load_init_weights
 from opt_train.metrics import device_peak_flops, flops_per_token
 from opt_train.model import OPT, count_params
 from opt_train.optim import LinearWarmupDecay
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
 from opt_train.precision import DynamicLossScaler
+from opt_train.resume_guard import check_resume
 from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,9 @@ class Trainer:
             self.mesh, dp_mesh = self.dims.build_mesh(self.device.type)
             self.dp_rank = dp_mesh.get_local_rank()
         self.accum = cfg.grad_accum_steps(self.dims.dp)
+        # The validation set is sized by one rank's micro-batch, whatever the world size.
+        val_micro_batch = cfg.resolve_micro_batch(1)
+        cfg.train.micro_batch_size = cfg.resolve_micro_batch(self.dims.dp)  # null: derived
 
         self.model = self._build_model()
         # After init, every data-parallel rank draws its own dropout masks; TP peers share them
@@ -90,7 +95,7 @@ class Trainer:
 
         # The sample sequence is a function of the seed and the step alone (opt_train/data.py,
         # opt_train/mixture.py); validation sets are one fixed set per source.
-        self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp)
+        self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp, val_micro_batch)
 
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints", cfg.checkpoint, self.dist, cfg.parallel.timeout_s
@@ -108,6 +113,7 @@ class Trainer:
         # Before the resume: measuring the CPU's peak draws random matrices from the global
         # generator, which would otherwise move the restored RNG stream.
         self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
+        self.config_changes: list[dict] = []
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
         log.info(
@@ -159,6 +165,8 @@ class Trainer:
         if meta:
             model.to_empty(device=self.device)
             init_sharded_weights(model, cfg.train.seed)
+        if cfg.model.init_from:  # each rank reads only its shards (opt_train/init_from.py)
+            load_init_weights(model, cfg.model)
         return model
 
     def _watch_final_activations(self) -> list[torch.Tensor]:
@@ -186,6 +194,8 @@ class Trainer:
         error: BaseException | None = None
         try:
             self._call("on_start")
+            for event in self.config_changes:  # allowed config changes at resume (resume_guard.py)
+                self.log(event)
             while self.step < self.cfg.train.max_steps:
                 if not self.loader.has_next():  # data.exhaust=stop; the same on every rank
                     self.stop_reason = f"data.exhaust=stop: {self.loader.exhausted_reason()}"
@@ -425,6 +435,9 @@ class Trainer:
         path = self.ckpt.latest()
         if path is None:
             return None
+        self.config_changes = check_resume(
+            path, self.config_yaml, self.cfg.checkpoint.allow_changes
+        )
         self.load_checkpoint(path)
         return str(path)
 

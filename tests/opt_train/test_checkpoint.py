@@ -106,3 +106,22 @@ def test_checkpoints_with_sha256_checksums_from_before_still_verify(tmp_path, sm
         f.write(b"9")
     with pytest.raises(CorruptCheckpoint, match="sha256 checksum mismatch"):
         verify(ckpt)
+
+
+def test_export_reads_only_a_checkpoint_that_verifies(tmp_path, small_shards):
+    """Named directly or found in a run_dir, the checkpoint an export reads is verified; a
+    damaged one is refused (named) or, in a run_dir, passed over for the previous one."""
+    from opt_train.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    job = ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=2"]
+    Trainer(small_job(run, small_shards, *job)).fit()
+    newest = run / "checkpoints" / "step_00000004"
+    with open(newest / "__0_0.distcp", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpoint, match="__0_0.distcp: xxh3_128 checksum mismatch"):
+        find_checkpoint(newest)
+    assert find_checkpoint(run) == run / "checkpoints" / "step_00000002"

@@ -66,12 +66,16 @@ def test_misspelt_key_stops_at_start_naming_valid_keys():
 def test_wrong_type_stops_at_start_naming_the_key():
     r = run_train("train.max_steps=many", "--cfg", "job")
     assert r.returncode != 0
-    assert "train.max_steps" in r.stderr or "max_steps" in r.stderr
+    assert "Value 'many' of type 'str' could not be converted to Integer" in r.stderr
+    assert "full_key: train.max_steps" in r.stderr
 
 
 def test_invalid_value_is_rejected_with_the_key():
     r = run_train("precision=fp8", "train.max_steps=1", "logging.wandb=disabled")
-    assert r.returncode != 0 and "precision" in r.stderr
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: invalid config: precision must be bf16, fp16 or fp32, got 'fp8'"
+    )
 
 
 def test_batch_not_divisible_by_micro_batches_names_the_keys(tmp_path, small_shards):
@@ -81,3 +85,27 @@ def test_batch_not_divisible_by_micro_batches_names_the_keys(tmp_path, small_sha
     cfg = small_job(tmp_path, small_shards, "train.micro_batch_size=3")
     with pytest.raises(ValueError, match="train.micro_batch_size=3"):
         Trainer(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export.dtype=int8", "export.dtype must be one of ('fp32', 'bf16', 'fp16'), got 'int8'"),
+        ("export.max_shard_size=5XB", "export.max_shard_size must be a positive size"),
+        (
+            "train.micro_batch_size=0",
+            "train.micro_batch_size must be >= 1 or null (derived), got 0",
+        ),
+    ],
+)
+def test_export_and_batch_values_are_checked_naming_the_key(override, message):
+    with pytest.raises(Exception) as e:
+        make_config(override)
+    assert message in str(e.value.__cause__ or e.value)
+
+
+def test_shard_sizes_parse_like_transformers():
+    from opt_train.config import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("20KB") == 20_000 and parse_size(1000) == 1000
