@@ -50,6 +50,7 @@ FREE = (
     "engine",
     "deepspeed",
     "logging",
+    "profile",
     "checkpoint",
     "parallel",
     "export",

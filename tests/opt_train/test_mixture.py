@@ -193,6 +193,13 @@ def test_mixed_run_logs_tokens_by_source_and_per_source_val_loss_and_resumes_bit
         assert r["val_loss"] == pytest.approx((3 * r["val_loss/a"] + r["val_loss/b"]) / 4)
     assert evals[-1]["val_loss/a"] < evals[0]["val_loss/a"]
     split_rows = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    # The resumed run records its longer train.max_steps as a config_change event row; the
+    # step and eval rows must be the uninterrupted run's, bit for bit.
+    events = [r for r in split_rows if "event" in r]
+    assert [(e["event"], e["key"], e["old"], e["new"]) for e in events] == [
+        ("config_change", "train.max_steps", 20, 40)
+    ]
+    split_rows = [r for r in split_rows if "event" not in r]
     assert [untimed(r) for r in split_rows] == [untimed(r) for r in rows]  # bit for bit
 
 

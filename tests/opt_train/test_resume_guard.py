@@ -113,7 +113,7 @@ def test_a_nearer_max_steps_is_taken_and_logged(run_with_checkpoint, small_shard
     [
         ("optim.lrr", "unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"),
         ("model.d_model", "lists 'model.d_model', but model.d_model can never change"),
-        ("data", "data.path, data.seq_len"),
+        ("data", "data.path, data.sources, data.seq_len"),
     ],
 )
 def test_allow_changes_entries_are_checked(run_with_checkpoint, small_shards, entry, message):
