@@ -115,8 +115,9 @@ class OptimConfig:
     # Given by hand (or replayed from a spike recovery's rollback row): [[first, last, factor]]
     # multiplies the LR of optimizer steps first..last (inclusive; factors of overlapping
     # entries multiply); [[first, last, max_norm]] clips those steps at max_norm instead.
-    lr_changes: list[list[float]] = field(default_factory=list)
-    clip_changes: list[list[float]] = field(default_factory=list)
+    # (Any: OmegaConf would refuse the whole steps in a list of floats.)
+    lr_changes: list[Any] = field(default_factory=list)
+    clip_changes: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.weight_decay_on not in ("matrices", "all"):
@@ -125,7 +126,7 @@ class OptimConfig:
             )
         for key in ("lr_changes", "clip_changes"):
             for r in getattr(self, key):
-                if len(r) != 3 or r[0] != int(r[0]) or r[1] != int(r[1]) or not 1 <= r[0] <= r[1]:
+                if not isinstance(r, (list, tuple)) or len(r) != 3 or r[0] != int(r[0]) or r[1] != int(r[1]) or not 1 <= r[0] <= r[1]:
                     raise ValueError(
                         f"optim.{key} entries must be [first, last, value] with whole steps "
                         f"1 <= first <= last, got {list(r)}"
