@@ -126,7 +126,13 @@ class OptimConfig:
             )
         for key in ("lr_changes", "clip_changes"):
             for r in getattr(self, key):
-                if not isinstance(r, (list, tuple)) or len(r) != 3 or r[0] != int(r[0]) or r[1] != int(r[1]) or not 1 <= r[0] <= r[1]:
+                if (
+                    not isinstance(r, (list, tuple))
+                    or len(r) != 3
+                    or r[0] != int(r[0])
+                    or r[1] != int(r[1])
+                    or not 1 <= r[0] <= r[1]
+                ):
                     raise ValueError(
                         f"optim.{key} entries must be [first, last, value] with whole steps "
                         f"1 <= first <= last, got {list(r)}"
