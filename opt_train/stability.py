@@ -123,6 +123,10 @@ class Stability(Callback):
         return {"history": self.history, **self._decisions()}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self.enabled:
+            # Off on this resume: the automatic decisions still ahead are dropped, and those
+            # given by hand (optim.lr_changes ...) are not applied twice.
+            return
         self.history = [list(h) for h in state["history"]]
         self._set_decisions(state)
 
