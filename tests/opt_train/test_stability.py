@@ -11,6 +11,7 @@ order fails loudly instead of testing nothing).
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import statistics
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.shards import iter_documents
 from data_pipeline.tiny_corpus import tiny_documents
@@ -307,3 +309,39 @@ def test_rollback_limit_exit_status_through_train_py(tmp_path, garbage_corpus):
     assert (last["event"], last["step"], last["action"]) == ("spike", 29, "stop")
     # The checkpoints are left as they were: nothing is saved after the spike.
     assert max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*")) == 25
+
+
+class _Poison(Callback):
+    """Before step `step` (once), a NaN into the weights: every later step is NaN until the
+    weights are restored."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def pre_step(self, trainer) -> None:
+        if trainer.step == self.step and not self.done:
+            self.done = True
+            with torch.no_grad():
+                next(trainer.model.parameters()).mul_(float("nan"))
+
+
+def test_nonfinite_steps_in_a_row_roll_back_to_before_the_first(tmp_path, small_shards):
+    run = tmp_path / "run"
+    cfg = small_job(
+        run,
+        small_shards,
+        "train.max_steps=24",
+        "checkpoint.interval=5",
+        "checkpoint.keep=3",
+        "stability.enabled=true",
+        "stability.window=5",
+        "stability.nonfinite_steps=3",
+    )
+    Trainer(cfg, callbacks=[_Poison(14)]).fit()
+    events = [r for r in rows(run) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("spike", 16), ("rollback", 16)]
+    assert events[0]["reason"] == "nonfinite" and events[0]["onset"] == 14
+    assert (events[1]["to_step"], events[1]["skip_steps"]) == (10, [11, 16])
+    got = steps(run)
+    assert sorted(got) == list(range(1, 25))
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in got.values())
