@@ -139,6 +139,7 @@ def garbage_steps(data: Path, bad: set[int], seed: int, batch: int, n_steps: int
     return found
 
 
+@pytest.mark.slow
 def test_spikes_are_detected_rolled_back_and_skipped_and_the_replay_is_exact(
     tmp_path, garbage_corpus
 ):
@@ -252,6 +253,7 @@ def test_the_window_must_fit_in_the_kept_checkpoints(tmp_path, small_shards):
         )
 
 
+@pytest.mark.slow
 def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(tmp_path, garbage_corpus):
     """FSDP2 on 2 real gloo ranks, one sequence per rank per step."""
     data, bad = garbage_corpus
@@ -287,6 +289,7 @@ def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(tmp_path, garbag
             assert replay[s][key] == got[s][key], (s, key)
 
 
+@pytest.mark.slow
 def test_rollback_limit_exit_status_through_train_py(tmp_path, garbage_corpus):
     """The real command exits with the distinct status."""
     data, _ = garbage_corpus
