@@ -221,7 +221,7 @@ class StabilityConfig:
 
     enabled: bool = False
     window: int = 50  # steps in the baseline (their median) and the most a spike looks back
-    loss_factor: float = 1.5  # a loss above median x this is a spike; 0: not checked
+    loss_factor: float = 2.0  # a loss above median x this is a spike; 0: not checked
     grad_factor: float = 0.0  # a gradient norm above median x this is a spike; 0: not checked
     nonfinite_steps: int = 3  # this many NaN/inf steps in a row are a spike; 0: not checked
     lr_factor: float = 1.0  # after a rollback the LR is multiplied by this ...
