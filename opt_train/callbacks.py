@@ -131,6 +131,13 @@ class MetricsFile(Callback):
             self._file.close()
             self._file = None
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step`: a rollback (opt_train/stability.py) replays those steps."""
+        if self._file is not None:
+            self._file.close()
+            _drop_rows_after(self.path, step)
+            self._file = open(self.path, "a", encoding="utf-8")
+
 
 class Wandb(Callback):
     """wandb in the run directory (`logging.wandb`: offline by default, online, disabled;
@@ -146,6 +153,10 @@ class Wandb(Callback):
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self._run is not None and "event" not in row:
             self._run.log({k: v for k, v in flat_row(row).items() if k != "step"}, step=row["step"])
+        elif self._run is not None:  # an event: its numbers under events/<name>/
+            name = f"events/{row['event']}"
+            nums = {f"{name}/{k}": v for k, v in row.items() if type(v) in (int, float)}
+            self._run.log({name: 1, **nums}, step=row["step"])
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._run is not None:
@@ -211,6 +222,10 @@ def default_callbacks(cfg) -> list[Callback]:
         from opt_train.profiling import Profiler
 
         callbacks.append(Profiler(cfg.run_dir, cfg.profile))
+    from opt_train.stability import Stability  # it subclasses Callback
+
+    if Stability.wanted(cfg):
+        callbacks.append(Stability(cfg))
     return callbacks
 
 

@@ -158,12 +158,33 @@ class OptimConfig:
     decay_tokens: int = 300_000_000_000
     end_lr_ratio: float = 0.1
     clip_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    # Given by hand (or replayed from a spike recovery's rollback row): [[first, last, factor]]
+    # multiplies the LR of optimizer steps first..last (inclusive; factors of overlapping
+    # entries multiply); [[first, last, max_norm]] clips those steps at max_norm instead.
+    # (Any: OmegaConf would refuse the whole steps in a list of floats.)
+    lr_changes: list[Any] = field(default_factory=list)
+    clip_changes: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.weight_decay_on not in ("matrices", "all"):
             raise ValueError(
                 f"optim.weight_decay_on must be 'matrices' or 'all', got {self.weight_decay_on!r}"
             )
+        for key in ("lr_changes", "clip_changes"):
+            for r in getattr(self, key):
+                if (
+                    not isinstance(r, (list, tuple))
+                    or len(r) != 3
+                    or r[0] != int(r[0])
+                    or r[1] != int(r[1])
+                    or not 1 <= r[0] <= r[1]
+                ):
+                    raise ValueError(
+                        f"optim.{key} entries must be [first, last, value] with whole steps "
+                        f"1 <= first <= last, got {list(r)}"
+                    )
+                if not r[2] > 0:
+                    raise ValueError(f"optim.{key}: the value must be > 0, got {list(r)}")
 
 
 @dataclass
@@ -276,6 +297,48 @@ class ProfileConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Automatic loss-spike recovery (opt_train/stability.py, docs/fault-tolerance.md): detect
+    a spike, roll back to the newest checkpoint from before it began, skip the data read since,
+    optionally lower the LR and the clipping threshold for a while, go on."""
+
+    enabled: bool = False
+    window: int = 50  # steps in the baseline (their median) and the most a spike looks back
+    loss_factor: float = 2.0  # a loss above median x this is a spike; 0: not checked
+    grad_factor: float = 0.0  # a gradient norm above median x this is a spike; 0: not checked
+    nonfinite_steps: int = 3  # this many NaN/inf steps in a row are a spike; 0: not checked
+    lr_factor: float = 1.0  # after a rollback the LR is multiplied by this ...
+    lr_steps: int = 0  # ... for this many steps (0: LR unchanged)
+    clip_grad_norm: float = 0.0  # after a rollback clip at this instead (0: unchanged) ...
+    clip_steps: int = 0  # ... for this many steps
+    max_rollbacks: int = 3  # more rollbacks than this within window_steps stop the run
+    window_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.nonfinite_steps < 0 or self.max_rollbacks < 0:
+            raise ValueError(
+                "stability.window must be >= 1, stability.nonfinite_steps and "
+                "stability.max_rollbacks >= 0"
+            )
+        if min(self.loss_factor, self.grad_factor) < 0 or 0 < self.loss_factor <= 1:
+            raise ValueError(
+                "stability.loss_factor must be 0 (off) or > 1, stability.grad_factor >= 0, got "
+                f"{self.loss_factor} and {self.grad_factor}"
+            )
+        if not self.lr_factor > 0 or self.lr_steps < 0 or self.clip_steps < 0:
+            raise ValueError("stability.lr_factor must be > 0, lr_steps and clip_steps >= 0")
+        if self.clip_grad_norm < 0 or (self.clip_grad_norm > 0) != (self.clip_steps > 0):
+            raise ValueError(
+                "stability.clip_grad_norm (> 0) and stability.clip_steps (> 0) go together, "
+                f"got {self.clip_grad_norm} and {self.clip_steps}"
+            )
+
+    def lookback(self) -> int:
+        """How many steps before the detecting step a spike may have begun."""
+        return max(self.window, self.nonfinite_steps - 1)
+
+
+@dataclass
 class DeepSpeedConfig:
     """`engine=deepspeed` settings (docs/deepspeed.md); batch, precision, clipping and the
     optimizer come from the rest of the config, as for the FSDP engine."""
@@ -343,6 +406,7 @@ class JobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -367,6 +431,41 @@ class JobConfig:
             raise ValueError(
                 f"train.batch_tokens={self.train.batch_tokens} must be a multiple of "
                 f"data.seq_len={self.data.seq_len}"
+            )
+        self._check_stability()
+
+    def _check_stability(self) -> None:
+        """A rollback needs a checkpoint from before the spike began still on disk: up to
+        `lookback` steps before detection, so ceil(lookback / interval) newer saves may exist
+        besides it, and `keep` must hold them all."""
+        st, ck = self.stability, self.checkpoint
+        if (self.optim.clip_changes or (st.enabled and st.clip_grad_norm)) and (
+            self.engine == "deepspeed"
+        ):
+            raise ValueError(
+                "clipping changes (optim.clip_changes, stability.clip_grad_norm) need "
+                "engine=fsdp: DeepSpeed clips at the threshold fixed in its config"
+            )
+        if not st.enabled:
+            return
+        if ck.interval < 1:
+            raise ValueError(
+                "stability.enabled=true rolls back to checkpoints: set checkpoint.interval > 0"
+            )
+        need = 1 + math.ceil(st.lookback() / ck.interval)
+        if ck.keep < need:
+            raise ValueError(
+                f"stability.window={st.window} (nonfinite_steps={st.nonfinite_steps}) looks back "
+                f"up to {st.lookback()} steps, so with checkpoint.interval={ck.interval} the "
+                f"checkpoint to roll back to is kept only with checkpoint.keep >= {need} "
+                f"(got {ck.keep}): raise checkpoint.keep or checkpoint.interval, or lower "
+                "stability.window"
+            )
+        if st.nonfinite_steps > self.train.max_nonfinite_steps:
+            raise ValueError(
+                f"stability.nonfinite_steps={st.nonfinite_steps} is more than "
+                f"train.max_nonfinite_steps={self.train.max_nonfinite_steps}, which stops the run "
+                "first"
             )
 
     def global_batch_samples(self) -> int:

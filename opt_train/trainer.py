@@ -209,6 +209,10 @@ class Trainer:
                 self.tokens += self.cfg.train.batch_tokens
                 last = self._step_metrics(out, lr, time.perf_counter() - t0)
                 self._call("on_step_end", last)
+                if self.step != last["step"]:
+                    # A callback rolled the run back (load_checkpoint; opt_train/stability.py):
+                    # this step is undone, so it is neither logged nor evaluated nor saved.
+                    continue
                 self.log(last)
                 self._stop_if_diverged()
                 self._call("post_step")

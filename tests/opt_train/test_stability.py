@@ -1,0 +1,353 @@
+"""Automatic loss-spike recovery (opt_train/stability.py) on a corpus with garbage documents.
+
+The corpus: the tiny corpus's English-like documents with three documents of random characters
+(~600 GPT-2 tokens, 4-5 windows each) among them, built by the project's own tokenize stage.
+With one 128-token sequence per step the tiny model's loss is ~4.5 by step 20, and a step that
+reads a garbage window jumps to 11-16. The seeds are chosen so that, in the loader's global
+order, garbage windows come at known steps (checked below, so a change of the corpus or of the
+order fails loudly instead of testing nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.shards import iter_documents
+from data_pipeline.tiny_corpus import tiny_documents
+from data_pipeline.tokenize import TokenizeConfig, TokenizerConfig
+from data_pipeline.tokenize import run as tokenize
+from opt_train.callbacks import Callback
+from opt_train.data import GlobalOrderLoader, PackedWindows
+from opt_train.stability import EXIT_ROLLBACK_LIMIT
+from opt_train.trainer import Trainer
+from tests.multirank import torchrun_train
+from tests.opt_train.conftest import make_config, small_job
+
+SEQ = 128
+STRONG = 100  # a window with this many garbage tokens (of 129) is a garbage window
+
+
+@pytest.fixture(scope="module")
+def garbage_corpus(tmp_path_factory) -> tuple[Path, set[int]]:
+    """(shard directory, indices of the garbage windows)."""
+    root = tmp_path_factory.mktemp("garbage")
+    docs = tiny_documents(seed=1, num_docs=300)
+    rng = random.Random(7)
+    alphabet = (
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!@#$%^&*()[]{};:,.<>/?|~"
+    )
+    for k, pos in enumerate((60, 150, 240)):
+        text = "".join(rng.choice(alphabet) for _ in range(700))
+        docs.insert(pos, {"text": text, "id": f"garbage-{k}", "meta": {}})
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    shards = root / "shards"
+    tokenize(
+        TokenizeConfig(
+            input=str(src),
+            output=str(shards),
+            tokenizer=TokenizerConfig(name="gpt2"),
+            validation_fraction=0.0,  # every document in train, in input order
+        )
+    )
+    lengths = [len(d) + 1 for d in iter_documents(shards, "train")]  # + the separator
+    starts = np.cumsum([0, *lengths[:-1]])
+    spans = [
+        (int(starts[i]), int(starts[i] + lengths[i]))
+        for i, d in enumerate(docs)
+        if d["id"].startswith("garbage")
+    ]
+    n = len(PackedWindows(shards, "train", SEQ))
+    bad = set()
+    for w in range(n):
+        a, b = w * SEQ, w * SEQ + SEQ + 1
+        if sum(max(0, min(b, e) - max(a, s)) for s, e in spans) >= STRONG:
+            bad.add(w)
+    assert 10 <= len(bad) <= 15, bad
+    return shards, bad
+
+
+def job(run_dir: Path, data: Path, *extra: str):
+    return make_config(*overrides(run_dir, data, *extra))
+
+
+def overrides(run_dir: Path, data: Path, *extra: str) -> list[str]:
+    """The tiny model (dropout on), fp32, one sequence per step, a checkpoint every 5 steps."""
+    return [
+        f"run_dir={run_dir}",
+        f"data.path={data}",
+        f"data.seq_len={SEQ}",
+        "train.micro_batch_size=1",
+        f"train.batch_tokens={SEQ}",
+        "train.eval_interval=0",
+        "precision=fp32",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+        "logging.peak_tflops=1.0",
+        "optim.warmup_tokens=1280",
+        "optim.decay_tokens=1280000",
+        "checkpoint.interval=5",
+        "checkpoint.keep=10",
+        *extra,
+    ]
+
+
+STABLE = [
+    "stability.enabled=true",
+    # Below the default 2: on 2 ranks one garbage sequence of two lifts the step's mean loss
+    # to about (11 + 4.5) / 2, 1.7x the clean ~4.5.
+    "stability.loss_factor=1.5",
+    "stability.window=10",
+    "stability.lr_factor=0.5",
+    "stability.lr_steps=5",
+]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for r in rows(run_dir):
+        if "event" not in r and "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"
+            out[r["step"]] = r
+    return out
+
+
+def garbage_steps(data: Path, bad: set[int], seed: int, batch: int, n_steps: int, skips=()):
+    """Steps (1-based) whose global batch holds a garbage window, in the loader's order."""
+    loader = GlobalOrderLoader(PackedWindows(data, "train", SEQ), seed, batch, 1, skip_steps=skips)
+    found = []
+    for step in range(1, n_steps + 1):
+        first = loader.samples_seen
+        loader.next_step()
+        # After a skip the step's batch starts where the jump left the counter.
+        start = loader.samples_seen - batch
+        assert start >= first
+        if any(loader.sample_index(g) in bad for g in range(start, start + batch)):
+            found.append(step)
+    return found
+
+
+@pytest.mark.slow
+def test_spikes_are_detected_rolled_back_and_skipped_and_the_replay_is_exact(
+    tmp_path, garbage_corpus
+):
+    data, bad = garbage_corpus
+    seed = "train.seed=17"
+    assert garbage_steps(data, bad, 17, 1, 45) == [27, 31]
+
+    # A plain run's loss jumps at the steps that read garbage.
+    plain = tmp_path / "plain"
+    Trainer(job(plain, data, seed, "train.max_steps=32")).fit()
+    loss = {s: r["loss"] for s, r in steps(plain).items()}
+    clean = statistics.median(loss[s] for s in range(18, 27))
+    assert clean < 6
+    assert loss[27] > 2 * clean and loss[31] > 2 * clean, (clean, loss[27], loss[31])
+
+    # With stability on; the process dies after step 33 (checkpoint 30 holds both rollbacks'
+    # decisions) and the same command resumes it.
+    auto = tmp_path / "auto"
+    cfg = job(auto, data, seed, "train.max_steps=36", "checkpoint.async_save=false", *STABLE)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(cfg, callbacks=[_Crash(33)]).fit()
+    resumed = Trainer(cfg)
+    assert resumed.step == 30
+    resumed.fit()
+    got = steps(auto)
+    assert sorted(got) == list(range(1, 37))  # every step once
+    events = [r for r in rows(auto) if "event" in r]
+    spikes = [e for e in events if e["event"] == "spike"]
+    rollbacks = [e for e in events if e["event"] == "rollback"]
+    assert [(e["step"], e["reason"], e["action"]) for e in spikes] == [
+        (27, "loss", "rollback"),
+        (29, "loss", "rollback"),
+    ]
+    assert spikes[0]["value"] == loss[27]  # the plain run's step 27, before any difference
+    assert [(e["step"], e["to_step"], e["skip_steps"]) for e in rollbacks] == [
+        (27, 25, [26, 27]),
+        (29, 25, [26, 31]),  # step 29 read the batch of original step 31
+    ]
+    assert [e["lr_change"] for e in rollbacks] == [[26, 30, 0.5], [26, 30, 0.5]]
+    # The final curve has no jump left, and no garbage window was trained on.
+    late = [got[s]["loss"] for s in range(18, 37)]
+    assert max(late) < 1.5 * statistics.median(late)
+    skips = [tuple(r) for r in rollbacks[-1]["data_skip_steps"]]
+    assert garbage_steps(data, bad, 17, 1, 36, skips) == []
+    # The LR changes are in the rows: two rollbacks to 25 halved it twice for steps 26-30.
+    assert got[27]["lr"] == pytest.approx(0.25 * steps(plain)[27]["lr"])
+
+    # Exactness: a fresh run resumed from checkpoint 25 with the same skip list and LR changes
+    # given by hand equals the recovered run from the rollback on, bit for bit.
+    manual = tmp_path / "manual"
+    (manual / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        auto / "checkpoints" / "step_00000025", manual / "checkpoints" / "step_00000025"
+    )
+    lr_changes = [e["lr_change"] for e in rollbacks]
+    Trainer(
+        job(
+            manual,
+            data,
+            seed,
+            "train.max_steps=36",
+            f"data.skip_steps={[list(s) for s in skips]}",
+            f"optim.lr_changes={lr_changes}",
+        )
+    ).fit()
+    replay = steps(manual)
+    assert sorted(replay) == list(range(26, 37))
+    for s in range(26, 37):
+        for key in ("loss", "grad_norm", "lr"):
+            assert replay[s][key] == got[s][key], (s, key)
+
+
+class _Crash(Callback):
+    """Dies after a step, as a killed process would (no final save)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def post_step(self, trainer) -> None:
+        if trainer.step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_a_clean_run_raises_no_alarm(tmp_path, small_shards):
+    run = tmp_path / "run"
+    cfg = small_job(
+        run,
+        small_shards,
+        "train.max_steps=60",
+        "train.micro_batch_size=1",
+        "train.batch_tokens=32",
+        "checkpoint.interval=10",
+        "stability.enabled=true",
+        "stability.window=10",
+        "stability.grad_factor=5",
+    )
+    Trainer(cfg).fit()
+    assert not [r for r in rows(run) if "event" in r]
+    assert sorted(steps(run)) == list(range(1, 61))
+
+
+def test_the_window_must_fit_in_the_kept_checkpoints(tmp_path, small_shards):
+    with pytest.raises(ValueError, match="checkpoint.keep >= 3"):
+        small_job(
+            tmp_path,
+            small_shards,
+            "stability.enabled=true",
+            "stability.window=10",
+            "checkpoint.interval=5",
+            "checkpoint.keep=2",
+        )
+
+
+@pytest.mark.slow
+def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(tmp_path, garbage_corpus):
+    """FSDP2 on 2 real gloo ranks, one sequence per rank per step."""
+    data, bad = garbage_corpus
+    assert garbage_steps(data, bad, 21, 2, 45) == [23]
+    common = ["train.seed=21", "train.batch_tokens=256", "train.max_steps=28"]
+    auto = tmp_path / "auto"
+    out = torchrun_train(2, overrides(auto, data, *common, *STABLE))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rollbacks = [r for r in rows(auto) if r.get("event") == "rollback"]
+    assert [(e["step"], e["to_step"], e["skip_steps"]) for e in rollbacks] == [(23, 20, [21, 23])]
+    got = steps(auto)
+    assert sorted(got) == list(range(1, 29))
+    manual = tmp_path / "manual"
+    (manual / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        auto / "checkpoints" / "step_00000020", manual / "checkpoints" / "step_00000020"
+    )
+    out = torchrun_train(
+        2,
+        overrides(
+            manual,
+            data,
+            *common,
+            "data.skip_steps=[[21,23]]",
+            f"optim.lr_changes=[{rollbacks[0]['lr_change']}]",
+        ),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    replay = steps(manual)
+    assert sorted(replay) == list(range(21, 29))
+    for s in range(21, 29):
+        for key in ("loss", "grad_norm", "lr"):
+            assert replay[s][key] == got[s][key], (s, key)
+
+
+@pytest.mark.slow
+def test_rollback_limit_exit_status_through_train_py(tmp_path, garbage_corpus):
+    """The real command exits with the distinct status."""
+    data, _ = garbage_corpus
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *overrides(tmp_path / "run", data, "train.seed=17", "train.max_steps=30", *STABLE),
+            "stability.max_rollbacks=1",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == EXIT_ROLLBACK_LIMIT, out.stderr[-3000:]
+    assert "max_rollbacks=1" in out.stderr
+    run = tmp_path / "run"
+    last = rows(run)[-1]
+    assert (last["event"], last["step"], last["action"]) == ("spike", 29, "stop")
+    # The checkpoints are left as they were: nothing is saved after the spike.
+    assert max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*")) == 25
+
+
+class _Poison(Callback):
+    """Before step `step` (once), a NaN into the weights: every later step is NaN until the
+    weights are restored."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def pre_step(self, trainer) -> None:
+        if trainer.step == self.step and not self.done:
+            self.done = True
+            with torch.no_grad():
+                next(trainer.model.parameters()).mul_(float("nan"))
+
+
+def test_nonfinite_steps_in_a_row_roll_back_to_before_the_first(tmp_path, small_shards):
+    run = tmp_path / "run"
+    cfg = small_job(
+        run,
+        small_shards,
+        "train.max_steps=24",
+        "checkpoint.interval=5",
+        "checkpoint.keep=3",
+        "stability.enabled=true",
+        "stability.window=5",
+        "stability.nonfinite_steps=3",
+    )
+    Trainer(cfg, callbacks=[_Poison(14)]).fit()
+    events = [r for r in rows(run) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("spike", 16), ("rollback", 16)]
+    assert events[0]["reason"] == "nonfinite" and events[0]["onset"] == 14
+    assert (events[1]["to_step"], events[1]["skip_steps"]) == (10, [11, 16])
+    got = steps(run)
+    assert sorted(got) == list(range(1, 25))
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in got.values())
