@@ -10,8 +10,8 @@ of the running config is compared with the checkpoint's `config.yaml`:
 - Keys that decide nothing about the numbers trained (where and how often to log and save, the
   mesh, which device, evaluation, export) change freely.
 - `train.max_steps` may always change (grow, or come nearer: the LR schedule is in tokens, so it
-  only says where to stop), and so may `data.skip_steps` (replaying past bad data); both are
-  recorded as events.
+  only says where to stop), and so may `data.skip_steps`, `optim.lr_changes` and
+  `optim.clip_changes` (replaying past bad data by hand); all are recorded as events.
 - Anything else (LR, clipping, schedule, precision, dropout, batch...) is refused unless the
   key, or its group, is listed in `checkpoint.allow_changes`: OPT lowered its LR and its
   clipping threshold on restarts, deliberately. An allowed change becomes an event row
@@ -51,6 +51,9 @@ FREE = (
     "deepspeed",
     "logging",
     "profile",
+    # The spike-recovery policy decides future rollbacks only; its past decisions are in the
+    # checkpoint (opt_train/stability.py).
+    "stability",
     "checkpoint",
     "parallel",
     "export",
@@ -68,7 +71,14 @@ FREE = (
 )
 # Changed freely but recorded: the LR schedule is in tokens, so max_steps only says where to
 # stop (a preempted run may be given a nearer end, or a longer one).
-ALWAYS_ALLOWED_EVENTS = ("train.max_steps", "data.skip_steps")
+# data.skip_steps and optim.lr_changes / clip_changes are the by-hand replay past a loss spike
+# (docs/fault-tolerance.md), the same changes the automatic recovery makes.
+ALWAYS_ALLOWED_EVENTS = (
+    "train.max_steps",
+    "data.skip_steps",
+    "optim.lr_changes",
+    "optim.clip_changes",
+)
 
 
 class ResumeRefused(ValueError):

@@ -15,7 +15,7 @@ NaN/inf steps in a row, is a spike. The response:
    `clip_grad_norm` for `clip_steps` steps (`optim.lr_changes` / `optim.clip_changes` entries);
 5. drop metrics.jsonl's rows after the checkpoint, write the `spike` and `rollback` event rows,
    and continue. More than `max_rollbacks` rollbacks within `window_steps` steps stop the run
-   with `EXIT_ROLLBACK_LIMIT` (86) and the checkpoints left as they are.
+   with `EXIT_ROLLBACK_LIMIT` (88) and the checkpoints left as they are.
 
 Every input to a decision is a value all ranks share (the all-reduced loss, the global gradient
 norm, the non-finite counter, rank 0's listing of checkpoints, broadcast), so every rank rolls
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_ROLLBACK_LIMIT = 86  # "too many rollbacks: the spikes are not the data's fault"
+EXIT_ROLLBACK_LIMIT = 88  # "too many rollbacks: the spikes are not the data's fault"
 
 
 class RollbackLimit(SystemExit):
