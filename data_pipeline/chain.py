@@ -69,7 +69,7 @@ ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {"workers", "batch_bytes", "progress", "tasks", "executor", "slurm"}
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "clean", "dedup")
+SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
 JSONL_SUFFIX = ".jsonl.zst"
 
 
@@ -88,7 +88,7 @@ class SourceConfig:
 class ChainConfig(ScaleOut):
     """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each. The
     scale-out keys (tasks, workers, executor, slurm) apply to every stage that is split into
-    tasks (reddit, clean, dedup) unless that stage's own parameters set them."""
+    tasks (reddit, clean, dedup, tokenize) unless that stage's own parameters set them."""
 
     work_dir: str = MISSING
     output: str | None = None
@@ -351,17 +351,18 @@ def run(cfg: ChainConfig) -> dict:
         out = work / "ingest" / f"{src.name}{JSONL_SUFFIX}"
         current.append((src.name, r.step("ingest", src.name, spec, out, {"source": src.name})))
 
+    # clean and dedup write directories of ordered parts (one per task), so that tokenize
+    # after them can split its input into as many shares.
     for stage in cfg.steps:
         if stage in ACROSS_SOURCES:
             inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
-            out = work / stage / f"all{JSONL_SUFFIX}"
+            out = work / stage / "all"
             current = [("all", r.step(stage, "all", inputs, out, params[stage]))]
         else:
             current = [
-                (label, r.step(stage, label, str(p), work / stage / f"{label}{JSONL_SUFFIX}",
-                               params[stage]))
+                (label, r.step(stage, label, str(p), work / stage / label, params[stage]))
                 for label, p in current
-            ]  # fmt: skip
+            ]
 
     output = Path(cfg.output) if cfg.output else work / "tokens"
     chain_record = {
