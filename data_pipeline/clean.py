@@ -216,9 +216,12 @@ class CleanShare(scaleout.TaskStep):
         rejects = Rejects(tmp)
         st: Counter = Counter()
         empty_ids: list[str] = []
+        files = plan.files[lo:hi]
+        total = sum(f.stat().st_size for f in files)
+        bar = scaleout.progress(plan.cfg, f"clean task {rank}/{world_size}", total)
         try:
-            with AtomicWriter(part) as out:
-                for doc in read_documents(plan.files[lo:hi], rejects):
+            with AtomicWriter(part) as out, bar:
+                for doc in read_documents(files, rejects, bar):
                     st["docs_in"] += 1
                     text = doc["text"]
                     new = clean(text)

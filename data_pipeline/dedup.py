@@ -56,6 +56,7 @@ from data_pipeline.cli import rejects_path, report_path, stage_main, to_containe
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
+    Counted,
     LineRejected,
     Rejects,
     _zstd_chunks,
@@ -98,7 +99,6 @@ class DedupConfig(scaleout.ScaleOut):
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
-    progress: bool = True
     examples: int = 5  # example pairs in the report
 
 
@@ -235,19 +235,20 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _chunks(path: Path, size: int) -> Iterator[bytes]:
-    """The decompressed bytes of an input file in pieces of about `size`, with the data that
-    io.iter_lines would have delivered before a truncation error, then that error."""
+def _chunks(path: Path, size: int, progress) -> Iterator[bytes]:
+    """The decompressed bytes of a compressed input file in pieces of about `size`, with the
+    data that io.iter_lines would have delivered before a truncation error, then that error.
+    `progress` is told the compressed bytes read."""
     with open(path, "rb") as raw:
         if path.suffix == ".zst":
-            yield from _zstd_chunks(raw)
+            yield from _zstd_chunks(Counted(raw, progress))
         elif path.suffix != ".gz":
             while chunk := raw.read(size):
                 yield chunk
         else:  # gzip: line by line, as iter_lines, so a truncated file loses the same lines
             acc, n = [], 0
             try:
-                for line in iter_lines(path):
+                for line in iter_lines(path, progress):
                     acc.append(line)
                     n += len(line)
                     if n >= size:
@@ -261,7 +262,7 @@ def _chunks(path: Path, size: int) -> Iterator[bytes]:
                 yield b"".join(acc)
 
 
-def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
+def _line_tasks(files: list[Path], size: int, zstd: bool, progress) -> Iterator[tuple]:
     """Signature tasks: (file, number of its first line, a block of whole lines, reject,
     zstd) with about `size` bytes of one file. Workers split and parse the lines, so neither
     the JSON work nor a Python step per line stays in this process. A truncated compressed
@@ -270,11 +271,11 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
     generator runs in the pool's feeder thread)."""
     for path in files:
         if path.suffix not in (".gz", ".zst"):
-            yield from _plain_tasks(path, size, zstd)
+            yield from _plain_tasks(path, size, zstd, progress)
             continue
         lineno, tail = 0, b""  # lines sent so far; the unfinished last line
         try:
-            for chunk in _chunks(path, size):
+            for chunk in _chunks(path, size, progress):
                 cut = chunk.rfind(b"\n") + 1
                 if cut == 0:
                     tail += chunk
@@ -290,7 +291,7 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
             yield str(path), lineno + 1, tail, None, zstd
 
 
-def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
+def _plain_tasks(path: Path, size: int, zstd: bool, progress) -> Iterator[tuple]:
     """Tasks for an uncompressed file: (file, first line, (offset, length) of a block of
     whole lines, None, zstd). The worker reads the block itself; pickling 1 MiB blocks
     through the pool's pipe cost ~2-4 us per document (measured). The lines are still read
@@ -310,6 +311,7 @@ def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
                     continue
                 cut = n  # the last line, without a newline
             yield str(path), lineno + 1, (pos, cut), None, zstd
+            progress.update(cut)
             lineno += count_newlines(buf, cut)
             pos += cut
 
@@ -479,10 +481,9 @@ def _close_parts() -> None:
 _SPOOL_CCTX = zstandard.ZstdCompressor(level=1)
 
 
-def _progress(cfg: DedupConfig, **kw):
-    from tqdm import tqdm
-
-    return tqdm(disable=not cfg.progress, dynamic_ncols=True, **kw)
+def _progress(cfg: DedupConfig, desc: str, unit: str, total: float | None = None):
+    """A task's progress reporter (data_pipeline.progress through scaleout)."""
+    return scaleout.progress(cfg, desc, total, unit)
 
 
 # --- restartable stages --------------------------------------------------------------------
@@ -544,43 +545,42 @@ def _signatures(
     hasher_params: dict,
     banding: tuple,
     rejects: Rejects,
+    progress,
 ) -> dict:
     """Signatures, band keys, shingle hashes and spool of `files` into `work`, in this process
-    (tasks, not threads or a pool inside a task, are how the stage uses more cores)."""
+    (tasks, not threads or a pool inside a task, are how the stage uses more cores);
+    `progress` is told the bytes of the files read."""
     sig_tmp = work.file("signatures.u32.tmp")
     if cfg.spool not in ("plain", "zstd"):
         raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
     counts, sizes, segments, parts = [], [], [], {}
     n_docs = n_shingles = n_spool = 0
     zstd = cfg.spool == "zstd"
-    tasks = ((*t, str(work.path), banding) for t in _line_tasks(files, cfg.batch_bytes, zstd))
+    line_tasks = _line_tasks(files, cfg.batch_bytes, zstd, progress)
+    tasks = ((*t, str(work.path), banding) for t in line_tasks)
     band_files = [work.file(f"band{k:03d}.u64") for k in range(banding[0])]
     handles = [open(f, "wb") for f in band_files]
     try:
         with open(sig_tmp, "wb") as fs:
-            with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
-                _init_worker(hasher_params)
-                try:
-                    for path, sigs, keys, cnt, size, hashes, spool, bad in map(
-                        _signature_task, tasks
-                    ):
-                        for line, reason, raw in bad:
-                            rejects.add(path, line, reason, raw)
-                        if not len(sigs):
-                            continue
-                        fs.write(sigs)
-                        for k, f in enumerate(handles):
-                            f.write(np.ascontiguousarray(keys[:, k]))
-                        part = parts.setdefault(hashes[0].split(".")[0], len(parts))
-                        segments.append((n_docs, part, hashes[1], n_shingles, *spool[1:], n_spool))
-                        counts.append(cnt)
-                        sizes.append(size)
-                        n_docs += len(sigs)
-                        n_shingles += int(cnt.sum())
-                        n_spool += int(size.sum())
-                        bar.update(len(sigs))
-                finally:
-                    _close_parts()
+            _init_worker(hasher_params)
+            try:
+                for path, sigs, keys, cnt, size, hashes, spool, bad in map(_signature_task, tasks):
+                    for line, reason, raw in bad:
+                        rejects.add(path, line, reason, raw)
+                    if not len(sigs):
+                        continue
+                    fs.write(sigs)
+                    for k, f in enumerate(handles):
+                        f.write(np.ascontiguousarray(keys[:, k]))
+                    part = parts.setdefault(hashes[0].split(".")[0], len(parts))
+                    segments.append((n_docs, part, hashes[1], n_shingles, *spool[1:], n_spool))
+                    counts.append(cnt)
+                    sizes.append(size)
+                    n_docs += len(sigs)
+                    n_shingles += int(cnt.sum())
+                    n_spool += int(size.sum())
+            finally:
+                _close_parts()
     finally:
         for f in handles:
             f.close()
@@ -860,7 +860,7 @@ def _clusters(cfg: DedupConfig, corpus: _Corpus, pairs: np.ndarray) -> tuple[np.
     checked = np.zeros(len(pairs), dtype=bool)
     if cfg.verify == "exact":
         todo = np.flatnonzero(est >= cfg.threshold - cfg.prefilter_margin)
-        with _progress(cfg, desc="dedup verify", unit="pair", total=len(todo)) as bar:
+        with _progress(cfg, "dedup verify", "pair", len(todo)) as bar:
             sim[todo] = _exact_jaccard(corpus, pairs[todo], bar)
         checked[todo] = True
     elif cfg.verify == "signature":
@@ -1086,15 +1086,19 @@ class DedupSignatures(_DedupStep):
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
         rejects = Rejects(tmp / "rejects.jsonl")
+        files = plan.files[lo:hi]
+        desc = f"dedup signatures task {rank}/{world_size}"
         try:
-            info = _signatures(
-                self.cfg,
-                plan.files[lo:hi],
-                _Work(tmp, {}),
-                plan.hasher_params,
-                (plan.bands, plan.rows),
-                rejects,
-            )
+            with _progress(self.cfg, desc, "B", sum(f.stat().st_size for f in files)) as bar:
+                info = _signatures(
+                    self.cfg,
+                    files,
+                    _Work(tmp, {}),
+                    plan.hasher_params,
+                    (plan.bands, plan.rows),
+                    rejects,
+                    bar,
+                )
         finally:
             rejects.close()
         tmp.replace(final)
@@ -1117,7 +1121,7 @@ class DedupBuckets(_DedupStep):
         n = max(corpus.n_docs, 1)
         lo, hi = plan.band_shares[rank]
         codes = [np.zeros(0, np.int64)]
-        with _progress(self.cfg, desc="dedup buckets", unit="band", total=hi - lo) as bar:
+        with _progress(self.cfg, f"dedup buckets task {rank}/{world_size}", "band", hi - lo) as bar:
             for k in range(lo, hi):
                 pairs = _bucket_pairs(
                     corpus.band_keys(k, plan.bands, plan.rows), self.cfg.bucket_window
@@ -1168,7 +1172,8 @@ class DedupFilter(_DedupStep):
         for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
             stale.unlink(missing_ok=True)
         try:
-            with _progress(self.cfg, desc="dedup write", unit="doc", total=hi - lo) as bar:
+            desc = f"dedup filter task {rank}/{world_size}"
+            with _progress(self.cfg, desc, "doc", hi - lo) as bar:
                 kept = _write_kept(corpus.parts(rank), keep[lo:hi], part, bar)
         finally:
             corpus.close()

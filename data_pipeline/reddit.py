@@ -164,7 +164,9 @@ class _CommentFilter:
         return OK
 
 
-def _partition(cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects) -> dict:
+def _partition(
+    cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects, progress
+) -> dict:
     """Pass 1: stream the dumps into bucket files of marshalled record lists. marshal is the
     fastest stdlib serialiser for tuples of str/int and the files never leave this process's
     Python version (they are scratch, deleted after success)."""
@@ -187,7 +189,7 @@ def _partition(cfg: RedditConfig, files: list[Path], work: Path, rejects: Reject
     for path in files:
         stats["input_bytes"] += path.stat().st_size
         kind = _file_kind(path)
-        for lineno, obj in iter_json_lines(path, rejects):
+        for lineno, obj in iter_json_lines(path, rejects, progress=progress):
             k = kind or ("c" if "parent_id" in obj else "s" if "title" in obj else None)
             try:
                 if k == "c":
@@ -479,8 +481,11 @@ class RedditMap(scaleout.TaskStep):
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
         rejects = Rejects(tmp / "rejects.jsonl")
+        files = plan.files[lo:hi]
+        total = sum(f.stat().st_size for f in files)
         try:
-            stats = _partition(self.cfg, plan.files[lo:hi], tmp, rejects)
+            with scaleout.progress(self.cfg, f"reddit map task {rank}/{world_size}", total) as bar:
+                stats = _partition(self.cfg, files, tmp, rejects, bar)
         finally:
             rejects.close()
         tmp.replace(final)
@@ -508,7 +513,8 @@ class RedditReduce(scaleout.TaskStep):
             stale.unlink(missing_ok=True)
         stats: Counter = Counter()
         largest = 0
-        with AtomicWriter(part) as out:
+        desc = f"reddit reduce task {rank}/{world_size}"
+        with AtomicWriter(part) as out, scaleout.progress(self.cfg, desc, hi - lo, "bucket") as bar:
             for i in range(lo, hi):
                 recs = []
                 for m in maps:
@@ -516,6 +522,7 @@ class RedditReduce(scaleout.TaskStep):
                 largest = max(largest, len(recs))
                 _resolve_bucket(recs, self.cfg, out, stats)
                 del recs
+                bar.update(1)
         return {**stats, "largest_bucket_records": largest}
 
 

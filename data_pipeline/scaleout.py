@@ -38,6 +38,7 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+from data_pipeline.progress import Progress
 
 EXECUTORS = ("local", "slurm")
 
@@ -64,6 +65,15 @@ class ScaleOut:
     workers: int = 0  # task processes at once on this machine (local); 0: min(tasks, cpus)
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    # Each task's progress on stderr (data_pipeline.progress): a bar on a terminal, a plain
+    # line every `progress_interval_s` in a log (Slurm, a file).
+    progress: bool = True
+    progress_interval_s: float = 30.0
+
+
+def progress(cfg: ScaleOut, desc: str, total: float | None = None, unit: str = "B") -> Progress:
+    """The progress reporter of one task (`desc` names the stage, step and task)."""
+    return Progress(desc, total, unit, enabled=cfg.progress, interval_s=cfg.progress_interval_s)
 
 
 def validate(cfg: ScaleOut) -> None:
@@ -71,6 +81,8 @@ def validate(cfg: ScaleOut) -> None:
         raise ValueError(f"executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
     if cfg.tasks < 0 or cfg.workers < 0:
         raise ValueError(f"tasks={cfg.tasks}, workers={cfg.workers}: must be >= 0")
+    if not cfg.progress_interval_s >= 0:
+        raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
 
 
 def auto_tasks(cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int) -> int:

@@ -262,6 +262,8 @@ class TokenizeShare(scaleout.TaskStep):
         def plan_doc(doc: dict) -> tuple[str, int] | None:
             """(split, copies) for a document, or None when it is not written at all."""
             counts["documents_in"] += 1
+            if by_docs:
+                bar.update(1)
             weight = plan.weights.get(str(doc["meta"].get("source")), 1.0)
             if is_validation(doc["id"], cfg.validation_fraction, cfg.seed):
                 copies, split = (1 if weight > 0 else 0), "validation"
@@ -273,7 +275,14 @@ class TokenizeShare(scaleout.TaskStep):
             return (split, copies)
 
         tok = Tokenizer(plan.spec)
-        docs = (d for u in plan.units[lo:hi] for d in iter_source_documents(u, rejects))
+        units = plan.units[lo:hi]
+        # Bytes of the input files; a streamed HF source has no size up front: documents.
+        by_docs = any("hf" in u for u in units)
+        total = None if by_docs else sum(Path(u["jsonl"]).stat().st_size for u in units)
+        desc = f"tokenize task {rank}/{world_size}"
+        bar = scaleout.progress(cfg, desc, total, "doc" if by_docs else "B")
+        reader_bar = None if by_docs else bar
+        docs = (d for u in units for d in iter_source_documents(u, rejects, reader_bar))
         pool = None
         passes: dict[int, ShardWriter] = {}
         try:
@@ -302,6 +311,7 @@ class TokenizeShare(scaleout.TaskStep):
                 for k in sorted(passes):
                     passes.pop(k).close()
         finally:
+            bar.close()
             for w in passes.values():
                 w.abort()
             if pool is not None:
