@@ -94,6 +94,9 @@ class DedupConfig(scaleout.ScaleOut):
     verify: str = "exact"  # exact: shingle-set Jaccard; signature: MinHash estimate
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
+    # Buckets tasks per group of bands, each over one range of band-key values, so a task
+    # holds about 1/key_ranges of the keys; 0: one range per 8 GiB of input.
+    key_ranges: int = 0
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
@@ -722,24 +725,27 @@ class _Corpus:
                 os.close(fd)
         return sig
 
-    def band_keys(self, k: int, bands: int, rows: int) -> np.ndarray:
-        """Band k's key of every document. Read from the signature tasks' band files, or made
+    def band_key_chunks(self, k: int, bands: int, rows: int) -> Iterator[np.ndarray]:
+        """Band k's key of every document, in document order, a chunk at a time (memory
+        does not grow with the corpus). Read from the signature tasks' band files, or made
         again from their signatures when those were keyed for another banding."""
-        out = []
+        step = 1 << 16
         for d, info in zip(self.dirs, self.infos, strict=True):
             if json.loads((d / "band_keys.json").read_text()) == [bands, rows]:
-                keys = np.fromfile(d / f"band{k:03d}.u64", dtype=np.uint64)
+                path = d / f"band{k:03d}.u64"
+                if path.stat().st_size != 8 * info["docs"]:
+                    raise RuntimeError(
+                        f"{path}: {path.stat().st_size // 8} keys for {info['docs']} docs"
+                    )
+                keys = np.memmap(path, dtype=np.uint64, mode="r") if info["docs"] else []
+                for lo in range(0, info["docs"], step):
+                    yield np.array(keys[lo : lo + step])
+                del keys
             else:
-                keys = np.empty(info["docs"], dtype=np.uint64)
-                step = 1 << 14
                 for lo in range(0, info["docs"], step):
                     hi = min(lo + step, info["docs"])
                     sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
-                    keys[lo:hi] = _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
-            if len(keys) != info["docs"]:
-                raise RuntimeError(f"{d}/band{k:03d}.u64: {len(keys)} keys for {info['docs']} docs")
-            out.append(keys)
-        return np.concatenate(out) if out else np.zeros(0, np.uint64)
+                    yield _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
 
     def doc_id(self, d: int) -> str:
         ((t, local),) = self._by_task(np.array([d]))
@@ -985,6 +991,7 @@ def _write_kept(parts: _Parts, keep: np.ndarray, output: Path, progress) -> int:
 # --- the stage as tasks (data_pipeline.scaleout) ---------------------------------------------
 
 _BYTES_PER_TASK = 256 << 20  # tasks=0: one signature task per 256 MiB of input
+_BYTES_PER_KEY_RANGE = 8 << 30  # key_ranges=0: one buckets range per 8 GiB of input
 _PART_SUFFIX = ".jsonl.zst"
 _STEPS = ("signatures", "buckets", "clusters", "filter", "report")
 
@@ -1014,6 +1021,10 @@ class _Plan:
             raise ValueError(f"bands x rows = {self.bands * self.rows} > num_perm = {cfg.num_perm}")
         self.band_tasks = min(self.tasks, self.bands)
         self.band_shares = scaleout.even_shares(self.bands, self.band_tasks)
+        if cfg.key_ranges < 0:
+            raise ValueError(f"key_ranges={cfg.key_ranges}: must be >= 0")
+        self.key_ranges = cfg.key_ranges or max(1, -(-sum(sizes) // _BYTES_PER_KEY_RANGE))
+        self.bucket_tasks = self.band_tasks * self.key_ranges
         self.hasher_params = dict(
             num_perm=cfg.num_perm,
             seed=cfg.seed,
@@ -1030,7 +1041,7 @@ class _Plan:
         self.parts = self.work / "filter"  # published as the output by the report step
 
     def step_counts(self) -> dict[str, int]:
-        return dict(zip(_STEPS, (self.tasks, self.band_tasks, 1, self.tasks, 1), strict=True))
+        return dict(zip(_STEPS, (self.tasks, self.bucket_tasks, 1, self.tasks, 1), strict=True))
 
     def fingerprints(self) -> list[tuple[str, dict]]:
         """Each step's files depend on its own entry and every earlier one."""
@@ -1039,7 +1050,14 @@ class _Plan:
         params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
         return [
             ("signatures", {"inputs": files, "tasks": self.tasks, "spool": cfg.spool, **params}),
-            ("buckets", {"banding": [self.bands, self.rows], "window": cfg.bucket_window}),
+            (
+                "buckets",
+                {
+                    "banding": [self.bands, self.rows],
+                    "window": cfg.bucket_window,
+                    "key_ranges": self.key_ranges,
+                },
+            ),
             (
                 "clusters",
                 {
@@ -1111,7 +1129,10 @@ class DedupSignatures(_DedupStep):
 
 
 class DedupBuckets(_DedupStep):
-    """Task g: the candidate pairs of its group of bands, from every signature task's keys."""
+    """Task t: the candidate pairs of group g = t // key_ranges of the bands, among the
+    documents whose band key lies in range t % key_ranges of the 2^64 key values. Documents
+    with equal keys share a range, so the ranges' pairs together are the whole group's; a
+    task holds only its range's keys (about 1/key_ranges of them, with their indices)."""
 
     name = "buckets"
 
@@ -1119,18 +1140,30 @@ class DedupBuckets(_DedupStep):
         plan = self.plan
         corpus = _Corpus(plan)
         n = max(corpus.n_docs, 1)
-        lo, hi = plan.band_shares[rank]
-        codes = [np.zeros(0, np.int64)]
+        lo, hi = plan.band_shares[rank // plan.key_ranges]
+        r, ranges = rank % plan.key_ranges, plan.key_ranges
+        k_lo, k_hi = np.uint64((r << 64) // ranges), ((r + 1) << 64) // ranges
+        k_hi = None if k_hi == 1 << 64 else np.uint64(k_hi)
+        codes, held = [np.zeros(0, np.int64)], 0
         with _progress(self.cfg, f"dedup buckets task {rank}/{world_size}", "band", hi - lo) as bar:
             for k in range(lo, hi):
-                pairs = _bucket_pairs(
-                    corpus.band_keys(k, plan.bands, plan.rows), self.cfg.bucket_window
-                )
+                keys, index, start = [], [], 0
+                for chunk in corpus.band_key_chunks(k, plan.bands, plan.rows):
+                    mine = chunk >= k_lo if k_hi is None else (chunk >= k_lo) & (chunk < k_hi)
+                    where = np.flatnonzero(mine)
+                    keys.append(chunk[where])
+                    index.append(where + start)
+                    start += len(chunk)
+                keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+                index = np.concatenate(index) if index else np.zeros(0, np.int64)
+                held = max(held, len(keys))
+                pairs = index[_bucket_pairs(keys, self.cfg.bucket_window)]
                 codes.append(pairs[:, 0] * n + pairs[:, 1])
+                del keys, index
                 bar.update(1)
         codes = np.unique(np.concatenate(codes))
         _save_npy(self.work / "buckets" / f"pairs-{rank:05d}.npy", codes)
-        return {"bands": hi - lo, "pair_codes": len(codes)}
+        return {"bands": hi - lo, "pair_codes": len(codes), "keys_held": held}
 
 
 class DedupClusters(_DedupStep):
@@ -1144,7 +1177,7 @@ class DedupClusters(_DedupStep):
         corpus = _Corpus(plan)
         n = max(corpus.n_docs, 1)
         groups = [
-            np.load(self.work / "buckets" / f"pairs-{g:05d}.npy") for g in range(plan.band_tasks)
+            np.load(self.work / "buckets" / f"pairs-{t:05d}.npy") for t in range(plan.bucket_tasks)
         ]
         codes = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
         pairs = np.stack([codes // n, codes % n], axis=1)
