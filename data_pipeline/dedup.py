@@ -725,11 +725,12 @@ class _Corpus:
                 os.close(fd)
         return sig
 
-    def band_key_chunks(self, k: int, bands: int, rows: int) -> Iterator[np.ndarray]:
-        """Band k's key of every document, in document order, a chunk at a time (memory
-        does not grow with the corpus). Read from the signature tasks' band files, or made
-        again from their signatures when those were keyed for another banding."""
-        step = 1 << 16
+    def band_key_chunks(
+        self, k: int, bands: int, rows: int, step: int = 1 << 16
+    ) -> Iterator[np.ndarray]:
+        """Band k's key of every document, in document order, `step` documents at a time
+        (memory does not grow with the corpus). Read from the signature tasks' band files, or
+        made again from their signatures when those were keyed for another banding."""
         for d, info in zip(self.dirs, self.infos, strict=True):
             if json.loads((d / "band_keys.json").read_text()) == [bands, rows]:
                 path = d / f"band{k:03d}.u64"
@@ -737,13 +738,12 @@ class _Corpus:
                     raise RuntimeError(
                         f"{path}: {path.stat().st_size // 8} keys for {info['docs']} docs"
                     )
-                keys = np.memmap(path, dtype=np.uint64, mode="r") if info["docs"] else []
                 for lo in range(0, info["docs"], step):
-                    yield np.array(keys[lo : lo + step])
-                del keys
-            else:
-                for lo in range(0, info["docs"], step):
-                    hi = min(lo + step, info["docs"])
+                    yield np.fromfile(path, np.uint64, min(step, info["docs"] - lo), offset=8 * lo)
+            else:  # signature rows are num_perm x 4 bytes: 16,384 at a time at most
+                rows_step = min(step, 1 << 14)
+                for lo in range(0, info["docs"], rows_step):
+                    hi = min(lo + rows_step, info["docs"])
                     sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
                     yield _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
 
@@ -1147,6 +1147,14 @@ class DedupBuckets(_DedupStep):
         codes, held = [np.zeros(0, np.int64)], 0
         with _progress(self.cfg, f"dedup buckets task {rank}/{world_size}", "band", hi - lo) as bar:
             for k in range(lo, hi):
+                if ranges == 1:  # every key: read whole, no filtering
+                    chunks = corpus.band_key_chunks(k, plan.bands, plan.rows, step=1 << 62)
+                    keys = np.concatenate([np.zeros(0, np.uint64), *chunks])
+                    held = max(held, len(keys))
+                    pairs = _bucket_pairs(keys, self.cfg.bucket_window)
+                    codes.append(pairs[:, 0] * n + pairs[:, 1])
+                    bar.update(1)
+                    continue
                 keys, index, start = [], [], 0
                 for chunk in corpus.band_key_chunks(k, plan.bands, plan.rows):
                     mine = chunk >= k_lo if k_hi is None else (chunk >= k_lo) & (chunk < k_hi)
