@@ -95,7 +95,7 @@ class DedupConfig(scaleout.ScaleOut):
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
     # Buckets tasks per group of bands, each over one range of band-key values, so a task
-    # holds about 1/key_ranges of the keys; 0: one range per 8 GiB of input.
+    # holds about 1/key_ranges of the keys; 0: one range per 32 GiB of input.
     key_ranges: int = 0
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
@@ -991,7 +991,7 @@ def _write_kept(parts: _Parts, keep: np.ndarray, output: Path, progress) -> int:
 # --- the stage as tasks (data_pipeline.scaleout) ---------------------------------------------
 
 _BYTES_PER_TASK = 256 << 20  # tasks=0: one signature task per 256 MiB of input
-_BYTES_PER_KEY_RANGE = 8 << 30  # key_ranges=0: one buckets range per 8 GiB of input
+_BYTES_PER_KEY_RANGE = 32 << 30  # key_ranges=0: one buckets range per 32 GiB of input
 _PART_SUFFIX = ".jsonl.zst"
 _STEPS = ("signatures", "buckets", "clusters", "filter", "report")
 
