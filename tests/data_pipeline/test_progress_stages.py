@@ -57,3 +57,28 @@ def test_a_stage_logging_to_a_file_writes_plain_progress_lines_for_every_task(st
         assert any(line.startswith(f"{desc}: done, ") for line in lines), desc
     # the last line of a task's first file: its share's bytes, at most 100%
     assert all(float(m) <= 100.0 for m in re.findall(r"\((\d+\.\d)%\)", text))
+
+
+def test_the_chain_logging_to_a_file_reports_its_steps_and_each_tasks_progress(tmp_path):
+    docs_dir(tmp_path / "in")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_pipeline", f"work_dir={tmp_path / 'work'}",
+             f"sources=[{{name: web, input: {tmp_path / 'in'}}}]", "steps=[clean]",
+             "tasks=2", "workers=1", "progress_interval_s=0"],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    # ingest web, clean web, tokenize: three steps
+    assert [x for x in lines if x.startswith("chain: ") and "ETA" in x][-1].startswith(
+        "chain: 3/3 steps (100.0%)"
+    )
+    assert any(x.startswith("chain: done, 3 steps in ") for x in lines)
+    assert any(re.match(r"ingest web: .+ \(100\.0%\) \| .+ \| ETA", x) for x in lines)
+    for desc in ("clean task 0/1", "tokenize task 0/1"):  # one ingested file: one share
+        assert any(LINE.match(x) and x.startswith(desc) for x in lines), desc
