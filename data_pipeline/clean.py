@@ -200,10 +200,6 @@ class CleanShare(scaleout.TaskStep):
 
     name = "clean"
 
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
-
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.shares[rank]
@@ -253,10 +249,6 @@ class CleanReport(scaleout.TaskStep):
     parts published as the output."""
 
     name = "report"
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan

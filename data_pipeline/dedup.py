@@ -1078,17 +1078,7 @@ class _Plan:
         return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
 
 
-class _DedupStep(scaleout.TaskStep):
-    """Every task gets the driver's plan: the input list is expanded once (a task expanding
-    it again could see files written since, e.g. in an output beside the input)."""
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
-
-
-class DedupSignatures(_DedupStep):
+class DedupSignatures(scaleout.TaskStep):
     """Task r: MinHash signatures, band keys, shingle hashes and the parsed lines (spool) of its
     contiguous share of the input files, in its own directory."""
 
@@ -1128,7 +1118,7 @@ class DedupSignatures(_DedupStep):
         }
 
 
-class DedupBuckets(_DedupStep):
+class DedupBuckets(scaleout.TaskStep):
     """Task t: the candidate pairs of group g = t // key_ranges of the bands, among the
     documents whose band key lies in range t % key_ranges of the 2^64 key values. Documents
     with equal keys share a range, so the ranges' pairs together are the whole group's; a
@@ -1174,7 +1164,7 @@ class DedupBuckets(_DedupStep):
         return {"bands": hi - lo, "pair_codes": len(codes), "keys_held": held}
 
 
-class DedupClusters(_DedupStep):
+class DedupClusters(scaleout.TaskStep):
     """One task over the candidate pairs only: prefilter by estimated Jaccard, exact Jaccard,
     union-find, keep the first document of each cluster in input order."""
 
@@ -1197,7 +1187,7 @@ class DedupClusters(_DedupStep):
         return info
 
 
-class DedupFilter(_DedupStep):
+class DedupFilter(scaleout.TaskStep):
     """Task r: the kept documents of signature task r's share, from its spool, as part r."""
 
     name = "filter"
@@ -1221,7 +1211,7 @@ class DedupFilter(_DedupStep):
         return {"docs_in": hi - lo, "docs_out": kept}
 
 
-class DedupReport(_DedupStep):
+class DedupReport(scaleout.TaskStep):
     """One task: the stage report (every task's statistics), the rejects of every signature
     task in input order, and for a file output the parts joined into it."""
 

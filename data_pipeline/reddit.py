@@ -465,12 +465,6 @@ class RedditMap(scaleout.TaskStep):
 
     name = "map"
 
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
-
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.file_shares[rank]
@@ -497,12 +491,6 @@ class RedditReduce(scaleout.TaskStep):
     meet in input order as in one process), rebuilds the threads and writes part r."""
 
     name = "reduce"
-
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
@@ -531,12 +519,6 @@ class RedditReport(scaleout.TaskStep):
     map task's, in input order) and, for a file output, the parts joined into it."""
 
     name = "report"
-
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan

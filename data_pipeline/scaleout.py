@@ -222,14 +222,19 @@ def task_stats(work: Path, step: str, tasks: int) -> list[dict]:
 
 class TaskStep(PipelineStep):
     """A pipeline step whose task does its share through `self.task(rank, world_size)` (which
-    returns its statistics, written to `task-<rank>.json`) and passes no documents on."""
+    returns its statistics, written to `task-<rank>.json`) and passes no documents on.
+
+    It holds the stage's plan (the driver's: inputs expanded once, shares fixed, so every task,
+    pickled to another process or node, sees the same) with its `work` directory and `cfg`."""
 
     type = "opt-data"
     name = "task"
 
-    def __init__(self, work: Path):
+    def __init__(self, plan: Any):
         super().__init__()
-        self.work = Path(work)
+        self.plan = plan
+        self.work = Path(plan.work)
+        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
         raise NotImplementedError

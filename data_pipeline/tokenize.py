@@ -242,10 +242,6 @@ class TokenizeShare(scaleout.TaskStep):
 
     name = "tokenize"
 
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
-
     def task(self, rank: int, world_size: int) -> dict:
         plan, cfg = self.plan, self.plan.cfg
         lo, hi = plan.shares[rank]
@@ -327,10 +323,6 @@ class TokenizeMerge(scaleout.TaskStep):
     have written them (data_pipeline.merge), the rejects in input order, and the report."""
 
     name = "merge"
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
