@@ -52,7 +52,7 @@ import zstandard
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
@@ -1275,11 +1275,8 @@ def run(cfg: DedupConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     MinHasher(**plan.hasher_params)  # validates the parameters before any work
-    scaleout.clear_stale(plan.out)  # of a killed run
-    scaleout.prepare_steps(plan.work, plan.fingerprints())
+    scaleout.prepare(plan, plan.fingerprints())
     counts = plan.step_counts()
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"])
     resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
     steps = [
         (cls(plan), counts[cls.name])
@@ -1288,18 +1285,10 @@ def run(cfg: DedupConfig) -> dict:
     if cfg.executor == "local":
         _warm_up(plan.hasher_params, (plan.bands, plan.rows))
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "dedup", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
-        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
-    report["resumed_stages"] = resumed
-    elapsed = time.perf_counter() - t0
-    report["seconds"] = round(elapsed, 3)
-    report["docs_per_s"] = round(report["docs_in"] / elapsed, 1) if elapsed > 0 else None
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
+    report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
+    if "slurm_jobs" not in report:
+        report["resumed_stages"] = resumed
+        write_report(plan.out, report)
     return report
 
 

@@ -54,7 +54,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
@@ -592,29 +592,14 @@ def run(cfg: RedditConfig) -> dict:
     _validate(cfg)
     t0 = time.perf_counter()
     plan = _Plan(cfg)
-    scaleout.clear_stale(plan.out)  # of a killed run
-    scaleout.prepare_steps(plan.work, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"])
+    scaleout.prepare(plan, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
     steps = [
         (RedditMap(plan), plan.map_tasks),
         (RedditReduce(plan), plan.reduce_tasks),
         (RedditReport(plan), 1),
     ]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "reddit", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
-        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    report["comments_per_s"] = (
-        round(report["comments_in"] / report["seconds"], 1) if report["seconds"] else 0.0
-    )
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
-    return report
+    return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
 
 
 def main() -> None:

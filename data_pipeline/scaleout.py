@@ -37,6 +37,7 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
+from data_pipeline.cli import report_path, write_report
 from data_pipeline.io import AtomicWriter, Rejects, iter_lines
 from data_pipeline.progress import Progress
 
@@ -252,6 +253,38 @@ class TaskStep(PipelineStep):
                 self.stat_update(k, value=v)
         write_json(task_file(self.work, self.name, rank), stats)
         return []
+
+
+# --- a stage's run, around its steps -----------------------------------------------------------
+
+
+def prepare(plan: Any, fingerprints: list[tuple[str, dict]]) -> None:
+    """Before a stage's steps run: clear a killed run's temporaries beside the output, keep
+    only the step files still valid (prepare_steps), and redo the last step (the one that
+    publishes the output) when the output has been removed since."""
+    clear_stale(plan.out)
+    prepare_steps(plan.work, fingerprints)
+    if not plan.out.exists():
+        forget(plan.work, [fingerprints[-1][0]])
+
+
+def finish(stage: str, plan: Any, jobs: list[str], t0: float, count: str, rate: str) -> dict:
+    """After the steps: the report (written by the last step) with the stage's wall seconds,
+    `rate` = `count` per second and, local, each step's wall seconds; the work directory
+    removed unless keep_work. With slurm.wait=false, the submitted job ids instead."""
+    cfg = plan.cfg
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        return {"stage": stage, "slurm_jobs": jobs, "work_dir": str(plan.work)}
+    report = json.loads(report_path(plan.out).read_text())
+    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
+        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
+    secs = time.perf_counter() - t0
+    report["seconds"] = round(secs, 3)
+    report[rate] = round(report[count] / secs, 1) if secs > 0 else 0.0
+    write_report(plan.out, report)
+    if not cfg.keep_work:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return report
 
 
 # --- executors -------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -53,7 +52,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import Rejects, expand_inputs
 from data_pipeline.merge import check_parts, write_merged
 from data_pipeline.shards import ShardWriter, read_manifest
@@ -152,20 +151,6 @@ def _batches(docs: Iterator[dict], batch_bytes: int, plan) -> Iterator[tuple[lis
             texts, places, size = [], [], 0
     if texts:
         yield texts, places
-
-
-def _clear_stale(output: Path) -> None:
-    """Remove temporaries a killed run left beside `output` (their process is gone)."""
-    for p in output.parent.glob(f".{output.name}*.*-*"):
-        kind, _, pid = p.name.rpartition("-")
-        if not pid.isdigit() or not kind.endswith((".tmp", ".old")):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        except PermissionError:
-            pass
 
 
 _BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of input
@@ -386,22 +371,14 @@ def run(cfg: TokenizeConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(plan.out)
     rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
-    scaleout.prepare_steps(plan.work, [("tokenize", plan.fingerprint()), ("merge", {})])
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["merge"])
+    scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
     steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "tokenize", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    secs = time.perf_counter() - t0
-    report["seconds"] = round(secs, 3)
-    report["mb_per_s"] = round(report["bytes_in"] / 1e6 / secs, 3) if secs > 0 else None
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
+    report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
+    if "bytes_per_s" in report:
+        report["mb_per_s"] = round(report.pop("bytes_per_s") / 1e6, 3)
+        write_report(plan.out, report)
     return report
 
 
