@@ -50,7 +50,8 @@ from omegaconf import MISSING, OmegaConf
 from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
 from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, Rejects
-from data_pipeline.scaleout import ScaleOut
+from data_pipeline.progress import Progress
+from data_pipeline.scaleout import ScaleOut, progress
 from data_pipeline.scaleout import validate as validate_scaleout
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 
@@ -67,9 +68,11 @@ OPTIONAL_STAGES = {"clean", "dedup"}
 # Document stages that see all sources at once (the rest run once per source).
 ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
-RUNTIME_PARAMS = {"workers", "batch_bytes", "progress", "tasks", "executor", "slurm"}
+RUNTIME_PARAMS = {
+    "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm"
+}  # fmt: skip
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "clean", "dedup")
+SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
 JSONL_SUFFIX = ".jsonl.zst"
 
 
@@ -88,7 +91,7 @@ class SourceConfig:
 class ChainConfig(ScaleOut):
     """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each. The
     scale-out keys (tasks, workers, executor, slurm) apply to every stage that is split into
-    tasks (reddit, clean, dedup) unless that stage's own parameters set them."""
+    tasks (reddit, clean, dedup, tokenize) unless that stage's own parameters set them."""
 
     work_dir: str = MISSING
     output: str | None = None
@@ -112,6 +115,8 @@ class IngestConfig:
     input: Any = MISSING
     output: str = MISSING
     source: str = MISSING
+    progress: bool = True
+    progress_interval_s: float = 30.0
 
 
 def ingest(cfg: IngestConfig) -> dict:
@@ -121,9 +126,17 @@ def ingest(cfg: IngestConfig) -> dict:
     rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
     rejects = Rejects(rejects_path(out))
     n, nbytes = 0, 0
+    # Bytes of the local files; a streamed HF source (no size up front) counts documents.
+    total = sum(p.stat().st_size for p in local_files(cfg.input))
+    by_docs = any("hf" in e for e in normalize(cfg.input))
+    bar = Progress(f"ingest {cfg.source}", None if by_docs else total,
+                   "doc" if by_docs else "B", enabled=cfg.progress,
+                   interval_s=cfg.progress_interval_s)  # fmt: skip
     try:
-        with AtomicWriter(out) as w:
-            for doc in iter_source_documents(cfg.input, rejects):
+        with AtomicWriter(out) as w, bar:
+            for doc in iter_source_documents(cfg.input, rejects, None if by_docs else bar):
+                if by_docs:
+                    bar.update(1)
                 doc["id"] = f"{cfg.source}/{doc['id']}"
                 doc["meta"] = {**doc["meta"], "source": cfg.source}
                 w.write_doc(doc)
@@ -226,13 +239,20 @@ def _stage_config(config_cls: type, params: dict, input_spec: Any, output: Path)
 
 
 class _Runner:
-    def __init__(self, cfg: ChainConfig):
+    def __init__(self, cfg: ChainConfig, total_steps: int):
         self.cfg = cfg
         self.sums = Checksums(cfg.checksum)
         self.steps: list[dict] = []
+        self.progress = progress(cfg, "chain", total_steps, "step")
 
     def step(self, stage: str, label: str, input_spec: Any, output: Path, params: dict) -> Path:
         """Run (or skip) one stage; returns where its output is (its input when missing)."""
+        try:
+            return self._step(stage, label, input_spec, output, params)
+        finally:
+            self.progress.update(1)
+
+    def _step(self, stage: str, label: str, input_spec: Any, output: Path, params: dict) -> Path:
         t0 = time.perf_counter()
         loaded = _load_stage(stage)
         entry = {"stage": stage, "label": label, "output": str(output)}
@@ -333,9 +353,14 @@ def run(cfg: ChainConfig) -> dict:
     t0 = time.perf_counter()
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    r = _Runner(cfg)
+    n = len(cfg.sources)
+    reddit_sources = sum(s.kind == "reddit" for s in cfg.sources)
+    per_stage = sum(1 if s in ACROSS_SOURCES else n for s in cfg.steps)
+    r = _Runner(cfg, reddit_sources + n + per_stage + 1)
     params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
-    scale = {k: getattr(cfg, k) for k in ("tasks", "workers", "executor")}
+    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s")
+    scale = {k: getattr(cfg, k) for k in keys}
+    shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
     scale["slurm"] = asdict(cfg.slurm) if is_dataclass(cfg.slurm) else plain(cfg.slurm)
     for s in SCALED_STAGES:
         params[s] = {**scale, **params[s]}
@@ -349,19 +374,21 @@ def run(cfg: ChainConfig) -> dict:
                 params["reddit"],
             )  # fmt: skip
         out = work / "ingest" / f"{src.name}{JSONL_SUFFIX}"
-        current.append((src.name, r.step("ingest", src.name, spec, out, {"source": src.name})))
+        ingest_params = {"source": src.name, **shown}
+        current.append((src.name, r.step("ingest", src.name, spec, out, ingest_params)))
 
+    # clean and dedup write directories of ordered parts (one per task), so that tokenize
+    # after them can split its input into as many shares.
     for stage in cfg.steps:
         if stage in ACROSS_SOURCES:
             inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
-            out = work / stage / f"all{JSONL_SUFFIX}"
+            out = work / stage / "all"
             current = [("all", r.step(stage, "all", inputs, out, params[stage]))]
         else:
             current = [
-                (label, r.step(stage, label, str(p), work / stage / f"{label}{JSONL_SUFFIX}",
-                               params[stage]))
+                (label, r.step(stage, label, str(p), work / stage / label, params[stage]))
                 for label, p in current
-            ]  # fmt: skip
+            ]
 
     output = Path(cfg.output) if cfg.output else work / "tokens"
     chain_record = {
@@ -384,6 +411,7 @@ def run(cfg: ChainConfig) -> dict:
     }
     inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
     r.step("tokenize", "tokens", inputs, output, tok_params)
+    r.progress.close()
 
     rejects = {"total": 0, "by_file": {}}
     for s in r.steps:

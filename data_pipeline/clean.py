@@ -13,10 +13,8 @@ empty texts). Bad input lines go to the rejects file as in `data_pipeline.io.rea
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
 
 # Line breaks other than \n: CRLF/CR (Windows/old Mac), VT, FF, NEL, LS, PS. CRLF first, so it
@@ -200,10 +198,6 @@ class CleanShare(scaleout.TaskStep):
 
     name = "clean"
 
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
-
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.shares[rank]
@@ -216,9 +210,12 @@ class CleanShare(scaleout.TaskStep):
         rejects = Rejects(tmp)
         st: Counter = Counter()
         empty_ids: list[str] = []
+        files = plan.files[lo:hi]
+        total = sum(f.stat().st_size for f in files)
+        bar = scaleout.progress(plan.cfg, f"clean task {rank}/{world_size}", total)
         try:
-            with AtomicWriter(part) as out:
-                for doc in read_documents(plan.files[lo:hi], rejects):
+            with AtomicWriter(part) as out, bar:
+                for doc in read_documents(files, rejects, bar):
                     st["docs_in"] += 1
                     text = doc["text"]
                     new = clean(text)
@@ -250,10 +247,6 @@ class CleanReport(scaleout.TaskStep):
     parts published as the output."""
 
     name = "report"
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
@@ -292,22 +285,10 @@ def run(cfg: CleanConfig) -> dict:
     t0 = time.perf_counter()
     scaleout.validate(cfg)
     plan = _Plan(cfg)
-    scaleout.clear_stale(plan.out)  # of a killed run
-    scaleout.prepare_steps(plan.work, [("clean", plan.fingerprint()), ("report", {})])
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"])
+    scaleout.prepare(plan, [("clean", plan.fingerprint()), ("report", {})])
     steps = [(CleanShare(plan), plan.tasks), (CleanReport(plan), 1)]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "clean", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    secs = time.perf_counter() - t0
-    report["seconds"] = round(secs, 3)
-    report["docs_per_s"] = round(report["docs_in"] / secs, 1) if secs > 0 else 0.0
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
-    return report
+    return scaleout.finish("clean", plan, jobs, t0, "docs_in", "docs_per_s")
 
 
 def main() -> None:

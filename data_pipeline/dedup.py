@@ -52,10 +52,11 @@ import zstandard
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
+    Counted,
     LineRejected,
     Rejects,
     _zstd_chunks,
@@ -93,12 +94,14 @@ class DedupConfig(scaleout.ScaleOut):
     verify: str = "exact"  # exact: shingle-set Jaccard; signature: MinHash estimate
     prefilter_margin: float = 0.1  # skip exact check when estimate < threshold - margin
     bucket_window: int = 16  # pair each bucket member with the next `window` members
+    # Buckets tasks per group of bands, each over one range of band-key values, so a task
+    # holds about 1/key_ranges of the keys; 0: one range per 32 GiB of input.
+    key_ranges: int = 0
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
-    progress: bool = True
     examples: int = 5  # example pairs in the report
 
 
@@ -235,19 +238,20 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _chunks(path: Path, size: int) -> Iterator[bytes]:
-    """The decompressed bytes of an input file in pieces of about `size`, with the data that
-    io.iter_lines would have delivered before a truncation error, then that error."""
+def _chunks(path: Path, size: int, progress) -> Iterator[bytes]:
+    """The decompressed bytes of a compressed input file in pieces of about `size`, with the
+    data that io.iter_lines would have delivered before a truncation error, then that error.
+    `progress` is told the compressed bytes read."""
     with open(path, "rb") as raw:
         if path.suffix == ".zst":
-            yield from _zstd_chunks(raw)
+            yield from _zstd_chunks(Counted(raw, progress))
         elif path.suffix != ".gz":
             while chunk := raw.read(size):
                 yield chunk
         else:  # gzip: line by line, as iter_lines, so a truncated file loses the same lines
             acc, n = [], 0
             try:
-                for line in iter_lines(path):
+                for line in iter_lines(path, progress):
                     acc.append(line)
                     n += len(line)
                     if n >= size:
@@ -261,7 +265,7 @@ def _chunks(path: Path, size: int) -> Iterator[bytes]:
                 yield b"".join(acc)
 
 
-def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
+def _line_tasks(files: list[Path], size: int, zstd: bool, progress) -> Iterator[tuple]:
     """Signature tasks: (file, number of its first line, a block of whole lines, reject,
     zstd) with about `size` bytes of one file. Workers split and parse the lines, so neither
     the JSON work nor a Python step per line stays in this process. A truncated compressed
@@ -270,11 +274,11 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
     generator runs in the pool's feeder thread)."""
     for path in files:
         if path.suffix not in (".gz", ".zst"):
-            yield from _plain_tasks(path, size, zstd)
+            yield from _plain_tasks(path, size, zstd, progress)
             continue
         lineno, tail = 0, b""  # lines sent so far; the unfinished last line
         try:
-            for chunk in _chunks(path, size):
+            for chunk in _chunks(path, size, progress):
                 cut = chunk.rfind(b"\n") + 1
                 if cut == 0:
                     tail += chunk
@@ -290,7 +294,7 @@ def _line_tasks(files: list[Path], size: int, zstd: bool) -> Iterator[tuple]:
             yield str(path), lineno + 1, tail, None, zstd
 
 
-def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
+def _plain_tasks(path: Path, size: int, zstd: bool, progress) -> Iterator[tuple]:
     """Tasks for an uncompressed file: (file, first line, (offset, length) of a block of
     whole lines, None, zstd). The worker reads the block itself; pickling 1 MiB blocks
     through the pool's pipe cost ~2-4 us per document (measured). The lines are still read
@@ -310,6 +314,7 @@ def _plain_tasks(path: Path, size: int, zstd: bool) -> Iterator[tuple]:
                     continue
                 cut = n  # the last line, without a newline
             yield str(path), lineno + 1, (pos, cut), None, zstd
+            progress.update(cut)
             lineno += count_newlines(buf, cut)
             pos += cut
 
@@ -479,10 +484,9 @@ def _close_parts() -> None:
 _SPOOL_CCTX = zstandard.ZstdCompressor(level=1)
 
 
-def _progress(cfg: DedupConfig, **kw):
-    from tqdm import tqdm
-
-    return tqdm(disable=not cfg.progress, dynamic_ncols=True, **kw)
+def _progress(cfg: DedupConfig, desc: str, unit: str, total: float | None = None):
+    """A task's progress reporter (data_pipeline.progress through scaleout)."""
+    return scaleout.progress(cfg, desc, total, unit)
 
 
 # --- restartable stages --------------------------------------------------------------------
@@ -544,43 +548,42 @@ def _signatures(
     hasher_params: dict,
     banding: tuple,
     rejects: Rejects,
+    progress,
 ) -> dict:
     """Signatures, band keys, shingle hashes and spool of `files` into `work`, in this process
-    (tasks, not threads or a pool inside a task, are how the stage uses more cores)."""
+    (tasks, not threads or a pool inside a task, are how the stage uses more cores);
+    `progress` is told the bytes of the files read."""
     sig_tmp = work.file("signatures.u32.tmp")
     if cfg.spool not in ("plain", "zstd"):
         raise ValueError(f"spool must be plain or zstd, got {cfg.spool!r}")
     counts, sizes, segments, parts = [], [], [], {}
     n_docs = n_shingles = n_spool = 0
     zstd = cfg.spool == "zstd"
-    tasks = ((*t, str(work.path), banding) for t in _line_tasks(files, cfg.batch_bytes, zstd))
+    line_tasks = _line_tasks(files, cfg.batch_bytes, zstd, progress)
+    tasks = ((*t, str(work.path), banding) for t in line_tasks)
     band_files = [work.file(f"band{k:03d}.u64") for k in range(banding[0])]
     handles = [open(f, "wb") for f in band_files]
     try:
         with open(sig_tmp, "wb") as fs:
-            with _progress(cfg, desc="dedup signatures", unit="doc") as bar:
-                _init_worker(hasher_params)
-                try:
-                    for path, sigs, keys, cnt, size, hashes, spool, bad in map(
-                        _signature_task, tasks
-                    ):
-                        for line, reason, raw in bad:
-                            rejects.add(path, line, reason, raw)
-                        if not len(sigs):
-                            continue
-                        fs.write(sigs)
-                        for k, f in enumerate(handles):
-                            f.write(np.ascontiguousarray(keys[:, k]))
-                        part = parts.setdefault(hashes[0].split(".")[0], len(parts))
-                        segments.append((n_docs, part, hashes[1], n_shingles, *spool[1:], n_spool))
-                        counts.append(cnt)
-                        sizes.append(size)
-                        n_docs += len(sigs)
-                        n_shingles += int(cnt.sum())
-                        n_spool += int(size.sum())
-                        bar.update(len(sigs))
-                finally:
-                    _close_parts()
+            _init_worker(hasher_params)
+            try:
+                for path, sigs, keys, cnt, size, hashes, spool, bad in map(_signature_task, tasks):
+                    for line, reason, raw in bad:
+                        rejects.add(path, line, reason, raw)
+                    if not len(sigs):
+                        continue
+                    fs.write(sigs)
+                    for k, f in enumerate(handles):
+                        f.write(np.ascontiguousarray(keys[:, k]))
+                    part = parts.setdefault(hashes[0].split(".")[0], len(parts))
+                    segments.append((n_docs, part, hashes[1], n_shingles, *spool[1:], n_spool))
+                    counts.append(cnt)
+                    sizes.append(size)
+                    n_docs += len(sigs)
+                    n_shingles += int(cnt.sum())
+                    n_spool += int(size.sum())
+            finally:
+                _close_parts()
     finally:
         for f in handles:
             f.close()
@@ -722,24 +725,27 @@ class _Corpus:
                 os.close(fd)
         return sig
 
-    def band_keys(self, k: int, bands: int, rows: int) -> np.ndarray:
-        """Band k's key of every document. Read from the signature tasks' band files, or made
-        again from their signatures when those were keyed for another banding."""
-        out = []
+    def band_key_chunks(
+        self, k: int, bands: int, rows: int, step: int = 1 << 16
+    ) -> Iterator[np.ndarray]:
+        """Band k's key of every document, in document order, `step` documents at a time
+        (memory does not grow with the corpus). Read from the signature tasks' band files, or
+        made again from their signatures when those were keyed for another banding."""
         for d, info in zip(self.dirs, self.infos, strict=True):
             if json.loads((d / "band_keys.json").read_text()) == [bands, rows]:
-                keys = np.fromfile(d / f"band{k:03d}.u64", dtype=np.uint64)
-            else:
-                keys = np.empty(info["docs"], dtype=np.uint64)
-                step = 1 << 14
+                path = d / f"band{k:03d}.u64"
+                if path.stat().st_size != 8 * info["docs"]:
+                    raise RuntimeError(
+                        f"{path}: {path.stat().st_size // 8} keys for {info['docs']} docs"
+                    )
                 for lo in range(0, info["docs"], step):
-                    hi = min(lo + step, info["docs"])
+                    yield np.fromfile(path, np.uint64, min(step, info["docs"] - lo), offset=8 * lo)
+            else:  # signature rows are num_perm x 4 bytes: 16,384 at a time at most
+                rows_step = min(step, 1 << 14)
+                for lo in range(0, info["docs"], rows_step):
+                    hi = min(lo + rows_step, info["docs"])
                     sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
-                    keys[lo:hi] = _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
-            if len(keys) != info["docs"]:
-                raise RuntimeError(f"{d}/band{k:03d}.u64: {len(keys)} keys for {info['docs']} docs")
-            out.append(keys)
-        return np.concatenate(out) if out else np.zeros(0, np.uint64)
+                    yield _band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
 
     def doc_id(self, d: int) -> str:
         ((t, local),) = self._by_task(np.array([d]))
@@ -860,7 +866,7 @@ def _clusters(cfg: DedupConfig, corpus: _Corpus, pairs: np.ndarray) -> tuple[np.
     checked = np.zeros(len(pairs), dtype=bool)
     if cfg.verify == "exact":
         todo = np.flatnonzero(est >= cfg.threshold - cfg.prefilter_margin)
-        with _progress(cfg, desc="dedup verify", unit="pair", total=len(todo)) as bar:
+        with _progress(cfg, "dedup verify", "pair", len(todo)) as bar:
             sim[todo] = _exact_jaccard(corpus, pairs[todo], bar)
         checked[todo] = True
     elif cfg.verify == "signature":
@@ -985,6 +991,7 @@ def _write_kept(parts: _Parts, keep: np.ndarray, output: Path, progress) -> int:
 # --- the stage as tasks (data_pipeline.scaleout) ---------------------------------------------
 
 _BYTES_PER_TASK = 256 << 20  # tasks=0: one signature task per 256 MiB of input
+_BYTES_PER_KEY_RANGE = 32 << 30  # key_ranges=0: one buckets range per 32 GiB of input
 _PART_SUFFIX = ".jsonl.zst"
 _STEPS = ("signatures", "buckets", "clusters", "filter", "report")
 
@@ -1014,6 +1021,10 @@ class _Plan:
             raise ValueError(f"bands x rows = {self.bands * self.rows} > num_perm = {cfg.num_perm}")
         self.band_tasks = min(self.tasks, self.bands)
         self.band_shares = scaleout.even_shares(self.bands, self.band_tasks)
+        if cfg.key_ranges < 0:
+            raise ValueError(f"key_ranges={cfg.key_ranges}: must be >= 0")
+        self.key_ranges = cfg.key_ranges or max(1, -(-sum(sizes) // _BYTES_PER_KEY_RANGE))
+        self.bucket_tasks = self.band_tasks * self.key_ranges
         self.hasher_params = dict(
             num_perm=cfg.num_perm,
             seed=cfg.seed,
@@ -1030,7 +1041,7 @@ class _Plan:
         self.parts = self.work / "filter"  # published as the output by the report step
 
     def step_counts(self) -> dict[str, int]:
-        return dict(zip(_STEPS, (self.tasks, self.band_tasks, 1, self.tasks, 1), strict=True))
+        return dict(zip(_STEPS, (self.tasks, self.bucket_tasks, 1, self.tasks, 1), strict=True))
 
     def fingerprints(self) -> list[tuple[str, dict]]:
         """Each step's files depend on its own entry and every earlier one."""
@@ -1039,7 +1050,14 @@ class _Plan:
         params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
         return [
             ("signatures", {"inputs": files, "tasks": self.tasks, "spool": cfg.spool, **params}),
-            ("buckets", {"banding": [self.bands, self.rows], "window": cfg.bucket_window}),
+            (
+                "buckets",
+                {
+                    "banding": [self.bands, self.rows],
+                    "window": cfg.bucket_window,
+                    "key_ranges": self.key_ranges,
+                },
+            ),
             (
                 "clusters",
                 {
@@ -1060,17 +1078,7 @@ class _Plan:
         return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
 
 
-class _DedupStep(scaleout.TaskStep):
-    """Every task gets the driver's plan: the input list is expanded once (a task expanding
-    it again could see files written since, e.g. in an output beside the input)."""
-
-    def __init__(self, plan: _Plan):
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
-
-
-class DedupSignatures(_DedupStep):
+class DedupSignatures(scaleout.TaskStep):
     """Task r: MinHash signatures, band keys, shingle hashes and the parsed lines (spool) of its
     contiguous share of the input files, in its own directory."""
 
@@ -1086,15 +1094,19 @@ class DedupSignatures(_DedupStep):
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
         rejects = Rejects(tmp / "rejects.jsonl")
+        files = plan.files[lo:hi]
+        desc = f"dedup signatures task {rank}/{world_size}"
         try:
-            info = _signatures(
-                self.cfg,
-                plan.files[lo:hi],
-                _Work(tmp, {}),
-                plan.hasher_params,
-                (plan.bands, plan.rows),
-                rejects,
-            )
+            with _progress(self.cfg, desc, "B", sum(f.stat().st_size for f in files)) as bar:
+                info = _signatures(
+                    self.cfg,
+                    files,
+                    _Work(tmp, {}),
+                    plan.hasher_params,
+                    (plan.bands, plan.rows),
+                    rejects,
+                    bar,
+                )
         finally:
             rejects.close()
         tmp.replace(final)
@@ -1106,8 +1118,11 @@ class DedupSignatures(_DedupStep):
         }
 
 
-class DedupBuckets(_DedupStep):
-    """Task g: the candidate pairs of its group of bands, from every signature task's keys."""
+class DedupBuckets(scaleout.TaskStep):
+    """Task t: the candidate pairs of group g = t // key_ranges of the bands, among the
+    documents whose band key lies in range t % key_ranges of the 2^64 key values. Documents
+    with equal keys share a range, so the ranges' pairs together are the whole group's; a
+    task holds only its range's keys (about 1/key_ranges of them, with their indices)."""
 
     name = "buckets"
 
@@ -1115,21 +1130,41 @@ class DedupBuckets(_DedupStep):
         plan = self.plan
         corpus = _Corpus(plan)
         n = max(corpus.n_docs, 1)
-        lo, hi = plan.band_shares[rank]
-        codes = [np.zeros(0, np.int64)]
-        with _progress(self.cfg, desc="dedup buckets", unit="band", total=hi - lo) as bar:
+        lo, hi = plan.band_shares[rank // plan.key_ranges]
+        r, ranges = rank % plan.key_ranges, plan.key_ranges
+        k_lo, k_hi = np.uint64((r << 64) // ranges), ((r + 1) << 64) // ranges
+        k_hi = None if k_hi == 1 << 64 else np.uint64(k_hi)
+        codes, held = [np.zeros(0, np.int64)], 0
+        with _progress(self.cfg, f"dedup buckets task {rank}/{world_size}", "band", hi - lo) as bar:
             for k in range(lo, hi):
-                pairs = _bucket_pairs(
-                    corpus.band_keys(k, plan.bands, plan.rows), self.cfg.bucket_window
-                )
+                if ranges == 1:  # every key: read whole, no filtering
+                    chunks = corpus.band_key_chunks(k, plan.bands, plan.rows, step=1 << 62)
+                    keys = np.concatenate([np.zeros(0, np.uint64), *chunks])
+                    held = max(held, len(keys))
+                    pairs = _bucket_pairs(keys, self.cfg.bucket_window)
+                    codes.append(pairs[:, 0] * n + pairs[:, 1])
+                    bar.update(1)
+                    continue
+                keys, index, start = [], [], 0
+                for chunk in corpus.band_key_chunks(k, plan.bands, plan.rows):
+                    mine = chunk >= k_lo if k_hi is None else (chunk >= k_lo) & (chunk < k_hi)
+                    where = np.flatnonzero(mine)
+                    keys.append(chunk[where])
+                    index.append(where + start)
+                    start += len(chunk)
+                keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+                index = np.concatenate(index) if index else np.zeros(0, np.int64)
+                held = max(held, len(keys))
+                pairs = index[_bucket_pairs(keys, self.cfg.bucket_window)]
                 codes.append(pairs[:, 0] * n + pairs[:, 1])
+                del keys, index
                 bar.update(1)
         codes = np.unique(np.concatenate(codes))
         _save_npy(self.work / "buckets" / f"pairs-{rank:05d}.npy", codes)
-        return {"bands": hi - lo, "pair_codes": len(codes)}
+        return {"bands": hi - lo, "pair_codes": len(codes), "keys_held": held}
 
 
-class DedupClusters(_DedupStep):
+class DedupClusters(scaleout.TaskStep):
     """One task over the candidate pairs only: prefilter by estimated Jaccard, exact Jaccard,
     union-find, keep the first document of each cluster in input order."""
 
@@ -1140,7 +1175,7 @@ class DedupClusters(_DedupStep):
         corpus = _Corpus(plan)
         n = max(corpus.n_docs, 1)
         groups = [
-            np.load(self.work / "buckets" / f"pairs-{g:05d}.npy") for g in range(plan.band_tasks)
+            np.load(self.work / "buckets" / f"pairs-{t:05d}.npy") for t in range(plan.bucket_tasks)
         ]
         codes = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
         pairs = np.stack([codes // n, codes % n], axis=1)
@@ -1152,7 +1187,7 @@ class DedupClusters(_DedupStep):
         return info
 
 
-class DedupFilter(_DedupStep):
+class DedupFilter(scaleout.TaskStep):
     """Task r: the kept documents of signature task r's share, from its spool, as part r."""
 
     name = "filter"
@@ -1168,14 +1203,15 @@ class DedupFilter(_DedupStep):
         for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
             stale.unlink(missing_ok=True)
         try:
-            with _progress(self.cfg, desc="dedup write", unit="doc", total=hi - lo) as bar:
+            desc = f"dedup filter task {rank}/{world_size}"
+            with _progress(self.cfg, desc, "doc", hi - lo) as bar:
                 kept = _write_kept(corpus.parts(rank), keep[lo:hi], part, bar)
         finally:
             corpus.close()
         return {"docs_in": hi - lo, "docs_out": kept}
 
 
-class DedupReport(_DedupStep):
+class DedupReport(scaleout.TaskStep):
     """One task: the stage report (every task's statistics), the rejects of every signature
     task in input order, and for a file output the parts joined into it."""
 
@@ -1239,11 +1275,8 @@ def run(cfg: DedupConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     MinHasher(**plan.hasher_params)  # validates the parameters before any work
-    scaleout.clear_stale(plan.out)  # of a killed run
-    scaleout.prepare_steps(plan.work, plan.fingerprints())
+    scaleout.prepare(plan, plan.fingerprints())
     counts = plan.step_counts()
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"])
     resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
     steps = [
         (cls(plan), counts[cls.name])
@@ -1252,18 +1285,10 @@ def run(cfg: DedupConfig) -> dict:
     if cfg.executor == "local":
         _warm_up(plan.hasher_params, (plan.bands, plan.rows))
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "dedup", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
-        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
-    report["resumed_stages"] = resumed
-    elapsed = time.perf_counter() - t0
-    report["seconds"] = round(elapsed, 3)
-    report["docs_per_s"] = round(report["docs_in"] / elapsed, 1) if elapsed > 0 else None
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
+    report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
+    if "slurm_jobs" not in report:
+        report["resumed_stages"] = resumed
+        write_report(plan.out, report)
     return report
 
 

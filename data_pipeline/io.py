@@ -105,20 +105,55 @@ def _zstd_chunks(raw: IO[bytes]) -> Iterator[bytes]:
         raise EOFError("zstd stream ends inside a frame (truncated file)")
 
 
-def iter_lines(path: str | Path) -> Iterator[bytes]:
+class Counted:
+    """A binary file whose reads are reported to `progress` (its `update(n)`): bytes of the
+    file itself, so a compressed file's progress is measured against its size on disk."""
+
+    def __init__(self, raw: IO[bytes], progress):
+        self.raw, self.progress = raw, progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.progress.update(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+
+_REPORT_EVERY = 1 << 20  # bytes of an uncompressed file between progress updates
+
+
+def iter_lines(path: str | Path, progress=None) -> Iterator[bytes]:
     """Raw lines (with their newline) of a plain, .gz or .zst file. Raises EOFError after the
-    last complete line when compressed data is truncated."""
+    last complete line when compressed data is truncated. `progress` (optional, with
+    `update(n)`) is told the bytes of the file read so far."""
     path = Path(path)
     with open(path, "rb") as raw:
+        src = (
+            raw
+            if progress is None or path.suffix not in (".gz", ".zst")
+            else Counted(raw, progress)
+        )
         if path.suffix == ".gz":
-            with gzip.GzipFile(fileobj=raw) as f:
+            with gzip.GzipFile(fileobj=src) as f:
                 yield from f
             return
         if path.suffix != ".zst":
-            yield from raw
+            if progress is None:
+                yield from raw
+                return
+            n = 0
+            for line in raw:
+                n += len(line)
+                if n >= _REPORT_EVERY:
+                    progress.update(n)
+                    n = 0
+                yield line
+            progress.update(n)
             return
         tail = b""
-        for chunk in _zstd_chunks(raw):
+        for chunk in _zstd_chunks(src):
             lines = (tail + chunk).split(b"\n")
             tail = lines.pop()
             for line in lines:
@@ -204,13 +239,14 @@ def document(obj: dict, default_id: str) -> dict:
 
 
 def iter_json_lines(
-    path: str | Path, rejects: Rejects, required: tuple[str, ...] = ()
+    path: str | Path, rejects: Rejects, required: tuple[str, ...] = (), progress=None
 ) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each good line; bad ones (invalid UTF-8 or JSON, not an
-    object, missing a required field, truncated compressed data) go to `rejects`."""
+    object, missing a required field, truncated compressed data) go to `rejects`. `progress`:
+    as for iter_lines."""
     lineno = 0
     try:
-        for lineno, raw in enumerate(iter_lines(path), start=1):
+        for lineno, raw in enumerate(iter_lines(path, progress), start=1):
             try:
                 obj = json_object(raw, required)
             except LineRejected as e:
@@ -229,11 +265,12 @@ def truncated_reason(e: Exception) -> str:
     return f"truncated or corrupt compressed data ({e})"
 
 
-def read_documents(inputs, rejects: Rejects) -> Iterator[dict]:
+def read_documents(inputs, rejects: Rejects, progress=None) -> Iterator[dict]:
     """Documents `{"text", "id", "meta"}` from JSONL inputs. A missing `id` becomes
-    `file:line`; an empty or non-string `text` is a reject."""
+    `file:line`; an empty or non-string `text` is a reject. `progress`: told the bytes of
+    the files read (iter_lines)."""
     for path in expand_inputs(inputs):
-        for lineno, obj in iter_json_lines(path, rejects, required=("text",)):
+        for lineno, obj in iter_json_lines(path, rejects, ("text",), progress):
             try:
                 yield document(obj, f"{path.name}:{lineno}")
             except LineRejected as e:

@@ -73,10 +73,9 @@ def list_parts(spec: Any) -> list[Path]:
     return parts
 
 
-def run(cfg: MergeConfig) -> dict:
-    t0 = time.perf_counter()
-    parts = list_parts(cfg.input)
-    manifests = [read_manifest(p) for p in parts]
+def check_parts(parts: list[Path], manifests: list[dict]) -> None:
+    """Every part agrees with the first on MUST_MATCH, or the merge stops naming the first
+    that differs."""
     first = manifests[0]
     for path, m in zip(parts[1:], manifests[1:], strict=True):
         for key in MUST_MATCH:
@@ -85,22 +84,49 @@ def run(cfg: MergeConfig) -> dict:
                     f"{path}: {key} differs from {parts[0]}'s "
                     f"({m.get(key)!r} vs {first.get(key)!r}); parts must come from one config"
                 )
+
+
+def write_merged(
+    output: Path,
+    order: dict[str, list[tuple[Path, dict]]],
+    tokenizer: dict,
+    record: dict,
+    extra: dict,
+    max_shard_tokens: int,
+) -> None:
+    """One shard set at `output` (atomically) holding, split by split, the documents of the
+    (part, manifest) pairs in `order[split]`, in that order."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(output, tokenizer, record, max_shard_tokens=max_shard_tokens) as writer:
+        writer.extra.update(extra)
+        for split in SPLITS:
+            for path, m in order.get(split, []):
+                if split in m["splits"]:
+                    for ids in SplitReader(path, split, m).documents():
+                        writer.add(ids, split)
+
+
+def run(cfg: MergeConfig) -> dict:
+    t0 = time.perf_counter()
+    parts = list_parts(cfg.input)
+    manifests = [read_manifest(p) for p in parts]
+    check_parts(parts, manifests)
+    first = manifests[0]
     record = {
         "stage": "merge",
         "parts": [str(p) for p in parts],
         "upstream": [m.get("pipeline", {}) for m in manifests],
     }
     output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(
-        output, first["tokenizer"], record, max_shard_tokens=cfg.max_shard_tokens
-    ) as writer:
-        writer.extra.update({k: v for k, v in first.items() if k not in OWN_FIELDS})
-        for split in SPLITS:
-            for path, m in zip(parts, manifests, strict=True):
-                if split in m["splits"]:
-                    for ids in SplitReader(path, split, m).documents():
-                        writer.add(ids, split)
+    pairs = list(zip(parts, manifests, strict=True))
+    write_merged(
+        output,
+        {split: pairs for split in SPLITS},
+        first["tokenizer"],
+        record,
+        {k: v for k, v in first.items() if k not in OWN_FIELDS},
+        cfg.max_shard_tokens,
+    )
     merged = read_manifest(output)
     report = {
         "stage": "merge",

@@ -54,7 +54,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data_pipeline import scaleout
-from data_pipeline.cli import rejects_path, report_path, stage_main, to_container, write_report
+from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
@@ -164,7 +164,9 @@ class _CommentFilter:
         return OK
 
 
-def _partition(cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects) -> dict:
+def _partition(
+    cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects, progress
+) -> dict:
     """Pass 1: stream the dumps into bucket files of marshalled record lists. marshal is the
     fastest stdlib serialiser for tuples of str/int and the files never leave this process's
     Python version (they are scratch, deleted after success)."""
@@ -187,7 +189,7 @@ def _partition(cfg: RedditConfig, files: list[Path], work: Path, rejects: Reject
     for path in files:
         stats["input_bytes"] += path.stat().st_size
         kind = _file_kind(path)
-        for lineno, obj in iter_json_lines(path, rejects):
+        for lineno, obj in iter_json_lines(path, rejects, progress=progress):
             k = kind or ("c" if "parent_id" in obj else "s" if "title" in obj else None)
             try:
                 if k == "c":
@@ -463,12 +465,6 @@ class RedditMap(scaleout.TaskStep):
 
     name = "map"
 
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
-
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.file_shares[rank]
@@ -479,8 +475,11 @@ class RedditMap(scaleout.TaskStep):
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         tmp.mkdir(parents=True)
         rejects = Rejects(tmp / "rejects.jsonl")
+        files = plan.files[lo:hi]
+        total = sum(f.stat().st_size for f in files)
         try:
-            stats = _partition(self.cfg, plan.files[lo:hi], tmp, rejects)
+            with scaleout.progress(self.cfg, f"reddit map task {rank}/{world_size}", total) as bar:
+                stats = _partition(self.cfg, files, tmp, rejects, bar)
         finally:
             rejects.close()
         tmp.replace(final)
@@ -493,12 +492,6 @@ class RedditReduce(scaleout.TaskStep):
 
     name = "reduce"
 
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
-
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.bucket_shares[rank]
@@ -508,7 +501,8 @@ class RedditReduce(scaleout.TaskStep):
             stale.unlink(missing_ok=True)
         stats: Counter = Counter()
         largest = 0
-        with AtomicWriter(part) as out:
+        desc = f"reddit reduce task {rank}/{world_size}"
+        with AtomicWriter(part) as out, scaleout.progress(self.cfg, desc, hi - lo, "bucket") as bar:
             for i in range(lo, hi):
                 recs = []
                 for m in maps:
@@ -516,6 +510,7 @@ class RedditReduce(scaleout.TaskStep):
                 largest = max(largest, len(recs))
                 _resolve_bucket(recs, self.cfg, out, stats)
                 del recs
+                bar.update(1)
         return {**stats, "largest_bucket_records": largest}
 
 
@@ -524,12 +519,6 @@ class RedditReport(scaleout.TaskStep):
     map task's, in input order) and, for a file output, the parts joined into it."""
 
     name = "report"
-
-    def __init__(self, plan: _Plan):
-        # The driver's plan: the input list is expanded once, not again by each task.
-        super().__init__(plan.work)
-        self.plan = plan
-        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
@@ -603,29 +592,14 @@ def run(cfg: RedditConfig) -> dict:
     _validate(cfg)
     t0 = time.perf_counter()
     plan = _Plan(cfg)
-    scaleout.clear_stale(plan.out)  # of a killed run
-    scaleout.prepare_steps(plan.work, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
-    if not plan.out.exists():  # the output was removed since: write it again
-        scaleout.forget(plan.work, ["report"])
+    scaleout.prepare(plan, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
     steps = [
         (RedditMap(plan), plan.map_tasks),
         (RedditReduce(plan), plan.reduce_tasks),
         (RedditReport(plan), 1),
     ]
     jobs = scaleout.run_steps(steps, cfg, plan.work)
-    if cfg.executor == "slurm" and not cfg.slurm.wait:
-        return {"stage": "reddit", "slurm_jobs": jobs, "work_dir": str(plan.work)}
-    report = json.loads(report_path(plan.out).read_text())
-    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
-        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    report["comments_per_s"] = (
-        round(report["comments_in"] / report["seconds"], 1) if report["seconds"] else 0.0
-    )
-    write_report(plan.out, report)
-    if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
-    return report
+    return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
 
 
 def main() -> None:

@@ -37,7 +37,9 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
+from data_pipeline.cli import report_path, write_report
 from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+from data_pipeline.progress import Progress
 
 EXECUTORS = ("local", "slurm")
 
@@ -64,6 +66,15 @@ class ScaleOut:
     workers: int = 0  # task processes at once on this machine (local); 0: min(tasks, cpus)
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    # Each task's progress on stderr (data_pipeline.progress): a bar on a terminal, a plain
+    # line every `progress_interval_s` in a log (Slurm, a file).
+    progress: bool = True
+    progress_interval_s: float = 30.0
+
+
+def progress(cfg: ScaleOut, desc: str, total: float | None = None, unit: str = "B") -> Progress:
+    """The progress reporter of one task (`desc` names the stage, step and task)."""
+    return Progress(desc, total, unit, enabled=cfg.progress, interval_s=cfg.progress_interval_s)
 
 
 def validate(cfg: ScaleOut) -> None:
@@ -71,6 +82,8 @@ def validate(cfg: ScaleOut) -> None:
         raise ValueError(f"executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
     if cfg.tasks < 0 or cfg.workers < 0:
         raise ValueError(f"tasks={cfg.tasks}, workers={cfg.workers}: must be >= 0")
+    if not cfg.progress_interval_s >= 0:
+        raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
 
 
 def auto_tasks(cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int) -> int:
@@ -210,14 +223,19 @@ def task_stats(work: Path, step: str, tasks: int) -> list[dict]:
 
 class TaskStep(PipelineStep):
     """A pipeline step whose task does its share through `self.task(rank, world_size)` (which
-    returns its statistics, written to `task-<rank>.json`) and passes no documents on."""
+    returns its statistics, written to `task-<rank>.json`) and passes no documents on.
+
+    It holds the stage's plan (the driver's: inputs expanded once, shares fixed, so every task,
+    pickled to another process or node, sees the same) with its `work` directory and `cfg`."""
 
     type = "opt-data"
     name = "task"
 
-    def __init__(self, work: Path):
+    def __init__(self, plan: Any):
         super().__init__()
-        self.work = Path(work)
+        self.plan = plan
+        self.work = Path(plan.work)
+        self.cfg = plan.cfg
 
     def task(self, rank: int, world_size: int) -> dict:
         raise NotImplementedError
@@ -235,6 +253,38 @@ class TaskStep(PipelineStep):
                 self.stat_update(k, value=v)
         write_json(task_file(self.work, self.name, rank), stats)
         return []
+
+
+# --- a stage's run, around its steps -----------------------------------------------------------
+
+
+def prepare(plan: Any, fingerprints: list[tuple[str, dict]]) -> None:
+    """Before a stage's steps run: clear a killed run's temporaries beside the output, keep
+    only the step files still valid (prepare_steps), and redo the last step (the one that
+    publishes the output) when the output has been removed since."""
+    clear_stale(plan.out)
+    prepare_steps(plan.work, fingerprints)
+    if not plan.out.exists():
+        forget(plan.work, [fingerprints[-1][0]])
+
+
+def finish(stage: str, plan: Any, jobs: list[str], t0: float, count: str, rate: str) -> dict:
+    """After the steps: the report (written by the last step) with the stage's wall seconds,
+    `rate` = `count` per second and, local, each step's wall seconds; the work directory
+    removed unless keep_work. With slurm.wait=false, the submitted job ids instead."""
+    cfg = plan.cfg
+    if cfg.executor == "slurm" and not cfg.slurm.wait:
+        return {"stage": stage, "slurm_jobs": jobs, "work_dir": str(plan.work)}
+    report = json.loads(report_path(plan.out).read_text())
+    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
+        report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
+    secs = time.perf_counter() - t0
+    report["seconds"] = round(secs, 3)
+    report[rate] = round(report[count] / secs, 1) if secs > 0 else 0.0
+    write_report(plan.out, report)
+    if not cfg.keep_work:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return report
 
 
 # --- executors -------------------------------------------------------------------------------

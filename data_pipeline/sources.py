@@ -140,14 +140,16 @@ def iter_hf_documents(hf: dict, rejects: Rejects) -> Iterator[dict]:
         }
 
 
-def iter_source_documents(spec: Any, rejects: Rejects) -> Iterator[dict]:
+def iter_source_documents(spec: Any, rejects: Rejects, progress=None) -> Iterator[dict]:
     """Documents `{"text", "id", "meta"}` from any input spec (see the module docstring), in a
-    deterministic order: entries in the order given, JSONL files sorted within an entry."""
+    deterministic order: entries in the order given, JSONL files sorted within an entry.
+    `progress` is told the bytes of the JSONL files read (a streamed HF source tells it
+    nothing: its size is not known up front)."""
     for entry in normalize(spec):
         if "hf" in entry:
             docs = iter_hf_documents(entry["hf"], rejects)
         else:
-            docs = read_documents(entry["jsonl"], rejects)
+            docs = read_documents(entry["jsonl"], rejects, progress)
         name = entry.get("name")
         for doc in docs:
             if name is not None:

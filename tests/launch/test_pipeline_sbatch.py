@@ -1,12 +1,11 @@
-"""The data pipeline on a real Slurm: launch/slurm/submit-pipeline.sh + pipeline.sbatch
-(tokenize as a job array over input files, then the merge job), and the stages' own
-`executor=slurm` (datatrove job arrays, one per step): the same bytes as a local run, and a
-task killed mid-way rerun alone."""
+"""The data pipeline on a real Slurm: the stages' own `executor=slurm` (datatrove job arrays,
+one per step) give the same bytes as a local run, and a task killed mid-way is rerun alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import shards
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.dedup import run as dedup
 from data_pipeline.reddit import RedditConfig
@@ -27,84 +25,8 @@ from tests.data_pipeline.test_merge import write_inputs
 from tests.data_pipeline.test_reddit import parts_bytes
 
 REPO = Path(__file__).resolve().parents[2]
-SUBMIT = REPO / "launch" / "slurm" / "submit-pipeline.sh"
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def test_tokenize_array_then_merge_equals_one_tokenize_run(slurm, tmp_path):
-    inputs = write_inputs(tmp_path / "in", files=5, docs=30)
-    t0 = time.time()
-    r = slurm.run(
-        [
-            str(SUBMIT),
-            "tokenize",
-            str(tmp_path / "work"),
-            str(tmp_path / "merged"),
-            str(tmp_path / "in" / "*.jsonl"),
-            "--",
-            "validation_fraction=0.2",
-        ],
-        env={"PYTHON": sys.executable, "FILES_PER_TASK": "2", "OMP_NUM_THREADS": "1"},
-        cwd=REPO,
-    )
-    array, merge = r.stdout.split()
-    logs = tmp_path / "work" / "logs"
-    try:
-        slurm.wait_job(merge, timeout=120)
-    except (AssertionError, TimeoutError) as e:
-        text = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(logs.glob("*")))
-        raise AssertionError(f"{e}\n{text}") from None
-    print(f"tokenize array (3 tasks) + merge: {time.time() - t0:.1f} s")
-
-    # 5 files, 2 per task: tasks 0..2, each a shard set; all completed before the merge ran.
-    assert (tmp_path / "work" / "inputs.txt").read_text().split() == [str(p) for p in inputs]
-    states = slurm.array_states(array)
-    assert sorted(states) == [f"{array}_{i}" for i in range(3)], states
-    assert set(states.values()) == {"COMPLETED"}, states
-    parts = sorted(p.name for p in (tmp_path / "work" / "parts").iterdir() if p.is_dir())
-    assert parts == ["part-00000", "part-00001", "part-00002"]
-    assert slurm.job(merge)["Dependency"] == "(null)"  # satisfied
-
-    whole = tmp_path / "whole"
-    tokenize(
-        TokenizeConfig(input=[str(p) for p in inputs], output=str(whole), validation_fraction=0.2)
-    )
-    merged = tmp_path / "merged"
-    shards.verify(merged)
-    for split in ("train", "validation"):
-        got = [d.tolist() for d in shards.iter_documents(merged, split)]
-        want = [d.tolist() for d in shards.iter_documents(whole, split)]
-        assert got == want and want
-    assert len(shards.read_manifest(merged)["pipeline"]["upstream"]) == 3
-
-
-def test_a_failed_array_task_cancels_the_merge(slurm, tmp_path):
-    write_inputs(tmp_path / "in", files=2, docs=3)
-    r = slurm.run(
-        [
-            str(SUBMIT),
-            "tokenize",
-            str(tmp_path / "work"),
-            str(tmp_path / "merged"),
-            str(tmp_path / "in"),
-            "--",
-            "validation_fraction=2.0",  # refused by the stage: every task fails
-        ],
-        env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
-        cwd=REPO,
-    )
-    array, merge = r.stdout.split()
-    deadline = time.time() + 60
-    state = ""
-    while time.time() < deadline:
-        state = slurm.job(merge).get("JobState", "")
-        if state not in ("PENDING", ""):
-            break
-        time.sleep(0.5)
-    assert state == "CANCELLED", slurm.job(merge)
-    assert not (tmp_path / "merged").exists()
-    assert set(slurm.array_states(array).values()) == {"FAILED"}
 
 
 # --- executor=slurm: the stages' own tasks as datatrove job arrays -----------------------------
@@ -220,18 +142,25 @@ def test_dedup_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
         assert report[k] == want[k], k
 
 
-@pytest.mark.parametrize("stage", ["reddit", "dedup"])
-def test_submit_pipeline_sends_reddit_and_dedup_to_their_own_slurm_executor(stage, tmp_path):
-    """One array task per input file cuts threads at month boundaries and misses
-    near-duplicates across files: the script refuses and names the command to use."""
-    import subprocess
-
-    r = subprocess.run(
-        [str(SUBMIT), stage, str(tmp_path / "w"), str(tmp_path / "o"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert r.returncode == 2
-    assert f"python -m data_pipeline.{stage}" in r.stderr and "executor=slurm" in r.stderr
-    assert not (tmp_path / "w").exists()
+def test_tokenize_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
+    write_inputs(tmp_path / "in", files=5, docs=30)
+    with open(tmp_path / "in" / "in-02.jsonl", "a") as f:
+        f.write("not json\n")
+    out = tmp_path / "shards"
+    args = [f"input={tmp_path / 'in'}", f"output={out}", "validation_fraction=0.2"]
+    local = tokenize(TokenizeConfig(input=str(tmp_path / "in"), output=str(out), tasks=1,
+                                    validation_fraction=0.2))  # fmt: skip
+    want = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    want_rejects = (tmp_path / "shards.rejects.jsonl").read_bytes()
+    shutil.rmtree(out)
+    t0 = time.time()
+    r = _stage_on_slurm(slurm, "tokenize", [*args, "tasks=4"])
+    assert r.returncode == 3, r.stderr[-4000:]  # finished, one line rejected
+    print(f"tokenize on slurm, 4 tokenize + 1 merge task: {time.time() - t0:.1f} s")
+    report = json.loads((tmp_path / "shards.report.json").read_text())
+    assert report["tasks"] == 4
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == want
+    assert (tmp_path / "shards.rejects.jsonl").read_bytes() == want_rejects
+    assert report["rejects"] == local["rejects"] and report["rejects"]["total"] == 1
+    for k in ("documents_in", "splits"):
+        assert report[k] == local[k], k
