@@ -165,8 +165,13 @@ class CheckpointConfig:
     # Files (and writer threads) per rank: one thread wrote at ~1 GB/s here, two at ~2 GB/s.
     write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
+    # Failed saves in a row (disk full, EIO, quota) after which the run stops with exit status
+    # 86 (opt_train.checkpoint.EXIT_CHECKPOINT_FAILED); 0: never stop for it.
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            raise ValueError(f"checkpoint.max_failures must be >= 0, got {self.max_failures}")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
         if self.write_threads < 1:
