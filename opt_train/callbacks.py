@@ -233,15 +233,15 @@ def _drop_rows_after(path: Path, step: int) -> None:
     for line in data.splitlines(keepends=True):
         start, offset = offset, offset + len(line)
         try:
-            row = json.loads(line) if line.endswith(b"\n") else None
+            row = json.loads(line)
         except json.JSONDecodeError:
             row = None
         if row is None or row.get("step", 0) > step:
             cut = start if cut is None else cut
             continue
-        if cut is not None:  # a kept row after a dropped one: not a plain tail
+        if cut is not None or not line.endswith(b"\n"):  # not a plain tail to cut
             cut = -1
-        kept.append(line)
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
     if cut is None:
         return
     if cut >= 0:

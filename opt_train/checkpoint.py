@@ -560,6 +560,7 @@ class CheckpointManager:
 
     def _failed(self, step: int, tmp: Path, errors: str, needed: int | None) -> None:
         """Every rank: record the failure; rank 0 removes the partial directory and says so."""
+        free = free_bytes(self.dir)  # as the save saw it, before its files are removed
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         self.failures_in_a_row += 1
@@ -568,7 +569,7 @@ class CheckpointManager:
             step=step,
             directory=tmp,
             errors=errors,
-            free_bytes=free_bytes(self.dir),
+            free_bytes=free,
             needed_bytes=needed,
             latest=self.step_dir(done[-1]).name if done else None,
             in_a_row=self.failures_in_a_row,

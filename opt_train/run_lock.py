@@ -110,6 +110,7 @@ class RunLock:
         self._fd: int | None = None
         self.locked = False  # whether the kernel lock is held (False: taken over, see above)
         self.took_over: dict | None = None  # the record of the holder this run replaced
+        self._guard = threading.Lock()  # the retry thread never touches a closed descriptor
 
     def acquire(self) -> RunLock:
         key = os.path.realpath(self.path)
@@ -178,19 +179,25 @@ class RunLock:
         )
 
     def _keep_trying(self) -> None:
-        while self._fd is not None and not self.locked:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.locked = True
-                log.warning("%s: the lingering lock expired; this run holds it now", self.path)
-            except (OSError, TypeError):
-                time.sleep(RETRY_S)
+        while True:
+            with self._guard:
+                if self._fd is None:
+                    return
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self.locked = True
+                    log.warning("%s: the lingering lock expired; this run holds it now", self.path)
+                    return
+                except OSError:
+                    pass
+            time.sleep(RETRY_S)
 
     def release(self) -> None:
         """Empty the record and drop the lock (a clean end: the next start takes it silently)."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
+        with self._guard:
+            if self._fd is None:
+                return
+            fd, self._fd = self._fd, None
         _held.pop(os.path.realpath(self.path), None)
         try:
             os.ftruncate(fd, 0)
