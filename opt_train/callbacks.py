@@ -234,9 +234,9 @@ def _drop_rows_after(path: Path, step: int) -> None:
         start, offset = offset, offset + len(line)
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # torn JSON, or a line cut inside a UTF-8 character
             row = None
-        if row is None or row.get("step", 0) > step:
+        if not isinstance(row, dict) or row.get("step", 0) > step:
             cut = start if cut is None else cut
             continue
         if cut is not None or not line.endswith(b"\n"):  # not a plain tail to cut

@@ -68,6 +68,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from data_pipeline.durable import fsync_path
@@ -84,6 +85,9 @@ TMP_PREFIX = ".tmp-"
 
 
 EXIT_CHECKPOINT_FAILED = 86  # "checkpoint.max_failures saves in a row failed": not requeued
+# What a failed write raises: OSError, torch.save's RuntimeError ("unexpected pos"), and DCP's
+# CheckpointException, which derives from BaseException, not Exception.
+SAVE_ERRORS = (Exception, CheckpointException)
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -423,7 +427,7 @@ class CheckpointManager:
             if self.rank == 0:
                 _write_json(tmp / "state.json", trainer_state)
                 (tmp / "config.yaml").write_text(config_yaml)
-        except Exception as e:
+        except SAVE_ERRORS as e:
             error = e
         errors = self._agree(error)
         if errors:
@@ -440,7 +444,7 @@ class CheckpointManager:
         written = None
         try:
             written = weights.write(tmp, self.group, asynchronous)
-        except Exception as e:  # DCP gathers every rank's write result: all ranks get here
+        except SAVE_ERRORS as e:  # DCP gathers every rank's write result: all ranks get here
             error = e
         if asynchronous:
             # Our thread hashes and publishes once the write is done, so the training thread
@@ -513,7 +517,7 @@ class CheckpointManager:
         if error is None and written is not None:
             try:
                 written.result()  # DCP's data files and .metadata are on disk on every rank
-            except Exception as e:
+            except SAVE_ERRORS as e:
                 error = e
         if error is None and self.cfg.debug_delay_s:
             time.sleep(self.cfg.debug_delay_s)  # test hook: a window to kill the job mid-save
@@ -522,19 +526,17 @@ class CheckpointManager:
             try:
                 mine = [*weights.files_of_rank(tmp, self.rank), f"rng/rank_{self.rank:05d}.json"]
                 files = _describe(tmp, mine)
-            except Exception as e:
+            except SAVE_ERRORS as e:
                 error = e
         # Returns on rank 0 once every rank has finished.
         everyone = self._gather(files if error is None else _error_text(self.rank, error))
         if self.rank == 0:
-            broken = [p for p in everyone if isinstance(p, str)]
-            if broken:
-                error = RuntimeError("; ".join(broken))
-            else:
+            # A rank that failed says so itself in the exchange below.
+            if not any(isinstance(p, str) for p in everyone):
                 try:
                     self._write_meta(tmp, meta, everyone)
                     self._publish(tmp, final)
-                except Exception as e:
+                except SAVE_ERRORS as e:
                     error = e
         errors = self._agree(error)
         if errors:

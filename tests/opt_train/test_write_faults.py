@@ -240,3 +240,51 @@ def test_a_torn_last_line_and_rows_past_the_checkpoint_are_cut_on_resume(tmp_pat
     path.write_text('{"step": 1}\n{"step": 2}')  # whole but for its newline: kept
     _drop_rows_after(path, 5)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def _one_rank_fails(rank: int, world: int, root: str) -> None:
+    """Rank 1 alone hits a real OS error (EISDIR: a directory where it writes a file), first
+    before DCP (its RNG file), then inside DCP's write (its shard file), async; every rank must
+    see the same failure and go on, and the next save must work."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    from opt_train.checkpoint import CheckpointManager, DCPWeights
+    from opt_train.config import CheckpointConfig
+    from opt_train.distributed import DistInfo
+
+    model = fully_shard(torch.nn.Linear(16, 16))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 16)).sum().backward()
+    opt.step()
+    info = DistInfo(rank, world, rank, torch.device("cpu"))
+    ckpts = Path(root) / "checkpoints"
+    mgr = CheckpointManager(ckpts, CheckpointConfig(async_save=True), info, timeout_s=60)
+    weights = DCPWeights(model, opt)
+    for step, trap, blocking in (
+        (1, "rng/rank_00001.json", True),
+        (2, "__1_0.distcp", False),
+        (3, None, False),
+    ):
+        if rank == 1 and trap:
+            (ckpts / f".tmp-step_{step:08d}" / trap).mkdir(parents=True)
+        torch.distributed.barrier()
+        mgr.save(step, weights, {"step": step}, "x: 1\n", blocking=blocking)
+        mgr.wait()
+        failed = mgr.poll()
+        if trap:
+            assert [f.step for f in failed] == [step], (rank, step, failed)
+            assert failed[0].errors.startswith("rank 1: OSError [Errno 21]"), failed[0].errors
+            assert failed[0].in_a_row == step and mgr.last_saved_step == -1
+        else:
+            assert failed == [] and mgr.last_saved_step == 3, (rank, failed)
+        torch.distributed.barrier()
+        names = sorted(p.name for p in ckpts.iterdir())
+        assert names == (["latest", "step_00000003"] if step == 3 else []), (step, names)
+
+
+@pytest.mark.multirank
+def test_a_write_error_on_one_rank_fails_the_save_on_every_rank_and_the_next_one_works(tmp_path):
+    from tests.multirank import spawn
+
+    spawn(_one_rank_fails, 2, str(tmp_path))
