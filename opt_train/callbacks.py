@@ -144,6 +144,8 @@ class MetricsFile(Callback):
             _drop_rows_after(self.path, trainer.step)
             # Whole lines only; a failed write is reported and retried (opt_train/run_files.py).
             self._file = JsonlAppender(self.path)
+            if getattr(trainer, "config_write_error", None):
+                trainer.log_event("config_write_failed", error=trainer.config_write_error)
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self._file is not None:

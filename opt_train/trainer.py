@@ -41,7 +41,7 @@ from opt_train.optim import LinearWarmupDecay
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
 from opt_train.precision import DynamicLossScaler
-from opt_train.run_files import write_text_atomic
+from opt_train.run_files import os_error, write_text_atomic
 from opt_train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
 from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
@@ -72,8 +72,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_lock = hold_run_lock(self.run_dir, self.dist)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        self.config_write_error: str | None = None  # MetricsFile records it as an event row
         if self.dist.is_main:
-            write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+            if failed := write_text_atomic(self.run_dir / "config.yaml", self.config_yaml):
+                self.config_write_error = os_error(failed)
 
         # Mesh: data-parallel ranks read different samples; tensor-parallel peers the same.
         # DeepSpeed's ranks are all data-parallel (config.py checks tp=1).
