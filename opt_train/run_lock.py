@@ -111,6 +111,7 @@ class RunLock:
         self.locked = False  # whether the kernel lock is held (False: taken over, see above)
         self.took_over: dict | None = None  # the record of the holder this run replaced
         self._guard = threading.Lock()  # the retry thread never touches a closed descriptor
+        self._supported = True  # whether this filesystem has flock at all
 
     def acquire(self) -> RunLock:
         key = os.path.realpath(self.path)
@@ -145,7 +146,7 @@ class RunLock:
             raise
         self._fd = fd
         _held[key] = self
-        if not self.locked:
+        if not self.locked and self._supported:
             threading.Thread(target=self._keep_trying, name="run-lock", daemon=True).start()
         return self
 
@@ -168,6 +169,7 @@ class RunLock:
         )
 
     def _unsupported(self, fd: int, me: dict, e: OSError) -> None:
+        self._supported = False
         rec = _read(fd)
         if rec and _alive_here(rec):
             raise RunDirLocked(f"{self.path.parent} is in use by another run ({describe(rec)})")
