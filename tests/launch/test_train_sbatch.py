@@ -257,6 +257,6 @@ def test_a_run_dir_held_by_another_run_fails_the_job_with_87_and_is_not_requeued
         holder.wait()
     log = batch_log(run_dir, job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
-    assert "training stopped with status 87" in log and "requeueing" not in log, log
+    assert "training stopped with status 87" in log and "requeueing job" not in log, log
     assert "in use by another run (pid 999 on elsewhere, Slurm job 99999" in node_logs(run_dir)
     assert not (run_dir / "metrics.jsonl").exists()
