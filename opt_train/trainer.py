@@ -482,6 +482,9 @@ def train(cfg: JobConfig) -> dict:
             trainer.close()
         clean = True
     except (RunDirLocked, CheckpointSaveFailed) as e:
+        # Both are agreed stops: every rank raises the same one at the same point, so the
+        # group is left cleanly (without the barrier a rank could crash at exit, status -6).
+        clean = True
         if rank == 0:
             log.error("%s", e)
         raise SystemExit(e.exit_code) from None
