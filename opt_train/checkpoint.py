@@ -390,6 +390,7 @@ class CheckpointManager:
         self._outcomes: queue.SimpleQueue = queue.SimpleQueue()
         self.failures_in_a_row = 0
         self.last_failure: SaveFailure | None = None
+        self._undelivered: list[SaveFailure] = []  # drained, not yet returned by poll()
         if self.rank == 0:
             self._remove_leftovers()
         self._barrier()
@@ -416,7 +417,10 @@ class CheckpointManager:
         checkpoint will have; it exists once `wait()` returns (at once if blocking) unless the
         save failed, which `poll()` then reports (a write error never raises here)."""
         self.wait()  # one save in flight at a time: the next waits for the previous
+        self._drain()
         final = self.step_dir(step)
+        if self.gave_up:  # known on every rank alike once the previous save has finished
+            return final
         tmp = self.dir / f"{TMP_PREFIX}{final.name}"
         needed = self._check_space(final, weights) if self.rank == 0 else None
         self.last_saved_step = step
@@ -467,17 +471,22 @@ class CheckpointManager:
         """The saves that failed since the last call, without waiting for one in flight."""
         if self._pending is not None and self._pending.done():
             self.wait()
-        failed = []
+        self._drain()
+        failed, self._undelivered = self._undelivered, []
+        return failed
+
+    def _drain(self) -> None:
+        """Take in the outcomes of finished saves (training thread)."""
         while True:
             try:
                 step, failure = self._outcomes.get_nowait()
             except queue.Empty:
-                return failed
+                return
             if failure is None:
                 self._last_good_step = step
                 self.last_failure = None
             else:
-                failed.append(failure)
+                self._undelivered.append(failure)
                 self.last_failure = failure
                 if self.last_saved_step == step:
                     self.last_saved_step = self._last_good_step
