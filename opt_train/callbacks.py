@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from opt_train.run_files import JsonlAppender, write_text_atomic
+
 if TYPE_CHECKING:
     from opt_train.trainer import Trainer
 
@@ -89,7 +91,12 @@ class Evaluation(Callback):
 class Checkpointing(Callback):
     """Saves every `checkpoint.interval` steps, at the end of the run, and (blocking) when
     every rank agreed on a preemption; the final save is on disk before the run reports
-    success."""
+    success.
+
+    A failed save (opt_train/checkpoint.py) becomes a `checkpoint_failed` event row at the
+    step its failure is known (at once for a sync save, a later step for an async one) and
+    training goes on; after `checkpoint.max_failures` in a row the run stops, and `on_end`
+    raises CheckpointSaveFailed (exit status 86) instead of reporting success."""
 
     def __init__(self, interval: int):
         self.interval = interval
@@ -97,16 +104,33 @@ class Checkpointing(Callback):
     def post_step(self, trainer: Trainer) -> None:
         if self.interval and trainer.step % self.interval == 0:
             trainer.save()
+        self._report(trainer)
 
     def on_end(self, trainer: Trainer) -> None:
-        unsaved = trainer.ckpt.last_saved_step != trainer.step
+        ckpt = trainer.ckpt
+        ckpt.wait()
+        self._report(trainer)
         if trainer.preempted:
             log.warning("preempted: saving step %d, then exiting", trainer.step)
-            if unsaved:
-                trainer.save(blocking=True)
-        elif trainer.step > trainer.resumed_step and unsaved:
-            trainer.save()
-        trainer.ckpt.wait()
+        # The final save, tried again at once if it fails, until max_failures in a row.
+        while (
+            (trainer.preempted or trainer.step > trainer.resumed_step)
+            and ckpt.last_saved_step != trainer.step
+            and not ckpt.gave_up
+        ):
+            trainer.save(blocking=trainer.preempted)
+            ckpt.wait()
+            self._report(trainer)
+        if ckpt.gave_up:
+            from opt_train.checkpoint import CheckpointSaveFailed
+
+            raise CheckpointSaveFailed(ckpt.last_failure.give_up_message())
+
+    def _report(self, trainer: Trainer) -> None:
+        for failure in trainer.ckpt.poll():
+            trainer.log_event("checkpoint_failed", **failure.event())
+            if failure.gave_up:
+                trainer.request_stop(failure.give_up_message())
 
 
 class MetricsFile(Callback):
@@ -119,12 +143,14 @@ class MetricsFile(Callback):
     def on_start(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
             _drop_rows_after(self.path, trainer.step)
-            self._file = open(self.path, "a", encoding="utf-8")
+            # Whole lines only; a failed write is reported and retried (opt_train/run_files.py).
+            self._file = JsonlAppender(self.path)
+            if getattr(trainer, "config_write_error", None):
+                trainer.log_event("config_write_failed", error=trainer.config_write_error)
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+            self._file.append(row)
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._file is not None:
@@ -136,7 +162,7 @@ class MetricsFile(Callback):
         if self._file is not None:
             self._file.close()
             _drop_rows_after(self.path, step)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = JsonlAppender(self.path)
 
 
 class Wandb(Callback):
@@ -243,24 +269,31 @@ def flat_row(row: dict) -> dict:
 
 def _drop_rows_after(path: Path, step: int) -> None:
     """A run killed after its last checkpoint logged steps that the resumed run repeats; keep
-    one row per step by dropping those (and a torn last line) before appending."""
+    one row per step by dropping those (and a torn last line) before appending. They are the
+    file's tail, normally: it is cut there in place, which needs no free space (a full disk is
+    a common reason a run was stopped); rows out of order get the file rewritten."""
     if not path.exists():
         return
-    kept, dropped = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = path.read_bytes()
+    kept, cut, offset = [], None, 0
+    for line in data.splitlines(keepends=True):
+        start, offset = offset, offset + len(line)
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped = True
+        except ValueError:  # torn JSON, or a line cut inside a UTF-8 character
+            row = None
+        if not isinstance(row, dict) or row.get("step", 0) > step:
+            cut = start if cut is None else cut
             continue
-        if row.get("step", 0) > step:
-            dropped = True
-            continue
-        kept.append(line)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        if cut is not None or not line.endswith(b"\n"):  # not a plain tail to cut
+            cut = -1
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if cut is None:
+        return
+    if cut >= 0:
+        os.truncate(path, cut)
+    else:
+        write_text_atomic(path, b"".join(kept).decode("utf-8"))
 
 
 def _init_wandb(run_dir: Path, cfg):

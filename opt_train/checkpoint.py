@@ -33,6 +33,14 @@ Async saves (`checkpoint.async_save`) copy the state to CPU memory, then write, 
 in background threads while training goes on. They use a gloo process group of their own: an
 async save sharing the default group with training hangs or aborts ("Received data size doesn't
 match expected size") because two threads then interleave collectives on one group.
+
+A save that fails (disk full, EIO, a full quota, a permission change, on any rank) fails on
+every rank: the ranks agree at each stage, rank 0 removes the partial `.tmp-step_N/`, logs one
+line (which checkpoint, the directory, the OS error, the free space seen, the newest complete
+checkpoint) and the outcome is queued for the `Checkpointing` callback, which writes a
+`checkpoint_failed` event row and lets training go on; `checkpoint.max_failures` failures in a
+row stop the run with `EXIT_CHECKPOINT_FAILED`. Pruning (`checkpoint.keep`) runs only after a
+new checkpoint is complete, so it never removes the last complete one first.
 """
 
 from __future__ import annotations
@@ -43,12 +51,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
@@ -58,11 +68,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from data_pipeline.durable import fsync_path
 from opt_train.config import CheckpointConfig
 from opt_train.distributed import DistInfo
+from opt_train.run_files import free_bytes, mib, os_error
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +84,75 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 
 
+EXIT_CHECKPOINT_FAILED = 86  # "checkpoint.max_failures saves in a row failed": not requeued
+# What a failed write raises: OSError, torch.save's RuntimeError ("unexpected pos"), and DCP's
+# CheckpointException, which derives from BaseException, not Exception.
+SAVE_ERRORS = (Exception, CheckpointException)
+
+
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint directory that is incomplete or whose bytes changed after it was written."""
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """`checkpoint.max_failures` saves in a row failed; the run stops (EXIT_CHECKPOINT_FAILED)."""
+
+    exit_code = EXIT_CHECKPOINT_FAILED
+
+
+@dataclass
+class SaveFailure:
+    """One failed save, the same on every rank (the errors are gathered to rank 0)."""
+
+    step: int
+    directory: Path
+    errors: str  # "rank 1: OSError [Errno 28] No space left on device; ..."
+    free_bytes: int | None
+    needed_bytes: int | None
+    latest: str | None  # the newest complete checkpoint, if any
+    in_a_row: int
+    max_failures: int
+
+    @property
+    def gave_up(self) -> bool:
+        return bool(self.max_failures) and self.in_a_row >= self.max_failures
+
+    def line(self) -> str:
+        need = f", the save needs about {mib(self.needed_bytes)}" if self.needed_bytes else ""
+        then = (
+            f"giving up: the run stops with status {EXIT_CHECKPOINT_FAILED}"
+            if self.gave_up
+            else "training goes on and the next interval tries again"
+        )
+        return (
+            f"checkpoint step_{self.step:08d} failed ({self.in_a_row} in a row, "
+            f"checkpoint.max_failures={self.max_failures}): writing {self.directory}: "
+            f"{self.errors}; {mib(self.free_bytes)} free on its filesystem{need}; the partial "
+            f"directory is removed; newest complete checkpoint: {self.latest or 'none'}; {then}"
+        )
+
+    def event(self) -> dict:
+        """The fields of the `checkpoint_failed` row of metrics.jsonl."""
+        return {
+            "step": self.step,
+            "checkpoint": f"step_{self.step:08d}",
+            "dir": str(self.directory),
+            "error": self.errors,
+            "free_bytes": self.free_bytes,
+            "needed_bytes": self.needed_bytes,
+            "latest_complete": self.latest,
+            "failures_in_a_row": self.in_a_row,
+        }
+
+    def give_up_message(self) -> str:
+        return (
+            f"{self.in_a_row} checkpoint saves in a row failed (checkpoint.max_failures="
+            f"{self.max_failures}); the last, step_{self.step:08d} in {self.directory.parent}: "
+            f"{self.errors} ({mib(self.free_bytes)} free). The newest complete checkpoint is "
+            f"{self.latest or 'none'}: make room (or move run_dir), then re-run the same command "
+            f"to resume from it. Exit status {EXIT_CHECKPOINT_FAILED} (launch scripts do not "
+            "requeue it)."
+        )
 
 
 # -- files and hashes -----------------------------------------------------------------------
@@ -333,7 +412,14 @@ class CheckpointManager:
         if self.world > 1:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self._pending: Future | None = None
-        self.last_saved_step = -1
+        self.last_saved_step = -1  # the newest step saved or being saved (not known failed)
+        self._last_good_step = -1
+        # Outcomes of finished saves, (step, SaveFailure | None), put by whichever thread
+        # finished the save and read by the training thread in poll().
+        self._outcomes: queue.SimpleQueue = queue.SimpleQueue()
+        self.failures_in_a_row = 0
+        self.last_failure: SaveFailure | None = None
+        self._undelivered: list[SaveFailure] = []  # drained, not yet returned by poll()
         if self.rank == 0:
             self._remove_leftovers()
         self._barrier()
@@ -342,6 +428,11 @@ class CheckpointManager:
 
     def step_dir(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}"
+
+    @property
+    def gave_up(self) -> bool:
+        """Whether `checkpoint.max_failures` saves in a row failed (as far as poll() saw)."""
+        return self.last_failure is not None and self.last_failure.gave_up
 
     def save(
         self,
@@ -352,15 +443,29 @@ class CheckpointManager:
         blocking: bool = False,
     ) -> Path:
         """Start saving `step` (collective: every rank calls it). Returns the directory the
-        checkpoint will have; it exists once `wait()` returns (at once if blocking)."""
+        checkpoint will have; it exists once `wait()` returns (at once if blocking) unless the
+        save failed, which `poll()` then reports (a write error never raises here)."""
         self.wait()  # one save in flight at a time: the next waits for the previous
+        self._drain()
         final = self.step_dir(step)
+        if self.gave_up:  # known on every rank alike once the previous save has finished
+            return final
         tmp = self.dir / f"{TMP_PREFIX}{final.name}"
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)
-        _write_json(tmp / "rng" / f"rank_{self.rank:05d}.json", capture_rng())
-        if self.rank == 0:
-            _write_json(tmp / "state.json", trainer_state)
-            (tmp / "config.yaml").write_text(config_yaml)
+        needed = self._check_space(final, weights) if self.rank == 0 else None
+        self.last_saved_step = step
+        error = None
+        try:
+            (tmp / "rng").mkdir(parents=True, exist_ok=True)
+            _write_json(tmp / "rng" / f"rank_{self.rank:05d}.json", capture_rng())
+            if self.rank == 0:
+                _write_json(tmp / "state.json", trainer_state)
+                (tmp / "config.yaml").write_text(config_yaml)
+        except SAVE_ERRORS as e:
+            error = e
+        errors = self._agree(error)
+        if errors:
+            self._failed(step, tmp, errors, needed)
+            return final
         meta = {
             "format": weights.format,
             "step": step,
@@ -369,21 +474,51 @@ class CheckpointManager:
             "mesh": trainer_state.get("mesh"),
         }
         asynchronous = self.cfg.async_save and not blocking
-        written = weights.write(tmp, self.group, asynchronous)
+        written = None
+        try:
+            written = weights.write(tmp, self.group, asynchronous)
+        except SAVE_ERRORS as e:  # DCP gathers every rank's write result: all ranks get here
+            error = e
         if asynchronous:
             # Our thread hashes and publishes once the write is done, so the training thread
             # never waits on disk.
-            self._pending = self._in_background(self._finish, written, tmp, final, meta, weights)
+            self._pending = self._in_background(
+                self._finish, written, tmp, final, meta, weights, needed, error
+            )
         else:
-            self._finish(written, tmp, final, meta, weights)
-        self.last_saved_step = step
+            self._finish(written, tmp, final, meta, weights, needed, error)
         return final
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is visible on disk; re-raise its error."""
+        """Block until the save in flight (if any) has finished, published or failed (see
+        poll()); re-raise an error that is not a failed write (a dead peer, a bug)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def poll(self) -> list[SaveFailure]:
+        """The saves that failed since the last call, without waiting for one in flight."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+        self._drain()
+        failed, self._undelivered = self._undelivered, []
+        return failed
+
+    def _drain(self) -> None:
+        """Take in the outcomes of finished saves (training thread)."""
+        while True:
+            try:
+                step, failure = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+            if failure is None:
+                self._last_good_step = step
+                self.last_failure = None
+            else:
+                self._undelivered.append(failure)
+                self.last_failure = failure
+                if self.last_saved_step == step:
+                    self.last_saved_step = self._last_good_step
 
     def close(self) -> None:
         """Wait for the save in flight (end of the run)."""
@@ -406,46 +541,145 @@ class CheckpointManager:
         return done
 
     def _finish(
-        self, written: Future | None, tmp: Path, final: Path, meta: dict, weights: Weights
-    ) -> Path:
-        if written is not None:
-            written.result()  # DCP's data files and .metadata are on disk on every rank
-        if self.cfg.debug_delay_s:
+        self,
+        written: Future | None,
+        tmp: Path,
+        final: Path,
+        meta: dict,
+        weights: Weights,
+        needed: int | None,
+        error: BaseException | None,
+    ) -> Path | None:
+        """Hash, gather, publish; every stage that can fail on one rank is followed by an
+        exchange, so that all ranks reach the same collectives and the same outcome."""
+        if error is None and written is not None:
+            try:
+                written.result()  # DCP's data files and .metadata are on disk on every rank
+            except SAVE_ERRORS as e:
+                error = e
+        if error is None and self.cfg.debug_delay_s:
             time.sleep(self.cfg.debug_delay_s)  # test hook: a window to kill the job mid-save
-        mine = [*weights.files_of_rank(tmp, self.rank), f"rng/rank_{self.rank:05d}.json"]
-        everyone = self._gather(
-            _describe(tmp, mine)
-        )  # returns on rank 0 once every rank has finished
+        files: dict = {}
+        if error is None:
+            try:
+                mine = [*weights.files_of_rank(tmp, self.rank), f"rng/rank_{self.rank:05d}.json"]
+                files = _describe(tmp, mine)
+            except SAVE_ERRORS as e:
+                error = e
+        # Returns on rank 0 once every rank has finished.
+        everyone = self._gather(files if error is None else _error_text(self.rank, error))
         if self.rank == 0:
-            files = {k: v for part in everyone for k, v in part.items()}
-            # Anything no rank claimed (DCP's .metadata, state.json, config.yaml, or a file
-            # named in a way files_of_rank does not know) is hashed here.
-            rest = sorted(
-                str(p.relative_to(tmp))
-                for p in tmp.rglob("*")
-                if p.is_file() and str(p.relative_to(tmp)) not in files
-            )
-            files.update(_describe(tmp, rest))
-            _write_json(tmp / "meta.json", {**meta, "files": files})
-            self._publish(tmp, final)
+            # A rank that failed says so itself in the exchange below.
+            if not any(isinstance(p, str) for p in everyone):
+                try:
+                    self._write_meta(tmp, meta, everyone)
+                    self._publish(tmp, final)
+                except SAVE_ERRORS as e:
+                    error = e
+        errors = self._agree(error)
+        if errors:
+            self._failed(meta["step"], tmp, errors, needed)
+            return None
+        if self.rank == 0:
+            self._point_latest_and_prune(final)
+        self.failures_in_a_row = 0
+        self._outcomes.put((meta["step"], None))
         return final
 
+    def _write_meta(self, tmp: Path, meta: dict, everyone: list) -> None:
+        files = {k: v for part in everyone for k, v in part.items()}
+        # Anything no rank claimed (DCP's .metadata, state.json, config.yaml, or a file named
+        # in a way files_of_rank does not know) is hashed here.
+        rest = sorted(
+            str(p.relative_to(tmp))
+            for p in tmp.rglob("*")
+            if p.is_file() and str(p.relative_to(tmp)) not in files
+        )
+        files.update(_describe(tmp, rest))
+        _write_json(tmp / "meta.json", {**meta, "files": files})
+
+    def _failed(self, step: int, tmp: Path, errors: str, needed: int | None) -> None:
+        """Every rank: record the failure; rank 0 removes the partial directory and says so."""
+        free = free_bytes(self.dir)  # as the save saw it, before its files are removed
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.failures_in_a_row += 1
+        done = self.complete_steps()
+        failure = SaveFailure(
+            step=step,
+            directory=tmp,
+            errors=errors,
+            free_bytes=free,
+            needed_bytes=needed,
+            latest=self.step_dir(done[-1]).name if done else None,
+            in_a_row=self.failures_in_a_row,
+            max_failures=self.cfg.max_failures,
+        )
+        if self.rank == 0:
+            log.error("%s", failure.line())
+        self._outcomes.put((step, failure))
+
+    def _check_space(self, final: Path, weights: Weights) -> int | None:
+        """Rank 0, before writing: the bytes the save will need (the newest checkpoint's size,
+        else about three fp32-sized copies of the weights: weights and two AdamW moments),
+        with a warning now when the filesystem has less free. The save is still tried (room
+        may be made meanwhile) and fails cleanly if it does not fit."""
+        needed = None
+        steps = self.complete_steps()
+        if steps:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                meta = json.loads((self.step_dir(steps[-1]) / "meta.json").read_text())
+                needed = sum(int(f["bytes"]) for f in meta["files"].values())
+        model = getattr(weights, "model", None)
+        if needed is None and isinstance(model, torch.nn.Module):
+            local = sum(
+                (p.to_local() if hasattr(p, "to_local") else p).numel() * 4
+                for p in model.parameters()
+            )
+            needed = 3 * local * self.world
+        free = free_bytes(self.dir)
+        if needed is not None and free is not None and needed > free:
+            log.warning(
+                "checkpoint %s needs about %s but %s has %s free: it will not fit unless room "
+                "is made; trying anyway (a failed save is cleaned up and training goes on)",
+                final.name,
+                mib(needed),
+                self.dir,
+                mib(free),
+            )
+        return needed
+
     def _publish(self, tmp: Path, final: Path) -> None:
+        """Make `tmp` visible as `final` (rank 0). Up to the rename a failure leaves `tmp`
+        for the caller to remove; nothing older has been touched yet."""
         for sub in (tmp, tmp / "rng"):
             fsync_path(sub)
+        old = self.dir / f"{TMP_PREFIX}old-{final.name}"
         if final.exists():
-            # A re-save of the same step (after a restart) replaces the old one. A kill right
-            # here loses this step's checkpoint but never the previous ones.
-            old = self.dir / f"{TMP_PREFIX}old-{final.name}"
+            # A re-save of the same step (after a restart) replaces the old one; a kill
+            # between the two renames leaves `old`, which the next start puts back.
             os.rename(final, old)
-            shutil.rmtree(old)
-        os.rename(tmp, final)
-        fsync_path(self.dir)
-        pointer = self.dir / f"{TMP_PREFIX}latest"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, self.dir / "latest")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old.exists():
+                os.rename(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
         fsync_path(self.dir)
         log.info("checkpoint %s saved", final)
+
+    def _point_latest_and_prune(self, final: Path) -> None:
+        """`latest` and pruning, once `final` is complete. `latest` is for people and scripts
+        (resume scans the step directories), so a failure to update it is only a warning."""
+        pointer = self.dir / f"{TMP_PREFIX}latest"
+        try:
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, self.dir / "latest")
+            fsync_path(self.dir)
+        except OSError as e:
+            pointer.unlink(missing_ok=True)
+            log.warning("%s is complete, but %s could not be updated: %s", final, pointer, e)
         self._prune()
 
     def _prune(self) -> None:
@@ -457,10 +691,15 @@ class CheckpointManager:
                 shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     def _remove_leftovers(self) -> None:
-        """Temporary directories of saves that a kill interrupted."""
+        """Temporary directories of saves that a kill interrupted; a complete checkpoint that a
+        kill left renamed aside during a re-save of its step goes back in place."""
         if self.dir.is_dir():
             for p in self.dir.iterdir():
-                if p.name.startswith(TMP_PREFIX):
+                back = self.dir / p.name.removeprefix(f"{TMP_PREFIX}old-")
+                if p.name.startswith(f"{TMP_PREFIX}old-") and not back.exists():
+                    log.warning("restoring %s: a re-save of its step was interrupted", back)
+                    os.rename(p, back)
+                elif p.name.startswith(TMP_PREFIX):
                     log.warning("removing %s: an interrupted save", p)
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
@@ -539,12 +778,26 @@ class CheckpointManager:
         dist.gather_object(obj, out, dst=0, group=self.group)
         return out or []
 
+    def _agree(self, error: BaseException | None) -> str:
+        """Every rank's error (if any) to every rank: '' when all succeeded, else one line
+        naming each failed rank and its OS error. Collective."""
+        mine = _error_text(self.rank, error) if error is not None else ""
+        if self.group is None:
+            return mine
+        out: list = [None] * self.world
+        dist.all_gather_object(out, mine, group=self.group)
+        return "; ".join(x for x in out if x)
+
     def _any(self, flag: bool) -> bool:
         if self.group is None:
             return flag
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
+
+
+def _error_text(rank: int, error: BaseException) -> str:
+    return f"rank {rank}: {os_error(error)}"
 
 
 # -- export ---------------------------------------------------------------------------------

@@ -235,8 +235,13 @@ class CheckpointConfig:
     # Config keys (or groups: "optim") that a resume may change from the checkpoint's config;
     # model shape and data keys can never change (opt_train/resume_guard.py).
     allow_changes: list[str] = field(default_factory=list)
+    # Failed saves in a row (disk full, EIO, quota) after which the run stops with exit status
+    # 86 (opt_train.checkpoint.EXIT_CHECKPOINT_FAILED); 0: never stop for it.
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            raise ValueError(f"checkpoint.max_failures must be >= 0, got {self.max_failures}")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
         if self.write_threads < 1:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from opt_train.callbacks import Callback, default_callbacks
-from opt_train.checkpoint import CheckpointManager
+from opt_train.checkpoint import CheckpointManager, CheckpointSaveFailed
 from opt_train.config import JobConfig
 from opt_train.data import build_data, validation_row
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
@@ -43,6 +43,8 @@ from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
 from opt_train.precision import DynamicLossScaler
 from opt_train.resume_guard import check_resume
+from opt_train.run_files import os_error, write_text_atomic
+from opt_train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
 from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -68,10 +70,14 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.run_dir = Path(cfg.run_dir)
+        # Before anything is written: one run per run_dir (opt_train/run_lock.py).
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = hold_run_lock(self.run_dir, self.dist)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        self.config_write_error: str | None = None  # MetricsFile records it as an event row
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            if failed := write_text_atomic(self.run_dir / "config.yaml", self.config_yaml):
+                self.config_write_error = os_error(failed)
 
         # Mesh: data-parallel ranks read different samples; tensor-parallel peers the same.
         # DeepSpeed's ranks are all data-parallel (config.py checks tp=1).
@@ -451,6 +457,8 @@ class Trainer:
             self.ckpt.close()
         finally:
             self.preemption.uninstall()
+            if self.run_lock is not None:
+                self.run_lock.release()
 
 
 def _full_param_count(model_cfg) -> int:
@@ -469,7 +477,9 @@ def train(cfg: JobConfig) -> dict:
 
     Exits the process with `EXIT_REQUEUE` (85) after a preemption signal, once the checkpoint
     is saved and the process group is left cleanly. A collective timeout is re-raised naming
-    this rank; the process group is then left without the closing barrier."""
+    this rank; the process group is then left without the closing barrier. A run_dir held by
+    another run exits with 87 (opt_train.run_lock.EXIT_RUN_DIR_LOCKED), `checkpoint.max_failures`
+    failed saves in a row with 86 (opt_train.checkpoint.EXIT_CHECKPOINT_FAILED)."""
     rank = int(os.environ.get("RANK", "0"))
     clean = False
     trainer = None
@@ -479,12 +489,20 @@ def train(cfg: JobConfig) -> dict:
             last = trainer.fit()
             trainer.close()
         clean = True
+    except (RunDirLocked, CheckpointSaveFailed) as e:
+        # Both are agreed stops: every rank raises the same one at the same point, so the
+        # group is left cleanly (without the barrier a rank could crash at exit, status -6).
+        clean = True
+        if rank == 0:
+            log.error("%s", e)
+        raise SystemExit(e.exit_code) from None
     finally:
         if trainer is not None and not clean:
             # Failing: let SIGTERM (torchrun stopping the group to restart it) end this
             # process now instead of waiting for a step that will not come.
             trainer.preemption.uninstall()
         shutdown(clean)
+        release_run_locks()  # any way out but a kill leaves the run_dir free, record cleared
     if trainer.preempted:
         log.warning(
             "rank %d: checkpoint saved; exiting with status %d (requeue)", rank, EXIT_REQUEUE

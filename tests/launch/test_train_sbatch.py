@@ -226,3 +226,37 @@ def test_scancel_checkpoints_and_the_job_ends_cancelled_not_requeued(slurm, shar
     saved = [p.name for p in (run_dir / "checkpoints").glob("step_*")]
     assert len(saved) == 1, node_logs(run_dir)
     assert int(saved[0].removeprefix("step_")) == logged_steps(run_dir)[-1] >= 3
+
+
+def test_a_run_dir_held_by_another_run_fails_the_job_with_87_and_is_not_requeued(
+    slurm, shards, tmp_path
+):
+    """Another live run holds run_dir's lock: rank 0 is refused, every rank exits 87, and the
+    script, reading torchrun's summary in the node logs, ends the job without a requeue."""
+    import subprocess
+
+    from tests.opt_train.test_write_faults import HOLD
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"host": "elsewhere", "pid": 999, "slurm_job_id": "99999", "started": "earlier"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir / "run.lock"), json.dumps(record)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        job = submit(slurm, run_dir, shards)
+        try:
+            info = slurm.wait_job(job, states=("FAILED",), timeout=150)
+        except (AssertionError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}") from None
+    finally:
+        holder.kill()
+        holder.wait()
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
+    assert "training stopped with status 87" in log and "requeueing job" not in log, log
+    assert "in use by another run (pid 999 on elsewhere, Slurm job 99999" in node_logs(run_dir)
+    assert not (run_dir / "metrics.jsonl").exists()
