@@ -221,6 +221,7 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 def train_steps(model, optimizer, batches, device, autocast_precision, chunk: int) -> list[float]:
     """The trainer's step, one micro-batch each: forward through the chunked loss, backward,
     clip at 1.0, AdamW; returns the losses."""
+    from opt_train.loss import lm_loss
     from opt_train.optim import clip_grad_norm_
     from opt_train.precision import autocast
 
@@ -229,7 +230,7 @@ def train_steps(model, optimizer, batches, device, autocast_precision, chunk: in
     for x in batches:
         x = x.to(device, non_blocking=True)
         with autocast(autocast_precision, device.type):
-            loss = model(x[:, :-1], x[:, 1:], chunk)
+            loss = lm_loss(model, x[:, :-1], x[:, 1:], chunk)
         loss.backward()
         clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()

@@ -101,7 +101,7 @@ def test_disk_full_run_goes_on_stops_after_max_failures_and_its_checkpoint_resum
         assert [x["step"] for x in failed] == [4, 6, 8]
         assert all(
             "Errno 28" in x["error"] and x["latest_complete"] == "step_00000002" for x in failed
-        )
+        ), [(x["error"], x["latest_complete"]) for x in failed]
         got = step_losses(full)  # every step once; went on past the failed saves
         assert min(got) == 1 and sorted(got) == list(range(1, max(got) + 1)) and max(got) >= 8
         assert {s: got[s] for s in got} == {s: reference[s] for s in got}
