@@ -99,9 +99,14 @@ def test_disk_full_run_goes_on_stops_after_max_failures_and_its_checkpoint_resum
         assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
         failed = [x for x in rows(full) if x.get("event") == "checkpoint_failed"]
         assert [x["step"] for x in failed] == [4, 6, 8]
+        assert [x["latest_complete"] for x in failed] == ["step_00000002"] * 3
+        # ENOSPC reaches us as the OSError, or, when the disk fills inside torch.save's zip
+        # writer, as its short-write error ("unexpected pos"), whose OSError torch does not
+        # chain; which one a rank sees depends on where its write stopped.
         assert all(
-            "Errno 28" in x["error"] and x["latest_complete"] == "step_00000002" for x in failed
-        ), [(x["error"], x["latest_complete"]) for x in failed]
+            "Errno 28" in x["error"] or "unexpected pos" in x["error"] for x in failed
+        ), [x["error"] for x in failed]
+        assert any("Errno 28" in x["error"] for x in failed), [x["error"] for x in failed]
         got = step_losses(full)  # every step once; went on past the failed saves
         assert min(got) == 1 and sorted(got) == list(range(1, max(got) + 1)) and max(got) >= 8
         assert {s: got[s] for s in got} == {s: reference[s] for s in got}
