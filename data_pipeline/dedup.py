@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -484,11 +483,6 @@ def _close_parts() -> None:
 _SPOOL_CCTX = zstandard.ZstdCompressor(level=1)
 
 
-def _progress(cfg: DedupConfig, desc: str, unit: str, total: float | None = None):
-    """A task's progress reporter (data_pipeline.progress through scaleout)."""
-    return scaleout.progress(cfg, desc, total, unit)
-
-
 # --- restartable stages --------------------------------------------------------------------
 
 
@@ -866,7 +860,7 @@ def _clusters(cfg: DedupConfig, corpus: _Corpus, pairs: np.ndarray) -> tuple[np.
     checked = np.zeros(len(pairs), dtype=bool)
     if cfg.verify == "exact":
         todo = np.flatnonzero(est >= cfg.threshold - cfg.prefilter_margin)
-        with _progress(cfg, "dedup verify", "pair", len(todo)) as bar:
+        with scaleout.progress(cfg, "dedup verify", len(todo), "pair") as bar:
             sim[todo] = _exact_jaccard(corpus, pairs[todo], bar)
         checked[todo] = True
     elif cfg.verify == "signature":
@@ -1088,16 +1082,12 @@ class DedupSignatures(scaleout.TaskStep):
         plan = self.plan
         lo, hi = plan.shares[rank]
         final = plan.sig_dir(rank)
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # of a killed attempt
-            shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True)
+        tmp = scaleout.fresh_task_dir(final)
         rejects = Rejects(tmp / "rejects.jsonl")
         files = plan.files[lo:hi]
         desc = f"dedup signatures task {rank}/{world_size}"
         try:
-            with _progress(self.cfg, desc, "B", sum(f.stat().st_size for f in files)) as bar:
+            with scaleout.progress(self.cfg, desc, sum(f.stat().st_size for f in files), "B") as bar:
                 info = _signatures(
                     self.cfg,
                     files,
@@ -1135,7 +1125,7 @@ class DedupBuckets(scaleout.TaskStep):
         k_lo, k_hi = np.uint64((r << 64) // ranges), ((r + 1) << 64) // ranges
         k_hi = None if k_hi == 1 << 64 else np.uint64(k_hi)
         codes, held = [np.zeros(0, np.int64)], 0
-        with _progress(self.cfg, f"dedup buckets task {rank}/{world_size}", "band", hi - lo) as bar:
+        with scaleout.progress(self.cfg, f"dedup buckets task {rank}/{world_size}", hi - lo, "band") as bar:
             for k in range(lo, hi):
                 if ranges == 1:  # every key: read whole, no filtering
                     chunks = corpus.band_key_chunks(k, plan.bands, plan.rows, step=1 << 62)
@@ -1204,7 +1194,7 @@ class DedupFilter(scaleout.TaskStep):
             stale.unlink(missing_ok=True)
         try:
             desc = f"dedup filter task {rank}/{world_size}"
-            with _progress(self.cfg, desc, "doc", hi - lo) as bar:
+            with scaleout.progress(self.cfg, desc, hi - lo, "doc") as bar:
                 kept = _write_kept(corpus.parts(rank), keep[lo:hi], part, bar)
         finally:
             corpus.close()

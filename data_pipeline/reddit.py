@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import json
 import marshal
-import os
 import re
-import shutil
 import struct
 import sys
 import time
@@ -469,11 +467,7 @@ class RedditMap(scaleout.TaskStep):
         plan = self.plan
         lo, hi = plan.file_shares[rank]
         final = self.work / "map" / f"task-{rank:05d}"
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # of a killed attempt
-            shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True)
+        tmp = scaleout.fresh_task_dir(final)
         rejects = Rejects(tmp / "rejects.jsonl")
         files = plan.files[lo:hi]
         total = sum(f.stat().st_size for f in files)

@@ -205,6 +205,18 @@ def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects
     return rejects
 
 
+def fresh_task_dir(final: Path) -> Path:
+    """An empty temporary directory beside a task's output directory `final`, to be renamed
+    onto it when the task is done; removes what a killed attempt left (its temporary
+    directories, or a published `final` that a rerun replaces)."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomically (a crash leaves the old file or none, never half of one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
