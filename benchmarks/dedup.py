@@ -146,7 +146,7 @@ def main() -> None:
         # a planted pair is caught when one of the two is removed (the copy comes later)
         return sum(a in removed or b in removed for a, b in planted) / max(len(planted), 1)
 
-    rows = []
+    rows, sig_us = [], []
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "corpus"
         inp.mkdir()
@@ -173,6 +173,7 @@ def main() -> None:
                 inp, Path(tmp) / "ours.jsonl", args.workers
             )
             rows.append((ds_s / our_s, ds_cpu / our_cpu))
+            sig_us.append(1e6 * report["cpu_s"]["signatures"] / n)
             print(
                 f"{r + 1:5d} {os.getloadavg()[0]:5.2f}  {n / ds_s:8.0f} / {n / ds_cpu:6.0f}"
                 f"          {n / our_s:8.0f} / {n / our_cpu:6.0f}"
@@ -185,8 +186,10 @@ def main() -> None:
     print(f"ours:       removed {len(our_removed)}, recall {recall(our_removed):.3f}")
     print(f"ours, seconds per stage (last round): {report['timings_s']}")
     print(f"ours, cpu-s per stage, tasks summed (last round): {report['cpu_s']}")
-    sig_us = 1e6 * report["cpu_s"]["signatures"] / n
-    print(f"ours, signature pass: {sig_us:.1f} us CPU per document (last round)")
+    print(
+        f"ours, signature pass: {statistics.median(sig_us):.1f} us CPU per document (median;"
+        f" rounds: {', '.join(f'{u:.1f}' for u in sig_us)})"
+    )
     print(
         f"ours: candidates {report['candidate_pairs']}, verified {report['verified_pairs']},"
         f" clusters {report['clusters']}, banding {report['banding']['bands']}x"
