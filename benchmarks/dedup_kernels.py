@@ -153,20 +153,14 @@ def main() -> None:
                 o = np.empty(len(long), dtype=np.uint32)
                 minhash._sha1_spans_openssl(*minhash._LIBCRYPTO, norm, starts[long], lens[long], o)
             else:
-                ends = starts[long] + lens[long]
-                o = hashlib_sha1_32(
-                    [norm[p:q].tobytes() for p, q in zip(starts[long], ends, strict=True)]
-                )
+                o = minhash._sha1_hashlib(norm, starts[long], lens[long])  # no libcrypto
             h[long] = o
         return h
 
-    def kernel_sha1(kind, idx=None):
+    def openssl_sha1(idx=None):
         s, ln = (starts, lens) if idx is None else (starts[idx], lens[idx])
         h = np.empty(len(s), dtype=np.uint32)
-        if kind == "openssl":
-            minhash._sha1_spans_openssl(*minhash._LIBCRYPTO, norm, s, ln, h)
-        else:
-            minhash._sha1_spans_portable(norm, s, ln, h)
+        minhash._sha1_spans_openssl(*minhash._LIBCRYPTO, norm, s, ln, h)
         return h
 
     def affine32_kernel():
@@ -276,7 +270,7 @@ def main() -> None:
             "minhash._sha1_spans_openssl (backend openssl)",
             "hashlib.sha1 per shingle",
             n,
-            lambda: kernel_sha1("openssl"),
+            openssl_sha1,
             lambda: hashlib_sha1_32(grams),
             np.array_equal,
         ),
@@ -284,7 +278,7 @@ def main() -> None:
             "minhash._sha1_spans_openssl (shingles >119 B)",
             "hashlib.sha1 per shingle",
             n,
-            lambda: kernel_sha1("openssl", long_i),
+            lambda: openssl_sha1(long_i),
             lambda: hashlib_sha1_32(long_grams),
             np.array_equal,
         ),
@@ -294,22 +288,6 @@ def main() -> None:
             n,
             simd_sha1,
             lambda: simd_sha1("hashlib"),
-            np.array_equal,
-        ),
-        (
-            "minhash._sha1_spans_portable (shingles >119 B)",
-            "hashlib.sha1 per shingle",
-            n,
-            lambda: kernel_sha1("portable", long_i),
-            lambda: hashlib_sha1_32(long_grams),
-            np.array_equal,
-        ),
-        (
-            "minhash._sha1_spans_portable (backend numba)",
-            "hashlib.sha1 per shingle",
-            n,
-            lambda: kernel_sha1("portable"),
-            lambda: hashlib_sha1_32(grams),
             np.array_equal,
         ),
         (

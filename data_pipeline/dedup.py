@@ -97,7 +97,7 @@ class DedupConfig(scaleout.ScaleOut):
     # holds about 1/key_ranges of the keys; 0: one range per 32 GiB of input.
     key_ranges: int = 0
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
-    backend: str = "auto"  # signature backend: auto | simd | openssl | numba | numpy
+    backend: str = "auto"  # signature backend: auto | simd | openssl | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
@@ -1087,7 +1087,9 @@ class DedupSignatures(scaleout.TaskStep):
         files = plan.files[lo:hi]
         desc = f"dedup signatures task {rank}/{world_size}"
         try:
-            with scaleout.progress(self.cfg, desc, sum(f.stat().st_size for f in files), "B") as bar:
+            with scaleout.progress(
+                self.cfg, desc, sum(f.stat().st_size for f in files), "B"
+            ) as bar:
                 info = _signatures(
                     self.cfg,
                     files,
@@ -1125,7 +1127,9 @@ class DedupBuckets(scaleout.TaskStep):
         k_lo, k_hi = np.uint64((r << 64) // ranges), ((r + 1) << 64) // ranges
         k_hi = None if k_hi == 1 << 64 else np.uint64(k_hi)
         codes, held = [np.zeros(0, np.int64)], 0
-        with scaleout.progress(self.cfg, f"dedup buckets task {rank}/{world_size}", hi - lo, "band") as bar:
+        with scaleout.progress(
+            self.cfg, f"dedup buckets task {rank}/{world_size}", hi - lo, "band"
+        ) as bar:
             for k in range(lo, hi):
                 if ranges == 1:  # every key: read whole, no filtering
                     chunks = corpus.band_key_chunks(k, plan.bands, plan.rows, step=1 << 62)

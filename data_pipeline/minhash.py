@@ -43,10 +43,9 @@ except ImportError:  # pragma: no cover - exercised on machines without numba
 SCHEMES = ("affine32", "legacy")
 # Signature backends, fastest first; all give the same bits. "simd": numba kernels with a
 # 16-lane SIMD SHA-1 for shingles of up to 119 bytes (one or two SHA-1 blocks; 99.9% of word
-# 5-grams of English) and libcrypto's (or, without it, the portable) SHA-1 for longer ones;
-# "openssl": numba kernels with libcrypto's SHA-1; "numba": numba kernels with a portable
-# SHA-1; "numpy": hashlib + numpy.
-BACKENDS = ("simd", "openssl", "numba", "numpy")
+# 5-grams of English) and libcrypto's SHA-1 (or, where it is not found, hashlib) for longer
+# ones; "openssl": numba kernels with libcrypto's SHA-1; "numpy": hashlib + numpy.
+BACKENDS = ("simd", "openssl", "numpy")
 MERSENNE_61 = (1 << 61) - 1
 EMPTY = 0xFFFFFFFF  # datasketch's initial (empty-set) hash value in both schemes
 
@@ -215,8 +214,8 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
 # from compiled code through its low-level SHA1_Init/Update/Final entry points: the one-shot
 # EVP path costs ~0.5 us per call in OpenSSL 3 and hashlib adds Python overhead on top, while
 # SHA1_Update uses the CPU's SHA extensions where present (measured ~75-120 ns per 5-gram on
-# this machine, against ~190 ns for the portable SHA-1 below). Where libcrypto cannot be found
-# the portable numba SHA-1 (FIPS 180-4) is used; both are checked against datasketch in tests.
+# this machine). Where libcrypto cannot be found, hashlib hashes the long shingles: as fast as
+# a portable compiled SHA-1 on them (docs/benchmarks.md), and 0.1% of English 5-grams.
 # The functions are called through their addresses (an intrinsic below), which keeps every
 # kernel cacheable on disk: a process pays the ~2 s of compilation once per machine.
 
@@ -241,7 +240,7 @@ def _find_libcrypto() -> tuple[int, int, int] | None:
 
 _LIBCRYPTO = _find_libcrypto() if HAVE_NUMBA else None
 # What the default backend hashes with: SIMD for one-block shingles, then the next best
-SHA1_IMPL = ("simd+openssl" if _LIBCRYPTO else "simd+numba") if HAVE_NUMBA else "hashlib"
+SHA1_IMPL = ("simd+openssl" if _LIBCRYPTO else "simd+hashlib") if HAVE_NUMBA else "hashlib"
 
 
 # Scratch arrays of _spans, kept between batches: fresh ones cost a page fault per 4 KiB
@@ -254,6 +253,17 @@ def _scratch(name: str, size: int, dtype) -> np.ndarray:
     if arr is None or len(arr) < size:
         arr = _SCRATCH[name] = np.empty(max(size, 1 << 16), dtype=dtype)
     return arr
+
+
+def _sha1_hashlib(norm: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """sha1_hash32 of the shingles norm[starts[i]:starts[i]+lens[i]] with hashlib."""
+    import hashlib
+
+    raw = b"".join(
+        hashlib.sha1(norm[s : s + n]).digest()
+        for s, n in zip(starts.tolist(), lens.tolist(), strict=True)
+    )
+    return np.frombuffer(raw, np.uint8).reshape(-1, 20)[:, :4].copy().view("<u4").ravel()
 
 
 def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Batch:
@@ -278,16 +288,14 @@ def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bo
         long = _scratch("long", len(starts), np.int64)  # shingles > 119 bytes, left to the next
         long = long[: _sha1_spans_simd(norm, starts, lens, hashes, long)]
         if len(long):
-            out = np.empty(len(long), dtype=np.uint32)
             if _LIBCRYPTO:
+                out = np.empty(len(long), dtype=np.uint32)
                 _sha1_spans_openssl(*_LIBCRYPTO, norm, starts[long], lens[long], out)
             else:
-                _sha1_spans_portable(norm, starts[long], lens[long], out)
+                out = _sha1_hashlib(norm, starts[long], lens[long])
             hashes[long] = out
-    elif sha1 == "openssl":
-        _sha1_spans_openssl(*_LIBCRYPTO, norm, starts, lens, hashes)
     else:
-        _sha1_spans_portable(norm, starts, lens, hashes)
+        _sha1_spans_openssl(*_LIBCRYPTO, norm, starts, lens, hashes)
     sigs = np.empty((len(raw_off) - 1, len(a)), dtype=np.uint32)
     if legacy:
         _permute_min_legacy(hashes, sh_off, a, b, sigs)
@@ -307,10 +315,6 @@ def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bo
 if HAVE_NUMBA:
     _U = np.uint32
     _M32 = np.uint64(0xFFFFFFFF)
-    _U8 = np.uint64(8)
-    _U16 = np.uint64(16)
-    _U24 = np.uint64(24)
-
     _ix = np.uint64  # an index known to be >= 0 (see _spans)
 
     @numba.njit(cache=True, inline="always")
@@ -673,89 +677,6 @@ if HAVE_NUMBA:
             out[i] = (
                 _U(md[0]) | (_U(md[1]) << _U(8)) | (_U(md[2]) << _U(16)) | (_U(md[3]) << _U(24))
             )
-
-    @numba.njit(cache=True, inline="always")
-    def _rotl64(x, k):
-        return ((x << np.uint64(k)) | (x >> np.uint64(32 - k))) & _M32
-
-    @numba.njit(cache=True)
-    def _sha1_hash32(buf, s, length, w):
-        """datasketch's sha1_hash32 of buf[s:s+length]: SHA-1 (FIPS 180-4), first 4 digest
-        bytes read little-endian. Words are uint64 masked to 32 bits, because numba widens
-        uint32 arithmetic."""
-        h0 = np.uint64(0x67452301)
-        h1 = np.uint64(0xEFCDAB89)
-        h2 = np.uint64(0x98BADCFE)
-        h3 = np.uint64(0x10325476)
-        h4 = np.uint64(0xC3D2E1F0)
-        nblocks = (length + 8) // 64 + 1
-        total = nblocks * 64
-        bits = np.uint64(length) * _U8
-        for blk in range(nblocks):
-            base = blk * 64
-            for t in range(16):
-                q0 = base + 4 * t
-                if q0 + 4 <= length:
-                    p = s + q0
-                    w[t] = (
-                        (np.uint64(buf[p]) << _U24)
-                        | (np.uint64(buf[p + 1]) << _U16)
-                        | (np.uint64(buf[p + 2]) << _U8)
-                        | np.uint64(buf[p + 3])
-                    )
-                else:
-                    v = np.uint64(0)
-                    for k in range(4):
-                        q = q0 + k
-                        if q < length:
-                            byte = np.uint64(buf[s + q])
-                        elif q == length:
-                            byte = np.uint64(0x80)
-                        elif q >= total - 8:
-                            byte = (bits >> np.uint64(8 * (total - 1 - q))) & np.uint64(0xFF)
-                        else:
-                            byte = np.uint64(0)
-                        v = (v << _U8) | byte
-                    w[t] = v
-            for t in range(16, 80):
-                w[t] = _rotl64(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1)
-            a, b, c, d, e = h0, h1, h2, h3, h4
-            for t in range(80):
-                if t < 20:
-                    f = d ^ (b & (c ^ d))
-                    k = np.uint64(0x5A827999)
-                elif t < 40:
-                    f = b ^ c ^ d
-                    k = np.uint64(0x6ED9EBA1)
-                elif t < 60:
-                    f = (b & c) | (d & (b | c))
-                    k = np.uint64(0x8F1BBCDC)
-                else:
-                    f = b ^ c ^ d
-                    k = np.uint64(0xCA62C1D6)
-                tmp = (_rotl64(a, 5) + f + e + k + w[t]) & _M32
-                e = d
-                d = c
-                c = _rotl64(b, 30)
-                b = a
-                a = tmp
-            h0 = (h0 + a) & _M32
-            h1 = (h1 + b) & _M32
-            h2 = (h2 + c) & _M32
-            h3 = (h3 + d) & _M32
-            h4 = (h4 + e) & _M32
-        return (
-            ((h0 >> _U24) & np.uint64(0xFF))
-            | ((h0 >> _U8) & np.uint64(0xFF00))
-            | ((h0 << _U8) & np.uint64(0xFF0000))
-            | ((h0 << _U24) & np.uint64(0xFF000000))
-        )
-
-    @numba.njit(cache=True)
-    def _sha1_spans_portable(norm, starts, lens, out):
-        w = np.empty(80, dtype=np.uint64)
-        for i in range(len(starts)):
-            out[i] = _U(_sha1_hash32(norm, starts[i], lens[i], w))
 
     def _affine32_x16(nvec: int):
         """An intrinsic: the affine32 MinHash of one document over 16 * nvec permutations,

@@ -57,7 +57,7 @@ def available_backends() -> list[str]:
     project supports, so a backend that cannot run here is a failure, not a skip."""
     missing = []
     if not minhash.HAVE_NUMBA:
-        missing.append("numba is not importable: simd, openssl and numba backends")
+        missing.append("numba is not importable: simd and openssl backends")
     elif not minhash._LIBCRYPTO:
         missing.append("libcrypto's SHA1_* not found: openssl backend")
     if missing:
@@ -145,6 +145,19 @@ def test_sha1_of_every_length_across_the_one_block_limit(backend):
     want = [struct.unpack("<I", hashlib.sha1(w.encode()).digest()[:4])[0] for w in words]
     assert batch.hashes.tolist() == want
     assert sorted({len(w.encode()) for w in words}) == list(range(1, 131))
+
+
+def test_simd_hashes_long_shingles_with_hashlib_where_libcrypto_is_not_found(monkeypatch):
+    """Without libcrypto, the shingles the SIMD SHA-1 leaves (over 119 bytes) go to hashlib:
+    the same hashes for every length from 1 to 130 bytes, and datasketch's signatures."""
+    monkeypatch.setattr(minhash, "_LIBCRYPTO", None)
+    words = ["\u00e9" * (length // 2) + "x" * (length % 2) for length in range(1, 131)]
+    batch = MinHasher(backend="simd", ngram=1).batch(words)
+    want = [struct.unpack("<I", hashlib.sha1(w.encode()).digest()[:4])[0] for w in words]
+    assert batch.hashes.tolist() == want
+    ours = MinHasher(128, 7, 5, "affine32", "simd").batch(EDGE_TEXTS).signatures
+    ref = np.array([datasketch_signature(t, "affine32", 7) for t in EDGE_TEXTS])
+    assert np.array_equal(ours.astype(np.uint64), ref)
 
 
 @pytest.mark.parametrize("backend", available_backends())
