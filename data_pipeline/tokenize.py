@@ -60,7 +60,9 @@ from data_pipeline.sources import iter_source_documents, local_files, normalize,
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 # Parameters that change how (and where) the stage runs but never its output.
-RUNTIME_KEYS = ("workers", "batch_bytes", "tasks", "executor", "slurm", "work_dir", "keep_work")
+RUNTIME_KEYS = (
+    "workers", "batch_bytes", "tasks", "executor", "slurm", "ray", "work_dir", "keep_work"
+)  # fmt: skip
 
 
 @dataclass
@@ -184,8 +186,8 @@ class _Plan:
                 sizes.append(f.stat().st_size)
         self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.units))
         self.shares = scaleout.contiguous_shares(sizes, self.tasks)
-        if cfg.executor == "slurm":
-            self.encoders = max(1, cfg.slurm.cpus_per_task)
+        if cfg.executor in ("slurm", "ray"):
+            self.encoders = max(1, getattr(cfg, cfg.executor).cpus_per_task)
         else:
             budget = cfg.workers or 1
             self.encoders = max(1, budget // min(budget, self.tasks))
