@@ -329,6 +329,7 @@ def test_three_tasks_on_two_workers_give_one_tasks_bytes_threads_across_months_r
         assert r3[k] == r1[k], k
 
 
+@pytest.mark.slow  # a Ray actor per task: seconds of start-up each
 def test_four_tasks_on_ray_give_the_local_runs_bytes(scenario_dump, tmp_path, local_ray):
     _, inp = scenario_dump
     local = tmp_path / "local.jsonl"
