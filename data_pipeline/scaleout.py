@@ -67,8 +67,8 @@ class RayOptions:
     """Where and how the tasks of `executor=ray` run."""
 
     # Empty: RAY_ADDRESS when set, else a new Ray on this machine (loopback only, stopped when
-    # the process exits); `auto`, `host:port` or `ray://host:port`: that running cluster. A
-    # process already connected (ray.init before the stage) keeps its Ray.
+    # the process exits); `auto` or the head's `host:port`: that running cluster. A process
+    # already connected (ray.init before the stage) keeps its Ray.
     address: str = ""
     cpus_per_task: int = 1
     mem_per_cpu_gb: float = 2.0  # memory Ray reserves per CPU of a task
