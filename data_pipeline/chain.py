@@ -69,7 +69,8 @@ OPTIONAL_STAGES = {"clean", "dedup"}
 ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {
-    "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm"
+    "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm",
+    "ray",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
 SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
@@ -90,7 +91,7 @@ class SourceConfig:
 @dataclass
 class ChainConfig(ScaleOut):
     """`python -m data_pipeline`'s keys; data_pipeline/conf/pipeline.yaml documents each. The
-    scale-out keys (tasks, workers, executor, slurm) apply to every stage that is split into
+    scale-out keys (tasks, workers, executor, slurm, ray) apply to every stage that is split into
     tasks (reddit, clean, dedup, tokenize) unless that stage's own parameters set them."""
 
     work_dir: str = MISSING
@@ -361,7 +362,9 @@ def run(cfg: ChainConfig) -> dict:
     keys = ("tasks", "workers", "executor", "progress", "progress_interval_s")
     scale = {k: getattr(cfg, k) for k in keys}
     shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
-    scale["slurm"] = asdict(cfg.slurm) if is_dataclass(cfg.slurm) else plain(cfg.slurm)
+    for group in ("slurm", "ray"):
+        g = getattr(cfg, group)
+        scale[group] = asdict(g) if is_dataclass(g) else plain(g)
     for s in SCALED_STAGES:
         params[s] = {**scale, **params[s]}
 

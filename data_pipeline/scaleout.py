@@ -9,6 +9,10 @@ stage's work directory. datatrove runs them:
   one (`--dependency=afterok`, and `--kill-on-invalid-dep=yes` so a failed step cancels the
   next instead of leaving it pending). With `slurm.wait=true` (default) the command waits for
   the jobs and fails when a task did not complete; `wait=false` prints the job ids and returns.
+- `executor=ray`: `RayPipelineExecutor`, each step's tasks as Ray actors (`ray.cpus_per_task`
+  CPUs and `ray.mem_per_cpu_gb` each) on the Ray this process is connected to; when it is
+  connected to none, on `ray.address` (or `RAY_ADDRESS`), or else on a new local Ray that
+  listens on 127.0.0.1 only. The steps run one after the other, as locally.
 
 datatrove writes a completion marker per finished task (`<work>/executor/<step>/completions/`),
 so running the same command again runs only the tasks that did not finish: a killed or failed
@@ -41,7 +45,7 @@ from data_pipeline.cli import report_path, write_report
 from data_pipeline.io import AtomicWriter, Rejects, iter_lines
 from data_pipeline.progress import Progress
 
-EXECUTORS = ("local", "slurm")
+EXECUTORS = ("local", "slurm", "ray")
 
 
 @dataclass
@@ -59,6 +63,22 @@ class SlurmOptions:
 
 
 @dataclass
+class RayOptions:
+    """Where and how the tasks of `executor=ray` run."""
+
+    # Empty: RAY_ADDRESS when set, else a new Ray on this machine (loopback only, stopped when
+    # the process exits); `auto` or the head's `host:port`: that running cluster. A process
+    # already connected (ray.init before the stage) keeps its Ray.
+    address: str = ""
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0  # memory Ray reserves per CPU of a task
+    # A new local Ray only: its CPUs (0: workers, else all) and object store (the tasks pass
+    # it nothing but the pickled step; 0: Ray's default, 30% of memory).
+    num_cpus: int = 0
+    object_store_mb: int = 0
+
+
+@dataclass
 class ScaleOut:
     """The keys every scaled-out stage (and the chain) takes."""
 
@@ -66,6 +86,7 @@ class ScaleOut:
     workers: int = 0  # task processes at once on this machine (local); 0: min(tasks, cpus)
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
     # Each task's progress on stderr (data_pipeline.progress): a bar on a terminal, a plain
     # line every `progress_interval_s` in a log (Slurm, a file).
     progress: bool = True
@@ -82,6 +103,11 @@ def validate(cfg: ScaleOut) -> None:
         raise ValueError(f"executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
     if cfg.tasks < 0 or cfg.workers < 0:
         raise ValueError(f"tasks={cfg.tasks}, workers={cfg.workers}: must be >= 0")
+    if cfg.ray.cpus_per_task < 1 or not cfg.ray.mem_per_cpu_gb > 0:
+        raise ValueError(
+            f"ray.cpus_per_task={cfg.ray.cpus_per_task}, ray.mem_per_cpu_gb="
+            f"{cfg.ray.mem_per_cpu_gb}: must be >= 1 and > 0"
+        )
     if not cfg.progress_interval_s >= 0:
         raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
 
@@ -288,7 +314,7 @@ def finish(stage: str, plan: Any, jobs: list[str], t0: float, count: str, rate: 
     if cfg.executor == "slurm" and not cfg.slurm.wait:
         return {"stage": stage, "slurm_jobs": jobs, "work_dir": str(plan.work)}
     report = json.loads(report_path(plan.out).read_text())
-    if cfg.executor == "local":  # wall seconds of each step, done tasks skipped included
+    if cfg.executor != "slurm":  # wall seconds of each step, done tasks skipped included
         report["step_seconds"] = json.loads((plan.work / "step_seconds.json").read_text())
     secs = time.perf_counter() - t0
     report["seconds"] = round(secs, 3)
@@ -319,26 +345,83 @@ def _slurm_executor_class():
     return _Slurm
 
 
-def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> list[str]:
-    """Run each (step, tasks) in order on the configured executor. Returns the Slurm job ids
-    (empty for local; there each step's wall seconds go to `<work>/step_seconds.json`).
-    Raises when a task failed (or, waiting on Slurm, did not complete)."""
-    validate(cfg)
-    logs = work / "executor"
+def _step_executor(step: TaskStep, tasks: int, cfg: ScaleOut, logs: Path):
+    """The executor of one step on this machine (local) or on Ray."""
     if cfg.executor == "local":
         from datatrove.executor.local import LocalPipelineExecutor
 
+        return LocalPipelineExecutor(
+            pipeline=[step],
+            tasks=tasks,
+            workers=min(cfg.workers or os.cpu_count() or 1, tasks),
+            logging_dir=str(logs),
+            start_method="fork",
+        )
+    from datatrove.executor.ray import RayPipelineExecutor
+
+    return RayPipelineExecutor(
+        pipeline=[step],
+        tasks=tasks,
+        workers=min(cfg.workers, tasks) if cfg.workers else -1,  # 0: as many as Ray fits
+        logging_dir=str(logs),
+        cpus_per_task=cfg.ray.cpus_per_task,
+        mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb,
+    )
+
+
+def connect_ray(cfg: ScaleOut) -> None:
+    """Connect this process to the Ray that `executor=ray` runs on (the one it is connected to,
+    else `ray.address` or RAY_ADDRESS, else a new local Ray), and check that a task's
+    reservation fits on one of its nodes: Ray would otherwise wait for such a node forever."""
+    r = cfg.ray
+    address = r.address or os.environ.get("RAY_ADDRESS", "")
+    local = not address and not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    # Ray's switch for nodes that other machines join (on by default on Linux); off, the node
+    # address is 127.0.0.1 and a Ray started here binds GCS, raylet and worker ports there
+    # only. Read when ray is imported; its processes inherit it. Never for a cluster: its
+    # workers must reach this driver at its network address.
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    before = os.environ.get(key)
+    if local:
+        os.environ.setdefault(key, "0")
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            opts = {"address": address} if address else {
+                "address": "local",
+                "num_cpus": r.num_cpus or cfg.workers or os.cpu_count() or 1,
+                "include_dashboard": False,
+                **({"object_store_memory": r.object_store_mb << 20} if r.object_store_mb else {}),
+            }  # fmt: skip
+            ray.init(**opts)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+    need_cpu, need_mem = r.cpus_per_task, r.mem_per_cpu_gb * r.cpus_per_task * 2**30
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= need_cpu and n.get("memory", 0) >= need_mem for n in nodes):
+        have = [(n.get("CPU", 0), round(n.get("memory", 0) / 2**30, 2)) for n in nodes]
+        raise ValueError(
+            f"ray.cpus_per_task={r.cpus_per_task}, ray.mem_per_cpu_gb={r.mem_per_cpu_gb}: a task "
+            f"needs {need_cpu} CPUs and {need_mem / 2**30:.2f} GiB on one node; the Ray nodes "
+            f"have (CPUs, GiB) {have}"
+        )
+
+
+def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> list[str]:
+    """Run each (step, tasks) in order on the configured executor. Returns the Slurm job ids
+    (empty for local and Ray; there each step's wall seconds go to `<work>/step_seconds.json`).
+    Raises when a task failed (or, waiting on Slurm, did not complete)."""
+    validate(cfg)
+    logs = work / "executor"
+    if cfg.executor in ("local", "ray"):
+        if cfg.executor == "ray":
+            connect_ray(cfg)
         walls = {}
         for step, tasks in steps:
             t = time.perf_counter()
-            workers = min(cfg.workers or os.cpu_count() or 1, tasks)
-            ex = LocalPipelineExecutor(
-                pipeline=[step],
-                tasks=tasks,
-                workers=workers,
-                logging_dir=str(logs / step.name),
-                start_method="fork",
-            )
+            ex = _step_executor(step, tasks, cfg, logs / step.name)
             ex.run()
             _check_complete(ex, step.name, logs)
             walls[step.name] = round(time.perf_counter() - t, 3)

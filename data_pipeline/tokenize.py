@@ -23,15 +23,16 @@ repeats are an epoch apart rather than side by side. w = 0 drops the source. Val
 documents are written once whatever the weight (never for w = 0), so validation measures the
 data as it is, not as sampled.
 
-Tasks (data_pipeline.scaleout; the keys tasks, workers, executor and slurm of every stage): task
+Tasks (data_pipeline.scaleout; the keys tasks, workers, executor, slurm, ray of every stage): task
 r tokenizes a contiguous share of the input files (an HF source is one indivisible unit) into
 its own shard sets in the work directory: its first pass (train and validation) and, with
 weights above 1, one set per extra pass. A last step merges them (data_pipeline.merge): train
 first passes in task order, then each extra pass in task order, then validation; that is the
 order one task writes, so the shards, manifest included, are the same bytes for any split.
 Within a task, batches of documents are encoded by `max(1, workers // tasks running at once)`
-processes locally (`slurm.cpus_per_task` on Slurm), in input order, so the output does not
-depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
+processes locally (`slurm.cpus_per_task` on Slurm, `ray.cpus_per_task` on Ray), in input
+order, so the output does not depend on that either; benchmarks/tokenize_throughput.py
+measures MB/s.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ from data_pipeline.sources import iter_source_documents, local_files, normalize,
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 # Parameters that change how (and where) the stage runs but never its output.
-RUNTIME_KEYS = ("workers", "batch_bytes", "tasks", "executor", "slurm", "work_dir", "keep_work")
+RUNTIME_KEYS = (
+    "workers", "batch_bytes", "tasks", "executor", "slurm", "ray", "work_dir", "keep_work"
+)  # fmt: skip
 
 
 @dataclass
@@ -184,8 +187,8 @@ class _Plan:
                 sizes.append(f.stat().st_size)
         self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.units))
         self.shares = scaleout.contiguous_shares(sizes, self.tasks)
-        if cfg.executor == "slurm":
-            self.encoders = max(1, cfg.slurm.cpus_per_task)
+        if cfg.executor in ("slurm", "ray"):
+            self.encoders = max(1, getattr(cfg, cfg.executor).cpus_per_task)
         else:
             budget = cfg.workers or 1
             self.encoders = max(1, budget // min(budget, self.tasks))

@@ -323,6 +323,25 @@ def test_four_tasks_on_two_workers_give_one_tasks_bytes_rejects_and_counts(tmp_p
     ).read_bytes()
 
 
+@pytest.mark.slow  # a Ray actor per task: seconds of start-up each
+def test_four_tasks_on_ray_give_the_local_runs_bytes_rejects_and_counts(tmp_path, local_ray):
+    import ray
+
+    # The Ray started here listens on the loopback address only (docs/data-pipeline.md).
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    inp = split_corpus(tmp_path)
+    local = run(cfg(input=str(inp), output=str(tmp_path / "local.jsonl"), tasks=1))
+    on_ray = run(cfg(input=str(inp), output=str(tmp_path / "ray"), tasks=4, executor="ray"))
+    assert on_ray["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    assert parts_bytes(tmp_path / "ray") == (tmp_path / "local.jsonl").read_bytes()
+    for k in ("docs_in", "docs_out", "candidate_pairs", "verified_pairs", "clusters", "rejects"):
+        assert on_ray[k] == local[k], k
+    assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (
+        tmp_path / "local.jsonl.rejects.jsonl"
+    ).read_bytes()
+    assert set(on_ray["step_seconds"]) == {"signatures", "buckets", "clusters", "filter", "report"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["signatures", "buckets", "clusters", "filter"])
 def test_a_run_killed_during_each_step_reruns_to_the_same_bytes(tmp_path, step):

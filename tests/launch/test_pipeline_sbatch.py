@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.clean import CleanConfig
+from data_pipeline.clean import run as clean
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.dedup import run as dedup
 from data_pipeline.reddit import RedditConfig
@@ -20,6 +22,7 @@ from data_pipeline.reddit import run as reddit
 from data_pipeline.tokenize import TokenizeConfig
 from data_pipeline.tokenize import run as tokenize
 from tests.data_pipeline.pushshift_gen import write_random_dump
+from tests.data_pipeline.test_clean import write_jsonl
 from tests.data_pipeline.test_dedup import split_corpus
 from tests.data_pipeline.test_merge import write_inputs
 from tests.data_pipeline.test_reddit import parts_bytes
@@ -140,6 +143,33 @@ def test_dedup_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
     assert report["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
     for k in ("docs_in", "docs_out", "candidate_pairs", "clusters", "rejects"):
         assert report[k] == want[k], k
+
+
+def test_clean_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(4):  # a task per file: headings, spaces and blank runs to clean, bad lines
+        write_jsonl(
+            inp / f"f{k}.jsonl", [f"Chapter {i}\n\nFile {k},  {i}.  \n\n\n" for i in range(40)]
+        )
+        with open(inp / f"f{k}.jsonl", "a") as f:
+            f.write('{"text": ""}\nnot json\n')
+    local = tmp_path / "local.jsonl"
+    want = clean(CleanConfig(input=str(inp), output=str(local), tasks=1, progress=False))
+    out = tmp_path / "slurm"
+    t0 = time.time()
+    r = _stage_on_slurm(slurm, "clean", [f"input={inp}", f"output={out}", "tasks=4"])
+    assert r.returncode == 3, r.stderr[-4000:]  # finished; the corpus has rejected lines
+    print(f"clean on slurm, 4 clean + 1 report task: {time.time() - t0:.1f} s")
+    assert parts_bytes(out) == local.read_bytes()
+    report = json.loads(r.stdout)
+    assert report["tasks"] == 4
+    for k in ("docs_in", "docs_out", "docs_changed", "rules", "rejects", "chars_out"):
+        assert report[k] == want[k], k
+    assert report["rejects"]["total"] == 8
+    assert (tmp_path / "slurm.rejects.jsonl").read_bytes() == (
+        tmp_path / "local.jsonl.rejects.jsonl"
+    ).read_bytes()
 
 
 def test_tokenize_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
