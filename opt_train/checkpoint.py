@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ import queue
 import random
 import re
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,6 +171,8 @@ def _checksum(path: Path, algorithm: str = CHECKSUM) -> str:
     sha256 stays readable for checkpoints written before."""
     h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
     with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO reads forever
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
