@@ -356,3 +356,41 @@ def test_saves_fail_while_the_disk_is_full_and_work_again_once_room_is_made(tmp_
         names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert names == ["latest", "step_00000002", "step_00000008"]
         assert t.ckpt.last_saved_step == 8 and not t.ckpt.gave_up
+
+
+def test_saves_fail_while_the_checkpoint_filesystem_is_read_only_and_work_once_it_is_not(
+    tmp_path, small_shards
+):
+    """In one process, async saves: the tmpfs holding checkpoints/ is remounted read-only
+    from step 3 to 6 (EROFS, as after a storage error or an administrator's remount); the
+    saves of steps 4 and 6 fail naming it, training goes on, and step 8's save works."""
+    from opt_train.callbacks import Callback
+    from opt_train.trainer import Trainer
+    from tests.opt_train.conftest import small_job
+
+    def remount(path: Path, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+    class ReadOnly(Callback):
+        def pre_step(self, trainer):
+            if trainer.step == 3:
+                trainer.ckpt.wait()  # no file open for writing: the kernel refuses ro (EBUSY)
+                remount(trainer.ckpt.dir, "ro")
+            elif trainer.step == 7:
+                remount(trainer.ckpt.dir, "rw")
+
+    run_dir = tmp_path / "run"
+    with tmpfs(run_dir / "checkpoints", 64 * 2**20):
+        cfg = small_job(run_dir, small_shards, "train.max_steps=8", "checkpoint.interval=2")
+        t = Trainer(cfg, callbacks=[ReadOnly()])
+        t.fit()
+        t.close()
+        failed = [r for r in rows(run_dir) if r.get("event") == "checkpoint_failed"]
+        assert [(r["step"], r["failures_in_a_row"]) for r in failed] == [(4, 1), (6, 2)]
+        assert all(
+            r["error"] == "rank 0: OSError [Errno 30] Read-only file system" for r in failed
+        ), [r["error"] for r in failed]
+        assert sorted(step_losses(run_dir)) == list(range(1, 9))
+        names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert names == ["latest", "step_00000002", "step_00000008"]
+        assert t.ckpt.last_saved_step == 8 and not t.ckpt.gave_up
