@@ -47,6 +47,50 @@ def tmpfs(path: Path, size: int):
             subprocess.run(["umount", "-l", str(path)], check=True)  # busy: detach it
 
 
+@contextlib.contextmanager
+def btrfs_with_quota(path: Path, image: Path):
+    """A btrfs (a sparse loop image) at `path` with quotas on, and the subvolume
+    `path/quota`, which `quota_limit` limits (writes past it fail with EDQUOT, for root too);
+    unmounted on the way out. Needs btrfs-progs (.ci/run installs it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(256 * 2**20)  # sparse; btrfs wants ~110 MiB at least
+    steps = [
+        ["mkfs.btrfs", "-q", str(image)],
+        ["mount", "-o", "loop", str(image), str(path)],
+        ["btrfs", "quota", "enable", str(path)],
+        ["btrfs", "subvolume", "create", str(path / "quota")],
+    ]
+    mounted = False
+    try:
+        for cmd in steps:
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                pytest.fail(
+                    f"{cmd[0]} not found: this test needs btrfs-progs (.ci/run installs it)"
+                )
+            if r.returncode != 0:
+                pytest.fail(f"{' '.join(cmd)} failed (root and loop devices needed): {r.stderr}")
+            mounted = mounted or cmd[0] == "mount"
+        yield path / "quota"
+    finally:
+        if mounted and subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+        image.unlink(missing_ok=True)
+
+
+def quota_limit(subvolume: Path, limit: int | None) -> None:
+    """Limit `subvolume` (of `btrfs_with_quota`) to `limit` bytes (None: no limit). Asked
+    through the filesystem's top level: asked through the subvolume itself, the change needs
+    room in it and fails with EDQUOT once it is over its limit."""
+    cmd = ["btrfs", "inspect-internal", "rootid", str(subvolume)]
+    qgroup = "0/" + subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    cmd = ["btrfs", "qgroup", "limit", "none" if limit is None else str(limit), qgroup]
+    r = subprocess.run([*cmd, str(subvolume.parent)], capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}"
+
+
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -390,6 +434,46 @@ def test_saves_fail_while_the_checkpoint_filesystem_is_read_only_and_work_once_i
         assert all(
             r["error"] == "rank 0: OSError [Errno 30] Read-only file system" for r in failed
         ), [r["error"] for r in failed]
+        assert sorted(step_losses(run_dir)) == list(range(1, 9))
+        names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert names == ["latest", "step_00000002", "step_00000008"]
+        assert t.ckpt.last_saved_step == 8 and not t.ckpt.gave_up
+
+
+def test_saves_fail_while_the_run_dir_is_over_its_disk_quota_and_work_once_it_is_raised(
+    tmp_path, small_shards
+):
+    """In one process, async saves, with run_dir on a btrfs subvolume: at step 3 its qgroup
+    limit is lowered below what it holds (step 2's checkpoint is ~1.5 MiB), so the saves of
+    steps 4 and 6 fail naming EDQUOT and training goes on (metrics rows that cannot be
+    written wait in memory); the limit goes at step 7 and step 8's save works. (A limit just
+    above the usage would not do: btrfs counts freed space late and metadata too, so how
+    much fits would vary.)"""
+    from opt_train.callbacks import Callback
+    from opt_train.trainer import Trainer
+    from tests.opt_train.conftest import small_job
+
+    class Quota(Callback):
+        def pre_step(self, trainer):
+            if trainer.step == 3:
+                trainer.ckpt.wait()  # step 2's checkpoint is written first
+                quota_limit(trainer.run_dir.parent, 2**16)
+            elif trainer.step == 7:
+                quota_limit(trainer.run_dir.parent, None)
+
+    with btrfs_with_quota(tmp_path / "btrfs", tmp_path / "btrfs.img") as quota:
+        run_dir = quota / "run"
+        cfg = small_job(run_dir, small_shards, "train.max_steps=8", "checkpoint.interval=2")
+        t = Trainer(cfg, callbacks=[Quota()])
+        t.fit()
+        t.close()
+        failed = [r for r in rows(run_dir) if r.get("event") == "checkpoint_failed"]
+        assert [(r["step"], r["failures_in_a_row"]) for r in failed] == [(4, 1), (6, 2)]
+        assert all(
+            r["error"] == "rank 0: OSError [Errno 122] Disk quota exceeded" for r in failed
+        ), [r["error"] for r in failed]
+        delayed = [r for r in rows(run_dir) if r.get("event") == "metrics_write_failed"]
+        assert [r["error"] for r in delayed] == ["OSError [Errno 122] Disk quota exceeded"]
         assert sorted(step_losses(run_dir)) == list(range(1, 9))
         names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         assert names == ["latest", "step_00000002", "step_00000008"]
