@@ -413,11 +413,14 @@ class DCPWeights:
         done: Future = Future()
 
         def settle(dcp_done: Future) -> None:
-            failed = fs.errors[0] if fs.errors else dcp_done.exception()
-            if failed is not None:
-                done.set_exception(failed)
+            try:
+                result, failed = dcp_done.result(), None
+            except BaseException as e:  # handed to whoever waits on the save
+                result, failed = None, e
+            if fs.errors or failed is not None:
+                done.set_exception(fs.errors[0] if fs.errors else failed)
             else:
-                done.set_result(dcp_done.result())
+                done.set_result(result)
 
         out.add_done_callback(settle)
         return done
