@@ -835,10 +835,11 @@ class CheckpointManager:
         naming each failed rank and its OS error. A rank that failed only because DCP told it
         another rank had is left out of the line when a rank with its own error is in it.
         Collective."""
-        mine = ("", False) if error is None else (_error_text(self.rank, error), True)
-        if mine[1]:
-            failures = getattr(error, "failures", None)
-            mine = (mine[0], not isinstance(failures, dict) or self.rank in failures)
+        mine = ("", False)
+        if error is not None:
+            failures = getattr(error, "failures", None)  # DCP's: the ranks that failed
+            relayed = isinstance(failures, dict) and self.rank not in failures
+            mine = (_error_text(self.rank, error), not relayed)
         if self.group is None:
             return mine[0]
         out: list = [None] * self.world
