@@ -1,7 +1,10 @@
 """Write faults and a second run on one run_dir, on real filesystems with real processes.
 
-A small tmpfs is mounted as run_dir (CI runs as root); a run that cannot mount it fails with
-the reason instead of skipping, and every mount is unmounted even when the test fails.
+The faults are the kernel's own: a small tmpfs as run_dir (full: ENOSPC; remounted read-only:
+EROFS), a btrfs loop image with a qgroup limit (EDQUOT), a directory or a link to /dev/full
+where a file is written (EISDIR, ENOSPC). Mounting needs root (CI runs as root); a test that
+cannot mount fails with the reason instead of skipping, and every mount is unmounted even when
+the test fails.
 """
 
 from __future__ import annotations
