@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ import queue
 import random
 import re
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,8 +87,9 @@ TMP_PREFIX = ".tmp-"
 
 
 EXIT_CHECKPOINT_FAILED = 86  # "checkpoint.max_failures saves in a row failed": not requeued
-# What a failed write raises: OSError, torch.save's RuntimeError ("unexpected pos"), and DCP's
-# CheckpointException, which derives from BaseException, not Exception.
+# What a failed write raises: OSError, torch.save's RuntimeError ("unexpected pos", with the
+# OSError as its __context__), and DCP's CheckpointException, which derives from
+# BaseException, not Exception.
 SAVE_ERRORS = (Exception, CheckpointException)
 
 
@@ -168,6 +171,8 @@ def _checksum(path: Path, algorithm: str = CHECKSUM) -> str:
     sha256 stays readable for checkpoints written before."""
     h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
     with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO reads forever
+            raise OSError(errno.EINVAL, f"{path}: not a regular file")
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
@@ -284,10 +289,24 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, optim_sd["param_groups"]
 
 
-class _FileSystemWithoutZipCRC(FileSystem):
-    """DCP's file system, but `torch.save` computes no zip CRC32 while a file is open for
-    writing. DCP opens each file in the thread that writes it; the setting is per thread in
-    torch 2.13, so it is made there and undone when the file is closed."""
+class _CheckpointFileSystem(FileSystem):
+    """DCP's file system, changed in two ways for the files it writes.
+
+    `torch.save` computes no zip CRC32 while a file is open for writing. DCP opens each file
+    in the thread that writes it; the setting is per thread in torch 2.13, so it is made there
+    and undone when the file is closed.
+
+    Every error raised while a file is open for writing is kept in `errors`, on the rank and
+    in the thread where it happened, with its causes intact. DCP cannot be relied on for them:
+    it pickles each rank's exception to gather it, which drops `__context__`, so a full disk
+    inside torch.save's zip writer (its OSError, then "unexpected pos" while it closes) reaches
+    the ranks as the RuntimeError alone; and an error in one of its writer threads (all but
+    the first of `thread_count`) is printed and dropped, so the save returns as if complete
+    without that file's tensors. `DCPWeights.write` raises the first kept error instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[Exception] = []
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
@@ -297,6 +316,10 @@ class _FileSystemWithoutZipCRC(FileSystem):
         try:
             with super().create_stream(path, mode) as stream:
                 yield stream
+        except Exception as e:
+            if "w" in mode:
+                self.errors.append(e)  # list.append is atomic: DCP's threads share the list
+            raise
         finally:
             torch.serialization.set_crc32_options(before)
 
@@ -352,7 +375,7 @@ class DCPWeights:
                 thread_count=self.write_threads,
                 cache_staged_state_dict=pinned_staging(self.model),
             )
-            self._writer.fs = _FileSystemWithoutZipCRC()
+            self._writer.fs = _CheckpointFileSystem()
         return self._writer
 
     def write(self, tmp: Path, group, asynchronous: bool) -> Future | None:
@@ -361,17 +384,46 @@ class DCPWeights:
 
         DCP stores each tensor as a `torch.save` zip record, whose CRC32 halved the write rate
         here (2.2 vs 4.4 GB/s into the page cache); the checkpoint's own checksums already
-        cover every byte, so DCP's writer threads skip the CRC (`_FileSystemWithoutZipCRC`)."""
+        cover every byte, so DCP's writer threads skip the CRC (`_CheckpointFileSystem`).
+
+        A write that failed on this rank raises the error as it happened here, causes and all,
+        in place of DCP's exception, and also when DCP returned as if all went well."""
         state, _ = _sharded_state(self.model, self.optimizer)
+        writer = self.writer(tmp)
+        fs = writer.fs
+        fs.errors.clear()  # one save in flight at a time: CheckpointManager.save waits
         save = dcp.async_save if asynchronous else dcp.save
-        out = save(
-            state,
-            checkpoint_id=tmp,
-            storage_writer=self.writer(tmp),
-            process_group=group,
-            no_dist=group is None,
-        )
-        return out if asynchronous else None
+        out, error = None, None
+        try:
+            out = save(
+                state,
+                checkpoint_id=tmp,
+                storage_writer=writer,
+                process_group=group,
+                no_dist=group is None,
+            )
+        except SAVE_ERRORS as e:
+            error = e
+        # Raised here, outside the handler: raising inside it would make DCP's exception the
+        # kept error's __context__, in place of the OSError it holds.
+        if fs.errors or error is not None:
+            raise fs.errors[0] if fs.errors else error
+        if not asynchronous:
+            return None
+        done: Future = Future()
+
+        def settle(dcp_done: Future) -> None:
+            try:
+                result, failed = dcp_done.result(), None
+            except BaseException as e:  # handed to whoever waits on the save
+                result, failed = None, e
+            if fs.errors or failed is not None:
+                done.set_exception(fs.errors[0] if fs.errors else failed)
+            else:
+                done.set_result(result)
+
+        out.add_done_callback(settle)
+        return done
 
     def read(self, path: Path, group) -> None:
         """Load into the live model and optimizer, resharded to their current layout."""
@@ -780,13 +832,20 @@ class CheckpointManager:
 
     def _agree(self, error: BaseException | None) -> str:
         """Every rank's error (if any) to every rank: '' when all succeeded, else one line
-        naming each failed rank and its OS error. Collective."""
-        mine = _error_text(self.rank, error) if error is not None else ""
+        naming each failed rank and its OS error. A rank that failed only because DCP told it
+        another rank had is left out of the line when a rank with its own error is in it.
+        Collective."""
+        mine = ("", False)
+        if error is not None:
+            failures = getattr(error, "failures", None)  # DCP's: the ranks that failed
+            relayed = isinstance(failures, dict) and self.rank not in failures
+            mine = (_error_text(self.rank, error), not relayed)
         if self.group is None:
-            return mine
+            return mine[0]
         out: list = [None] * self.world
         dist.all_gather_object(out, mine, group=self.group)
-        return "; ".join(x for x in out if x)
+        own = [text for text, of_its_own in out if text and of_its_own]
+        return "; ".join(own or [text for text, _ in out if text])
 
     def _any(self, flag: bool) -> bool:
         if self.group is None:
