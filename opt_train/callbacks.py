@@ -167,7 +167,14 @@ class MetricsFile(Callback):
 
 class Wandb(Callback):
     """wandb in the run directory (`logging.wandb`: offline by default, online, disabled;
-    `logging.wandb_project`, `_entity`, `_name`, `_group`, `_tags`)."""
+    `logging.wandb_project`, `_entity`, `_name`, `_group`, `_tags`).
+
+    Every metric is charted against `trainer/step`, a value of each row, never wandb's own
+    `step=`: wandb drops a row whose `step=` is lower than one it has seen, and a rollback
+    (opt_train/stability.py) or a resume past the last checkpoint logs a step again. wandb's
+    internal `_step` counts the rows; the replayed steps are kept as rows of their own."""
+
+    STEP = "trainer/step"
 
     def __init__(self):
         self._run = None
@@ -175,14 +182,19 @@ class Wandb(Callback):
     def on_start(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
             self._run = _init_wandb(trainer.run_dir, trainer.cfg)
+            self._run.define_metric(self.STEP)
+            self._run.define_metric("*", step_metric=self.STEP, step_sync=True)
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
-        if self._run is not None and "event" not in row:
-            self._run.log({k: v for k, v in flat_row(row).items() if k != "step"}, step=row["step"])
-        elif self._run is not None:  # an event: its numbers under events/<name>/
+        if self._run is None:
+            return
+        if "event" not in row:
+            values = {k: v for k, v in flat_row(row).items() if k != "step"}
+        else:  # an event: 1 under events/<name>, its numbers under events/<name>/
             name = f"events/{row['event']}"
             nums = {f"{name}/{k}": v for k, v in row.items() if type(v) in (int, float)}
-            self._run.log({name: 1, **nums}, step=row["step"])
+            values = {name: 1, **nums}
+        self._run.log({self.STEP: row["step"], **values})
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._run is not None:

@@ -229,10 +229,26 @@ class ProgressBar(_Console):
         else:
             self._bar.write(line, file=self.stream)
 
+    def on_log(self, trainer: Trainer, row: dict) -> None:
+        if self._on and row.get("event") == "rollback":
+            # Back to the checkpoint's step at once, before the event lines redraw the bar.
+            self._bar.set_postfix_str(f"rolled back to step {row['to_step']}", refresh=False)
+            self._move_to(row["to_step"])
+        super().on_log(trainer, row)
+
     def show_step(self, trainer: Trainer, row: dict, eta: float | None) -> None:
         fields = step_fields(row, peak_memory_gib(trainer.device))
         self._bar.set_postfix_str(" | ".join(fields), refresh=False)
-        self._bar.update(row["step"] - self._bar.n)  # redraws (at most every 0.1 s)
+        self._move_to(row["step"])
+
+    def _move_to(self, step: int) -> None:
+        """The bar's position is the step, not a count of steps shown: a rollback's replay
+        shows its steps again. tqdm redraws a forward move at most every 0.1 s but never a
+        backward one by itself, so that one is drawn here."""
+        back = step < self._bar.n
+        self._bar.update(step - self._bar.n)
+        if back:
+            self._bar.refresh()
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
         if self._bar is not None:

@@ -13,6 +13,9 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
+import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -22,6 +25,7 @@ from opt_train.console import ConsoleLines, console_callback
 from opt_train.plot import draw
 from opt_train.trainer import Trainer
 from tests.opt_train.conftest import REPO, make_config, small_job, small_job_overrides
+from tests.opt_train.test_stability import _Poison
 
 
 def rows(run_dir) -> list[dict]:
@@ -301,3 +305,142 @@ def test_wandb_run_gets_entity_name_group_and_tags_and_no_secret(
     for f in run.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def wandb_history(run_dir: Path) -> tuple[list[dict], list]:
+    """The history rows and metric definitions of the offline wandb run in `run_dir`, read
+    from wandb's own files: each `offline-run-*/run-*.wandb` is a LevelDB-style log (a 7-byte
+    `:W&B` header, then 32 KiB blocks of records, each `<crc32 u32><length u16><type u8>` and
+    its bytes; a record split across blocks is FIRST, MIDDLE..., LAST) of wandb's protobuf
+    `Record`s. wandb 0.31's Python package has no reader of its own (its core, in Go, writes
+    them)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    history, metrics = [], []
+    paths = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert paths, run_dir
+    for path in paths:
+        data, ended = path.read_bytes(), False
+        assert data[:7] == b":W&B\xe1\xbe\x00", path  # ident, magic 0xBEE1, version 0
+        pos, parts = 7, b""
+        while pos < len(data):
+            left = 32768 - pos % 32768
+            if left < 7:  # a block's tail too short for a header is padding
+                pos += left
+                continue
+            crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if kind == 0:  # zero padding to the end of the block
+                pos += left
+                continue
+            chunk = data[pos + 7 : pos + 7 + n]
+            assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, (path, pos)
+            pos += 7 + n
+            parts += chunk
+            if kind in (1, 4):  # FULL or LAST: a whole record
+                record = pb.Record()
+                record.ParseFromString(parts)
+                parts = b""
+                if record.HasField("history"):
+                    history.append(
+                        {
+                            i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                            for i in record.history.item
+                        }
+                    )
+                elif record.HasField("metric"):
+                    metrics.append(record.metric)
+                ended = record.HasField("exit")
+        assert ended, f"{path}: no exit record (the run is not finished)"
+    return history, metrics
+
+
+@pytest.fixture(scope="module")
+def rolled_back_run(tmp_path_factory, small_shards) -> tuple[Path, str]:
+    """(run_dir, what the terminal showed) of a 24-step run with stability on, a bar on a pty
+    and wandb offline, whose weights turn NaN before step 14: steps 14 and 15 are skipped, at
+    16 it rolls back to checkpoint 10, skips the batches of steps 11-16 and replays 11-24."""
+    import wandb
+
+    run = tmp_path_factory.mktemp("rollback") / "run"
+    cfg = small_job(
+        run,
+        small_shards,
+        "train.max_steps=24",
+        "checkpoint.interval=5",
+        "checkpoint.keep=3",
+        "stability.enabled=true",
+        "stability.window=5",
+        "stability.nonfinite_steps=3",
+        "logging.wandb=offline",
+    )
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+    chunks: list[bytes] = []
+
+    def read() -> None:  # drained as it comes, so a full pty buffer never blocks the run
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO once the other end is closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("WANDB_MODE", raising=False)  # tests/conftest.py disables wandb
+            tty = os.fdopen(slave, "w")
+            t = Trainer(cfg, callbacks=[console_callback(cfg, stream=tty), _Poison(14)])
+            t.fit()
+            t.close()
+            tty.close()
+            # run.finish() returns before wandb's service has written all of the .wandb file
+            # (seen: a record half written when read); its shutdown closes the file.
+            wandb.teardown()
+        reader.join(30)
+    finally:
+        os.close(master)
+    events = [(r["event"], r["step"]) for r in rows(run) if "event" in r]
+    assert events == [("spike", 16), ("rollback", 16)]
+    return run, b"".join(chunks).decode()
+
+
+@pytest.mark.slow
+def test_wandb_keeps_the_replayed_steps_of_a_rollback(rolled_back_run):
+    run, _ = rolled_back_run
+    history, metrics = wandb_history(run)
+    # Every metric is charted against the training step.
+    assert any(m.glob_name == "*" and m.step_metric == "trainer/step" for m in metrics)
+    step_rows = [h for h in history if "loss" in h]
+    # Steps 1-15 (14 and 15 NaN, skipped), then the replay from checkpoint 10: a row each,
+    # though wandb drops any `step=` lower than one it has seen.
+    logged = [h.get("trainer/step") for h in step_rows]
+    assert logged == [*range(1, 16), *range(11, 25)], (logged, len(history))
+    assert [h["_step"] for h in history] == list(range(len(history))), history
+    final = {r["step"]: r for r in rows(run) if "loss" in r and "event" not in r}
+    replay = step_rows[15:]
+    # The replay's rows are metrics.jsonl's (floats pass through JSON unchanged).
+    assert [(h["loss"], h["lr"]) for h in replay] == [
+        (final[s]["loss"], final[s]["lr"]) for s in range(11, 25)
+    ]
+    spike = [h for h in history if "events/spike" in h]
+    rollback = [h for h in history if "events/rollback" in h]
+    assert [h["trainer/step"] for h in spike] == [16]
+    assert [(h["trainer/step"], h["events/rollback/to_step"]) for h in rollback] == [(16, 10)]
+
+
+def test_after_a_rollback_the_bar_shows_the_step_it_went_back_to(rolled_back_run):
+    _, out = rolled_back_run
+    before, rollback, after = out.partition("step 16 | event rollback | to_step=10")
+    assert rollback, out[-3000:]
+    position = re.compile(r"train:\s+\d+%\|[^|]*\| (\d+)/24")
+    shown_before = [int(m) for m in position.findall(before)]
+    shown_after = [int(m) for m in position.findall(after)]
+    assert max(shown_before) == 15
+    # At once the checkpoint's step, then forward with the replay, to the end.
+    assert shown_after[0] == 10, shown_after
+    assert shown_after == sorted(shown_after) and shown_after[-1] == 24
+    assert "finished at step 24" in after
