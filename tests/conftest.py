@@ -21,3 +21,33 @@ def opt_tokenizer_dir() -> Path:
     if not (d / "vocab.json").is_file():
         pytest.fail(f"OPT tokenizer files not found at {d}; set OPT_TOKENIZER_DIR")
     return d
+
+
+@pytest.fixture(scope="session")
+def garbage_corpus(tmp_path_factory) -> tuple[Path, set[int]]:
+    """The spike-recovery corpus (tests/opt_train/garbage.py): (shards, garbage windows)."""
+    from tests.opt_train.garbage import build_garbage_corpus
+
+    return build_garbage_corpus(tmp_path_factory.mktemp("garbage"))
+
+
+@pytest.fixture(scope="session")
+def two_rank_rollback(garbage_corpus, tmp_path_factory):
+    """`run(mesh)`: the run_dir of a 2-rank torchrun run with stability on over the garbage
+    corpus (tests/opt_train/garbage.py's TWO_RANKS with `mesh`), run once a session. The
+    replay-by-hand test and the two-node Slurm test both compare against it."""
+    from tests.multirank import torchrun_train
+    from tests.opt_train.garbage import STABLE, TWO_RANKS, overrides
+
+    runs: dict[str, Path] = {}
+
+    def run(mesh: str) -> Path:
+        if mesh not in runs:
+            run_dir = tmp_path_factory.mktemp("rollback") / "auto"
+            data, _ = garbage_corpus
+            out = torchrun_train(2, overrides(run_dir, data, *TWO_RANKS, mesh, *STABLE))
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs[mesh] = run_dir
+        return runs[mesh]
+
+    return run

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.opt_train.conftest import write_patterned_shards
+from tests.opt_train.garbage import STABLE, TWO_RANKS, garbage_steps
+from tests.opt_train.garbage import overrides as stability_overrides
+from tests.opt_train.garbage import rows as metrics_rows
+from tests.opt_train.garbage import steps as step_rows
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -260,3 +264,56 @@ def test_a_run_dir_held_by_another_run_fails_the_job_with_87_and_is_not_requeued
     assert "training stopped with status 87" in log and "requeueing job" not in log, log
     assert "in use by another run (pid 999 on elsewhere, Slurm job 99999" in node_logs(run_dir)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+# --- automatic loss-spike recovery (stability.*) ---------------------------------------------
+
+FSDP2 = "parallel.dp_shard=2"
+
+
+def test_a_two_node_job_rolls_back_on_every_rank_alike(
+    slurm, garbage_corpus, two_rank_rollback, tmp_path
+):
+    """A garbage document (tests/opt_train/garbage.py) trips the detector on both nodes' ranks
+    at the same step, both roll back to the same checkpoint, and the job's metrics equal the
+    local two-rank torchrun run of the same config bit for bit (each rank a node here, one
+    process each on one thread)."""
+    data, bad = garbage_corpus
+    assert garbage_steps(data, bad, 21, 2, 24) == [23]
+    run_dir = tmp_path / "slurm" / "run"
+    run_dir.parent.mkdir()
+    t0 = time.time()
+    job = slurm.sbatch(
+        [
+            "--nodes=2",
+            f"--output={run_dir.parent}/{run_dir.name}-%j.out",
+            str(SBATCH),
+            *stability_overrides(run_dir, data, *TWO_RANKS, FSDP2, *STABLE),
+        ],
+        env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        cwd=REPO,
+    )
+    info = finish(slurm, run_dir, job)
+    print(f"2-node run with a rollback: {time.time() - t0:.1f} s")
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", batch_log(run_dir, job)
+
+    events = [r for r in metrics_rows(run_dir) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("spike", 23), ("rollback", 23)]
+    assert (events[1]["to_step"], events[1]["skip_steps"]) == (20, [21, 23])
+    got = step_rows(run_dir)
+    assert sorted(got) == list(range(1, 25))  # every step once
+    # Each node's rank said so itself (every rank logs warnings; the c10d rendezvous decides
+    # which node's rank is 0).
+    said = [
+        re.findall(r"\[rank(\d)\] .*: step 23: loss spike .* rolled back to step 20", p.read_text())
+        for p in sorted((run_dir / "logs").glob(f"node-*-{job}-r0.log"))
+    ]
+    assert sorted(said) == [["0"], ["1"]], node_logs(run_dir)
+
+    # The same config on two local ranks: the same decisions and the same floats.
+    local = two_rank_rollback(FSDP2)
+    assert [r for r in metrics_rows(local) if "event" in r] == events
+    want = step_rows(local)
+    for s in range(1, 25):
+        for key in ("loss", "grad_norm", "lr"):
+            assert got[s][key] == want[s][key], (s, key)

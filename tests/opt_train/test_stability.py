@@ -1,145 +1,35 @@
-"""Automatic loss-spike recovery (opt_train/stability.py) on a corpus with garbage documents.
-
-The corpus: the tiny corpus's English-like documents with three documents of random characters
-(~600 GPT-2 tokens, 4-5 windows each) among them, built by the project's own tokenize stage.
-With one 128-token sequence per step the tiny model's loss is ~4.5 by step 20, and a step that
-reads a garbage window jumps to 11-16. The seeds are chosen so that, in the loader's global
-order, garbage windows come at known steps (checked below, so a change of the corpus or of the
-order fails loudly instead of testing nothing).
-"""
+"""Automatic loss-spike recovery (opt_train/stability.py) on a corpus with garbage documents
+(tests/opt_train/garbage.py says how it is built and where its garbage windows fall)."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards import iter_documents
-from data_pipeline.tiny_corpus import tiny_documents
-from data_pipeline.tokenize import TokenizeConfig, TokenizerConfig
-from data_pipeline.tokenize import run as tokenize
 from opt_train.callbacks import Callback
-from opt_train.data import GlobalOrderLoader, PackedWindows
 from opt_train.stability import EXIT_ROLLBACK_LIMIT
 from opt_train.trainer import Trainer
 from tests.multirank import torchrun_train
 from tests.opt_train.conftest import make_config, small_job
-
-SEQ = 128
-STRONG = 100  # a window with this many garbage tokens (of 129) is a garbage window
-
-
-@pytest.fixture(scope="module")
-def garbage_corpus(tmp_path_factory) -> tuple[Path, set[int]]:
-    """(shard directory, indices of the garbage windows)."""
-    root = tmp_path_factory.mktemp("garbage")
-    docs = tiny_documents(seed=1, num_docs=300)
-    rng = random.Random(7)
-    alphabet = (
-        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!@#$%^&*()[]{};:,.<>/?|~"
-    )
-    for k, pos in enumerate((60, 150, 240)):
-        text = "".join(rng.choice(alphabet) for _ in range(700))
-        docs.insert(pos, {"text": text, "id": f"garbage-{k}", "meta": {}})
-    src = root / "docs.jsonl"
-    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    shards = root / "shards"
-    tokenize(
-        TokenizeConfig(
-            input=str(src),
-            output=str(shards),
-            tokenizer=TokenizerConfig(name="gpt2"),
-            validation_fraction=0.0,  # every document in train, in input order
-        )
-    )
-    lengths = [len(d) + 1 for d in iter_documents(shards, "train")]  # + the separator
-    starts = np.cumsum([0, *lengths[:-1]])
-    spans = [
-        (int(starts[i]), int(starts[i] + lengths[i]))
-        for i, d in enumerate(docs)
-        if d["id"].startswith("garbage")
-    ]
-    n = len(PackedWindows(shards, "train", SEQ))
-    bad = set()
-    for w in range(n):
-        a, b = w * SEQ, w * SEQ + SEQ + 1
-        if sum(max(0, min(b, e) - max(a, s)) for s, e in spans) >= STRONG:
-            bad.add(w)
-    assert 10 <= len(bad) <= 15, bad
-    return shards, bad
+from tests.opt_train.garbage import (
+    STABLE,
+    TWO_RANKS,
+    garbage_steps,
+    overrides,
+    rows,
+    steps,
+)
 
 
 def job(run_dir: Path, data: Path, *extra: str):
     return make_config(*overrides(run_dir, data, *extra))
-
-
-def overrides(run_dir: Path, data: Path, *extra: str) -> list[str]:
-    """The tiny model (dropout on), fp32, one sequence per step, a checkpoint every 5 steps."""
-    return [
-        f"run_dir={run_dir}",
-        f"data.path={data}",
-        f"data.seq_len={SEQ}",
-        "train.micro_batch_size=1",
-        f"train.batch_tokens={SEQ}",
-        "train.eval_interval=0",
-        "precision=fp32",
-        "logging.wandb=disabled",
-        "logging.progress=false",
-        "logging.peak_tflops=1.0",
-        "optim.warmup_tokens=1280",
-        "optim.decay_tokens=1280000",
-        "checkpoint.interval=5",
-        "checkpoint.keep=10",
-        *extra,
-    ]
-
-
-STABLE = [
-    "stability.enabled=true",
-    # Below the default 2: on 2 ranks one garbage sequence of two lifts the step's mean loss
-    # to about (11 + 4.5) / 2, 1.7x the clean ~4.5.
-    "stability.loss_factor=1.5",
-    "stability.window=10",
-    "stability.lr_factor=0.5",
-    "stability.lr_steps=5",
-]
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def steps(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for r in rows(run_dir):
-        if "event" not in r and "loss" in r:
-            assert r["step"] not in out, f"step {r['step']} logged twice"
-            out[r["step"]] = r
-    return out
-
-
-def garbage_steps(data: Path, bad: set[int], seed: int, batch: int, n_steps: int, skips=()):
-    """Steps (1-based) whose global batch holds a garbage window, in the loader's order."""
-    loader = GlobalOrderLoader(PackedWindows(data, "train", SEQ), seed, batch, 1, skip_steps=skips)
-    found = []
-    for step in range(1, n_steps + 1):
-        first = loader.samples_seen
-        loader.next_step()
-        # After a skip the step's batch starts where the jump left the counter.
-        start = loader.samples_seen - batch
-        assert start >= first
-        if any(loader.sample_index(g) in bad for g in range(start, start + batch)):
-            found.append(step)
-    return found
 
 
 @pytest.mark.slow
@@ -258,16 +148,15 @@ def test_the_window_must_fit_in_the_kept_checkpoints(tmp_path, small_shards):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["parallel.dp_shard=2", "parallel.tp=2"], ids=["fsdp2", "tp2"])
-def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(tmp_path, garbage_corpus, mesh):
+def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(
+    tmp_path, garbage_corpus, two_rank_rollback, mesh
+):
     """2 real gloo ranks, two sequences per step: FSDP2 (one sequence per rank) or TP 2 (both
     ranks read both sequences, one micro-batch each); the loss and gradient norm that the
     detector reads are reduced over the ranks either way."""
     data, bad = garbage_corpus
     assert garbage_steps(data, bad, 21, 2, 45) == [23]
-    common = ["train.seed=21", "train.batch_tokens=256", "train.max_steps=24", mesh]
-    auto = tmp_path / "auto"
-    out = torchrun_train(2, overrides(auto, data, *common, *STABLE))
-    assert out.returncode == 0, out.stderr[-3000:]
+    auto = two_rank_rollback(mesh)
     rollbacks = [r for r in rows(auto) if r.get("event") == "rollback"]
     assert [(e["step"], e["to_step"], e["skip_steps"]) for e in rollbacks] == [(23, 20, [21, 23])]
     got = steps(auto)
@@ -282,7 +171,8 @@ def test_two_ranks_roll_back_alike_and_equal_the_replay_by_hand(tmp_path, garbag
         overrides(
             manual,
             data,
-            *common,
+            *TWO_RANKS,
+            mesh,
             "data.skip_steps=[[21,23]]",
             f"optim.lr_changes=[{rollbacks[0]['lr_change']}]",
         ),
