@@ -423,7 +423,9 @@ class _Plan:
         self.files = expand_inputs(cfg.input)
         sizes = [p.stat().st_size for p in self.files]
         self.map_tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
-        self.reduce_tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, cfg.num_buckets)
+        self.reduce_tasks = scaleout.auto_tasks(
+            cfg, sum(sizes), _BYTES_PER_TASK, cfg.num_buckets, "buckets"
+        )
         self.file_shares = scaleout.contiguous_shares(sizes, self.map_tasks)
         self.bucket_shares = scaleout.even_shares(cfg.num_buckets, self.reduce_tasks)
         self.work = (

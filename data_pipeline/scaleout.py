@@ -112,10 +112,20 @@ def validate(cfg: ScaleOut) -> None:
         raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
 
 
-def auto_tasks(cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int) -> int:
-    """`tasks`, or (0) one task per `per_task_bytes` of input, at least 1 and at most `cap`."""
+def auto_tasks(
+    cfg: ScaleOut, input_bytes: int, per_task_bytes: int, cap: int, unit: str = "input files"
+) -> int:
+    """`tasks`, or (0) one task per `per_task_bytes` of input, at least 1 and at most `cap`
+    (the number of `unit` there are to share). Says so on stderr when `tasks` asked for more."""
     n = cfg.tasks or -(-input_bytes // per_task_bytes)
-    return max(1, min(n, max(cap, 1)))
+    got = max(1, min(n, max(cap, 1)))
+    if cfg.tasks > got:
+        print(
+            f"tasks={cfg.tasks}: {unit} to share: {cap}, so {got} task"
+            f"{'s' if got > 1 else ''} (a task takes whole ones)",
+            file=sys.stderr,
+        )
+    return got
 
 
 def contiguous_shares(sizes: list[int], tasks: int) -> list[tuple[int, int]]:

@@ -185,7 +185,9 @@ class _Plan:
                 named = {"name": entry["name"]} if "name" in entry else {}
                 self.units.append({"jsonl": str(f), **named})
                 sizes.append(f.stat().st_size)
-        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.units))
+        self.tasks = scaleout.auto_tasks(
+            cfg, sum(sizes), _BYTES_PER_TASK, len(self.units), "input files or datasets"
+        )
         self.shares = scaleout.contiguous_shares(sizes, self.tasks)
         if cfg.executor in ("slurm", "ray"):
             self.encoders = max(1, getattr(cfg, cfg.executor).cpus_per_task)

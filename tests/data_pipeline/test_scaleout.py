@@ -50,3 +50,17 @@ def test_a_task_that_raised_on_ray_fails_the_step_and_a_rerun_redoes_it_alone(tm
 def test_a_ray_task_that_fits_no_node_is_refused_before_it_waits_forever(local_ray):
     with pytest.raises(ValueError, match=r"ray.cpus_per_task=3.*needs 3 CPUs"):
         connect_ray(ScaleOut(executor="ray", ray=RayOptions(cpus_per_task=3)))
+
+
+def test_more_tasks_than_files_runs_one_per_file_and_says_so(tmp_path, capsys):
+    from data_pipeline.clean import CleanConfig
+    from data_pipeline.clean import run as clean
+
+    (tmp_path / "in.jsonl").write_text('{"text": "' + "a real sentence here. " * 20 + '"}\n')
+    report = clean(
+        CleanConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o"), tasks=4)
+    )
+    assert report["tasks"] == 1
+    assert "tasks=4: input files to share: 1, so 1 task (a task takes whole ones)" in (
+        capsys.readouterr().err
+    )
