@@ -28,7 +28,9 @@ hashlib + numpy and gives the same bits, only slower.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import methodcaller
 
 import numpy as np
 
@@ -177,11 +179,19 @@ def _permute_min(hv: np.ndarray, a: np.ndarray, b: np.ndarray, legacy: bool) -> 
     return phv.min(axis=0)
 
 
-def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
+def _hash32(shingles: Iterable) -> np.ndarray:
+    """datasketch's sha1_hash32 of each shingle (bytes or a uint8 array) with hashlib: the
+    first 4 bytes of its SHA-1 digest, read little-endian."""
     import hashlib
-    from operator import methodcaller
 
-    digest = methodcaller("digest")
+    raw = b"".join(map(_DIGEST, map(hashlib.sha1, shingles)))
+    return np.frombuffer(raw, np.uint8).reshape(-1, 20)[:, :4].copy().view("<u4").ravel()
+
+
+_DIGEST = methodcaller("digest")
+
+
+def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
     sigs = np.full((len(docs), len(a)), EMPTY, dtype=np.uint32)
     sets, offsets = [], [0]
     for i, doc in enumerate(docs):
@@ -190,8 +200,7 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
             grams = map(b" ".join, zip(*(words[k:] for k in range(n)), strict=False))
         else:
             grams = [doc] if doc else []
-        raw = b"".join(map(digest, map(hashlib.sha1, grams)))
-        hv = np.frombuffer(raw, np.uint8).reshape(-1, 20)[:, :4].copy().view("<u4").ravel()
+        hv = _hash32(grams)
         if len(hv):
             sigs[i] = _permute_min(hv, a, b, legacy)
         sets.append(hv)
@@ -257,13 +266,8 @@ def _scratch(name: str, size: int, dtype) -> np.ndarray:
 
 def _sha1_hashlib(norm: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """sha1_hash32 of the shingles norm[starts[i]:starts[i]+lens[i]] with hashlib."""
-    import hashlib
-
-    raw = b"".join(
-        hashlib.sha1(norm[s : s + n]).digest()
-        for s, n in zip(starts.tolist(), lens.tolist(), strict=True)
-    )
-    return np.frombuffer(raw, np.uint8).reshape(-1, 20)[:, :4].copy().view("<u4").ravel()
+    spans = zip(starts.tolist(), lens.tolist(), strict=True)
+    return _hash32(norm[s : s + n] for s, n in spans)
 
 
 def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Batch:
