@@ -158,6 +158,7 @@ class Activations:
     layers: int  # all decoder layers
     outside: int  # embeddings, final LayerNorm, projections, the loss's gradient buffers
     transient: int  # the largest short-lived addition (loss chunk, recompute, layer backward)
+    held: int = 0  # CPU: the loss's logits buffers, kept from the loss's forward on
 
     @property
     def saved(self) -> int:
@@ -213,7 +214,9 @@ def activations(
         # parallelize._selective_policy keeps matmul and attention outputs: q, k, v, attention
         # output (+ logsumexp), out_proj's and fc2's [N, d] outputs and fc1's [N, f / t].
         per_layer = n * d * p + qkvo + lse + 2 * n * d * p + relu
-        recompute = off_layer - (n * d * p + qkvo + lse)
+        # The recomputation consumes the kept outputs (torch's selective checkpointing hands
+        # each one over once and drops it), so the layer goes back to off_layer, no more.
+        recompute = off_layer - per_layer
     else:
         raise ValueError(f"activation checkpoint mode must be off, full or selective: {mode!r}")
 
@@ -230,8 +233,13 @@ def activations(
 
     # The largest short-lived addition on top of what is saved:
     chunk = min(loss_chunk_tokens, n)
-    # fp32 logits of a chunk and their exp, and the hidden states the loss reads (not saved)
-    loss_forward = 8 * chunk * v + n * e * p
+    # The loss's logits for one chunk: a fp32 buffer worked in place (max, exp, softmax -
+    # onehot), and under bf16/fp16 a second one in the compute dtype for the matmul's output.
+    logits = chunk * v * (4 if p == 4 else 4 + p)
+    # On CPU the loss keeps those buffers for the process (opt_train/loss.py, _scratch), so
+    # they stay under everything later in the step; on CUDA they go back to the allocator.
+    held = logits if device == "cpu" else 0
+    loss_forward = logits + n * e * p  # and the hidden states the loss reads (not saved)
     if weight_bytes != p:
         loss_forward += v * e * p  # the loss casts the fp32 weight to the compute dtype
     loss_backward = n * e * p + v * e * 4 + (v * e * weight_bytes if weight_bytes != 4 else 0)
@@ -241,8 +249,8 @@ def activations(
     layer_backward = (
         recompute + 2 * n * d * p + 2 * relu - loss_buffers + v * e * max(weight_bytes, 4)
     )
-    transient = max(loss_forward, loss_backward, layer_backward)
-    return Activations(mode, per_layer, model.n_layers * per_layer, outside, transient)
+    transient = max(loss_forward, loss_backward + held, layer_backward + held)
+    return Activations(mode, per_layer, model.n_layers * per_layer, outside, transient, held)
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -362,7 +370,7 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
     grads_end = bytes_grads + 2 * 4 * counts.embed_rows_local * m.embed_dim
     peak = {}
     for mode, a in acts.items():
-        moving = a.peak + bytes_grads if accum > 1 else max(a.peak, grads_end)
+        moving = a.peak + bytes_grads if accum > 1 else max(a.peak, grads_end + a.held)
         peak[mode] = bytes_params + bytes_optimizer + working + moving
     budget = (planner.gpu_mem_gib - planner.reserve_gib) * GIB
     fits = {mode: b <= budget for mode, b in peak.items()}
