@@ -206,19 +206,18 @@ def activations(
     off_layer = 4 * n * d * p + 2 * mask + 2 * ln_stats + qkvo + lse + relu
     if mode == "off":
         per_layer = off_layer
-        recompute = 0
     elif mode == "full":
         per_layer = n * d * p  # the layer input; everything else is recomputed
-        recompute = off_layer - n * d * p  # the recomputation reads the kept input itself
     elif mode == "selective":
         # parallelize._selective_policy keeps matmul and attention outputs: q, k, v, attention
         # output (+ logsumexp), out_proj's and fc2's [N, d] outputs and fc1's [N, f / t].
         per_layer = n * d * p + qkvo + lse + 2 * n * d * p + relu
-        # The recomputation consumes the kept outputs (torch's selective checkpointing hands
-        # each one over once and drops it), so the layer goes back to off_layer, no more.
-        recompute = off_layer - per_layer
     else:
         raise ValueError(f"activation checkpoint mode must be off, full or selective: {mode!r}")
+    # In backward a layer is rebuilt to what `off` keeps: the recomputation reads the kept
+    # tensors and consumes them (torch's selective checkpointing hands each kept output over
+    # once and drops it), so it adds only the rest.
+    recompute = off_layer - per_layer
 
     # Outside the layers: token ids, the final LayerNorm's (or 350m's project_in/out) inputs,
     # and the loss's gradient buffers, formed in forward: d/d hidden [N, e] in the compute
