@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import queue
 import random
 import re
@@ -71,12 +72,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from data_pipeline.durable import fsync_path
 from opt_train.config import CheckpointConfig
 from opt_train.distributed import DistInfo
 from opt_train.run_files import free_bytes, mib, os_error
+from opt_train.run_lock import holds_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +203,19 @@ def _write_json(path: Path, obj) -> None:
 def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
     """Check a checkpoint directory; returns its meta.json. Every rank checks that all files
     exist with their recorded sizes and hashes its 1/world share of them, so verifying a large
-    sharded checkpoint costs one read of it spread over the ranks."""
+    sharded checkpoint costs one read of it spread over the ranks. A DCP checkpoint's
+    `.metadata` is also read, with `read_dcp_metadata`'s restricted unpickler: a checksum only
+    says the bytes did not change since meta.json was written, and anyone who can write the
+    run_dir can rewrite both."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise CorruptCheckpoint(f"{path}: no meta.json (the save did not finish)")
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpoint(f"{meta_path}: unreadable ({e})") from None
-    if meta.get("format") not in KNOWN_FORMATS:
-        raise CorruptCheckpoint(
-            f"{path}: format {meta.get('format')!r}, expected one of {KNOWN_FORMATS}"
-        )
+    _check_meta_types(meta_path, meta)
+    files = meta["files"]
     names = sorted(files)
     for name in names:
         f = path / name
@@ -226,7 +230,149 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> dict:
     for name, got in zip(mine, _describe(path, mine, algorithm).values(), strict=True):
         if got[algorithm] != files[name].get(algorithm):
             raise CorruptCheckpoint(f"{path / name}: {algorithm} checksum mismatch (corrupted)")
+    if meta["format"] == FORMAT:
+        read_dcp_metadata(path)
     return meta
+
+
+# meta.json's fields and their types; a field of another type makes the checkpoint corrupt
+# (skipped for the previous one), never a TypeError in whoever reads it later.
+META_FIELDS = {"format": str, "step": int, "world": int, "files": dict}
+
+
+def _check_meta_types(meta_path: Path, meta) -> None:
+    if not isinstance(meta, dict):
+        raise CorruptCheckpoint(f"{meta_path}: not a JSON object")
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CorruptCheckpoint(
+                f"{meta_path}: {key!r} is {value!r}, expected {kind.__name__} (damaged)"
+            )
+    if meta["format"] not in KNOWN_FORMATS:
+        raise CorruptCheckpoint(
+            f"{meta_path.parent}: format {meta['format']!r}, expected one of {KNOWN_FORMATS}"
+        )
+    if meta.get("mesh") is not None and not isinstance(meta["mesh"], dict):
+        raise CorruptCheckpoint(f"{meta_path}: 'mesh' is {meta['mesh']!r}, expected an object")
+    for name, entry in meta["files"].items():
+        parts = Path(name).parts
+        # Names are relative paths inside the checkpoint: nothing outside it is read.
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise CorruptCheckpoint(f"{meta_path}: file name {name!r} is outside the checkpoint")
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or not any(
+            isinstance(entry.get(a), str) for a in (CHECKSUM, "sha256")
+        ):
+            raise CorruptCheckpoint(
+                f"{meta_path}: files[{name!r}] is {entry!r}, expected "
+                f'{{"bytes": int, "{CHECKSUM}": str}} (damaged)'
+            )
+
+
+# -- what a checkpoint may make this process do ---------------------------------------------
+
+# The globals DCP's `.metadata` pickle names (torch 2.13; every one a plain data holder) and
+# nothing else: `pickle.load` would call any global a file names, so a `.metadata` rewritten
+# by someone who can write the run_dir would run its code on resume and on export.
+_DCP_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",  # read, to be refused by name below
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a name -> torch.layout lookup
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"names {module}.{name}, which a DCP index never holds")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """DCP's `.metadata` index of checkpoint `path`, unpickled allowing only DCP's metadata
+    classes, torch.Size, dtypes and plain containers, and refused (CorruptCheckpoint) unless
+    every entry is a tensor stored as DCP writes it: DCP's default load planner
+    `torch.load(weights_only=False)`s an entry declared as bytes, which this project never
+    writes (the module docstring), and a transform or a path outside the checkpoint is not
+    ours either."""
+    f = path / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            md = _DCPMetadataUnpickler(fh).load()
+    except Exception as e:  # anything a damaged or hostile pickle raises while being refused
+        raise CorruptCheckpoint(f"{f}: not a DCP index this project reads: {e}") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CorruptCheckpoint(f"{f}: not a DCP index (holds {type(md).__name__})")
+    untrusted = sorted(
+        k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)
+    )
+    if untrusted:
+        shown = ", ".join(map(str, untrusted[:3])) + (" ..." if len(untrusted) > 3 else "")
+        raise CorruptCheckpoint(
+            f"{f}: declares {len(untrusted)} non-tensor entries ({shown}); this project "
+            "writes only tensors, and DCP would unpickle those with code execution allowed"
+        )
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or "/" in rel or rel in ("", ".", ".."):
+            raise CorruptCheckpoint(f"{f}: a data file named {rel!r}, outside the checkpoint")
+        if getattr(info, "transform_descriptors", None):
+            raise CorruptCheckpoint(
+                f"{f}: {rel} declares transforms {info.transform_descriptors}, never written here"
+            )
+    return md
+
+
+class TrustedReader(dcp.FileSystemReader):
+    """DCP's reader with `.metadata` read by `read_dcp_metadata` instead of `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = read_dcp_metadata(Path(self.path))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class TensorsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, less its `torch.load(weights_only=False)` of bytes entries
+    (TrustedReader already refuses an index that declares one; this holds if that changes)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CorruptCheckpoint(
+            f"DCP entry {read_item.dest_index.fqn} is pickled bytes; only tensors are loaded"
+        )
+
+
+def load_dcp(state: dict, path: Path, group=None) -> None:
+    """`dcp.load` of `state` from checkpoint `path`, running no code from its files: every
+    DCP read in the project goes through here."""
+    dcp.load(
+        state,
+        storage_reader=TrustedReader(path),
+        planner=TensorsOnlyPlanner(),
+        process_group=group,
+        no_dist=group is None,
+    )
 
 
 # -- RNG states as JSON ---------------------------------------------------------------------
@@ -430,7 +576,7 @@ class DCPWeights:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state, param_groups = _sharded_state(self.model, self.optimizer)
-        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=group is None)
+        load_dcp(state, path, group)
         set_state_dict(
             self.model,
             self.optimizer,
@@ -472,7 +618,9 @@ class CheckpointManager:
         self.failures_in_a_row = 0
         self.last_failure: SaveFailure | None = None
         self._undelivered: list[SaveFailure] = []  # drained, not yet returned by poll()
-        if self.rank == 0:
+        # Only the run itself clears its temporaries: a tool reading the run_dir (export,
+        # eval) while the run saves would otherwise delete the save in flight.
+        if self.rank == 0 and holds_run_lock(self.dir.parent):
             self._remove_leftovers()
         self._barrier()
 
@@ -753,7 +901,7 @@ class CheckpointManager:
                     os.rename(p, back)
                 elif p.name.startswith(TMP_PREFIX):
                     log.warning("removing %s: an interrupted save", p)
-                    if p.is_dir():
+                    if p.is_dir() and not p.is_symlink():  # a link is removed, not followed
                         shutil.rmtree(p, ignore_errors=True)
                     else:
                         p.unlink(missing_ok=True)
@@ -864,12 +1012,28 @@ def _error_text(rank: int, error: BaseException) -> str:
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run_dir, a checkpoints/ dir or one checkpoint dir -> the checkpoint dir to read,
-    verified (a named checkpoint that fails verification raises CorruptCheckpoint)."""
+    verified (a named checkpoint that fails verification raises CorruptCheckpoint; in a
+    run_dir damaged ones are reported and skipped, as on resume). Reads only: nothing in the
+    run_dir is created, changed or removed (a live run's save in flight stays as it is)."""
     p = Path(path)
     if (p / "meta.json").is_file():
         verify(p)
         return p
     for d in (p, p / "checkpoints"):
-        if d.is_dir() and (found := CheckpointManager(d, CheckpointConfig(), None).latest()):
-            return found
+        steps = sorted(
+            (int(m.group(1)) for c in _children(d) if (m := STEP_DIR.match(c.name))),
+            reverse=True,
+        )
+        for step in steps:
+            ckpt = d / f"step_{step:08d}"
+            try:
+                verify(ckpt)
+            except CorruptCheckpoint as e:
+                log.warning("skipping damaged checkpoint %s: %s", ckpt, e)
+                continue
+            return ckpt
     raise FileNotFoundError(f"{path}: no complete checkpoint found")
+
+
+def _children(d: Path) -> list[Path]:
+    return list(d.iterdir()) if d.is_dir() else []

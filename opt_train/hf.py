@@ -9,8 +9,11 @@ An exported directory is what transformers needs as it is: `config.json` and
 tokenizer that made the data (`tokenizer.json`, from the shard manifest: GPT-2's files for
 `gpt2`, the user's OPT files for `opt`, checked against the hashes the manifest recorded), and
 the weights in `export.dtype`, split into files of at most `export.max_shard_size` with
-`model.safetensors.index.json` above it. `export_checkpoint` reads the weights from the DCP
-checkpoint one file's worth at a time, so exporting never holds the whole model in memory.
+`model.safetensors.index.json` above it, and `opt_train_export.json`, the export record (run,
+checkpoint, step) without which no existing directory is replaced. `export_checkpoint` reads
+the weights from the DCP checkpoint one file's worth at a time, so exporting never holds the
+whole model in memory, through `opt_train.checkpoint.load_dcp` (no code from the checkpoint
+runs), and changes nothing in the run_dir it reads.
 """
 
 from __future__ import annotations
@@ -229,6 +232,52 @@ def _shard_plan(
     return groups
 
 
+# The export record: written into every directory an export makes, and what lets a later
+# export replace that directory. A `config.json` alone proves nothing: every HF model has one.
+EXPORT_RECORD = "opt_train_export.json"
+EXPORT_KIND = "opt-train-hf-export/1"
+
+
+def _export_record(source: dict | None) -> dict:
+    return {"kind": EXPORT_KIND, **(source or {})}
+
+
+def is_our_export(path: Path) -> bool:
+    """Whether `path` is a real directory (not a link) holding an export record we wrote."""
+    record = path / EXPORT_RECORD
+    if path.is_symlink() or not path.is_dir() or not record.is_file() or record.is_symlink():
+        return False
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("kind") == EXPORT_KIND
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def _holdings(path: Path) -> str:
+    """What a path is, for a refusal: 'a file', 'a symlink to X', 'a directory holding 3
+    entries: a/, b/, config.json'."""
+    if path.is_symlink():
+        return f"a symlink to {os.readlink(path)}"
+    if not path.is_dir():
+        return "a file"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"a directory holding {len(names)} entries: {shown}"
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse (FileExistsError, one line, nothing touched) an output that exists and is not an
+    empty directory or an earlier export of ours."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if is_our_export(out) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        return
+    raise FileExistsError(
+        f"{out} exists and is not an opt-train export (it is {_holdings(out)}; no "
+        f"{EXPORT_RECORD}); choose another output or remove it yourself"
+    )
+
+
 def write_hf_dir(
     out_dir: str | Path,
     model_config: ModelConfig,
@@ -236,20 +285,21 @@ def write_hf_dir(
     fetch: Callable[[list[tuple[str, torch.Size]]], Iterable[tuple[str, torch.Tensor]]],
     tokenizer: dict | None = None,
     export: ExportConfig | None = None,
+    source: dict | None = None,
 ) -> Path:
     """Write an HF OPT directory. `fetch(group)` yields (our name, tensor) for one group of the
     shard plan, so only one weight file's tensors are in memory at a time. The directory is
     built beside `out_dir` and renamed into place when complete: a killed export leaves no
-    half-written model where transformers would look."""
+    half-written model where transformers would look. An existing `out_dir` is replaced only
+    when it is an earlier export (its `EXPORT_RECORD`, which `source` (run, checkpoint, step)
+    goes into) or empty; anything else is refused before any work."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     export = export or ExportConfig()
     dtype = TORCH_DTYPES[export.dtype]
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        # An earlier export is replaced; anything else is not ours to delete.
-        raise FileExistsError(f"{out} exists and is not an HF model directory; choose another")
+    check_export_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -286,10 +336,12 @@ def write_hf_dir(
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if out.exists():
+    (tmp / EXPORT_RECORD).write_text(json.dumps(_export_record(source), indent=1) + "\n")
+    if out.exists() or out.is_symlink():
+        check_export_target(out)  # again: it may have changed during the export
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        shutil.rmtree(old)
+        os.rename(out, old)  # renames a link itself, never its target
+        shutil.rmtree(old)  # refuses a link; inside, links are unlinked, not followed
     os.rename(tmp, out)
     return out
 
@@ -329,11 +381,10 @@ def export_checkpoint(
     directory. `overrides`: `export.KEY=VALUE` over the run's own `export` section.
     `data_path`: the shard directory whose manifest names the tokenizer (default: the run's
     `data.path`, or the embedded corpus)."""
-    import torch.distributed.checkpoint as dcp
     from omegaconf import OmegaConf
 
     from data_pipeline.shards import read_manifest
-    from opt_train.checkpoint import FORMAT, find_checkpoint
+    from opt_train.checkpoint import FORMAT, find_checkpoint, load_dcp
     from opt_train.config import JobConfig
     from opt_train.data import resolve_data_path
 
@@ -368,11 +419,14 @@ def export_checkpoint(
             chunk[name] = torch.empty(shape, dtype=torch.float32)
             size = sum(t.numel() * 4 for t in chunk.values())
             if size >= FETCH_BYTES or i == len(group) - 1:
-                dcp.load({"model": chunk}, checkpoint_id=ckpt, no_dist=True)
+                load_dcp({"model": chunk}, ckpt)  # runs no code from the checkpoint
                 yield from chunk.items()
                 chunk = {}
 
-    out = write_hf_dir(out_dir, cfg.model, names_shapes, fetch, tokenizer, cfg.export)
+    check_export_target(Path(out_dir))  # before reading anything
+    source = {"run_dir": str(ckpt.resolve().parent.parent), "checkpoint": ckpt.name}
+    source["step"] = meta["step"]
+    out = write_hf_dir(out_dir, cfg.model, names_shapes, fetch, tokenizer, cfg.export, source)
     return {
         "exported": str(out),
         "checkpoint": str(ckpt),
@@ -396,7 +450,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="shard directory whose manifest names the tokenizer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    print(json.dumps(export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)))
+    from opt_train.checkpoint import CorruptCheckpoint
+
+    try:
+        done = export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)
+    except (FileExistsError, FileNotFoundError, CorruptCheckpoint) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(done))
 
 
 if __name__ == "__main__":

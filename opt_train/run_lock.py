@@ -209,6 +209,13 @@ class RunLock:
             os.close(fd)  # closing drops the flock
 
 
+def holds_run_lock(run_dir: str | Path) -> bool:
+    """Whether this process holds `run_dir`'s lock (taken over counts: see `RunLock`). What
+    may remove the run's temporaries asks this: only the run itself may, never a tool that
+    reads the run_dir while the run is writing it."""
+    return os.path.realpath(Path(run_dir) / LOCK_NAME) in _held
+
+
 def release_run_locks() -> None:
     """Release every run lock this process holds (the end of `train`, however it ends)."""
     for lock in list(_held.values()):
@@ -265,5 +272,6 @@ __all__ = [
     "RunDirLocked",
     "RunLock",
     "hold_run_lock",
+    "holds_run_lock",
     "release_run_locks",
 ]

@@ -319,6 +319,6 @@ def test_export_replaces_an_earlier_export_but_never_another_directory(tmp_path)
     assert OPTForCausalLM.from_pretrained(tmp_path / "hf") is not None
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not an HF model directory"):
+    with pytest.raises(FileExistsError, match="is not an opt-train export"):
         save_hf(OPT(cfg), cfg, tmp_path / "notes")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
