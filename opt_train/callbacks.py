@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opt_train.run_files import JsonlAppender, write_text_atomic
+from opt_train.run_files import JsonlAppender, row_step, write_text_atomic
 
 if TYPE_CHECKING:
     from opt_train.trainer import Trainer
@@ -294,7 +294,14 @@ def _drop_rows_after(path: Path, step: int) -> None:
             row = json.loads(line)
         except ValueError:  # torn JSON, or a line cut inside a UTF-8 character
             row = None
-        if not isinstance(row, dict) or row.get("step", 0) > step:
+        if isinstance(row, dict) and row_step(row) is None:
+            # A row not written by the run (a hand edit, another tool): kept as it is.
+            log.warning(
+                "%s: a row with step %r, not an integer: kept, skipped by readers",
+                path,
+                row.get("step"),
+            )
+        elif not isinstance(row, dict) or row_step(row) > step:
             cut = start if cut is None else cut
             continue
         if cut is not None or not line.endswith(b"\n"):  # not a plain tail to cut

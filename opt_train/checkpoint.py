@@ -261,8 +261,10 @@ def _check_meta_types(meta_path: Path, meta) -> None:
         if not parts or Path(name).is_absolute() or ".." in parts:
             raise CorruptCheckpoint(f"{meta_path}: file name {name!r} is outside the checkpoint")
         size = entry.get("bytes") if isinstance(entry, dict) else None
-        if not isinstance(size, int) or isinstance(size, bool) or not any(
-            isinstance(entry.get(a), str) for a in (CHECKSUM, "sha256")
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or not any(isinstance(entry.get(a), str) for a in (CHECKSUM, "sha256"))
         ):
             raise CorruptCheckpoint(
                 f"{meta_path}: files[{name!r}] is {entry!r}, expected "

@@ -3,7 +3,9 @@ metrics.jsonl, several runs overlaid (one colour each, named in the legend).
 
 Panels, all against tokens seen: training loss with validation loss (event rows such as
 spike or rollback as markers on it), learning rate, gradient norm, loss scale, throughput
-(tokens/s) and MFU. Headless (matplotlib's Agg backend); reads only the JSON lines it is given.
+(tokens/s) and MFU. Headless (matplotlib's Agg backend); reads only the JSON lines it is given
+and writes only `-o` (`.png` added when it has no suffix); malformed rows are skipped with a
+warning naming file and line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, PercentFormatter  # noqa: E402
 
 from opt_train.console import row_kind  # noqa: E402
+from opt_train.run_files import row_step  # noqa: E402
 
 PANELS = [  # (metric, title, log base of the y axis or None)
     ("loss", "loss (dashed: validation)", None),
@@ -33,20 +36,35 @@ EVENT_MARKERS = "vox^sD*"
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    """The rows of `run_dir/metrics.jsonl` (a torn last line of a killed run is left out)."""
+    """The rows of `run_dir/metrics.jsonl`. A torn last line of a killed run is left out;
+    any other line that is not a JSON object with an integer `step` is skipped with a warning
+    naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path}: no such file (is {run_dir} a run directory?)")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if i < len(lines):
-                raise SystemExit(f"error: {path}:{i}: not a JSON object") from None
+            row = None
+            if i == len(lines):
+                continue  # a killed run's torn last line
+        if row_step(row) is None:
+            print(
+                f"warning: {path}:{i}: not a metrics row (a JSON object with an integer "
+                "step); skipped",
+                file=sys.stderr,
+            )
+            continue
+        rows.append(row)
     return rows
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _si(x: float) -> str:
@@ -64,13 +82,31 @@ def _labels(run_dirs: list[Path]) -> list[str]:
     return names
 
 
-def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
-    """Draw the runs' curves into `out` (PNG, or any format matplotlib knows by suffix)."""
-    fig = draw(run_dirs, labels)
+def image_path(out: Path) -> tuple[Path, str]:
+    """The file to write and its format: `out` with its suffix's format, `out.png` when it has
+    no suffix; a suffix matplotlib cannot write is a clear error."""
     out = Path(out)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    fmt = out.suffix[1:].lower()
+    known = plt.gcf().canvas.get_supported_filetypes()
+    plt.close()
+    if fmt not in known:
+        raise SystemExit(
+            f"error: -o {out}: matplotlib cannot write {out.suffix!r} images; use one of "
+            + ", ".join(f".{k}" for k in sorted(known))
+        )
+    return out, fmt
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+    """Draw the runs' curves into `out` (any format matplotlib knows by suffix; PNG, as
+    `out.png`, without one). Returns the file written."""
+    out, fmt = image_path(out)
+    fig = draw(run_dirs, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # a half-drawn file is never `out`
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, format=fmt)
     plt.close(fig)
     tmp.replace(out)
     return out
@@ -87,17 +123,17 @@ def draw(run_dirs: list[Path], labels: list[str] | None = None) -> matplotlib.fi
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
         colour = colours[i % len(colours)]
         rows = read_rows(run_dir)
-        steps = [r for r in rows if row_kind(r) == "step"]
+        steps = [r for r in rows if row_kind(r) == "step" and _number(r.get("tokens"))]
         tokens_at = {r["step"]: r["tokens"] for r in steps}
         loss_at = {r["step"]: r["loss"] for r in steps}
         for ax, (key, _, _) in zip(axes, PANELS, strict=True):
-            pts = [(r["tokens"], r[key]) for r in steps if r.get(key) is not None]
+            pts = [(r["tokens"], r[key]) for r in steps if _number(r.get(key))]
             if pts:
                 ax.plot(*zip(*pts, strict=True), color=colour, lw=1.2, label=label)
         evals = [
             (tokens_at[r["step"]], r["val_loss"])
             for r in rows
-            if row_kind(r) == "eval" and "val_loss" in r and r["step"] in tokens_at
+            if row_kind(r) == "eval" and _number(r.get("val_loss")) and r["step"] in tokens_at
         ]
         if evals:
             axes[0].plot(*zip(*evals, strict=True), color=colour, ls="--", marker=".", lw=1.2)
@@ -108,7 +144,7 @@ def draw(run_dirs: list[Path], labels: list[str] | None = None) -> matplotlib.fi
                 r["event"], EVENT_MARKERS[len(event_kinds) % len(EVENT_MARKERS)]
             )
             y = r.get("loss", loss_at.get(r["step"]))
-            if y is not None:
+            if _number(y):
                 axes[0].plot(
                     tokens_at[r["step"]], y, marker=marker, color=colour, ms=9, mfc="none", mew=1.5
                 )

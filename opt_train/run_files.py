@@ -57,6 +57,17 @@ def os_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
+def row_step(row) -> int | None:
+    """A metrics.jsonl row's step: an int for a well-formed row (a JSON object whose `step` is
+    an integer), else None. Every reader of metrics.jsonl asks this rather than indexing, so a
+    row a person or another tool wrote by hand is skipped with a warning, never a TypeError
+    that would block every later resume."""
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def write_text_atomic(path: Path, text: str) -> BaseException | None:
     """Replace `path` with `text` (a temporary file, fsync, rename): a failure leaves the old
     file whole. Returns the error, already reported, or None."""
