@@ -368,6 +368,7 @@ class TensorsOnlyPlanner(DefaultLoadPlanner):
 def load_dcp(state: dict, path: Path, group=None) -> None:
     """`dcp.load` of `state` from checkpoint `path`, running no code from its files: every
     DCP read in the project goes through here."""
+    read_dcp_metadata(path)  # its refusal as itself: DCP rewraps a reader's error
     dcp.load(
         state,
         storage_reader=TrustedReader(path),
