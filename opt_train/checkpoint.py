@@ -917,10 +917,18 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := STEP_DIR.match(p.name)))
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint that verifies on every rank; damaged ones are reported (with
-        the path and the reason) and skipped. Collective: all ranks return the same one."""
-        for step in reversed(self.complete_steps()):
+    def latest(self, before: int | None = None) -> Path | None:
+        """The newest checkpoint (from before step `before`, if given) that verifies on every
+        rank; damaged ones are reported (with the path and the reason) and skipped, so a
+        spike rollback onto a tampered or torn checkpoint falls back like a resume does.
+        Collective: all ranks walk rank 0's listing (another rank's may lag rank 0's rename)
+        and return the same one."""
+        steps = [s for s in self.complete_steps() if before is None or s < before]
+        if self.group is not None:
+            box = [steps]
+            dist.broadcast_object_list(box, group_src=0, group=self.group)
+            steps = box[0]
+        for step in reversed(steps):
             path = self.step_dir(step)
             reason = ""
             try:

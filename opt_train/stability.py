@@ -36,10 +36,8 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
 from opt_train.callbacks import Callback, MetricsFile
+from opt_train.checkpoint import STEP_DIR
 from opt_train.config import JobConfig
 
 if TYPE_CHECKING:
@@ -275,15 +273,11 @@ class Stability(Callback):
         )
 
     def _target(self, trainer: Trainer, onset: int) -> int | None:
-        """The newest checkpoint from before step `onset`, as rank 0 sees the directory once
-        every save has finished (another rank's listing may lag rank 0's rename)."""
+        """The newest checkpoint from before step `onset` that verifies (a damaged one is
+        skipped for the one before it), once every save has finished."""
         trainer.ckpt.wait()
-        found = max((s for s in trainer.ckpt.complete_steps() if s < onset), default=0)
-        if trainer.distributed:
-            t = torch.tensor([found], dtype=torch.int64, device=trainer.device)
-            dist.broadcast(t, src=0)
-            found = int(t.item())
-        return found or None
+        path = trainer.ckpt.latest(before=onset)
+        return None if path is None else int(STEP_DIR.match(path.name).group(1))
 
     def _restore_events(self, trainer: Trainer, step: int) -> None:
         """Write again the event rows after `step` that metrics.jsonl just dropped with the

@@ -290,3 +290,15 @@ def test_the_c10d_store_listens_on_every_interface_whatever_the_endpoint(tmp_pat
     finally:
         del store
     assert listening and listening <= {"::", "0.0.0.0"}
+
+
+def test_a_rollback_target_skips_a_tampered_checkpoint_for_the_one_before(tmp_path, run):
+    """Spike rollback picks its checkpoint with `latest(before=onset)`: the newest before the
+    onset (step 4 for an onset at 5) carries a payload, so step 2 is taken and nothing runs."""
+    marker = tmp_path / "payload-ran"
+    plant_pickle_payload(run / "checkpoints" / STEP(4), marker)
+    m = CheckpointManager(run / "checkpoints", CheckpointConfig(), None)
+    assert m.latest(before=5) == run / "checkpoints" / STEP(2)
+    assert m.latest(before=4) == run / "checkpoints" / STEP(2)
+    assert m.latest(before=2) is None
+    assert not marker.exists()
