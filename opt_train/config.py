@@ -203,6 +203,9 @@ class DataConfig:
     # batches are never trained on. Replays a divergence past bad data: resume from a checkpoint
     # before `first` and the next step takes the batch the original step `last + 1` took.
     skip_steps: list[list[int]] = field(default_factory=list)
+    # Re-hash every shard file against its manifest's sha256 at start-up (a read of all the
+    # data: minutes for hundreds of GB), naming the first file whose bytes changed.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.path and self.sources:
