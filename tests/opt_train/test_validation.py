@@ -237,3 +237,55 @@ def test_ctrl_c_saves_releases_the_run_lock_and_resume_continues(tmp_path, small
     assert r.returncode == 0, r.stderr
     after = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [row["step"] for row in after if "loss" in row][-2:] == [last + 1, last + 2]
+
+
+# -- pipeline stage configs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "message"),
+    [
+        ("data_pipeline.dedup", "threshold=1.5", "threshold must be in (0, 1], got 1.5"),
+        ("data_pipeline.tokenize", "validation_fraction=nan", "must be in [0, 1), got nan"),
+        ("data_pipeline", "missing_stages=maybe", "missing_stages must be error or skip"),
+    ],
+)
+def test_pipeline_stage_refuses_a_bad_value_before_any_work(tmp_path, stage, override, message):
+    out = tmp_path / "out"
+    args = ["work_dir=" + str(tmp_path / "w")] if stage == "data_pipeline" else []
+    if stage != "data_pipeline":
+        args = [f"input={tmp_path / 'missing.jsonl'}", f"output={out}"]
+    r = subprocess.run(
+        [sys.executable, "-m", stage, *args, override],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: invalid config: ") and message in last, r.stderr
+    assert "Traceback" not in r.stderr and not any(tmp_path.iterdir())
+
+
+def test_pipeline_configs_check_their_ranges_when_built():
+    from data_pipeline.clean import CleanConfig
+    from data_pipeline.merge import MergeConfig
+    from data_pipeline.reddit import RedditConfig, RedditFilters
+    from data_pipeline.scaleout import RayOptions, ScaleOut, SlurmOptions
+
+    cases = [
+        (lambda: ScaleOut(tasks=-1), "tasks must be >= 0, got -1"),
+        (lambda: ScaleOut(executor="k8s"), "executor must be local, slurm or ray, got 'k8s'"),
+        (lambda: ScaleOut(slurm=SlurmOptions(cpus_per_task=0)), "slurm.cpus_per_task must be"),
+        (lambda: ScaleOut(ray=RayOptions(mem_per_cpu_gb=float("nan"))), "ray.mem_per_cpu_gb"),
+        (lambda: CleanConfig(max_blank_lines=-2), "max_blank_lines must be -1 or >= 0, got -2"),
+        (lambda: RedditConfig(orphans="adopt"), "orphans must be keep or drop, got 'adopt'"),
+        (lambda: RedditFilters(max_depth=-1), "filters.max_depth must be >= 0, got -1"),
+        (lambda: MergeConfig(max_shard_tokens=0), "max_shard_tokens must be >= 1, got 0"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError) as e:
+            build()
+        assert message in str(e.value)
+    assert CleanConfig(max_blank_lines=-1).max_blank_lines == -1
