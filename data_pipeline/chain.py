@@ -47,7 +47,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
+from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, typed_config, write_report
+from data_pipeline.config_limits import OneOf, check_limits
 from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, Rejects
 from data_pipeline.progress import Progress
@@ -106,6 +107,16 @@ class ChainConfig(ScaleOut):
     clean: Any = None
     dedup: Any = None
     tokenize: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_limits(self, "", CHAIN_LIMITS)
+
+
+CHAIN_LIMITS = {  # data_pipeline.config_limits
+    "missing_stages": OneOf(("error", "skip")),
+    "checksum": OneOf(("sha256", "stat")),
+}
 
 
 # --- ingest: a source read once into the work dir, tagged with its name ----------------------
@@ -334,8 +345,7 @@ def _validate(cfg: ChainConfig) -> None:
     for step in cfg.steps:
         if step not in STAGES or step in ("ingest", "tokenize", "reddit"):
             raise ValueError(f"steps: {step!r} is not a document stage; use clean and/or dedup")
-    if cfg.missing_stages not in ("error", "skip"):
-        raise ValueError(f"missing_stages={cfg.missing_stages!r}: use 'error' or 'skip'")
+    check_limits(cfg, "", CHAIN_LIMITS)
     # Fail before any work when a needed stage is not installed.
     needed = list(cfg.steps) if cfg.missing_stages == "error" else []
     needed += ["reddit"] if any(s.kind == "reddit" for s in cfg.sources) else []
@@ -451,7 +461,7 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=conf, config_name="pipeline")
     def _main(cfg) -> None:
-        report = run(OmegaConf.to_object(cfg))
+        report = run(typed_config(cfg))
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         status["code"] = exit_code(report)
 

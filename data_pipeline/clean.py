@@ -25,6 +25,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.config_limits import Range, check_limits
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
 
 # Line breaks other than \n: CRLF/CR (Windows/old Mac), VT, FF, NEL, LS, PS. CRLF first, so it
@@ -85,6 +86,10 @@ class CleanConfig(scaleout.ScaleOut):
     chapter_headings: bool = True
     # name -> regex; every line in which the regex matches (re.search) is removed.
     rules: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_limits(self, "", {"max_blank_lines": Range(0, also=(-1,))})
 
 
 class Cleaner:

@@ -66,12 +66,22 @@ def to_container(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def typed_config(cfg: Any) -> Any:
+    """The stage's dataclass; a value outside its range (data_pipeline.config_limits) exits
+    with the message alone, naming key, range and value, before any work."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as e:  # OmegaConf wraps __post_init__ errors
+        raise SystemExit(f"error: invalid config: {e.__cause__ or e}") from None
+
+
 def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
     """Run `run` as a Hydra CLI named `name` with `config_cls` as its schema; exits with the
     documented status."""
     import hydra
     from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name=f"{name}_schema", node=config_cls)
     sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
@@ -79,7 +89,7 @@ def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
 
     @hydra.main(version_base=None, config_path=None, config_name=f"{name}_schema")
     def _main(cfg) -> None:
-        typed = OmegaConf.to_object(cfg)
+        typed = typed_config(cfg)
         report = run(typed)
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
         status["code"] = exit_code(report)

@@ -52,6 +52,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, check_limits
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
@@ -68,7 +69,7 @@ from data_pipeline.io import (
     truncated_reason,
 )
 from data_pipeline.jsonl_fast import FAST, SLOW, count_newlines, parse_block
-from data_pipeline.minhash import HAVE_NUMBA, MinHasher
+from data_pipeline.minhash import BACKENDS, HAVE_NUMBA, SCHEMES, MinHasher
 
 if HAVE_NUMBA:
     import numba
@@ -102,6 +103,32 @@ class DedupConfig(scaleout.ScaleOut):
     work_dir: str = ""  # default: <output>.dedup-work
     keep_work: bool = False
     examples: int = 5  # example pairs in the report
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_limits(self, "", DEDUP_LIMITS)
+
+
+# Allowed values (data_pipeline.config_limits); 0 means "chosen" where the comments say so.
+DEDUP_LIMITS = {
+    "threshold": Range(0, 1, lo_open=True),
+    "ngram": AT_LEAST_1,
+    "num_perm": AT_LEAST_1,
+    "seed": NON_NEGATIVE,
+    "scheme": OneOf(SCHEMES),
+    "bands": NON_NEGATIVE,
+    "rows": NON_NEGATIVE,
+    "candidate_jaccard": Range(0, 1, hi_open=True),
+    "candidate_recall": Range(0, 1, lo_open=True, hi_open=True),
+    "verify": OneOf(("exact", "signature")),
+    "prefilter_margin": Range(0, 1),
+    "bucket_window": AT_LEAST_1,
+    "key_ranges": NON_NEGATIVE,
+    "batch_bytes": AT_LEAST_1,
+    "backend": OneOf(("auto", *BACKENDS)),
+    "spool": OneOf(("plain", "zstd")),
+    "examples": NON_NEGATIVE,
+}
 
 
 # --- banding -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data_pipeline.cli import stage_main, write_report
+from data_pipeline.config_limits import AT_LEAST_1, check_limits
 from data_pipeline.shards import MANIFEST, SPLITS, ShardWriter, SplitReader, read_manifest
 from data_pipeline.sources import plain
 
@@ -43,6 +44,9 @@ class MergeConfig:
     input: Any = MISSING
     output: str = MISSING
     max_shard_tokens: int = 1 << 28
+
+    def __post_init__(self) -> None:
+        check_limits(self, "", {"max_shard_tokens": AT_LEAST_1})
 
 
 def list_parts(spec: Any) -> list[Path]:

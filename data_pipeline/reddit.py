@@ -53,6 +53,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
@@ -88,6 +89,9 @@ class RedditFilters:
     non_ascii_start: bool = True
     max_depth: int = 7
 
+    def __post_init__(self) -> None:
+        check_limits(self, "filters", FILTER_LIMITS)
+
 
 @dataclass
 class RedditConfig(scaleout.ScaleOut):
@@ -104,6 +108,23 @@ class RedditConfig(scaleout.ScaleOut):
     work_dir: str | None = None
     keep_work: bool = False
     filters: RedditFilters = field(default_factory=RedditFilters)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+# Allowed values (data_pipeline.config_limits); a length of 0 switches its filter off.
+FILTER_LIMITS = {
+    "max_chars_without_space": NON_NEGATIVE,
+    "min_chars": NON_NEGATIVE,
+    "max_depth": NON_NEGATIVE,
+}
+REDDIT_LIMITS = {
+    "num_buckets": AT_LEAST_1,
+    "flush_records": AT_LEAST_1,
+    "orphans": OneOf(("keep", "drop")),
+    "min_comments": NON_NEGATIVE,
+}
 
 
 def _thread_key(link_id: str) -> str:
@@ -405,12 +426,7 @@ def _resolve_bucket(recs: list, cfg: RedditConfig, out: AtomicWriter, stats: Cou
 
 
 def _validate(cfg: RedditConfig) -> None:
-    if cfg.orphans not in ("keep", "drop"):
-        raise ValueError(f"orphans={cfg.orphans!r}: expected 'keep' or 'drop'")
-    if cfg.num_buckets < 1:
-        raise ValueError(f"num_buckets={cfg.num_buckets}: must be >= 1")
-    if cfg.flush_records < 1:
-        raise ValueError(f"flush_records={cfg.flush_records}: must be >= 1")
+    check_limits(cfg, "", REDDIT_LIMITS)
     scaleout.validate(cfg)
 
 

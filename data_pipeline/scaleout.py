@@ -42,6 +42,7 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.cli import report_path, write_report
+from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, check_limits
 from data_pipeline.io import AtomicWriter, Rejects, iter_lines
 from data_pipeline.progress import Progress
 
@@ -92,6 +93,25 @@ class ScaleOut:
     progress: bool = True
     progress_interval_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        validate(self)  # at start-up, before a stage plans anything
+
+
+# Allowed values of the scale-out keys (data_pipeline.config_limits).
+SCALEOUT_LIMITS = {
+    "tasks": NON_NEGATIVE,
+    "workers": NON_NEGATIVE,
+    "executor": OneOf(EXECUTORS),
+    "progress_interval_s": NON_NEGATIVE,
+}
+SLURM_LIMITS = {"cpus_per_task": AT_LEAST_1, "mem_per_cpu_gb": AT_LEAST_1, "poll_s": POSITIVE}
+RAY_LIMITS = {
+    "cpus_per_task": AT_LEAST_1,
+    "mem_per_cpu_gb": POSITIVE,
+    "num_cpus": NON_NEGATIVE,
+    "object_store_mb": NON_NEGATIVE,
+}
+
 
 def progress(cfg: ScaleOut, desc: str, total: float | None = None, unit: str = "B") -> Progress:
     """The progress reporter of one task (`desc` names the stage, step and task)."""
@@ -99,17 +119,9 @@ def progress(cfg: ScaleOut, desc: str, total: float | None = None, unit: str = "
 
 
 def validate(cfg: ScaleOut) -> None:
-    if cfg.executor not in EXECUTORS:
-        raise ValueError(f"executor={cfg.executor!r}: expected one of {', '.join(EXECUTORS)}")
-    if cfg.tasks < 0 or cfg.workers < 0:
-        raise ValueError(f"tasks={cfg.tasks}, workers={cfg.workers}: must be >= 0")
-    if cfg.ray.cpus_per_task < 1 or not cfg.ray.mem_per_cpu_gb > 0:
-        raise ValueError(
-            f"ray.cpus_per_task={cfg.ray.cpus_per_task}, ray.mem_per_cpu_gb="
-            f"{cfg.ray.mem_per_cpu_gb}: must be >= 1 and > 0"
-        )
-    if not cfg.progress_interval_s >= 0:
-        raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
+    check_limits(cfg, "", SCALEOUT_LIMITS)
+    check_limits(cfg.slurm, "slurm", SLURM_LIMITS)
+    check_limits(cfg.ray, "ray", RAY_LIMITS)
 
 
 def auto_tasks(

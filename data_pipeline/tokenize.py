@@ -54,6 +54,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.io import Rejects, expand_inputs
 from data_pipeline.merge import check_parts, write_merged
 from data_pipeline.shards import ShardWriter, read_manifest
@@ -91,6 +92,18 @@ class TokenizeConfig(scaleout.ScaleOut):
     batch_bytes: int = 1 << 18
     max_shard_tokens: int = 1 << 28
     pipeline: Any = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_limits(self, "", TOKENIZE_LIMITS)
+
+
+TOKENIZE_LIMITS = {  # data_pipeline.config_limits
+    "validation_fraction": Range(0, 1, hi_open=True),
+    "seed": NON_NEGATIVE,
+    "batch_bytes": AT_LEAST_1,
+    "max_shard_tokens": AT_LEAST_1,
+}
 
 
 def unit_hash(seed: int, doc_id: str, purpose: str) -> float:

@@ -14,6 +14,94 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from data_pipeline.config_limits import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    OneOf,
+    Range,
+    check_limits,
+)
+
+# The allowed values of every numeric key and every choice, one table per section, checked by
+# data_pipeline.config_limits.check_limits from each section's __post_init__ (so before anything
+# is built; docs/training.md, "Config validation"). Cross-key rules stay in __post_init__.
+MODEL_LIMITS = {
+    "vocab_size": AT_LEAST_1,
+    "n_layers": AT_LEAST_1,
+    "n_heads": AT_LEAST_1,
+    "d_model": AT_LEAST_1,
+    "ffn_dim": Range(1, null=True),
+    "max_positions": AT_LEAST_1,
+    "word_embed_proj_dim": Range(1, null=True),
+    "dropout": FRACTION,
+    "attention_dropout": FRACTION,
+    "init_std": POSITIVE,
+}
+TRAIN_LIMITS = {
+    "max_steps": AT_LEAST_1,  # 0 or less would exit 0 having trained nothing
+    "seed": Range(0, 2**63 - 1),  # numpy and torch generators take non-negative seeds
+    "micro_batch_size": Range(1, null=True),
+    "batch_tokens": AT_LEAST_1,
+    "eval_interval": NON_NEGATIVE,
+    "eval_batches": AT_LEAST_1,
+    "loss_chunk_tokens": AT_LEAST_1,
+    "device": OneOf(("auto", "cpu", "cuda")),
+    "num_threads": Range(1, null=True),
+    "max_nonfinite_steps": AT_LEAST_1,
+}
+DATA_LIMITS = {"exhaust": OneOf(("repeat", "stop")), "seq_len": AT_LEAST_1}
+OPTIM_LIMITS = {
+    "lr": POSITIVE,  # a negative LR climbs the loss; NaN would only show after steps
+    "beta1": FRACTION,
+    "beta2": FRACTION,
+    "eps": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "weight_decay_on": OneOf(("matrices", "all")),
+    "warmup_tokens": NON_NEGATIVE,
+    "decay_tokens": NON_NEGATIVE,
+    "end_lr_ratio": Range(0, 1),
+    "clip_grad_norm": NON_NEGATIVE,
+}
+LOSS_SCALE_LIMITS = {"init": POSITIVE, "window": AT_LEAST_1, "min": POSITIVE}
+PARALLEL_LIMITS = {
+    "tp": AT_LEAST_1,
+    "dp_shard": Range(1, also=(-1,)),
+    "dp_replicate": AT_LEAST_1,
+    "activation_checkpoint": OneOf(("off", "full", "selective")),
+    "compile": OneOf(("auto", "on", "off")),
+    "init": OneOf(("auto", "full", "meta")),
+    "timeout_s": POSITIVE,
+}
+CHECKPOINT_LIMITS = {
+    "interval": NON_NEGATIVE,
+    "keep": AT_LEAST_1,
+    "keep_every": NON_NEGATIVE,
+    "write_threads": AT_LEAST_1,
+    "debug_delay_s": NON_NEGATIVE,
+    "max_failures": NON_NEGATIVE,
+}
+LOGGING_LIMITS = {
+    "wandb": OneOf(("offline", "online", "disabled")),
+    "console": OneOf(("auto", "bar", "lines")),
+    "interval": AT_LEAST_1,
+    "peak_tflops": Range(0, lo_open=True, null=True),
+    "activation_norm_interval": NON_NEGATIVE,
+}
+STABILITY_LIMITS = {
+    "window": AT_LEAST_1,
+    "loss_factor": Range(1, lo_open=True, also=(0,)),  # 0: off; 1 or less flags every step
+    "grad_factor": NON_NEGATIVE,
+    "nonfinite_steps": NON_NEGATIVE,
+    "lr_factor": POSITIVE,
+    "lr_steps": NON_NEGATIVE,
+    "clip_grad_norm": NON_NEGATIVE,
+    "clip_steps": NON_NEGATIVE,
+    "max_rollbacks": NON_NEGATIVE,
+    "window_steps": AT_LEAST_1,
+}
+
 
 @dataclass
 class ModelConfig:
@@ -39,13 +127,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # Derived sizes are properties, not filled in here: OmegaConf builds the schema from
         # defaults first, and a value filled in then would survive a later d_model override.
+        check_limits(self, "model", MODEL_LIMITS)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
             )
-        for k in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, k) < 1.0:
-                raise ValueError(f"model.{k} must be in [0, 1), got {getattr(self, k)}")
 
     @property
     def head_dim(self) -> int:
@@ -80,14 +166,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(
-                f"train.micro_batch_size must be >= 1 or null (derived), got {self.micro_batch_size}"
-            )
-        if self.max_nonfinite_steps < 1:
-            raise ValueError(
-                f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
-            )
+        check_limits(self, "train", TRAIN_LIMITS)
 
 
 @dataclass
@@ -124,6 +203,9 @@ class DataConfig:
     # batches are never trained on. Replays a divergence past bad data: resume from a checkpoint
     # before `first` and the next step takes the batch the original step `last + 1` took.
     skip_steps: list[list[int]] = field(default_factory=list)
+    # Re-hash every shard file against its manifest's sha256 at start-up (a read of all the
+    # data: minutes for hundreds of GB), naming the first file whose bytes changed.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.path and self.sources:
@@ -134,8 +216,7 @@ class DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources: names must be unique, got {names}")
-        if self.exhaust not in ("repeat", "stop"):
-            raise ValueError(f"data.exhaust must be repeat or stop, got {self.exhaust!r}")
+        check_limits(self, "data", DATA_LIMITS)
         for r in self.skip_steps:
             if len(r) != 2 or not 1 <= r[0] <= r[1]:
                 raise ValueError(
@@ -166,10 +247,7 @@ class OptimConfig:
     clip_changes: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.weight_decay_on not in ("matrices", "all"):
-            raise ValueError(
-                f"optim.weight_decay_on must be 'matrices' or 'all', got {self.weight_decay_on!r}"
-            )
+        check_limits(self, "optim", OPTIM_LIMITS)
         for key in ("lr_changes", "clip_changes"):
             for r in getattr(self, key):
                 if (
@@ -195,6 +273,9 @@ class LossScaleConfig:
     window: int = 256  # overflow-free steps before the scale doubles
     min: float = 2.0**-5  # below this the run stops
 
+    def __post_init__(self) -> None:
+        check_limits(self, "loss_scale", LOSS_SCALE_LIMITS)
+
 
 @dataclass
 class ParallelConfig:
@@ -207,15 +288,7 @@ class ParallelConfig:
     timeout_s: float = 600.0  # a collective waiting longer than this fails with an error
 
     def __post_init__(self) -> None:
-        for key, allowed in (
-            ("activation_checkpoint", ("off", "full", "selective")),
-            ("compile", ("auto", "on", "off")),
-            ("init", ("auto", "full", "meta")),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"parallel.{key} must be one of {allowed}, got {getattr(self, key)!r}"
-                )
+        check_limits(self, "parallel", PARALLEL_LIMITS)
 
 
 @dataclass
@@ -240,14 +313,7 @@ class CheckpointConfig:
     max_failures: int = 3
 
     def __post_init__(self) -> None:
-        if self.max_failures < 0:
-            raise ValueError(f"checkpoint.max_failures must be >= 0, got {self.max_failures}")
-        if self.keep < 1:
-            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
-        if self.write_threads < 1:
-            raise ValueError(f"checkpoint.write_threads must be >= 1, got {self.write_threads}")
-        if self.interval < 0 or self.keep_every < 0:
-            raise ValueError("checkpoint.interval and checkpoint.keep_every must be >= 0")
+        check_limits(self, "checkpoint", CHECKPOINT_LIMITS)
 
 
 @dataclass
@@ -270,14 +336,7 @@ class LoggingConfig:
     activation_norm_interval: int = 10
 
     def __post_init__(self) -> None:
-        if self.wandb not in ("offline", "online", "disabled"):
-            raise ValueError(
-                f"logging.wandb must be offline, online or disabled, got {self.wandb!r}"
-            )
-        if self.console not in ("auto", "bar", "lines"):
-            raise ValueError(f"logging.console must be auto, bar or lines, got {self.console!r}")
-        if self.interval < 1:
-            raise ValueError(f"logging.interval must be >= 1, got {self.interval}")
+        check_limits(self, "logging", LOGGING_LIMITS)
 
 
 @dataclass
@@ -320,19 +379,8 @@ class StabilityConfig:
     window_steps: int = 1000
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.nonfinite_steps < 0 or self.max_rollbacks < 0:
-            raise ValueError(
-                "stability.window must be >= 1, stability.nonfinite_steps and "
-                "stability.max_rollbacks >= 0"
-            )
-        if min(self.loss_factor, self.grad_factor) < 0 or 0 < self.loss_factor <= 1:
-            raise ValueError(
-                "stability.loss_factor must be 0 (off) or > 1, stability.grad_factor >= 0, got "
-                f"{self.loss_factor} and {self.grad_factor}"
-            )
-        if not self.lr_factor > 0 or self.lr_steps < 0 or self.clip_steps < 0:
-            raise ValueError("stability.lr_factor must be > 0, lr_steps and clip_steps >= 0")
-        if self.clip_grad_norm < 0 or (self.clip_grad_norm > 0) != (self.clip_steps > 0):
+        check_limits(self, "stability", STABILITY_LIMITS)
+        if (self.clip_grad_norm > 0) != (self.clip_steps > 0):
             raise ValueError(
                 "stability.clip_grad_norm (> 0) and stability.clip_steps (> 0) go together, "
                 f"got {self.clip_grad_norm} and {self.clip_steps}"
@@ -352,8 +400,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step in host memory
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"deepspeed.stage must be 1, 2 or 3, got {self.stage}")
+        check_limits(self, "deepspeed", {"stage": OneOf((1, 2, 3))})
 
 
 EXPORT_DTYPES = ("fp32", "bf16", "fp16")
@@ -370,8 +417,7 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
     def __post_init__(self) -> None:
-        if self.dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export.dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
+        check_limits(self, "export", {"dtype": OneOf(EXPORT_DTYPES)})
         parse_size(self.max_shard_size)  # raises naming the key
 
 
@@ -416,8 +462,14 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        if self.engine not in ("fsdp", "deepspeed"):
-            raise ValueError(f"engine must be fsdp or deepspeed, got {self.engine!r}")
+        check_limits(self, "", {"engine": OneOf(("fsdp", "deepspeed"))})
+        if self.data.seq_len > self.model.max_positions:
+            # Learned positions: the table has max_positions rows (+2, OPT's offset) and no more.
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is more than model.max_positions="
+                f"{self.model.max_positions}, the longest sequence the model has positions for; "
+                "lower data.seq_len (or raise model.max_positions for a model trained from scratch)"
+            )
         if self.engine == "deepspeed" and (
             self.parallel.tp != 1 or self.parallel.dp_replicate != 1
         ):

@@ -29,10 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.shards import SplitReader, read_manifest
+from data_pipeline.shards import SplitReader, read_manifest, verify
 from opt_train.mixture import Mixture
 
 log = logging.getLogger(__name__)
+
+
+class BadTokenIds(ValueError):
+    """A batch holds token ids outside the shards' vocabulary (a flipped bit, a shard made with
+    another tokenizer): the embedding would fail with an IndexError on CPU and a device-side
+    assert on CUDA that leaves the other ranks waiting. Raised on every rank at the same point."""
 
 
 def resolve_data_path(path: str | None, cache_dir: str) -> Path:
@@ -49,6 +55,7 @@ class PackedWindows:
 
     def __init__(self, path: str | Path, split: str, seq_len: int):
         self.reader = SplitReader(path, split)
+        self.split = split
         self.seq_len = seq_len
         self.num_windows = (self.reader.num_tokens - 1) // seq_len
         if self.num_windows < 1:
@@ -62,6 +69,37 @@ class PackedWindows:
 
     def window(self, i: int) -> np.ndarray:
         return self.reader.read(i * self.seq_len, self.seq_len + 1)
+
+    def locate(self, pos: int) -> str:
+        """Where token `pos` of the split's stream is stored: shard file, document, offset."""
+        r = self.reader
+        s = int(np.searchsorted(r.starts, pos, side="right")) - 1
+        local = pos - int(r.starts[s])
+        doc = int(np.searchsorted(r.indexes[s], local, side="right")) - 1
+        name = r.manifest["splits"][self.split]["shards"][s]["tokens"]
+        return (
+            f"{r.path / name}, document {doc} (token {local - int(r.indexes[s][doc])} of it, "
+            f"byte offset {local * r.dtype.itemsize})"
+        )
+
+
+def out_of_vocab(rows: np.ndarray, vocab_size: int) -> bool:
+    """Whether any id in `rows` (int64) is outside [0, vocab_size), in one reduction: viewed as
+    unsigned, a negative id is larger than any vocabulary."""
+    return bool(rows.size) and int(rows.view(np.uint64).max()) >= vocab_size
+
+
+def describe_bad_ids(
+    rows: np.ndarray, picks: Sequence[tuple[PackedWindows, int]], vocab_size: int
+) -> list[str]:
+    """Each out-of-range id of `rows` (row r is window picks[r][1] of picks[r][0]) with the
+    shard file and document it came from."""
+    found = []
+    for row, (windows, w) in zip(rows, picks, strict=True):
+        for k in np.flatnonzero((row < 0) | (row >= vocab_size)).tolist():
+            where = windows.locate(w * windows.seq_len + k)
+            found.append(f"id {int(row[k])} at {where}")
+    return found
 
 
 @dataclass
@@ -99,6 +137,7 @@ class GlobalOrderLoader:
         world: int = 1,
         skip_steps: list[tuple[int, int]] | None = None,
         exhaust: str = "repeat",
+        vocab_size: int | None = None,
     ):
         if global_batch % (micro_batch * world):
             raise ValueError(
@@ -114,6 +153,10 @@ class GlobalOrderLoader:
         self.rank, self.world = rank, world
         self.skip_steps = sorted(skip_steps or [])
         self.exhaust = exhaust
+        # Ids at or above this stop the run (None: unchecked); `bad_tokens` lists the last
+        # step's, found on this rank (the trainer makes every rank agree before stopping).
+        self.vocab_size = vocab_size
+        self.bad_tokens: list[str] = []
         self.samples_seen = 0
         self.trained = np.zeros(len(self.sources), dtype=np.int64)  # samples per source
         self.repeated_this_step: list[str] = []  # sources that started over in the last step
@@ -187,12 +230,17 @@ class GlobalOrderLoader:
         src = self.mixture.source_of(g)
         j = self.mixture.counts_before(g)[np.arange(per_rank), src]
         epoch, pos = np.divmod(j, self.sizes[src])
-        rows = np.stack(
-            [
-                self.sources[i].windows.window(int(self._order(i, e)[p]))
-                for i, e, p in zip(src.tolist(), epoch.tolist(), pos.tolist(), strict=True)
-            ]
-        )
+        picks = [
+            (self.sources[i].windows, int(self._order(i, e)[p]))
+            for i, e, p in zip(src.tolist(), epoch.tolist(), pos.tolist(), strict=True)
+        ]
+        rows = np.stack([windows.window(w) for windows, w in picks])
+        self.bad_tokens = []
+        if self.vocab_size is not None and out_of_vocab(rows, self.vocab_size):
+            self.bad_tokens = describe_bad_ids(rows, picks, self.vocab_size)
+            # Still a valid batch for this step's collectives (every rank must run them); the
+            # trainer stops the run before the optimizer step.
+            rows[(rows < 0) | (rows >= self.vocab_size)] = 0
         self.samples_seen += self.global_batch
         t = torch.from_numpy(rows)
         return [
@@ -286,15 +334,23 @@ def open_sources(data_cfg) -> list[Source]:
     sources, refusing sets made with different tokenizers."""
     if not data_cfg.sources:
         path = resolve_data_path(data_cfg.path, data_cfg.cache_dir)
+        verify_shards(path, data_cfg.verify)
         return [Source(None, PackedWindows(path, "train", data_cfg.seq_len))]
-    sources = [
-        Source(
-            s.name, PackedWindows(Path(s.path).expanduser(), "train", data_cfg.seq_len), s.weight
-        )
-        for s in data_cfg.sources
-    ]
+    sources = []
+    for s in data_cfg.sources:
+        path = Path(s.path).expanduser()
+        verify_shards(path, data_cfg.verify)
+        sources.append(Source(s.name, PackedWindows(path, "train", data_cfg.seq_len), s.weight))
     check_same_tokenizer(sources)
     return sources
+
+
+def verify_shards(path: Path, enabled: bool) -> None:
+    """`data.verify=true`: every shard file's sha256 against the manifest before training, so
+    bytes changed on disk since the pipeline wrote them stop the run naming the file."""
+    if enabled:
+        log.info("data.verify: hashing the shards of %s", path)
+        verify(path)
 
 
 def _tokenizer_record(manifest: dict) -> dict:
@@ -340,6 +396,7 @@ def build_data(
     data = cfg.data
     sources = open_sources(data)
     manifest = sources[0].windows.reader.manifest
+    vocab = int(manifest["vocab_size"])
     if manifest["vocab_size"] > cfg.model.vocab_size:
         raise ValueError(
             f"{sources[0].windows.reader.path}: token ids go up to {manifest['vocab_size']}, "
@@ -354,6 +411,7 @@ def build_data(
         world,
         skip_steps=[tuple(r) for r in data.skip_steps],
         exhaust=data.exhaust,
+        vocab_size=vocab,
     )
     val_sets: list[ValidationSet] = []
     if cfg.train.eval_interval > 0:
@@ -363,6 +421,7 @@ def build_data(
                 log.info("data: source %r has no validation split; no val_loss/%s", s.name, s.name)
                 continue
             windows = PackedWindows(path, "validation", data.seq_len)
+            check_validation_ids(windows, val_micro_batch * cfg.train.eval_batches, vocab)
             batches = validation_batches(
                 windows, val_micro_batch, cfg.train.eval_batches, rank, world
             )
@@ -370,6 +429,19 @@ def build_data(
         if not val_sets:
             log.warning("data: no source has a validation split; evaluation is off")
     return loader, val_sets
+
+
+def check_validation_ids(windows: PackedWindows, num_windows: int, vocab_size: int) -> None:
+    """The whole fixed validation set (the split's first windows), checked once at start-up on
+    every rank alike, so all ranks stop together before any evaluation."""
+    n = min(len(windows), num_windows)
+    rows = windows.reader.read(0, n * windows.seq_len + 1)[None]
+    if out_of_vocab(rows, vocab_size):
+        bad = describe_bad_ids(rows, [(windows, 0)], vocab_size)
+        raise BadTokenIds(
+            f"{len(bad)} token id(s) of the validation set outside the vocabulary "
+            f"[0, {vocab_size}): {'; '.join(bad[:5])}"
+        )
 
 
 def _has_validation(path: Path, seq_len: int) -> bool:

@@ -65,6 +65,7 @@ FREE = (
     "train.loss_chunk_tokens",
     "train.max_nonfinite_steps",
     "data.cache_dir",
+    "data.verify",  # a start-up check of the same bytes
     "model.name",
     "model.init_from",
     "model.init_std",

@@ -29,10 +29,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data_pipeline.shards import ShardFormatError
 from opt_train.callbacks import Callback, default_callbacks
 from opt_train.checkpoint import CheckpointManager, CheckpointSaveFailed
 from opt_train.config import JobConfig
-from opt_train.data import build_data, validation_row
+from opt_train.data import BadTokenIds, build_data, validation_row
 from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
 from opt_train.engine import StepOutcome, TrainEngine, build_engine
 from opt_train.init_from import load_init_weights
@@ -45,7 +46,7 @@ from opt_train.precision import DynamicLossScaler
 from opt_train.resume_guard import check_resume
 from opt_train.run_files import os_error, write_text_atomic
 from opt_train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
-from opt_train.signals import EXIT_REQUEUE, PreemptionFlag
+from opt_train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class Trainer:
         self.nonfinite_skips = 0  # steps skipped for a NaN/inf loss or gradient norm, in total
         self.nonfinite_in_a_row = 0
         self.preempted = False  # every rank agreed on a preemption signal: exit to be requeued
+        self.interrupted = False  # a SIGINT (Ctrl-C) on some rank: save and exit with 130
         self.stop_reason: str | None = None  # a callback's request_stop, or another rank's
         self._stop_request: str | None = None
         self.callbacks: list[Callback] = [*default_callbacks(cfg), *(callbacks or [])]
@@ -245,7 +247,15 @@ class Trainer:
             total += self.engine.forward_backward(inputs, targets, len(micro_batches)).float()
         act_sq = torch.stack(self._act_sq).mean() if self._act_sq else None
         # Summed over ranks, a NaN/inf on any rank is NaN/inf on all: every rank skips alike.
-        mean_loss, act_ms = self._mean_over_ranks(total / len(micro_batches), act_sq)
+        # Out-of-vocabulary ids (found by the loader on the host, where the batch is read, and
+        # replaced so that this step's collectives still run) ride in the same all-reduce, so
+        # every rank stops here together and none is left waiting in the next step.
+        bad_here = self.loader.bad_tokens
+        mean_loss, act_ms, bad_ranks = self._mean_over_ranks(
+            total / len(micro_batches), act_sq, bool(bad_here)
+        )
+        if bad_ranks:
+            self._stop_for_bad_tokens(bad_here, bad_ranks)
         outcome = self.engine.optim_step(math.isfinite(mean_loss))
         self._count_nonfinite(mean_loss, outcome)
         out = {
@@ -277,6 +287,27 @@ class Trainer:
         if "act_rms" in out:
             metrics["act_rms"] = out["act_rms"]
         return metrics
+
+    def _stop_for_bad_tokens(self, bad_here: list[str], bad_ranks: int) -> None:
+        """Raise `BadTokenIds` on every rank after an out-of-vocabulary id on any (before the
+        optimizer step, so the weights are the previous step's); the ranks that read one name
+        the shard file and document."""
+        vocab = self.loader.vocab_size
+        if bad_here:
+            shown = "; ".join(bad_here[:5]) + ("; ..." if len(bad_here) > 5 else "")
+            msg = (
+                f"step {self.step}: {len(bad_here)} token id(s) outside the vocabulary "
+                f"[0, {vocab}) in this rank's batch: {shown}. The shard is corrupt or was "
+                "made with another tokenizer; data.verify=true re-checks its hashes, "
+                "data.skip_steps passes over this step's batch."
+            )
+        else:
+            msg = (
+                f"step {self.step}: token ids outside the vocabulary [0, {vocab}) on "
+                f"{bad_ranks} other rank(s); their errors name the shard and document"
+            )
+        log.error("%s", msg)
+        raise BadTokenIds(msg)
 
     def _count_nonfinite(self, mean_loss: float, outcome: StepOutcome) -> None:
         """Count a skipped step. fp16 gradient overflow is the loss scaler's business (halve
@@ -355,28 +386,43 @@ class Trainer:
         return validation_row(self.val_sets, means.tolist())
 
     def _mean_over_ranks(
-        self, value: torch.Tensor, extra: torch.Tensor | None = None
-    ) -> tuple[float, float | None]:
-        """The mean over ranks of `value` (and of `extra`, in the same all-reduce). TP peers
-        hold equal values, so averaging the whole world equals averaging the DP ranks."""
-        both = torch.stack([value, extra if extra is not None else torch.zeros_like(value)])
+        self, value: torch.Tensor, extra: torch.Tensor | None = None, flag: bool = False
+    ) -> tuple[float, float | None, int]:
+        """The mean over ranks of `value` (and of `extra`), and the number of ranks that
+        raised `flag`, all in one all-reduce. TP peers hold equal values, so averaging the
+        whole world equals averaging the DP ranks."""
+        both = torch.stack(
+            [
+                value,
+                extra if extra is not None else torch.zeros_like(value),
+                value.new_full((), float(flag)),  # a fill on the device: no copy, no sync
+            ]
+        )
         if self.distributed:
             dist.all_reduce(both)
-            both /= self.dist.world
-        a, b = both.tolist()
-        return a, (b if extra is not None else None)
+            both[:2] /= self.dist.world
+        a, b, flags = both.tolist()
+        return a, (b if extra is not None else None), round(flags)
 
     def _stop_agreed(self) -> bool:
-        """Whether any rank got SIGTERM/SIGUSR1 or a callback's request_stop: MAX over ranks,
-        so all stop after this step."""
+        """Whether any rank got SIGTERM/SIGUSR1, SIGINT or a callback's request_stop: MAX over
+        ranks, so all stop after this step."""
         flags = torch.tensor(
-            [int(self.preemption.requested), int(self._stop_request is not None)],
+            [
+                int(self.preemption.requested),
+                int(self._stop_request is not None),
+                int(self.preemption.interrupted),
+            ],
             device=self.device,
         )
         if self.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        preempted, stop = flags.tolist()
+        preempted, stop, interrupted = flags.tolist()
         self.preempted = bool(preempted)
+        # A preemption wins over Ctrl-C: its exit status asks for the requeue the job needs.
+        self.interrupted = bool(interrupted) and not self.preempted
+        if self.interrupted and not stop:
+            stop, self._stop_request = 1, "interrupted (SIGINT); checkpoint saved"
         if stop:
             self.stop_reason = self._stop_request or "requested on another rank"
             log.warning("step %d: stopping: %s", self.step, self.stop_reason)
@@ -489,6 +535,12 @@ def train(cfg: JobConfig) -> dict:
             last = trainer.fit()
             trainer.close()
         clean = True
+    except (BadTokenIds, ShardFormatError) as e:
+        # Bad data, not a crash: every rank stops at the same point (bad ids after the step's
+        # all-reduce; shard checks at start-up read the same files), so the group is left
+        # cleanly and the message stands alone (the bad rank's names the shard and document).
+        clean = True
+        raise SystemExit(f"error: {e}") from None
     except (RunDirLocked, CheckpointSaveFailed) as e:
         # Both are agreed stops: every rank raises the same one at the same point, so the
         # group is left cleanly (without the barrier a rank could crash at exit, status -6).
@@ -508,6 +560,9 @@ def train(cfg: JobConfig) -> dict:
             "rank %d: checkpoint saved; exiting with status %d (requeue)", rank, EXIT_REQUEUE
         )
         raise SystemExit(EXIT_REQUEUE)
+    if trainer.interrupted:
+        log.warning("rank %d: checkpoint saved; exiting with status %d", rank, EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED)
     return last
 
 

@@ -90,7 +90,7 @@ def test_batch_not_divisible_by_micro_batches_names_the_keys(tmp_path, small_sha
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("export.dtype=int8", "export.dtype must be one of ('fp32', 'bf16', 'fp16'), got 'int8'"),
+        ("export.dtype=int8", "export.dtype must be fp32, bf16 or fp16, got 'int8'"),
         ("export.max_shard_size=5XB", "export.max_shard_size must be a positive size"),
         (
             "train.micro_batch_size=0",
