@@ -146,16 +146,6 @@ class _ZstdRaw(io.RawIOBase):
         return n
 
 
-def _zstd_chunks(raw: IO[bytes], path: str | Path | None = None) -> Iterator[bytes]:
-    """Decompressed bytes of a zstd file in chunks of at most 1 MiB; EOFError after the last
-    one when the file is truncated. `raw`: the open file (or a Counted around it)."""
-    path = Path(path if path is not None else raw.name)
-    f = _ZstdRaw(path, raw)
-    buf = bytearray(_READ)
-    while n := f.readinto(buf):
-        yield bytes(buf[:n])
-
-
 class Counted:
     """A binary file whose reads are reported to `progress` (its `update(n)`): bytes of the
     file itself, so a compressed file's progress is measured against its size on disk."""
@@ -370,7 +360,7 @@ def iter_json_lines(
     try:
         for lineno, raw in enumerate(lines, start=1):
             if type(raw) is TooLong:
-                reason = f"line longer than max_line_bytes={lim.max_line_bytes}"
+                reason = too_long_reason(lim.max_line_bytes)
                 rejects.add(path, lineno, reason, raw.head, raw.length)
                 continue
             try:
@@ -385,6 +375,10 @@ def iter_json_lines(
 
 
 TRUNCATED_ERRORS = (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError)
+
+
+def too_long_reason(max_line_bytes: int) -> str:
+    return f"line longer than max_line_bytes={max_line_bytes}"
 
 
 def truncated_reason(e: Exception) -> str:

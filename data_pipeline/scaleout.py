@@ -42,7 +42,7 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.cli import report_path, write_report
-from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+from data_pipeline.io import AtomicWriter, InputLimits, Rejects, iter_lines
 from data_pipeline.progress import Progress
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -91,6 +91,10 @@ class ScaleOut:
     # line every `progress_interval_s` in a log (Slurm, a file).
     progress: bool = True
     progress_interval_s: float = 30.0
+    # Bounded input (io.InputLimits): longer lines are rejects; rejects written per task.
+    max_line_bytes: int = 64 << 20
+    max_rejects: int = 10_000
+    reject_text_bytes: int = 4096
 
 
 def progress(cfg: ScaleOut, desc: str, total: float | None = None, unit: str = "B") -> Progress:
@@ -110,6 +114,7 @@ def validate(cfg: ScaleOut) -> None:
         )
     if not cfg.progress_interval_s >= 0:
         raise ValueError(f"progress_interval_s={cfg.progress_interval_s}: must be >= 0")
+    InputLimits.of(cfg)  # before any task: a bad limit names its key
 
 
 def auto_tasks(
@@ -229,6 +234,7 @@ def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects
     for rep in reports:
         for file, counts in rep["by_file"].items():
             rejects.counts[file].update(counts)
+        rejects.not_written += rep.get("not_written", 0)  # each task's file holds its cap
     out.unlink(missing_ok=True)
     if rejects.total:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

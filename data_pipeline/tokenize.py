@@ -54,7 +54,7 @@ from omegaconf import MISSING
 
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
-from data_pipeline.io import Rejects, expand_inputs
+from data_pipeline.io import InputLimits, Rejects, expand_inputs
 from data_pipeline.merge import check_parts, write_merged
 from data_pipeline.shards import ShardWriter, read_manifest
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
@@ -242,7 +242,7 @@ class TokenizeShare(scaleout.TaskStep):
             shutil.rmtree(old, ignore_errors=True)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        rejects = Rejects(tmp)
+        rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
 
         def plan_doc(doc: dict) -> tuple[str, int] | None:
