@@ -134,15 +134,17 @@ class _ZstdRaw(io.RawIOBase):
     def __init__(self, path: Path, src: IO[bytes]):
         dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
         self._r = dctx.stream_reader(src, read_size=_READ, read_across_frames=True)
-        self._path = path
+        self._path, self._checked = path, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
         n = self._r.readinto(b)
-        if n == 0 and not _zstd_complete(self._path):
-            raise EOFError("zstd stream ends inside a frame (truncated file)")
+        if n == 0 and not self._checked:  # a buffered reader may ask again at the end
+            if not _zstd_complete(self._path):
+                raise EOFError("zstd stream ends inside a frame (truncated file)")
+            self._checked = True
         return n
 
 
