@@ -196,6 +196,9 @@ _OUTPUT_PARAMS = (
     "gutenberg",
     "chapter_headings",
     "rules",
+    "max_line_bytes",
+    "max_rejects",
+    "reject_text_bytes",
 )
 
 

@@ -1047,7 +1047,16 @@ class _Plan:
         files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
         params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
         return [
-            ("signatures", {"inputs": files, "tasks": self.tasks, "spool": cfg.spool, **params}),
+            (
+                "signatures",
+                {
+                    "inputs": files,
+                    "tasks": self.tasks,
+                    "spool": cfg.spool,
+                    "limits": InputLimits.of(cfg).fingerprint(),
+                    **params,
+                },
+            ),
             (
                 "buckets",
                 {

@@ -13,7 +13,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -255,6 +255,10 @@ class InputLimits:
     def of(cls, cfg) -> InputLimits:
         """The limits a stage config (or the chain's) sets."""
         return cls(cfg.max_line_bytes, cfg.max_rejects, cfg.reject_text_bytes)
+
+    def fingerprint(self) -> dict:
+        """For a stage's work fingerprint: other limits reject other lines."""
+        return asdict(self)
 
 
 class Rejects:

@@ -456,6 +456,7 @@ class _Plan:
             "separator": cfg.separator,
             # marshal's format may change between Python versions.
             "python": sys.version,
+            "limits": InputLimits.of(cfg).fingerprint(),
         }
 
     def part(self, rank: int) -> Path:

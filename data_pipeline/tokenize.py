@@ -220,6 +220,7 @@ class _Plan:
             "tokenizer": self.tokenizer,
             "record": self.record,
             "max_shard_tokens": self.cfg.max_shard_tokens,
+            "limits": InputLimits.of(self.cfg).fingerprint(),
         }
 
     def part(self, rank: int, copy: int = 0) -> Path:

@@ -163,3 +163,15 @@ def test_a_zstd_bomb_of_one_4_gib_line_is_refused_in_bounded_memory(tmp_path):
     assert (rec["line"], rec["bytes"]) == (1, 10 + (4 << 30) + 3)
     assert rec["reason"] == "line longer than max_line_bytes=67108864"
     assert rec["raw"] == '{"text": "' + "a" * (4096 - 10)
+
+
+def test_a_rerun_with_another_max_line_bytes_reads_the_input_again(tmp_path):
+    """The limit is part of the stage's work fingerprint: finished tasks of a run with another
+    limit are not reused."""
+    f = write(tmp_path / "in.jsonl", b'{"text": "a"}\n' + LONG)
+    out = tmp_path / "o.jsonl"
+    keep = {"tasks": 1, "keep_work": True}  # finished tasks stay, for the re-run to reuse
+    first = run(CleanConfig(input=str(f), output=str(out), max_line_bytes=1000, **keep))
+    assert first["rejects"]["total"] == 1 and len(out.read_text().splitlines()) == 1
+    second = run(CleanConfig(input=str(f), output=str(out), **keep))
+    assert second["rejects"]["total"] == 0 and len(out.read_text().splitlines()) == 2
