@@ -421,10 +421,11 @@ def run(cfg: ChainConfig) -> dict:
     r.step("tokenize", "tokens", inputs, output, tok_params)
     r.progress.close()
 
-    rejects = {"total": 0, "by_file": {}}
+    rejects = {"total": 0, "not_written": 0, "by_file": {}}
     for s in r.steps:
         rep = s.get("rejects") or {}
         rejects["total"] += rep.get("total", 0)
+        rejects["not_written"] += rep.get("not_written", 0)
         for f, counts in rep.get("by_file", {}).items():
             rejects["by_file"][f] = counts
     report = {

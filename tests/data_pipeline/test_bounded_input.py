@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from data_pipeline.chain import ChainConfig, SourceConfig
+from data_pipeline.chain import run as run_chain
 from data_pipeline.clean import CleanConfig, run
 from data_pipeline.dedup import DedupConfig
 from data_pipeline.dedup import run as run_dedup
@@ -175,3 +177,18 @@ def test_a_rerun_with_another_max_line_bytes_reads_the_input_again(tmp_path):
     assert first["rejects"]["total"] == 1 and len(out.read_text().splitlines()) == 1
     second = run(CleanConfig(input=str(f), output=str(out), **keep))
     assert second["rejects"]["total"] == 0 and len(out.read_text().splitlines()) == 2
+
+
+def test_the_chain_passes_the_limits_to_its_stages(tmp_path):
+    f = write(tmp_path / "in.jsonl", b'{"text": "a fine document"}\n{bad\n{bad\n' + LONG)
+    cfg = ChainConfig(
+        work_dir=str(tmp_path / "work"),
+        sources=[SourceConfig(name="s", input=str(f))],
+        steps=["clean"],
+        max_line_bytes=1000,
+        max_rejects=2,
+    )
+    report = run_chain(cfg)
+    counts = report["rejects"]["by_file"][str(f)]
+    assert counts["line longer than max_line_bytes=1000"] == 1 and sum(counts.values()) == 3
+    assert report["rejects"]["not_written"] == 1
