@@ -50,7 +50,7 @@ from omegaconf import MISSING, OmegaConf
 from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, typed_config, write_report
 from data_pipeline.config_limits import OneOf, check_limits
 from data_pipeline.durable import sha256_file
-from data_pipeline.io import AtomicWriter, Rejects
+from data_pipeline.io import AtomicWriter, InputLimits, Rejects
 from data_pipeline.progress import Progress
 from data_pipeline.scaleout import ScaleOut, progress
 from data_pipeline.scaleout import validate as validate_scaleout
@@ -129,6 +129,9 @@ class IngestConfig:
     source: str = MISSING
     progress: bool = True
     progress_interval_s: float = 30.0
+    max_line_bytes: int = 64 << 20
+    max_rejects: int = 10_000
+    reject_text_bytes: int = 4096
 
 
 def ingest(cfg: IngestConfig) -> dict:
@@ -136,7 +139,7 @@ def ingest(cfg: IngestConfig) -> dict:
     prefixed by the source name."""
     out = Path(cfg.output)
     rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
-    rejects = Rejects(rejects_path(out))
+    rejects = Rejects(rejects_path(out), InputLimits.of(cfg))
     n, nbytes = 0, 0
     # Bytes of the local files; a streamed HF source (no size up front) counts documents.
     total = sum(p.stat().st_size for p in local_files(cfg.input))
@@ -371,7 +374,9 @@ def run(cfg: ChainConfig) -> dict:
     params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
     keys = ("tasks", "workers", "executor", "progress", "progress_interval_s")
     scale = {k: getattr(cfg, k) for k in keys}
-    shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
+    limits = {k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")}
+    scale.update(limits)
+    shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")} | limits
     for group in ("slurm", "ray"):
         g = getattr(cfg, group)
         scale[group] = asdict(g) if is_dataclass(g) else plain(g)
@@ -426,10 +431,11 @@ def run(cfg: ChainConfig) -> dict:
     r.step("tokenize", "tokens", inputs, output, tok_params)
     r.progress.close()
 
-    rejects = {"total": 0, "by_file": {}}
+    rejects = {"total": 0, "not_written": 0, "by_file": {}}
     for s in r.steps:
         rep = s.get("rejects") or {}
         rejects["total"] += rep.get("total", 0)
+        rejects["not_written"] += rep.get("not_written", 0)
         for f, counts in rep.get("by_file", {}).items():
             rejects["by_file"][f] = counts
     report = {

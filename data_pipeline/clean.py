@@ -26,7 +26,13 @@ from omegaconf import MISSING
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import Range, check_limits
-from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, read_documents
+from data_pipeline.io import (
+    AtomicWriter,
+    InputLimits,
+    Rejects,
+    expand_inputs,
+    read_documents,
+)
 
 # Line breaks other than \n: CRLF/CR (Windows/old Mac), VT, FF, NEL, LS, PS. CRLF first, so it
 # becomes one \n, not two. Plain `in`/`replace` scans are ~100x faster than a regex class here.
@@ -195,6 +201,9 @@ _OUTPUT_PARAMS = (
     "gutenberg",
     "chapter_headings",
     "rules",
+    "max_line_bytes",
+    "max_rejects",
+    "reject_text_bytes",
 )
 
 
@@ -212,7 +221,7 @@ class CleanShare(scaleout.TaskStep):
             stale.unlink(missing_ok=True)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        rejects = Rejects(tmp)
+        rejects = Rejects(tmp, InputLimits.of(self.cfg))
         st: Counter = Counter()
         empty_ids: list[str] = []
         files = plan.files[lo:hi]

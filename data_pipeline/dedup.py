@@ -56,16 +56,17 @@ from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, 
 from data_pipeline.io import (
     TRUNCATED_ERRORS,
     AtomicWriter,
-    Counted,
+    InputLimits,
     LineRejected,
     Rejects,
-    _zstd_chunks,
+    TooLong,
     document,
     dumps_doc,
     expand_inputs,
     iter_lines,
     json_object,
     loads_line,
+    too_long_reason,
     truncated_reason,
 )
 from data_pipeline.jsonl_fast import FAST, SLOW, count_newlines, parse_block
@@ -264,67 +265,57 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
 # --- documents -----------------------------------------------------------------------------
 
 
-def _chunks(path: Path, size: int, progress) -> Iterator[bytes]:
-    """The decompressed bytes of a compressed input file in pieces of about `size`, with the
-    data that io.iter_lines would have delivered before a truncation error, then that error.
-    `progress` is told the compressed bytes read."""
-    with open(path, "rb") as raw:
-        if path.suffix == ".zst":
-            yield from _zstd_chunks(Counted(raw, progress))
-        elif path.suffix != ".gz":
-            while chunk := raw.read(size):
-                yield chunk
-        else:  # gzip: line by line, as iter_lines, so a truncated file loses the same lines
-            acc, n = [], 0
-            try:
-                for line in iter_lines(path, progress):
-                    acc.append(line)
-                    n += len(line)
-                    if n >= size:
-                        yield b"".join(acc)
-                        acc, n = [], 0
-            except TRUNCATED_ERRORS:
-                if acc:
-                    yield b"".join(acc)
-                raise
-            if acc:
-                yield b"".join(acc)
-
-
-def _line_tasks(files: list[Path], size: int, zstd: bool, progress) -> Iterator[tuple]:
+def _line_tasks(
+    files: list[Path], size: int, zstd: bool, progress, limits: InputLimits
+) -> Iterator[tuple]:
     """Signature tasks: (file, number of its first line, a block of whole lines, reject,
     zstd) with about `size` bytes of one file. Workers split and parse the lines, so neither
-    the JSON work nor a Python step per line stays in this process. A truncated compressed
-    file ends with a task carrying its reject (at the line after the last complete one, as
-    io.iter_json_lines reports it), so rejects reach the rejects file in input order (this
+    the JSON work nor a Python step per line stays in this process. A compressed file is read
+    as io.iter_lines reads it (bounded reads; a line longer than `limits.max_line_bytes` is
+    streamed past): a too-long line, or a truncation (at the line after the last complete
+    one, as io.iter_json_lines reports it), is a task with no lines carrying its reject
+    (line, reason, raw, length), so rejects reach the rejects file in input order (this
     generator runs in the pool's feeder thread)."""
     for path in files:
         if path.suffix not in (".gz", ".zst"):
-            yield from _plain_tasks(path, size, zstd, progress)
+            yield from _plain_tasks(path, size, zstd, progress, limits)
             continue
-        lineno, tail = 0, b""  # lines sent so far; the unfinished last line
+        lineno, acc, n = 0, [], 0  # lines sent so far; the lines of the next block
+        lines = iter_lines(path, progress, limits.max_line_bytes, limits.reject_text_bytes)
         try:
-            for chunk in _chunks(path, size, progress):
-                cut = chunk.rfind(b"\n") + 1
-                if cut == 0:
-                    tail += chunk
+            for line in lines:
+                if type(line) is TooLong:
+                    if acc:
+                        yield str(path), lineno + 1, b"".join(acc), None, zstd
+                        lineno, acc, n = lineno + len(acc), [], 0
+                    lineno += 1
+                    reason = too_long_reason(limits.max_line_bytes)
+                    yield str(path), lineno, b"", (lineno, reason, line.head, line.length), zstd
                     continue
-                block = tail + chunk[:cut] if tail else chunk[:cut]
-                tail = chunk[cut:]
-                yield str(path), lineno + 1, block, None, zstd
-                lineno += block.count(b"\n")
+                acc.append(line)
+                n += len(line)
+                if n >= size:
+                    yield str(path), lineno + 1, b"".join(acc), None, zstd
+                    lineno, acc, n = lineno + len(acc), [], 0
         except TRUNCATED_ERRORS as e:
-            yield str(path), lineno + 1, b"", (lineno + 1, truncated_reason(e)), zstd
+            if acc:
+                yield str(path), lineno + 1, b"".join(acc), None, zstd
+                lineno += len(acc)
+            yield str(path), lineno + 1, b"", (lineno + 1, truncated_reason(e), b"", None), zstd
             continue
-        if tail:  # a last line without a newline
-            yield str(path), lineno + 1, tail, None, zstd
+        if acc:
+            yield str(path), lineno + 1, b"".join(acc), None, zstd
 
 
-def _plain_tasks(path: Path, size: int, zstd: bool, progress) -> Iterator[tuple]:
+def _plain_tasks(
+    path: Path, size: int, zstd: bool, progress, limits: InputLimits
+) -> Iterator[tuple]:
     """Tasks for an uncompressed file: (file, first line, (offset, length) of a block of
     whole lines, None, zstd). The worker reads the block itself; pickling 1 MiB blocks
     through the pool's pipe cost ~2-4 us per document (measured). The lines are still read
-    here, to count them."""
+    here, to count them. A line longer than `limits.max_line_bytes` is a task with no lines
+    and its reject, as in _line_tasks."""
+    size = min(size, limits.max_line_bytes + 1)  # so no line of a block can be too long
     buf = bytearray(size)
     pos, lineno = 0, 0
     with open(path, "rb") as f:
@@ -335,8 +326,21 @@ def _plain_tasks(path: Path, size: int, zstd: bool, progress) -> Iterator[tuple]
                 return
             cut = buf.rfind(b"\n", 0, n) + 1
             if cut == 0:
-                if n == len(buf):  # a line longer than the buffer
-                    buf = bytearray(2 * len(buf))
+                if n == len(buf) and len(buf) <= limits.max_line_bytes:  # a long line
+                    buf = bytearray(min(2 * len(buf), limits.max_line_bytes + 1))
+                    continue
+                if n == len(buf):  # longer than max_line_bytes: streamed past
+                    head, length = bytes(buf[: limits.reject_text_bytes]), n
+                    f.seek(pos + n)
+                    while part := f.readline(1 << 20):
+                        length += len(part)
+                        if part[-1] == 10:
+                            break
+                    reason = too_long_reason(limits.max_line_bytes)
+                    yield str(path), lineno + 1, b"", (lineno + 1, reason, head, length), zstd
+                    buf = bytearray(size)
+                    progress.update(length)
+                    lineno, pos = lineno + 1, pos + length
                     continue
                 cut = n  # the last line, without a newline
             yield str(path), lineno + 1, (pos, cut), None, zstd
@@ -465,8 +469,8 @@ def _signature_task(task: tuple):
         texts, out = _parse_lines(block, first, name, parsed, rejects)
         b = _HASHER.batch(texts)
         sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
-    if truncated:
-        rejects.append((*truncated, b""))
+    if truncated:  # (line, reason, raw, length): a truncation or a too-long line
+        rejects.append(truncated)
     keys = _band_keys(b.signatures, banding[1], banding[0])
     spool = out[0] if len(out) == 1 else b"".join(out)
     if zstd and len(spool):
@@ -580,7 +584,7 @@ def _signatures(
     counts, sizes, segments, parts = [], [], [], {}
     n_docs = n_shingles = n_spool = 0
     zstd = cfg.spool == "zstd"
-    line_tasks = _line_tasks(files, cfg.batch_bytes, zstd, progress)
+    line_tasks = _line_tasks(files, cfg.batch_bytes, zstd, progress, InputLimits.of(cfg))
     tasks = ((*t, str(work.path), banding) for t in line_tasks)
     band_files = [work.file(f"band{k:03d}.u64") for k in range(banding[0])]
     handles = [open(f, "wb") for f in band_files]
@@ -589,8 +593,8 @@ def _signatures(
             _init_worker(hasher_params)
             try:
                 for path, sigs, keys, cnt, size, hashes, spool, bad in map(_signature_task, tasks):
-                    for line, reason, raw in bad:
-                        rejects.add(path, line, reason, raw)
+                    for line, reason, raw, *length in bad:
+                        rejects.add(path, line, reason, raw, *length)
                     if not len(sigs):
                         continue
                     fs.write(sigs)
@@ -1070,7 +1074,16 @@ class _Plan:
         files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
         params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
         return [
-            ("signatures", {"inputs": files, "tasks": self.tasks, "spool": cfg.spool, **params}),
+            (
+                "signatures",
+                {
+                    "inputs": files,
+                    "tasks": self.tasks,
+                    "spool": cfg.spool,
+                    "limits": InputLimits.of(cfg).fingerprint(),
+                    **params,
+                },
+            ),
             (
                 "buckets",
                 {
@@ -1110,7 +1123,7 @@ class DedupSignatures(scaleout.TaskStep):
         lo, hi = plan.shares[rank]
         final = plan.sig_dir(rank)
         tmp = scaleout.fresh_task_dir(final)
-        rejects = Rejects(tmp / "rejects.jsonl")
+        rejects = Rejects(tmp / "rejects.jsonl", InputLimits.of(self.cfg))
         files = plan.files[lo:hi]
         desc = f"dedup signatures task {rank}/{world_size}"
         try:

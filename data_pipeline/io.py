@@ -13,11 +13,14 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
 import orjson
 import zstandard
+
+from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, check_limits
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".zst", ".gz")
 
@@ -84,25 +87,67 @@ def expand_inputs(spec: str | Path | list) -> list[Path]:
     return files
 
 
-def _zstd_chunks(raw: IO[bytes]) -> Iterator[bytes]:
-    """Decompressed bytes of a (multi-frame) zstd stream. zstandard's stream_reader returns a
-    clean EOF on a truncated file; a decompressobj lets us see that the last frame never ended.
-    2 GiB windows are allowed because some Pushshift dumps use them."""
-    dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-    obj, fed = dctx.decompressobj(), False
-    while chunk := raw.read(1 << 20):
-        while chunk:
-            fed = True
-            out = obj.decompress(chunk)
-            if out:
-                yield out
-            if obj.eof:
-                chunk = obj.unused_data
-                obj, fed = dctx.decompressobj(), False
-            else:
-                chunk = b""
-    if fed and not obj.eof:
-        raise EOFError("zstd stream ends inside a frame (truncated file)")
+_ZSTD_MAGIC = 0xFD2FB528
+_READ = 1 << 20  # decompressed bytes per read: what one read may add to memory
+
+
+def _zstd_complete(path: Path) -> bool:
+    """True when the file is whole zstd frames (skippable ones included) end to end, read from
+    the frame and block headers alone (~1 us per 128 KiB block). zstandard's stream_reader
+    returns a clean EOF on a truncated file, and a decompressobj cannot bound what one call
+    returns (an RLE block of 4 bytes gives 128 KiB: a 1 MiB read could give 32 GiB), so the
+    data are read with the first and the ending is checked here."""
+    with open(path, "rb") as f:
+        size, pos = os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(18)  # the longest frame header: magic and 14 bytes
+            magic = int.from_bytes(head[:4], "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: magic, length, data
+                if len(head) < 8:
+                    return False
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != _ZSTD_MAGIC:
+                return True  # not zstd at all: the decompressor names that error
+            try:
+                pos += zstandard.frame_header_size(head)
+                checksum = zstandard.get_frame_parameters(head).has_checksum
+            except zstandard.ZstdError:
+                return False
+            last = 0
+            while not last:
+                f.seek(pos)
+                b = f.read(3)
+                if len(b) < 3:
+                    return False
+                v = int.from_bytes(b, "little")
+                last, kind = v & 1, (v >> 1) & 3
+                pos += 3 + (1 if kind == 1 else v >> 3)  # an RLE block stores one byte
+            pos += 4 if checksum else 0
+        return pos == size
+
+
+class _ZstdRaw(io.RawIOBase):
+    """The decompressed bytes of a (multi-frame) zstd file, at most len(b) per readinto;
+    EOFError at the end when the last frame never ended (a truncated file). 2 GiB windows
+    are allowed because some Pushshift dumps use them."""
+
+    def __init__(self, path: Path, src: IO[bytes]):
+        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self._r = dctx.stream_reader(src, read_size=_READ, read_across_frames=True)
+        self._path, self._checked = path, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self._r.readinto(b)
+        if n == 0 and not self._checked:  # a buffered reader may ask again at the end
+            if not _zstd_complete(self._path):
+                raise EOFError("zstd stream ends inside a frame (truncated file)")
+            self._checked = True
+        return n
 
 
 class Counted:
@@ -124,10 +169,44 @@ class Counted:
 _REPORT_EVERY = 1 << 20  # bytes of an uncompressed file between progress updates
 
 
-def iter_lines(path: str | Path, progress=None) -> Iterator[bytes]:
-    """Raw lines (with their newline) of a plain, .gz or .zst file. Raises EOFError after the
-    last complete line when compressed data is truncated. `progress` (optional, with
-    `update(n)`) is told the bytes of the file read so far."""
+class TooLong:
+    """A line longer than the reader's limit, streamed past: its first bytes and its length
+    (newline included)."""
+
+    __slots__ = ("head", "length")
+
+    def __init__(self, head: bytes, length: int):
+        self.head, self.length = head, length
+
+
+def _lines(f: IO[bytes], max_line_bytes: int | None, keep: int) -> Iterator[bytes | TooLong]:
+    """Lines of a buffered binary file; with a limit, a longer line is read in bounded pieces
+    and given as TooLong (its first `keep` bytes and its length), never held whole."""
+    if max_line_bytes is None:
+        yield from f
+        return
+    limit = max_line_bytes + 1  # the content and its newline
+    while line := f.readline(limit):
+        if len(line) < limit or line[-1] == 10:
+            yield line
+            continue
+        head, length = line[:keep], len(line)
+        del line
+        while part := f.readline(_READ):
+            length += len(part)
+            if part[-1] == 10:
+                break
+        yield TooLong(head, length)
+
+
+def iter_lines(
+    path: str | Path, progress=None, max_line_bytes: int | None = None, keep: int = 4096
+) -> Iterator[bytes | TooLong]:
+    """Raw lines (with their newline) of a plain, .gz or .zst file, decompressed at most
+    1 MiB per read. Raises EOFError after the last complete line when compressed data is
+    truncated. `progress` (optional, with `update(n)`) is told the bytes of the file read so
+    far. With `max_line_bytes`, a line longer than that (newline not counted) comes as a
+    TooLong holding its first `keep` bytes and its length; without, lines come whole."""
     path = Path(path)
     with open(path, "rb") as raw:
         src = (
@@ -136,52 +215,96 @@ def iter_lines(path: str | Path, progress=None) -> Iterator[bytes]:
             else Counted(raw, progress)
         )
         if path.suffix == ".gz":
-            with gzip.GzipFile(fileobj=src) as f:
-                yield from f
+            with gzip.GzipFile(fileobj=src) as f:  # its reads are bounded (max_length)
+                yield from _lines(f, max_line_bytes, keep)
             return
-        if path.suffix != ".zst":
-            if progress is None:
-                yield from raw
-                return
-            n = 0
-            for line in raw:
-                n += len(line)
-                if n >= _REPORT_EVERY:
-                    progress.update(n)
-                    n = 0
-                yield line
-            progress.update(n)
+        if path.suffix == ".zst":
+            with io.BufferedReader(_ZstdRaw(path, src), _READ) as f:
+                yield from _lines(f, max_line_bytes, keep)
             return
-        tail = b""
-        for chunk in _zstd_chunks(src):
-            lines = (tail + chunk).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                yield line + b"\n"
-        if tail:
-            yield tail
+        if progress is None:
+            yield from _lines(raw, max_line_bytes, keep)
+            return
+        n = 0
+        for line in _lines(raw, max_line_bytes, keep):
+            n += len(line) if type(line) is bytes else line.length
+            if n >= _REPORT_EVERY:
+                progress.update(n)
+                n = 0
+            yield line
+        progress.update(n)
+
+
+# Allowed values of the bounded-input keys, on every stage, the chain and ingest.
+INPUT_LIMITS = {
+    "max_line_bytes": AT_LEAST_1,
+    "max_rejects": NON_NEGATIVE,
+    "reject_text_bytes": NON_NEGATIVE,
+}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one task reads and sets aside at most: the `max_line_bytes`, `max_rejects` and
+    `reject_text_bytes` keys of every stage and of the chain (docs/data-pipeline.md)."""
+
+    # Longer lines are rejects, streamed past: a 4 GiB line must not be 4 GiB of memory.
+    max_line_bytes: int = 64 << 20
+    # Rejects written to the rejects file per task; the rest are counted (not_written).
+    max_rejects: int = 10_000
+    # Bytes of a rejected line kept in its record (with the line's full length).
+    reject_text_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        check_limits(self, "", INPUT_LIMITS)
+
+    @classmethod
+    def of(cls, cfg) -> InputLimits:
+        """The limits a stage config (or the chain's) sets."""
+        return cls(cfg.max_line_bytes, cfg.max_rejects, cfg.reject_text_bytes)
+
+    def fingerprint(self) -> dict:
+        """For a stage's work fingerprint: other limits reject other lines."""
+        return asdict(self)
 
 
 class Rejects:
     """Collects bad input lines: counts per file and reason, and a JSONL file of what was set
-    aside (file, line, reason, the raw text) so nothing is lost."""
+    aside (file, line, reason, the first `limits.reject_text_bytes` of the raw text and its
+    length in bytes) so nothing is lost. After `limits.max_rejects` records the rest are only
+    counted (`not_written`): 8 MiB of one-byte lines would otherwise write ~400 MB. `limits`
+    also carries the readers' `max_line_bytes`."""
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, limits: InputLimits | None = None):
         self.path = Path(path) if path else None
+        self.limits = limits or InputLimits()
         self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.written = self.not_written = 0
         self._f = None
 
-    def add(self, file: str | Path, line: int, reason: str, raw: bytes | str = b"") -> None:
+    def add(
+        self, file: str | Path, line: int, reason: str, raw: bytes | str = b"", length=None
+    ) -> None:
+        """One reject; `length`: the line's length in bytes when `raw` is only its start."""
         self.counts[str(file)][reason] += 1
         if self.path is None:
+            return
+        if self.written >= self.limits.max_rejects:
+            self.not_written += 1
             return
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "w", encoding="utf-8")
+        cap = self.limits.reject_text_bytes
         if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", errors="replace")
-        rec = {"file": str(file), "line": line, "reason": reason, "raw": raw[:10000]}
+            size = len(raw) if length is None else length
+            raw = raw[:cap].decode("utf-8", errors="replace")
+        else:
+            size = len(raw.encode("utf-8", errors="surrogatepass")) if length is None else length
+            raw = raw[:cap]
+        rec = {"file": str(file), "line": line, "reason": reason, "raw": raw, "bytes": size}
         self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.written += 1
 
     @property
     def total(self) -> int:
@@ -190,6 +313,7 @@ class Rejects:
     def report(self) -> dict:
         return {
             "total": self.total,
+            "not_written": self.not_written,
             "by_file": {f: dict(c) for f, c in sorted(self.counts.items())},
         }
 
@@ -242,11 +366,16 @@ def iter_json_lines(
     path: str | Path, rejects: Rejects, required: tuple[str, ...] = (), progress=None
 ) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each good line; bad ones (invalid UTF-8 or JSON, not an
-    object, missing a required field, truncated compressed data) go to `rejects`. `progress`:
-    as for iter_lines."""
-    lineno = 0
+    object, missing a required field, a line longer than `rejects.limits.max_line_bytes`,
+    truncated compressed data) go to `rejects`. `progress`: as for iter_lines."""
+    lineno, lim = 0, rejects.limits
+    lines = iter_lines(path, progress, lim.max_line_bytes, lim.reject_text_bytes)
     try:
-        for lineno, raw in enumerate(iter_lines(path, progress), start=1):
+        for lineno, raw in enumerate(lines, start=1):
+            if type(raw) is TooLong:
+                reason = too_long_reason(lim.max_line_bytes)
+                rejects.add(path, lineno, reason, raw.head, raw.length)
+                continue
             try:
                 obj = json_object(raw, required)
             except LineRejected as e:
@@ -259,6 +388,10 @@ def iter_json_lines(
 
 
 TRUNCATED_ERRORS = (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError)
+
+
+def too_long_reason(max_line_bytes: int) -> str:
+    return f"line longer than max_line_bytes={max_line_bytes}"
 
 
 def truncated_reason(e: Exception) -> str:

@@ -54,7 +54,13 @@ from omegaconf import MISSING
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, check_limits
-from data_pipeline.io import AtomicWriter, Rejects, expand_inputs, iter_json_lines
+from data_pipeline.io import (
+    AtomicWriter,
+    InputLimits,
+    Rejects,
+    expand_inputs,
+    iter_json_lines,
+)
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
 OK, DELETED, REMOVED, BOT, URL, LONG_NO_SPACE, SHORT, NON_ASCII_START = range(8)
@@ -466,6 +472,7 @@ class _Plan:
             "separator": cfg.separator,
             # marshal's format may change between Python versions.
             "python": sys.version,
+            "limits": InputLimits.of(cfg).fingerprint(),
         }
 
     def part(self, rank: int) -> Path:
@@ -486,7 +493,7 @@ class RedditMap(scaleout.TaskStep):
         lo, hi = plan.file_shares[rank]
         final = self.work / "map" / f"task-{rank:05d}"
         tmp = scaleout.fresh_task_dir(final)
-        rejects = Rejects(tmp / "rejects.jsonl")
+        rejects = Rejects(tmp / "rejects.jsonl", InputLimits.of(self.cfg))
         files = plan.files[lo:hi]
         total = sum(f.stat().st_size for f in files)
         try:

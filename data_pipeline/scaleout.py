@@ -43,7 +43,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline.cli import report_path, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, check_limits
-from data_pipeline.io import AtomicWriter, Rejects, iter_lines
+from data_pipeline.io import INPUT_LIMITS, AtomicWriter, Rejects, iter_lines
 from data_pipeline.progress import Progress
 
 EXECUTORS = ("local", "slurm", "ray")
@@ -92,6 +92,10 @@ class ScaleOut:
     # line every `progress_interval_s` in a log (Slurm, a file).
     progress: bool = True
     progress_interval_s: float = 30.0
+    # Bounded input (io.InputLimits): longer lines are rejects; rejects written per task.
+    max_line_bytes: int = 64 << 20
+    max_rejects: int = 10_000
+    reject_text_bytes: int = 4096
 
     def __post_init__(self) -> None:
         validate(self)  # at start-up, before a stage plans anything
@@ -103,6 +107,7 @@ SCALEOUT_LIMITS = {
     "workers": NON_NEGATIVE,
     "executor": OneOf(EXECUTORS),
     "progress_interval_s": NON_NEGATIVE,
+    **INPUT_LIMITS,
 }
 SLURM_LIMITS = {"cpus_per_task": AT_LEAST_1, "mem_per_cpu_gb": AT_LEAST_1, "poll_s": POSITIVE}
 RAY_LIMITS = {
@@ -241,6 +246,7 @@ def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects
     for rep in reports:
         for file, counts in rep["by_file"].items():
             rejects.counts[file].update(counts)
+        rejects.not_written += rep.get("not_written", 0)  # each task's file holds its cap
     out.unlink(missing_ok=True)
     if rejects.total:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

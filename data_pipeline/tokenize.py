@@ -55,7 +55,7 @@ from omegaconf import MISSING
 from data_pipeline import scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
-from data_pipeline.io import Rejects, expand_inputs
+from data_pipeline.io import InputLimits, Rejects, expand_inputs
 from data_pipeline.merge import check_parts, write_merged
 from data_pipeline.shards import ShardWriter, read_manifest
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
@@ -233,6 +233,7 @@ class _Plan:
             "tokenizer": self.tokenizer,
             "record": self.record,
             "max_shard_tokens": self.cfg.max_shard_tokens,
+            "limits": InputLimits.of(self.cfg).fingerprint(),
         }
 
     def part(self, rank: int, copy: int = 0) -> Path:
@@ -255,7 +256,7 @@ class TokenizeShare(scaleout.TaskStep):
             shutil.rmtree(old, ignore_errors=True)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        rejects = Rejects(tmp)
+        rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
 
         def plan_doc(doc: dict) -> tuple[str, int] | None:

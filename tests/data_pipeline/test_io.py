@@ -7,8 +7,16 @@ import json
 import math
 
 import pytest
+import zstandard
 
-from data_pipeline.io import AtomicWriter, Rejects, dumps_doc, iter_json_lines, loads_line
+from data_pipeline.io import (
+    AtomicWriter,
+    Rejects,
+    dumps_doc,
+    iter_json_lines,
+    iter_lines,
+    loads_line,
+)
 
 AGREE = [
     b'{"text": "plain", "id": "1", "meta": {}}\n',
@@ -92,3 +100,32 @@ def test_atomic_writer_round_trips_documents(tmp_path, suffix):
     back = [o for _, o in iter_json_lines(out, Rejects(None))]
     assert back == [*docs, {"text": "via write", "id": "x", "meta": {}}]
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def zstd_frames(tmp_path):
+    """Two zstd frames (the second with a checksum) and a skippable frame between them."""
+    a = b"".join(b'{"text": "a%d"}\n' % i for i in range(3000))
+    b = b"".join(b'{"text": "b%d"}\n' % i for i in range(3000))
+    skippable = (0x184D2A50).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    second = zstandard.ZstdCompressor(write_checksum=True).compress(b)
+    return a + b, zstandard.ZstdCompressor().compress(a) + skippable + second
+
+
+def test_zstd_reads_every_frame_in_bounded_pieces(tmp_path):
+    data, packed = zstd_frames(tmp_path)
+    f = tmp_path / "in.jsonl.zst"
+    f.write_bytes(packed)
+    assert b"".join(iter_lines(f, max_line_bytes=100)) == data
+
+
+@pytest.mark.parametrize("cut", [1, 4, 100, 1000])
+def test_zstd_cut_inside_the_last_frame_is_truncated_after_the_complete_lines(tmp_path, cut):
+    data, packed = zstd_frames(tmp_path)
+    f = tmp_path / "in.jsonl.zst"
+    f.write_bytes(packed[:-cut])
+    got = []
+    with pytest.raises(EOFError, match="truncated"):
+        for line in iter_lines(f, max_line_bytes=100):
+            got.append(line)
+    assert data.startswith(b"".join(got)) and all(x.endswith(b"\n") for x in got)
+    assert len(got) >= 3000  # the first frame's lines at least
