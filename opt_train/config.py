@@ -398,7 +398,7 @@ def parse_size(text: str | int) -> int:
 @dataclass
 class JobConfig:
     run_dir: str = "runs/${model.name}"
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | bf16 | fp16 | fp32
     engine: str = "fsdp"  # fsdp | deepspeed
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -414,8 +414,8 @@ class JobConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.engine not in ("fsdp", "deepspeed"):
             raise ValueError(f"engine must be fsdp or deepspeed, got {self.engine!r}")
         if self.engine == "deepspeed" and (
