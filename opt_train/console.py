@@ -128,8 +128,8 @@ def header_lines(trainer: Trainer) -> list[str]:
         f"{cfg.precision} | {cfg.train.batch_tokens:,} tokens per step ({trainer.accum} "
         f"micro-batch{'es' if trainer.accum != 1 else ''} of {cfg.train.micro_batch_size} x "
         f"{cfg.data.seq_len} per rank)",
-        trainer.precision.line(),
         f"{start} | training to step {cfg.train.max_steps} | run_dir {trainer.run_dir}",
+        trainer.precision.line(),  # which precision and why (auto: what this device runs well)
     ]
 
 

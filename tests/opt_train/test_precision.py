@@ -224,7 +224,7 @@ def test_auto_resolving_differently_on_resume_is_accepted_and_logged(
     assert "precision auto resolved to fp32 here, bf16 when the checkpoint was written" in (
         caplog.text
     )
-    assert header_lines(t)[2] == choose_precision("auto", AVX2).line()
+    assert header_lines(t)[3] == choose_precision("auto", AVX2).line()
     t.fit()
     t.close()
     state = json.loads(next((run_dir / "checkpoints").glob("step_*3/state.json")).read_text())
