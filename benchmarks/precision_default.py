@@ -8,7 +8,7 @@ run shows what the old bf16 default cost there.
 
 tokens/s is the median over the steps after the first (the first includes warm-up) of the
 `tokens_per_s` column of each run's metrics.jsonl; with --rounds N the fp32 and default runs
-alternate N times and each reports its best round (on a shared machine the others' load only
+alternate N times (swapping which goes first) and each reports its best round (on a shared machine the others' load only
 ever slows a run down).
 """
 
@@ -53,7 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="precision-bench-") as tmp:
-        runs = ["fp32", None] * args.rounds + (["bf16"] if args.bf16 else [])
+        # Each round swaps which goes first, so that neither always meets the same load.
+        pairs = [["fp32", None][:: 1 if r % 2 == 0 else -1] for r in range(args.rounds)]
+        runs = [name for pair in pairs for name in pair] + (["bf16"] if args.bf16 else [])
         for i, name in enumerate(runs):
             r = run(name, args.steps, args.overrides, Path(tmp) / str(i))
             label = name or "default (auto)"
