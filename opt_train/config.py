@@ -444,7 +444,7 @@ def parse_size(text: str | int) -> int:
 @dataclass
 class JobConfig:
     run_dir: str = "runs/${model.name}"
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | bf16 | fp16 | fp32
     engine: str = "fsdp"  # fsdp | deepspeed
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -460,9 +460,14 @@ class JobConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
-        check_limits(self, "", {"engine": OneOf(("fsdp", "deepspeed"))})
+        check_limits(
+            self,
+            "",
+            {
+                "precision": OneOf(("auto", "bf16", "fp16", "fp32")),
+                "engine": OneOf(("fsdp", "deepspeed")),
+            },
+        )
         if self.data.seq_len > self.model.max_positions:
             # Learned positions: the table has max_positions rows (+2, OPT's offset) and no more.
             raise ValueError(

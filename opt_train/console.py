@@ -4,8 +4,9 @@ Two callbacks show the same fields: `ConsoleLines` prints a plain line every `lo
 steps, for a Slurm log or any file (no carriage returns, one line per write, flushed);
 `ProgressBar` draws a tqdm bar for a terminal. `console_callback` picks the bar when stdout is
 a terminal (`logging.console=auto`). Both start with lines that say where and what the run is
-(device, world size, mesh, model size, precision, the checkpoint it resumed from), and print
-evaluation and event rows (spike, rollback, checkpoint_failed, ...) as lines of their own.
+(device, world size, mesh, model size, the checkpoint it resumed from, the precision and why it
+was chosen), and print evaluation and event rows (spike, rollback, checkpoint_failed, ...) as
+lines of their own.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def header_lines(trainer: Trainer) -> list[str]:
         f"micro-batch{'es' if trainer.accum != 1 else ''} of {cfg.train.micro_batch_size} x "
         f"{cfg.data.seq_len} per rank)",
         f"{start} | training to step {cfg.train.max_steps} | run_dir {trainer.run_dir}",
+        trainer.precision.line(),  # which precision and why (auto: what this device runs well)
     ]
 
 

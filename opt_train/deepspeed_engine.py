@@ -33,7 +33,7 @@ from opt_train.config import JobConfig
 from opt_train.engine import StepOutcome, TrainEngine
 from opt_train.loss import lm_loss
 from opt_train.optim import build_optimizer, set_lr
-from opt_train.precision import DynamicLossScaler, LossScaleTooSmall
+from opt_train.precision import DTYPES, DynamicLossScaler, LossScaleTooSmall
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ DS_MIN_LOSS_SCALE = 1  # DeepSpeed's fp16 scale is an integer >= 1
 
 def deepspeed_config(cfg: JobConfig, world: int, accum: int) -> dict:
     """DeepSpeed's config dict for this job: the batch, clipping and precision of ours."""
+    if cfg.precision not in DTYPES:  # "auto" would silently enable neither bf16 nor fp16
+        raise ValueError(f"resolve precision={cfg.precision!r} first (resolve_precision)")
     fp16 = cfg.precision == "fp16"
     power = math.log2(cfg.loss_scale.init)
     if fp16 and power != int(power):

@@ -13,6 +13,7 @@ import time
 import torch
 
 from opt_train.config import ModelConfig
+from opt_train.precision import cpu_bf16, device_caps
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def device_peak_flops(
 ) -> float:
     """Peak FLOP/s of one device for MFU: configured (`logging.peak_tflops`), a GPU of
     GPU_PEAKS at the precision its matmuls actually run in, or on CPU a measured large-matmul
-    rate in the run's compute dtype (so CPU 'MFU' is relative to this machine). An unknown GPU
+    rate in the run's compute dtype (so CPU 'MFU' is relative to this machine). `precision` is
+    the resolved one (opt_train.precision.resolve_precision), never auto. An unknown GPU
     gets NaN (MFU is then NaN, never a guess), and the log says so once."""
     if configured_tflops:
         return configured_tflops * 1e12
@@ -102,10 +104,21 @@ def device_peak_flops(
             return float("nan")
         return found[1] * 1e12
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[precision]
-    a = torch.randn(1024, 1024, dtype=dtype)
-    a @ a
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
+    # Emulated bf16 (no AVX512-BF16/AMX/Arm BF16) runs a 1024^3 matmul in 2.3 s (0.9 GFLOP/s
+    # on the AVX2 dev machine), so a 1024 probe would cost seconds at every start; 256 wide
+    # takes 25 ms there at about the same rate. Decided from the capabilities, not by timing,
+    # which a busy machine would skew.
+    slow = dtype == torch.bfloat16 and not cpu_bf16(device_caps(device))[0]
+    return cpu_matmul_rate(dtype, 256 if slow else 1024)
+
+
+def cpu_matmul_rate(dtype: torch.dtype, n: int, seconds: float = 0.2) -> float:
+    """FLOP/s of n x n matmuls in `dtype` over `seconds`. A private generator: the probe draws
+    nothing from the global one, which seeds dropout."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a @ a  # the first call sets up the kernel
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
         a @ a
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0)

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from opt_train.config import JobConfig, ModelConfig, check_overrides
 from opt_train.metrics import flops_per_token
 from opt_train.model import OPT
+from opt_train.precision import resolve_precision
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the same conf/ as train.py
 GIB = 2**30
@@ -308,6 +309,11 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
     """
     from opt_train.parallel_dims import ParallelDims
 
+    if job.precision == "auto":
+        # On GPUs auto plans bf16: every GPU the planner sizes for (A100 and later) runs it
+        # natively. On cpu it is what train.py resolves on this machine.
+        here = resolve_precision("auto", torch.device("cpu")).precision
+        job = dataclasses.replace(job, precision="bf16" if planner.device == "cuda" else here)
     world = planner.nodes * planner.gpus_per_node
     dims = ParallelDims.from_config(job.parallel, world)
     dims.check_model(job.model)

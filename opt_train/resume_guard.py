@@ -12,6 +12,8 @@ of the running config is compared with the checkpoint's `config.yaml`:
 - `train.max_steps` may always change (grow, or come nearer: the LR schedule is in tokens, so it
   only says where to stop), and so may `data.skip_steps`, `optim.lr_changes` and
   `optim.clip_changes` (replaying past bad data by hand); all are recorded as events.
+- `precision: auto` is compared by what it resolved to where one side is explicit; `auto` on
+  both sides resolving differently (bf16 there, fp32 here) is no change, only a log line.
 - Anything else (LR, clipping, schedule, precision, dropout, batch...) is refused unless the
   key, or its group, is listed in `checkpoint.allow_changes`: OPT lowered its LR and its
   clipping threshold on restarts, deliberately. An allowed change becomes an event row
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from opt_train.config import JobConfig
+
+log = logging.getLogger(__name__)
 
 NEVER = (
     "model.vocab_size",
@@ -122,11 +127,15 @@ def check_allow_changes(allow: list[str], keys: list[str]) -> None:
             )
 
 
-def check_resume(checkpoint: Path, current_yaml: str, allow: list[str]) -> list[dict]:
+def check_resume(
+    checkpoint: Path, current_yaml: str, allow: list[str], precision_here: str | None = None
+) -> list[dict]:
     """Compare this run's config with the checkpoint's. Returns the event rows of allowed
-    changes; raises `ResumeRefused` naming every refused key (old -> new)."""
+    changes; raises `ResumeRefused` naming every refused key (old -> new). `precision_here` is
+    what this run's `precision` resolved to (opt_train.precision.resolve_precision)."""
     saved = flat_config((checkpoint / "config.yaml").read_text())
     now = flat_config(current_yaml)
+    _compare_resolved_precision(checkpoint, saved, now, precision_here)
     check_allow_changes(allow, list(now))
     step = int(json.loads((checkpoint / "meta.json").read_text())["step"])
     never, unlisted, events = [], [], []
@@ -157,6 +166,33 @@ def check_resume(checkpoint: Path, current_yaml: str, allow: list[str]) -> list[
         {"event": "config_change", "step": step, "key": k, "old": saved.get(k), "new": now.get(k)}
         for k in events
     ]
+
+
+def _compare_resolved_precision(
+    checkpoint: Path, saved: dict[str, Any], now: dict[str, Any], here: str | None
+) -> None:
+    """`auto` on both sides is no change even where it resolves differently (another machine):
+    say so in the log. Where one side is explicit, the resolved values are what compare: the
+    same is no change; different stays a guarded change, shown as e.g. 'bf16' -> 'auto (fp32
+    here)'. The checkpoint's resolved value is in its state.json (older ones: none, but they
+    predate auto)."""
+    old, new = saved.get("precision"), now.get("precision")
+    if here is None or "auto" not in (old, new):
+        return
+    state = json.loads((checkpoint / "state.json").read_text())
+    then = state.get("precision") if old == "auto" else old
+    if old == new:
+        if then and then != here:
+            log.warning(
+                "precision auto resolved to %s here, %s when the checkpoint was written", here, then
+            )
+        return
+    if then == (here if new == "auto" else new):
+        now["precision"] = old
+    elif new == "auto":
+        now["precision"] = f"auto ({here} here)"
+    else:
+        saved["precision"] = f"auto ({then} then)" if then else old
 
 
 __all__ = ["ResumeRefused", "check_allow_changes", "check_resume", "flat_config"]

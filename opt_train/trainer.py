@@ -42,7 +42,7 @@ from opt_train.model import OPT, count_params
 from opt_train.optim import LinearWarmupDecay
 from opt_train.parallel_dims import ParallelDims
 from opt_train.parallelize import init_sharded_weights, parallelize
-from opt_train.precision import DynamicLossScaler
+from opt_train.precision import DynamicLossScaler, resolve_precision
 from opt_train.resume_guard import check_resume
 from opt_train.run_files import os_error, write_text_atomic
 from opt_train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
@@ -79,6 +79,13 @@ class Trainer:
         if self.dist.is_main:
             if failed := write_text_atomic(self.run_dir / "config.yaml", self.config_yaml):
                 self.config_write_error = os_error(failed)
+
+        # config.yaml keeps `auto` (a resume elsewhere may resolve it differently); everything
+        # that computes reads the resolved value (opt_train/precision.py).
+        self.precision = resolve_precision(cfg.precision, self.device)
+        cfg.precision = self.precision.precision
+        if self.precision.warning and self.dist.is_main:
+            log.warning("%s", self.precision.warning)
 
         # Mesh: data-parallel ranks read different samples; tensor-parallel peers the same.
         # DeepSpeed's ranks are all data-parallel (config.py checks tp=1).
@@ -118,8 +125,6 @@ class Trainer:
         self.callbacks: list[Callback] = [*default_callbacks(cfg), *(callbacks or [])]
         self._act_sq = self._watch_final_activations()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        # Before the resume: measuring the CPU's peak draws random matrices from the global
-        # generator, which would otherwise move the restored RNG stream.
         self.peak_flops = device_peak_flops(self.device, cfg.precision, cfg.logging.peak_tflops)
         self.config_changes: list[dict] = []
         self.resumed_from = self._maybe_resume()
@@ -442,6 +447,7 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world": self.dist.world,
             "mesh": self._mesh(),
+            "precision": self.cfg.precision,  # resolved: what `auto` was here (resume_guard.py)
         }
         callbacks = {cb.key: sd for cb in self.callbacks if (sd := cb.state_dict())}
         if callbacks:
@@ -492,7 +498,7 @@ class Trainer:
         if path is None:
             return None
         self.config_changes = check_resume(
-            path, self.config_yaml, self.cfg.checkpoint.allow_changes
+            path, self.config_yaml, self.cfg.checkpoint.allow_changes, self.cfg.precision
         )
         self.load_checkpoint(path)
         return str(path)

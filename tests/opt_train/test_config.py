@@ -74,7 +74,7 @@ def test_invalid_value_is_rejected_with_the_key():
     r = run_train("precision=fp8", "train.max_steps=1", "logging.wandb=disabled")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: invalid config: precision must be bf16, fp16 or fp32, got 'fp8'"
+        "error: invalid config: precision must be auto, bf16, fp16 or fp32, got 'fp8'"
     )
 
 

@@ -140,7 +140,9 @@ def test_cpu_weights_are_staged_in_plain_memory():
 
 def test_the_planner_models_fsdp2_on_one_gpu_when_asked():
     model = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=512, max_positions=64)
-    job = JobConfig(model=model, train=TrainConfig(micro_batch_size=2, batch_tokens=128))
+    job = JobConfig(
+        precision="bf16", model=model, train=TrainConfig(micro_batch_size=2, batch_tokens=128)
+    )
     job.data.seq_len = 64
     alone = make_plan(job, PlannerConfig(nodes=1, gpus_per_node=1))
     fsdp = make_plan(job, PlannerConfig(nodes=1, gpus_per_node=1, fsdp_alone=True))
