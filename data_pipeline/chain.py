@@ -50,6 +50,7 @@ from omegaconf import MISSING, OmegaConf
 from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, write_report
 from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, Rejects
+from data_pipeline.ownership import check_output
 from data_pipeline.progress import Progress
 from data_pipeline.scaleout import ScaleOut, progress
 from data_pipeline.scaleout import validate as validate_scaleout
@@ -70,7 +71,7 @@ ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {
     "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm",
-    "ray",
+    "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
 SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
@@ -124,6 +125,7 @@ def ingest(cfg: IngestConfig) -> dict:
     """Read a source (JSONL or streamed HF) into one JSONL file with `meta.source` set and ids
     prefixed by the source name."""
     out = Path(cfg.output)
+    check_output(out)
     rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
     rejects = Rejects(rejects_path(out))
     n, nbytes = 0, 0
@@ -359,7 +361,7 @@ def run(cfg: ChainConfig) -> dict:
     per_stage = sum(1 if s in ACROSS_SOURCES else n for s in cfg.steps)
     r = _Runner(cfg, reddit_sources + n + per_stage + 1)
     params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
-    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s")
+    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s", "verbose")
     scale = {k: getattr(cfg, k) for k in keys}
     shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
     for group in ("slurm", "ray"):
@@ -441,7 +443,7 @@ def main() -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    from data_pipeline.cli import HYDRA_QUIET
+    from data_pipeline.cli import HYDRA_QUIET, refusals
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
     sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
@@ -451,9 +453,10 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=conf, config_name="pipeline")
     def _main(cfg) -> None:
-        report = run(OmegaConf.to_object(cfg))
-        print(json.dumps(report, indent=2, sort_keys=True, default=str))
-        status["code"] = exit_code(report)
+        with refusals("data_pipeline"):
+            report = run(OmegaConf.to_object(cfg))
+            print(json.dumps(report, indent=2, sort_keys=True, default=str))
+            status["code"] = exit_code(report)
 
     _main()
     sys.exit(status["code"])
