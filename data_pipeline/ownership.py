@@ -8,9 +8,10 @@ every replacement of an existing path goes through this module:
   `remove_work` removes such a directory and nothing else; `claim_work` refuses an existing one
   without the marker.
 - An existing output is replaced only when it carries one of the project's marks
-  (`check_output`): a token shard set's manifest.json in the project's format, a part
-  directory's `OUTPUT_MARKER`, a stage report (`<output>.report.json`) or chain stage record
-  (`<output>.stage.json`) beside it. An empty directory holds nothing to lose and is replaced
+  (`check_output`): a token shard set's manifest.json in the project's format, a stage report
+  (`<output>.report.json`, written before a stage publishes its output) or chain stage record
+  (`<output>.stage.json`) beside it. Nothing is added inside an output: a part directory holds
+  only its parts. An empty directory holds nothing to lose and is replaced
   too. Anything else is refused with `NotOursError`, before anything is touched.
 - `rmtree` never follows a symbolic link: a link inside a removed directory is unlinked, and a
   link given as the path itself is refused (its target is not ours to judge).
@@ -25,7 +26,6 @@ import stat
 from pathlib import Path
 
 WORK_MARKER = ".opt-train-work"  # inside a stage's private scratch directory
-OUTPUT_MARKER = ".opt-train-output"  # inside a published part directory (no reader's suffix)
 
 
 class Refused(Exception):
@@ -70,8 +70,6 @@ def is_our_output(path: Path) -> bool:
     if any((rec := _json(p)) is not None and "stage" in rec for p in beside):
         return True
     if path.is_dir():
-        if (path / OUTPUT_MARKER).is_file():
-            return True
         from data_pipeline.shards import FORMAT, MANIFEST  # shards imports this module
 
         manifest = _json(path / MANIFEST)
@@ -91,11 +89,6 @@ def check_output(path: str | Path, key: str = "output") -> None:
         f"{key}={path} exists and is not an opt-train output (holds {describe(path)}); "
         "choose another path or remove it yourself"
     )
-
-
-def mark_output(directory: Path, stage: str) -> None:
-    """Mark a directory about to be published as an output (before its rename into place)."""
-    (directory / OUTPUT_MARKER).write_text(json.dumps({"stage": stage}) + "\n")
 
 
 def rmtree(path: Path) -> None:

@@ -224,16 +224,15 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
     output their lines joined in order (compressed as its name says), for a directory a new
     directory of them (hard links) that replaces the old one by rename. A reader sees the
     previous output or the new one, never a mix of parts from two runs."""
+    ownership.check_output(out)  # before any work: refuse a path that is not ours
+    if not report_path(out).exists():  # the output's mark from the moment it is published
+        write_report(out, {"stage": "publishing", "output": str(out)})
     if to_file:
-        ownership.check_output(out)
-        if not report_path(out).exists():  # the file's mark from the moment it is published
-            write_report(out, {"stage": "publishing", "output": str(out)})
         with AtomicWriter(out) as w:
             for p in parts:
                 for line in iter_lines(p):
                     w.write_bytes(line)
         return
-    ownership.check_output(out)  # before any work: refuse a path that is not ours
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     ownership.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -242,7 +241,6 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
             os.link(p, tmp / p.name)
         except OSError:  # another filesystem, or no hard links
             shutil.copy2(p, tmp / p.name)
-    ownership.mark_output(tmp, "parts")
     old = ownership.replace_output(out)
     tmp.rename(out)
     ownership.discard(old)

@@ -516,7 +516,8 @@ def test_buckets_split_by_key_range_give_the_same_bytes_and_hold_a_share_of_the_
     for k in ("docs_out", "candidate_pairs", "verified_pairs", "clusters"):
         assert three[k] == one[k], k
     assert one["candidate_pairs"] > 0
-    held = [json.loads((work / "buckets" / f"task-{t:05d}.json").read_text())["keys_held"]
+    private = work / "opt-train-dedup.work"  # work_dir= is the parent of the stage's own
+    held = [json.loads((private / "buckets" / f"task-{t:05d}.json").read_text())["keys_held"]
             for t in range(6)]  # fmt: skip
     # At most, over its bands, each range task held about a third of a band's keys (uniform
     # hashes; this corpus's copies share keys, so a range's count is lumpy), never all.

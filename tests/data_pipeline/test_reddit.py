@@ -18,6 +18,7 @@ import zstandard
 
 from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
 from data_pipeline.io import expand_inputs, iter_lines
+from data_pipeline.ownership import claim_work
 from data_pipeline.reddit import RedditConfig, RedditFilters, run
 from tests.data_pipeline.pushshift_gen import (
     brute_force_chain,
@@ -442,6 +443,7 @@ def test_stale_work_dir_from_other_inputs_is_not_reused(scenario_dump, scenario_
     _, inp = scenario_dump
     out = tmp_path / "o.jsonl"
     work = tmp_path / ".o.jsonl.work"
+    claim_work(work, "reddit")  # an earlier run's work directory: ours, but of other inputs
     (work / "map" / "task-00000").mkdir(parents=True)
     (work / "fingerprints.json").write_text(json.dumps({"map": {"files": []}}))
     (work / "map" / "task-00000" / "bucket-00000.bin").write_bytes(b"garbage")
