@@ -28,6 +28,8 @@ from tests.data_pipeline.pushshift_gen import (
     write_random_dump,
 )
 
+from .conftest import assert_no_stage_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -395,12 +397,15 @@ def _kill_when(args: list[str], ready, timeout: float = 60) -> int:
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
     )
     deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    rc = proc.wait()
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
+    return rc
 
 
 @pytest.mark.slow
