@@ -243,3 +243,32 @@ def test_a_second_concurrent_run_of_the_same_output_is_refused_by_the_lock(tmp_p
     assert waited >= scaleout.LOCK_WAIT_S
     assert not out.exists()
     assert stage("data_pipeline.clean", f"input={docs}", f"output={out}").returncode == 0
+
+
+# --- datatrove's own log lines go to the work directory unless verbose=true --------------------
+
+
+def test_datatrove_logs_go_to_the_work_directory_and_to_stderr_only_with_verbose(tmp_path):
+    docs = write_docs(tmp_path / "in.jsonl", 50)
+    out = tmp_path / "o.jsonl"
+    r = stage("data_pipeline.clean", f"input={docs}", f"output={out}", "keep_work=true")
+    assert r.returncode == 0
+    assert "PIPELINE" not in r.stderr and "datatrove" not in r.stderr, r.stderr
+    assert "clean task 0/1: done" in r.stderr  # the stage's own progress lines stay
+    logs = tmp_path / ".o.jsonl.work" / "executor" / "clean"
+    assert "Launching pipeline for rank=0" in (logs / "logs" / "task_00000.log").read_text()
+    assert "All 1 tasks" in (logs / "driver.log").read_text()
+    r = stage("data_pipeline.clean", f"input={docs}", f"output={out}2", "verbose=true")
+    assert r.returncode == 0 and "PIPELINE" in r.stderr
+
+
+def test_the_tiny_corpus_build_says_what_it_built_in_one_line(tmp_path):
+    code = (
+        "from data_pipeline.tiny_corpus import build_tiny_shards as b; import sys; b(sys.argv[1])"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tiny corpus: built 3,000 documents"), lines
+    assert f"into {tmp_path / 'tokens'} in " in lines[0]
