@@ -73,6 +73,8 @@ class CleanConfig(scaleout.ScaleOut):
 
     input: Any = MISSING
     output: str = MISSING
+    # The parent of this stage's private opt-train-clean.work/ (data_pipeline/ownership.py); unset:
+    # .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     normalize_newlines: bool = True

@@ -99,7 +99,7 @@ class DedupConfig(scaleout.ScaleOut):
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
-    work_dir: str = ""  # default: <output>.dedup-work
+    work_dir: str = ""  # parent of opt-train-dedup.work/; unset: <output>.dedup-work
     keep_work: bool = False
     examples: int = 5  # example pairs in the report
 

@@ -101,6 +101,8 @@ class RedditConfig(scaleout.ScaleOut):
     orphans: str = "keep"
     min_comments: int = 1
     separator: str = "\n\n"
+    # The parent of this stage's private opt-train-reddit.work/ (data_pipeline/ownership.py); unset:
+    # .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     filters: RedditFilters = field(default_factory=RedditFilters)

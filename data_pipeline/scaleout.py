@@ -20,6 +20,10 @@ task is redone alone. The work directory also holds the fingerprint of what its 
 (inputs, parameters, task counts); when that changes the directory is cleared and every task
 runs again, so markers of another run are never trusted.
 
+A stage runs inside `owned`: its output must be ours to replace, its work directory is its own
+private one (data_pipeline/ownership.py) and locked for the run, and every process the local
+executor forks dies with its parent, so a killed driver leaves nothing running.
+
 Each task's statistics go to `<work>/<step>/task-<rank>.json`; `task_stats` reads them back in
 rank order so the stage report sums every task.
 """
