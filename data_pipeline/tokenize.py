@@ -80,8 +80,8 @@ class TokenizeConfig(scaleout.ScaleOut):
 
     input: Any = MISSING
     output: str = MISSING
-    # The parent of this stage's private opt-train-tokenize.work/ (data_pipeline/ownership.py); unset:
-    # .<output name>.work beside the output. Nothing else in it is ever removed.
+    # The parent of this stage's private opt-train-tokenize.work/ (data_pipeline/ownership.py);
+    # unset: .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
