@@ -51,6 +51,7 @@ from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, typed_config
 from data_pipeline.config_limits import OneOf, check_limits
 from data_pipeline.durable import sha256_file
 from data_pipeline.io import AtomicWriter, InputLimits, Rejects
+from data_pipeline.ownership import check_output
 from data_pipeline.progress import Progress
 from data_pipeline.scaleout import ScaleOut, progress
 from data_pipeline.scaleout import validate as validate_scaleout
@@ -71,7 +72,7 @@ ACROSS_SOURCES = {"dedup"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {
     "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm",
-    "ray",
+    "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
 SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
@@ -138,6 +139,7 @@ def ingest(cfg: IngestConfig) -> dict:
     """Read a source (JSONL or streamed HF) into one JSONL file with `meta.source` set and ids
     prefixed by the source name."""
     out = Path(cfg.output)
+    check_output(out)
     rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
     rejects = Rejects(rejects_path(out), InputLimits.of(cfg))
     n, nbytes = 0, 0
@@ -372,7 +374,7 @@ def run(cfg: ChainConfig) -> dict:
     per_stage = sum(1 if s in ACROSS_SOURCES else n for s in cfg.steps)
     r = _Runner(cfg, reddit_sources + n + per_stage + 1)
     params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
-    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s")
+    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s", "verbose")
     scale = {k: getattr(cfg, k) for k in keys}
     limits = {k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")}
     scale.update(limits)
@@ -457,7 +459,7 @@ def main() -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    from data_pipeline.cli import HYDRA_QUIET
+    from data_pipeline.cli import HYDRA_QUIET, refusals
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
     sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
@@ -467,9 +469,10 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=conf, config_name="pipeline")
     def _main(cfg) -> None:
-        report = run(typed_config(cfg))
-        print(json.dumps(report, indent=2, sort_keys=True, default=str))
-        status["code"] = exit_code(report)
+        with refusals("data_pipeline"):
+            report = run(typed_config(cfg))
+            print(json.dumps(report, indent=2, sort_keys=True, default=str))
+            status["code"] = exit_code(report)
 
     _main()
     sys.exit(status["code"])

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline import scaleout
+from data_pipeline import ownership, scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import Range, check_limits
 from data_pipeline.io import (
@@ -80,6 +80,8 @@ class CleanConfig(scaleout.ScaleOut):
 
     input: Any = MISSING
     output: str = MISSING
+    # The parent of this stage's private opt-train-clean.work/ (data_pipeline/ownership.py); unset:
+    # .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     normalize_newlines: bool = True
@@ -176,8 +178,8 @@ class _Plan:
         sizes = [p.stat().st_size for p in self.files]
         self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
         self.shares = scaleout.contiguous_shares(sizes, self.tasks)
-        self.work = (
-            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        self.work = ownership.work_dir(
+            cfg.work_dir, "clean", self.out.with_name(f".{self.out.name}.work")
         )
         self.to_file = scaleout.is_file_output(self.out)
         self.parts = self.work / "parts"  # published as the output by the report step
@@ -217,8 +219,7 @@ class CleanShare(scaleout.TaskStep):
         lo, hi = plan.shares[rank]
         clean = Cleaner(plan.cfg)
         part = plan.part(rank)
-        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
-            stale.unlink(missing_ok=True)
+        scaleout.remove_stale(part.parent, f".{part.name}.tmp-*")  # of a killed attempt
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
@@ -299,10 +300,11 @@ def run(cfg: CleanConfig) -> dict:
     t0 = time.perf_counter()
     scaleout.validate(cfg)
     plan = _Plan(cfg)
-    scaleout.prepare(plan, [("clean", plan.fingerprint()), ("report", {})])
-    steps = [(CleanShare(plan), plan.tasks), (CleanReport(plan), 1)]
-    jobs = scaleout.run_steps(steps, cfg, plan.work)
-    return scaleout.finish("clean", plan, jobs, t0, "docs_in", "docs_per_s")
+    with scaleout.owned(plan, "clean"):
+        scaleout.prepare(plan, [("clean", plan.fingerprint()), ("report", {})])
+        steps = [(CleanShare(plan), plan.tasks), (CleanReport(plan), 1)]
+        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        return scaleout.finish("clean", plan, jobs, t0, "docs_in", "docs_per_s")
 
 
 def main() -> None:

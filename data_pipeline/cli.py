@@ -13,9 +13,10 @@ where `output=` says), prints the report, and turns it into the exit status:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,18 @@ def typed_config(cfg: Any) -> Any:
         raise SystemExit(f"error: invalid config: {e.__cause__ or e}") from None
 
 
+@contextlib.contextmanager
+def refusals(name: str) -> Iterator[None]:
+    """A refusal (a path that is not ours, a run already going) is one line on stderr and exit
+    status 1, not a traceback: nothing was touched, and the line says what to do."""
+    from data_pipeline.ownership import Refused
+
+    try:
+        yield
+    except Refused as e:
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+
+
 def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
     """Run `run` as a Hydra CLI named `name` with `config_cls` as its schema; exits with the
     documented status."""
@@ -90,9 +103,10 @@ def stage_main(name: str, config_cls: type, run: Callable[[Any], dict]) -> None:
     @hydra.main(version_base=None, config_path=None, config_name=f"{name}_schema")
     def _main(cfg) -> None:
         typed = typed_config(cfg)
-        report = run(typed)
-        print(json.dumps(report, indent=2, sort_keys=True, default=str))
-        status["code"] = exit_code(report)
+        with refusals(name):
+            report = run(typed)
+            print(json.dumps(report, indent=2, sort_keys=True, default=str))
+            status["code"] = exit_code(report)
 
     _main()
     sys.exit(status["code"])

@@ -50,7 +50,7 @@ import numpy as np
 import zstandard
 from omegaconf import MISSING
 
-from data_pipeline import scaleout
+from data_pipeline import ownership, scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, check_limits
 from data_pipeline.io import (
@@ -101,7 +101,7 @@ class DedupConfig(scaleout.ScaleOut):
     batch_bytes: int = 1 << 20  # input bytes per block of a signature task
     backend: str = "auto"  # signature backend: auto | simd | openssl | numpy
     spool: str = "plain"  # the parsed documents kept for the write pass: plain | zstd
-    work_dir: str = ""  # default: <output>.dedup-work
+    work_dir: str = ""  # parent of opt-train-dedup.work/; unset: <output>.dedup-work
     keep_work: bool = False
     examples: int = 5  # example pairs in the report
 
@@ -1057,10 +1057,8 @@ class _Plan:
             scheme=cfg.scheme,
             backend=cfg.backend,
         )
-        self.work = (
-            Path(cfg.work_dir)
-            if cfg.work_dir
-            else self.out.with_name(self.out.name + ".dedup-work")
+        self.work = ownership.work_dir(
+            cfg.work_dir, "dedup", self.out.with_name(self.out.name + ".dedup-work")
         )
         self.to_file = scaleout.is_file_output(self.out)
         self.parts = self.work / "filter"  # published as the output by the report step
@@ -1234,8 +1232,7 @@ class DedupFilter(scaleout.TaskStep):
             raise RuntimeError("keep.npy does not match the document count")
         lo, hi = int(corpus.offsets[rank]), int(corpus.offsets[rank + 1])
         part = plan.part(rank)
-        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
-            stale.unlink(missing_ok=True)
+        scaleout.remove_stale(part.parent, f".{part.name}.tmp-*")  # of a killed attempt
         try:
             desc = f"dedup filter task {rank}/{world_size}"
             with scaleout.progress(self.cfg, desc, hi - lo, "doc") as bar:
@@ -1309,17 +1306,18 @@ def run(cfg: DedupConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     MinHasher(**plan.hasher_params)  # validates the parameters before any work
-    scaleout.prepare(plan, plan.fingerprints())
-    counts = plan.step_counts()
-    resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
-    steps = [
-        (cls(plan), counts[cls.name])
-        for cls in (DedupSignatures, DedupBuckets, DedupClusters, DedupFilter, DedupReport)
-    ]
-    if cfg.executor == "local":
-        _warm_up(plan.hasher_params, (plan.bands, plan.rows))
-    jobs = scaleout.run_steps(steps, cfg, plan.work)
-    report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
+    with scaleout.owned(plan, "dedup"):
+        scaleout.prepare(plan, plan.fingerprints())
+        counts = plan.step_counts()
+        resumed = [s for s in _STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
+        steps = [
+            (cls(plan), counts[cls.name])
+            for cls in (DedupSignatures, DedupBuckets, DedupClusters, DedupFilter, DedupReport)
+        ]
+        if cfg.executor == "local":
+            _warm_up(plan.hasher_params, (plan.bands, plan.rows))
+        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
     if "slurm_jobs" not in report:
         report["resumed_stages"] = resumed
         write_report(plan.out, report)

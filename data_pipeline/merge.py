@@ -29,6 +29,7 @@ from omegaconf import MISSING
 
 from data_pipeline.cli import stage_main, write_report
 from data_pipeline.config_limits import AT_LEAST_1, check_limits
+from data_pipeline.ownership import check_output
 from data_pipeline.shards import MANIFEST, SPLITS, ShardWriter, SplitReader, read_manifest
 from data_pipeline.sources import plain
 
@@ -112,6 +113,7 @@ def write_merged(
 
 def run(cfg: MergeConfig) -> dict:
     t0 = time.perf_counter()
+    check_output(cfg.output)  # before reading any part: a typo in output= must cost nothing
     parts = list_parts(cfg.input)
     manifests = [read_manifest(p) for p in parts]
     check_parts(parts, manifests)

@@ -51,7 +51,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline import scaleout
+from data_pipeline import ownership, scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.io import (
@@ -111,6 +111,8 @@ class RedditConfig(scaleout.ScaleOut):
     orphans: str = "keep"
     min_comments: int = 1
     separator: str = "\n\n"
+    # The parent of this stage's private opt-train-reddit.work/ (data_pipeline/ownership.py); unset:
+    # .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     filters: RedditFilters = field(default_factory=RedditFilters)
@@ -450,8 +452,8 @@ class _Plan:
         )
         self.file_shares = scaleout.contiguous_shares(sizes, self.map_tasks)
         self.bucket_shares = scaleout.even_shares(cfg.num_buckets, self.reduce_tasks)
-        self.work = (
-            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        self.work = ownership.work_dir(
+            cfg.work_dir, "reddit", self.out.with_name(f".{self.out.name}.work")
         )
         self.to_file = scaleout.is_file_output(self.out)
         self.parts = self.work / "parts"  # published as the output by the report step
@@ -516,8 +518,7 @@ class RedditReduce(scaleout.TaskStep):
         lo, hi = plan.bucket_shares[rank]
         maps = [self.work / "map" / f"task-{m:05d}" for m in range(plan.map_tasks)]
         part = plan.part(rank)
-        for stale in part.parent.glob(f".{part.name}.tmp-*"):  # of a killed attempt
-            stale.unlink(missing_ok=True)
+        scaleout.remove_stale(part.parent, f".{part.name}.tmp-*")  # of a killed attempt
         stats: Counter = Counter()
         largest = 0
         desc = f"reddit reduce task {rank}/{world_size}"
@@ -611,14 +612,15 @@ def run(cfg: RedditConfig) -> dict:
     _validate(cfg)
     t0 = time.perf_counter()
     plan = _Plan(cfg)
-    scaleout.prepare(plan, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
-    steps = [
-        (RedditMap(plan), plan.map_tasks),
-        (RedditReduce(plan), plan.reduce_tasks),
-        (RedditReport(plan), 1),
-    ]
-    jobs = scaleout.run_steps(steps, cfg, plan.work)
-    return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
+    with scaleout.owned(plan, "reddit"):
+        scaleout.prepare(plan, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
+        steps = [
+            (RedditMap(plan), plan.map_tasks),
+            (RedditReduce(plan), plan.reduce_tasks),
+            (RedditReport(plan), 1),
+        ]
+        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
 
 
 def main() -> None:

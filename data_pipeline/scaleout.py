@@ -20,6 +20,10 @@ task is redone alone. The work directory also holds the fingerprint of what its 
 (inputs, parameters, task counts); when that changes the directory is cleared and every task
 runs again, so markers of another run are never trusted.
 
+A stage runs inside `owned`: its output must be ours to replace, its work directory is its own
+private one (data_pipeline/ownership.py) and locked for the run, and every process the local
+executor forks dies with its parent, so a killed driver leaves nothing running.
+
 Each task's statistics go to `<work>/<step>/task-<rank>.json`; `task_stats` reads them back in
 rank order so the stage report sums every task.
 """
@@ -27,20 +31,26 @@ rank order so the stage report sums every task.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import ctypes
+import fcntl
 import itertools
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
+from data_pipeline import ownership
 from data_pipeline.cli import report_path, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, check_limits
 from data_pipeline.io import INPUT_LIMITS, AtomicWriter, Rejects, iter_lines
@@ -96,6 +106,9 @@ class ScaleOut:
     max_line_bytes: int = 64 << 20
     max_rejects: int = 10_000
     reject_text_bytes: int = 4096
+    # datatrove's own log lines (pipeline banners, stats tables) on stderr too; they always go
+    # to `<work>/executor/<step>/` (driver.log and logs/task_*.log), and errors always show.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         validate(self)  # at start-up, before a stage plans anything
@@ -188,10 +201,33 @@ def prepare_steps(work: Path, steps: list[tuple[str, dict]]) -> None:
 
 
 def forget(work: Path, steps: list[str]) -> None:
-    """Remove these steps' files and completion markers: they run again."""
+    """Remove these steps' files and completion markers: they run again. Safe because the
+    caller holds the work directory's lock (`owned`): no writer of another run is alive."""
     for name in steps:
-        shutil.rmtree(work / name, ignore_errors=True)
-        shutil.rmtree(work / "executor" / name, ignore_errors=True)
+        ownership.rmtree(work / name)
+        ownership.rmtree(work / "executor" / name)
+
+
+def writer_alive(temporary: Path) -> bool:
+    """Whether the `<name>.tmp-<pid>` temporary belongs to another process still running here
+    (a task of this run retried in the same worker reuses its own pid: not alive for this)."""
+    tail = temporary.name.rsplit("-", 1)[-1]
+    if not tail.isdigit() or int(tail) == os.getpid():
+        return False
+    try:
+        os.kill(int(tail), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(pattern_dir: Path, pattern: str) -> None:
+    """Remove the temporaries matching `pattern` that killed writers left (never a live one)."""
+    for stale in pattern_dir.glob(pattern):
+        if not writer_alive(stale):
+            ownership.rmtree(stale)
 
 
 def completed(work: Path, step: str, tasks: int) -> bool:
@@ -209,6 +245,9 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
     output their lines joined in order (compressed as its name says), for a directory a new
     directory of them (hard links) that replaces the old one by rename. A reader sees the
     previous output or the new one, never a mix of parts from two runs."""
+    ownership.check_output(out)  # before any work: refuse a path that is not ours
+    if not report_path(out).exists():  # the output's mark from the moment it is published
+        write_report(out, {"stage": "publishing", "output": str(out)})
     if to_file:
         with AtomicWriter(out) as w:
             for p in parts:
@@ -216,27 +255,22 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
                     w.write_bytes(line)
         return
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    ownership.rmtree(tmp)
     tmp.mkdir(parents=True)
     for p in parts:
         try:
             os.link(p, tmp / p.name)
         except OSError:  # another filesystem, or no hard links
             shutil.copy2(p, tmp / p.name)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
+    old = ownership.replace_output(out)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    ownership.discard(old)
 
 
 def clear_stale(out: Path) -> None:
-    """Temporaries a killed run left beside the output."""
-    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    """Temporaries a killed run left beside the output (not those of a writer still alive)."""
+    remove_stale(out.parent, f".{out.name}.tmp-*")
+    remove_stale(out.parent, f".{out.name}.old-*")
 
 
 def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects:
@@ -263,9 +297,8 @@ def fresh_task_dir(final: Path) -> Path:
     """An empty temporary directory beside a task's output directory `final`, to be renamed
     onto it when the task is done; removes what a killed attempt left (its temporary
     directories, or a published `final` that a rerun replaces)."""
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    shutil.rmtree(final, ignore_errors=True)
+    remove_stale(final.parent, f".{final.name}.tmp-*")
+    ownership.rmtree(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     return tmp
@@ -324,6 +357,54 @@ class TaskStep(PipelineStep):
 # --- a stage's run, around its steps -----------------------------------------------------------
 
 
+LOCK_NAME = ".lock"
+# How long a run waits for the lock before refusing: enough for the processes of a run that was
+# just killed to be reaped (they die with their driver, `die_with_parent`), far less than a
+# concurrent run takes.
+LOCK_WAIT_S = 5.0
+
+
+@contextlib.contextmanager
+def owned(plan: Any, stage: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Around a stage's prepare/run_steps/finish: refuse an output that is not ours, create
+    (or check) the private work directory, and hold its lock (flock, as opt_train's run lock:
+    the kernel drops it when the last process holding it dies, so a killed run never leaves it
+    taken). Forked task processes share the lock, so while any process of a run lives no other
+    run can start on its work directory and remove its files under it."""
+    ownership.check_output(plan.out)
+    while True:
+        ownership.claim_work(plan.work, stage)
+        path = plan.work / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    os.close(fd)
+                    raise ownership.StageBusyError(
+                        f"output={plan.out}: another run (pid {holder}) is writing it "
+                        f"(lock {path} held); wait for it to end or stop it"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the run we waited for finished and removed its directory
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare(plan: Any, fingerprints: list[tuple[str, dict]]) -> None:
     """Before a stage's steps run: clear a killed run's temporaries beside the output, keep
     only the step files still valid (prepare_steps), and redo the last step (the one that
@@ -349,7 +430,7 @@ def finish(stage: str, plan: Any, jobs: list[str], t0: float, count: str, rate: 
     report[rate] = round(report[count] / secs, 1) if secs > 0 else 0.0
     write_report(plan.out, report)
     if not cfg.keep_work:
-        shutil.rmtree(plan.work, ignore_errors=True)
+        ownership.remove_work(plan.work)
     return report
 
 
@@ -373,12 +454,102 @@ def _slurm_executor_class():
     return _Slurm
 
 
+def _local_executor_class():
+    from datatrove.executor.local import LocalPipelineExecutor
+
+    class _Local(LocalPipelineExecutor):
+        """datatrove's local executor whose tasks log to their files only (and errors to
+        stderr) unless `verbose`, and keep doing so after each task."""
+
+        verbose = False
+
+        def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+            # datatrove copies a task's log to stderr only for local_rank 0 (else ERRORs only);
+            # the local rank names nothing else in a task.
+            try:
+                return super()._run_for_rank(rank, local_rank if self.verbose else 1, node_rank)
+            finally:
+                if not self.verbose:  # datatrove's close_task_logger put stderr back at INFO
+                    _quiet_loguru(Path(self.logging_dir.path) / "driver.log")
+
+    return _Local
+
+
+def _quiet_loguru(log_file: Path) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+    logger.add(log_file, level="INFO")
+
+
+@contextlib.contextmanager
+def _datatrove_log(logs: Path, verbose: bool) -> Iterator[None]:
+    """datatrove logs through loguru to stderr: with stats tables that is a screenful per step.
+    Unless `verbose`, send it to `<logs>/driver.log` (tasks: `<logs>/logs/task_*.log`) and show
+    errors only; loguru's default sink is back afterwards."""
+    if verbose:
+        yield
+        return
+    from datatrove.utils.logging import setup_default_logger
+
+    logs.mkdir(parents=True, exist_ok=True)
+    _quiet_loguru(logs / "driver.log")
+    try:
+        yield
+    finally:
+        setup_default_logger()
+
+
+# --- process hygiene: no process of a stage outlives its driver ------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_fork_state = {"active": 0, "parent": 0}
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), so a
+    task process or datatrove's Manager server never goes on writing into a work directory
+    after its driver was killed. `parent`: the pid that forked us; if it already died before
+    the request took effect, exit now."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def _before_fork() -> None:
+    _fork_state["parent"] = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    if _fork_state["active"]:
+        die_with_parent(_fork_state["parent"])
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _dying_with_driver() -> Iterator[None]:
+    """While datatrove's local executor runs a step, every process it forks (its Manager server,
+    the pool's task processes, and what they fork in turn) dies with its parent."""
+    _fork_state["active"] += 1
+    try:
+        yield
+    finally:
+        _fork_state["active"] -= 1
+
+
 def _step_executor(step: TaskStep, tasks: int, cfg: ScaleOut, logs: Path):
     """The executor of one step on this machine (local) or on Ray."""
     if cfg.executor == "local":
-        from datatrove.executor.local import LocalPipelineExecutor
+        cls = _local_executor_class()
+        cls.verbose = cfg.verbose
 
-        return LocalPipelineExecutor(
+        return cls(
             pipeline=[step],
             tasks=tasks,
             workers=min(cfg.workers or os.cpu_count() or 1, tasks),
@@ -450,7 +621,8 @@ def run_steps(steps: list[tuple[TaskStep, int]], cfg: ScaleOut, work: Path) -> l
         for step, tasks in steps:
             t = time.perf_counter()
             ex = _step_executor(step, tasks, cfg, logs / step.name)
-            ex.run()
+            with _datatrove_log(logs / step.name, cfg.verbose), _dying_with_driver():
+                ex.run()
             _check_complete(ex, step.name, logs)
             walls[step.name] = round(time.perf_counter() - t, 3)
         write_json(work / "step_seconds.json", walls)

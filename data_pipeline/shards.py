@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.durable import fsync_path, sha256_file
+from data_pipeline.ownership import check_output, discard, replace_output, rmtree
 
 FORMAT = "opt-train-token-shards"
 VERSION = 1
@@ -111,9 +111,9 @@ class ShardWriter:
         self.eos_id = int(tokenizer["eos_id"])
         self.dtype = token_dtype(self.vocab_size)
         self.pipeline_config = pipeline_config or {}
+        check_output(self.out_dir)  # refused before any work, not after it
         self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
+        rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
         self._splits = {
             s: _SplitWriter(self.tmp_dir, s, self.dtype, max_shard_tokens) for s in SPLITS
@@ -145,18 +145,14 @@ class ShardWriter:
         for p in self.tmp_dir.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.rename(self.out_dir, old)
+        old = replace_output(self.out_dir)  # checked again: it may have appeared meanwhile
         os.rename(self.tmp_dir, self.out_dir)
         fsync_path(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        discard(old)
         return self.out_dir
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        rmtree(self.tmp_dir)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -41,7 +41,6 @@ import hashlib
 import math
 import multiprocessing as mp
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 from omegaconf import MISSING
 
-from data_pipeline import scaleout
+from data_pipeline import ownership, scaleout
 from data_pipeline.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.io import InputLimits, Rejects, expand_inputs
@@ -63,7 +62,8 @@ from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 # Parameters that change how (and where) the stage runs but never its output.
 RUNTIME_KEYS = (
-    "workers", "batch_bytes", "tasks", "executor", "slurm", "ray", "work_dir", "keep_work"
+    "workers", "batch_bytes", "tasks", "executor", "slurm", "ray", "work_dir", "keep_work",
+    "verbose",
 )  # fmt: skip
 
 
@@ -81,6 +81,8 @@ class TokenizeConfig(scaleout.ScaleOut):
 
     input: Any = MISSING
     output: str = MISSING
+    # The parent of this stage's private opt-train-tokenize.work/ (data_pipeline/ownership.py);
+    # unset: .<output name>.work beside the output. Nothing else in it is ever removed.
     work_dir: str | None = None
     keep_work: bool = False
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -129,6 +131,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(spec: TokenizerSpec) -> None:
     global _worker_tokenizer
+    # A spawned encoder is exec'd, so the fork hook that ties task processes to their parent
+    # never ran here: ask for it, so that encoders die with their task.
+    scaleout.die_with_parent()
     _worker_tokenizer = Tokenizer(spec)
 
 
@@ -207,8 +212,8 @@ class _Plan:
         else:
             budget = cfg.workers or 1
             self.encoders = max(1, budget // min(budget, self.tasks))
-        self.work = (
-            Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(f".{self.out.name}.work")
+        self.work = ownership.work_dir(
+            cfg.work_dir, "tokenize", self.out.with_name(f".{self.out.name}.work")
         )
         config = to_container(cfg)
         config["input"] = plain(cfg.input)
@@ -250,10 +255,9 @@ class TokenizeShare(scaleout.TaskStep):
         plan, cfg = self.plan, self.plan.cfg
         lo, hi = plan.shares[rank]
         first = plan.part(rank)
-        for stale in first.parent.glob(f".{first.name}*"):  # of a killed attempt
-            shutil.rmtree(stale, ignore_errors=True)
+        scaleout.remove_stale(first.parent, f".{first.name}*")  # of a killed attempt
         for old in first.parent.glob(f"{first.name}.pass-*"):  # an attempt that got further
-            shutil.rmtree(old, ignore_errors=True)
+            ownership.rmtree(old)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
@@ -390,11 +394,12 @@ def run(cfg: TokenizeConfig) -> dict:
     scaleout.validate(cfg)
     plan = _Plan(cfg)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
-    rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
-    scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
-    steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
-    jobs = scaleout.run_steps(steps, cfg, plan.work)
-    report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
+    with scaleout.owned(plan, "tokenize"):
+        rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
+        scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
+        steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
+        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
     if "bytes_per_s" in report:
         report["mb_per_s"] = round(report.pop("bytes_per_s") / 1e6, 3)
         write_report(plan.out, report)

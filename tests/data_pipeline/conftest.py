@@ -16,3 +16,34 @@ def local_ray() -> RayOptions:
     connect_ray(ScaleOut(executor="ray", ray=opts))
     yield opts
     sys.modules["ray"].shutdown()
+
+
+def stage_processes(pgid: int) -> list[int]:
+    """Live processes (zombies excluded: they run nothing) of the process group `pgid`: a stage
+    driver started with start_new_session=True and everything it forked or spawned."""
+    import os
+
+    import psutil
+
+    left = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return left
+
+
+def assert_no_stage_processes(pgid: int, within_s: float = 5.0) -> None:
+    """Within `within_s` of its driver's death, no process of the stage runs any more."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + within_s
+    while (left := stage_processes(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:  # the failure is reported; the suite must not leak them either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed stage still alive: {left}"

@@ -22,6 +22,8 @@ from data_pipeline.chain import ChainConfig, SourceConfig, run
 from data_pipeline.io import Rejects, read_documents
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
+from .conftest import assert_no_stage_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -287,6 +289,7 @@ def test_a_chain_killed_during_tokenize_completes_on_rerun(tmp_path):
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     deadline = time.monotonic() + 60
@@ -296,6 +299,7 @@ def test_a_chain_killed_during_tokenize_completes_on_rerun(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
     assert not (tmp_path / "work" / "tokens").exists()
 
     done = run_cli(*args)

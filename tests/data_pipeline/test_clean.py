@@ -17,6 +17,8 @@ from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
 from data_pipeline.io import Rejects, read_documents
 from tests.data_pipeline.test_reddit import parts_bytes
 
+from .conftest import assert_no_stage_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 # The shape of a current Project Gutenberg file (licence text abridged).
@@ -227,6 +229,7 @@ def test_killed_stage_leaves_no_output_and_rerun_matches(tmp_path):
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
     )
     deadline = time.monotonic() + 60
     parts = tmp_path / ".o.jsonl.work" / "parts"  # killed while the task writes its part
@@ -238,6 +241,7 @@ def test_killed_stage_leaves_no_output_and_rerun_matches(tmp_path):
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
     assert not out.exists()
     assert cli(f"input={inp}", f"output={out}").returncode == EXIT_OK
     assert out.read_bytes() == ref.read_bytes()

@@ -36,6 +36,8 @@ from data_pipeline.io import Rejects, iter_json_lines
 from data_pipeline.scaleout import completed
 from tests.data_pipeline.test_reddit import parts_bytes
 
+from .conftest import assert_no_stage_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -371,8 +373,9 @@ def test_a_run_killed_during_each_step_reruns_to_the_same_bytes(tmp_path, step):
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not started.exists():
             time.sleep(0.0005)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its processes must follow it
         proc.wait()
+        assert_no_stage_processes(proc.pid)
         if started.exists() and not completed(work, step, counts[step]):
             break
     assert started.exists() and not completed(work, step, counts[step]), "never killed mid-step"
@@ -516,7 +519,8 @@ def test_buckets_split_by_key_range_give_the_same_bytes_and_hold_a_share_of_the_
     for k in ("docs_out", "candidate_pairs", "verified_pairs", "clusters"):
         assert three[k] == one[k], k
     assert one["candidate_pairs"] > 0
-    held = [json.loads((work / "buckets" / f"task-{t:05d}.json").read_text())["keys_held"]
+    private = work / "opt-train-dedup.work"  # work_dir= is the parent of the stage's own
+    held = [json.loads((private / "buckets" / f"task-{t:05d}.json").read_text())["keys_held"]
             for t in range(6)]  # fmt: skip
     # At most, over its bands, each range task held about a third of a band's keys (uniform
     # hashes; this corpus's copies share keys, so a range's count is lumpy), never all.

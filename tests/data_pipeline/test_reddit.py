@@ -18,6 +18,7 @@ import zstandard
 
 from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
 from data_pipeline.io import expand_inputs, iter_lines
+from data_pipeline.ownership import claim_work
 from data_pipeline.reddit import RedditConfig, RedditFilters, run
 from tests.data_pipeline.pushshift_gen import (
     brute_force_chain,
@@ -26,6 +27,8 @@ from tests.data_pipeline.pushshift_gen import (
     write_dump,
     write_random_dump,
 )
+
+from .conftest import assert_no_stage_processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -394,12 +397,15 @@ def _kill_when(args: list[str], ready, timeout: float = 60) -> int:
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
     )
     deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    rc = proc.wait()
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
+    return rc
 
 
 @pytest.mark.slow
@@ -442,6 +448,7 @@ def test_stale_work_dir_from_other_inputs_is_not_reused(scenario_dump, scenario_
     _, inp = scenario_dump
     out = tmp_path / "o.jsonl"
     work = tmp_path / ".o.jsonl.work"
+    claim_work(work, "reddit")  # an earlier run's work directory: ours, but of other inputs
     (work / "map" / "task-00000").mkdir(parents=True)
     (work / "fingerprints.json").write_text(json.dumps({"map": {"files": []}}))
     (work / "map" / "task-00000" / "bucket-00000.bin").write_bytes(b"garbage")

@@ -25,6 +25,8 @@ from data_pipeline.tokenize import (
 )
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec, gpt2_files_dir
 
+from .conftest import assert_no_stage_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 TEXTS = [
@@ -239,6 +241,7 @@ def test_killed_run_leaves_old_output_intact_and_a_rerun_completes(tmp_path):
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     deadline = time.monotonic() + 60
@@ -248,6 +251,7 @@ def test_killed_run_leaves_old_output_intact_and_a_rerun_completes(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
     assert list(tmp_path.glob(".out.tmp-*"))  # the half-written set is only a temporary
     assert shards.read_manifest(out) == before
     shards.verify(out)
@@ -337,6 +341,7 @@ def test_a_killed_task_is_rerun_alone_and_the_shards_are_the_same_bytes(tmp_path
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its group holds every process it starts
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     work = tmp_path / ".out.work"
@@ -347,6 +352,7 @@ def test_a_killed_task_is_rerun_alone_and_the_shards_are_the_same_bytes(tmp_path
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    assert_no_stage_processes(proc.pid)  # none outlives the driver
     assert not out.exists()
     done = work / "executor" / "tokenize" / "completions"
     assert sorted(p.name for p in done.iterdir()) == ["00000"]
