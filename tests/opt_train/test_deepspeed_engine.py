@@ -31,14 +31,15 @@ from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.test_fault_tolerance import (
     BOUNDED,
     STEPS,
+    TORCHRUN_SIGNALLED,
     job,
     losses,
     popen,
     run_ok,
-    sigkill_tree,
     uninterrupted,
     wait_for,
 )
+from tests.processes import kill_tree
 
 NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
 
@@ -180,10 +181,12 @@ def test_sigkill_then_rerun_resumes_with_bit_identical_losses(
     # The test hook holds each save for 1 s before it becomes visible (training goes on), so
     # the kill lands mid-run.
     slow = job(run, small_shards, *zero(3), "checkpoint.debug_delay_s=1")
-    proc = popen(torchrun_cmd(2, slow), tmp_path / "log")
-    wait_for(lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc)
-    sigkill_tree(proc.pid)
-    proc.wait()
+    with popen(torchrun_cmd(2, slow), tmp_path / "log") as proc:
+        wait_for(
+            lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc
+        )
+        kill_tree(proc.pid)
+        proc.wait()
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
     stderr = run_ok(2, job(run, small_shards, *zero(3)))
@@ -198,14 +201,15 @@ def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exac
 ):
     run = tmp_path / "run"
     args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
-    proc = popen(
-        torchrun_cmd(2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args),
-        tmp_path / "log",
+    cmd = torchrun_cmd(
+        2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args
     )
-    wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
-    proc.send_signal(signal.SIGUSR1)
-    proc.wait(timeout=60)
+    with popen(cmd, tmp_path / "log") as proc:
+        wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
+        proc.send_signal(signal.SIGUSR1)
+        torchrun_status = proc.wait(timeout=60)
     log = (tmp_path / "log").read_text()
+    assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]  # workers 85, torchrun 1
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
