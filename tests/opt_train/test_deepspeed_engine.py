@@ -95,7 +95,7 @@ def test_fp16_stop_rule_counts_the_halvings_metaseq_would_make_below_one():
     ],
 )
 def test_bad_deepspeed_settings_stop_at_start_naming_the_key(overrides, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ValueError, match=message):
         make_config(*overrides)
 
 

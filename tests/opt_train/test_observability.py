@@ -257,7 +257,7 @@ def test_the_profiler_window_meets_the_end_of_a_run_and_a_resume(tmp_path, small
     ],
 )
 def test_bad_observability_keys_are_named(override, message):
-    with pytest.raises(Exception, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         make_config(override)
 
 
