@@ -191,34 +191,6 @@ def test_fp16_loss_scale_is_restored_on_resume(tmp_path, small_shards):
     assert back.scaler.scale == t.scaler.scale and back.scaler.good_steps == t.scaler.good_steps
 
 
-def test_hf_export_cli_converts_a_checkpoint(tmp_path, small_shards):
-    from transformers import OPTForCausalLM
-
-    from opt_train.hf import main
-
-    run = tmp_path / "run"
-    t = Trainer(small_job(run, small_shards, "train.max_steps=1"))
-    t.fit()
-    main([str(run), str(tmp_path / "hf")])
-    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (hf(x).logits - t.model.eval()(x)).abs().max().item() < 1e-4
-
-
-@pytest.mark.slow
-def test_wandb_offline_run_lives_in_run_dir_without_secrets(tmp_path, small_shards, monkeypatch):
-    secret = "sk-test-0123456789abcdef-do-not-leak"
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", secret)
-    run = tmp_path / "run"
-    Trainer(small_job(run, small_shards, "train.max_steps=2", "logging.wandb=offline")).fit()
-    assert any((run / "wandb").glob("offline-run-*")), "no offline wandb run in run_dir"
-    for f in run.rglob("*"):
-        if f.is_file():
-            assert secret.encode() not in f.read_bytes(), f
-
-
 class _Watcher(Callback):
     """Adds a key to every step's metrics, logs an event at step 2, asks to stop at step 3,
     and keeps a count that must survive a restart."""
