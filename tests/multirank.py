@@ -1,7 +1,8 @@
 """Launching several real gloo ranks from a test, on free loopback ports.
 
 `torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` runs a
-function on N ranks with a process group already initialised (for unit-level checks).
+function on N ranks with a process group already initialised (for unit-level checks). Both end
+every process they started, even when the test fails or times out.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+from tests.processes import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,14 +55,9 @@ def torchrun_cmd(
 def torchrun_train(
     nproc: int, overrides: list[str], timeout: float = 300, extra_args: list[str] | None = None
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        torchrun_cmd(nproc, overrides, extra_args),
-        cwd=REPO,
-        env=rank_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run torchrun to the end; past `timeout` (TimeoutExpired) torchrun and its workers are
+    killed."""
+    return run(torchrun_cmd(nproc, overrides, extra_args), timeout, cwd=REPO, env=rank_env())
 
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
@@ -86,21 +85,33 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args) -> None:
+def spawn(fn, world: int, *args, timeout: float = 300) -> None:
     """Run `fn(rank, world, *args)` on `world` gloo ranks; re-raise the first rank's failure.
-    `fn` must be importable (a module-level function)."""
+    `fn` must be importable (a module-level function). Ranks still alive `timeout` seconds
+    after the start (a rank hung in a collective whose peer failed) are killed and named."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)
     ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    finally:
+        for p in procs:  # also on KeyboardInterrupt or pytest-timeout's signal
+            if p.is_alive():
+                p.kill()
+            if p.pid is not None:
+                p.join()
     if not errors.empty():
         raise AssertionError(errors.get())
+    if hung:
+        raise AssertionError(f"ranks {hung} were still running after {timeout} s; killed")
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise AssertionError(f"ranks exited with {bad}")

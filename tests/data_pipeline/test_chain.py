@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf.errors import ConfigKeyError
 
 from data_pipeline import chain, shards
 from data_pipeline.chain import ChainConfig, SourceConfig, run
@@ -202,7 +203,7 @@ def test_missing_stages_skip_passes_documents_through_and_says_so(tmp_path, sour
 
 
 def test_an_unknown_stage_parameter_is_refused_naming_it(tmp_path, sources):
-    with pytest.raises(Exception, match="validation_fractoin"):
+    with pytest.raises(ConfigKeyError, match="validation_fractoin"):
         run(config(tmp_path, sources, tokenize={"validation_fractoin": 0.1}))
 
 

@@ -15,7 +15,14 @@ from data_pipeline import jsonl_fast
 from data_pipeline.io import LineRejected, document, dumps_doc, json_object
 from data_pipeline.minhash import HAVE_NUMBA
 
-pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="jsonl_fast needs numba")
+
+@pytest.fixture(autouse=True)
+def numba_is_installed() -> None:
+    # numba is a runtime dependency (pyproject.toml); without it the fast path silently never
+    # runs in production, so its absence is a failure here, not a skip.
+    if not HAVE_NUMBA:
+        pytest.fail("numba is not importable, but pyproject.toml declares it: pip install -e .")
+
 
 # Characters that exercise every branch: escapes orjson writes short (\b \t \n \f \r) and
 # long (\u00xx), quotes and backslashes, DEL, 2/3/4-byte UTF-8, Unicode whitespace (the text

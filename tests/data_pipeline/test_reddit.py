@@ -123,9 +123,12 @@ def test_roller_filters_pick_the_clean_branch_and_count_each_filter(scenario_dum
     out = tmp_path / "f.jsonl"
     report = run(RedditConfig(input=str(inp), output=str(out), filters=RedditFilters(enabled=True)))
     docs = read_out(out)
+    # Every thread with a filtered answer is written, and nothing else: the one without comments
+    # (expected_filtered == []) is dropped rather than written empty.
+    assert set(docs) == {"t3_" + t.key for t in threads if t.expected_filtered}
     for th in threads:
-        if th.expected_filtered:
-            assert docs["t3_" + th.key]["meta"]["comment_ids"] == th.expected_filtered, th.name
+        got = docs["t3_" + th.key]["meta"]["comment_ids"] if th.expected_filtered else []
+        assert got == th.expected_filtered, th.name
     deep = next(t for t in threads if t.name == "deep")
     assert len(docs["t3_" + deep.key]["meta"]["comment_ids"]) == 7
     assert report["filters"] == {

@@ -88,10 +88,23 @@ def test_shards_decode_to_the_generated_text_and_a_rebuild_reuses_them(tmp_path)
 
 
 def _build_and_report(out_dir: str, queue) -> None:
+    """Build, and report the chain steps this process ran (the real chain's own report; a
+    process that reused another's shards ran none)."""
+    import data_pipeline.chain as chain
+
+    ran: list[str] = []
+    real_run = chain.run
+
+    def run_and_record(cfg):
+        report = real_run(cfg)
+        ran.extend(report["ran"])
+        return report
+
+    chain.run = run_and_record  # build_tiny_shards imports chain.run when called
     try:
-        queue.put(("ok", str(build_tiny_shards(out_dir))))
+        queue.put(("ok", str(build_tiny_shards(out_dir)), ran))
     except BaseException as e:  # reported to the test, which fails with it
-        queue.put(("error", repr(e)))
+        queue.put(("error", repr(e), ran))
 
 
 def test_processes_building_at_once_build_once_and_agree(tmp_path):
@@ -101,13 +114,20 @@ def test_processes_building_at_once_build_once_and_agree(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_build_and_report, args=(str(tmp_path), queue)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            p.kill()
+            p.join()
     assert [r[0] for r in results] == ["ok"] * 3, results
     assert len({r[1] for r in results}) == 1
+    # One build: one process ran the chain's steps, the two that waited ran none.
+    steps = ["ingest:tiny", "clean:tiny", "dedup:all", "tokenize:tokens"]
+    assert sorted(r[2] for r in results) == [[], [], steps], results
     out = build_tiny_shards(tmp_path)
     assert str(out) == results[0][1]
     shards.verify(out)

@@ -1,5 +1,6 @@
 """The checkpoint format: self-describing, verified, pruned as configured (one process)."""
 
+import dataclasses
 import json
 import logging
 
@@ -82,11 +83,19 @@ def test_sync_and_async_saves_write_identical_bytes(tmp_path, small_shards):
         json.loads((tmp_path / m / "checkpoints/step_00000002/meta.json").read_text())["files"]
         for m in ("true", "false")
     )
+    # DCP's .metadata is a pickled index whose storage_meta holds the save's own temporary
+    # directory and a fresh uuid4 save_id and load_id, so its bytes differ between any two saves
+    # (here 36783 against 36784 bytes: "true" and "false" in the path). Everything else in it,
+    # which tensor lives in which file at which offset and size, must match.
+    ma, mb = (
+        dcp.FileSystemReader(str(tmp_path / m / "checkpoints/step_00000002")).read_metadata()
+        for m in ("true", "false")
+    )
+    assert ma.storage_meta.save_id != mb.storage_meta.save_id  # why the bytes cannot match
+    assert dataclasses.replace(ma, storage_meta=None) == dataclasses.replace(mb, storage_meta=None)
     # config.yaml differs (it names the mode); weights, optimizer, state and RNG must not.
-    del a["config.yaml"], b["config.yaml"]
-    assert {k: v["xxh3_128"] for k, v in a.items() if k != ".metadata"} == {
-        k: v["xxh3_128"] for k, v in b.items() if k != ".metadata"
-    }
+    del a["config.yaml"], b["config.yaml"], a[".metadata"], b[".metadata"]
+    assert {k: v["xxh3_128"] for k, v in a.items()} == {k: v["xxh3_128"] for k, v in b.items()}
 
 
 def test_checkpoints_with_sha256_checksums_from_before_still_verify(tmp_path, small_shards):

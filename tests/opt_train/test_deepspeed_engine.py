@@ -31,14 +31,15 @@ from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.test_fault_tolerance import (
     BOUNDED,
     STEPS,
+    TORCHRUN_SIGNALLED,
     job,
     losses,
     popen,
     run_ok,
-    sigkill_tree,
     uninterrupted,
     wait_for,
 )
+from tests.processes import kill_tree
 
 NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
 
@@ -94,7 +95,7 @@ def test_fp16_stop_rule_counts_the_halvings_metaseq_would_make_below_one():
     ],
 )
 def test_bad_deepspeed_settings_stop_at_start_naming_the_key(overrides, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ValueError, match=message):
         make_config(*overrides)
 
 
@@ -156,9 +157,9 @@ def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(tmp_path, small_s
         run_ok(2, job(run, small_shards, *NO_DROPOUT, *zero(stage), "train.max_steps=6"))
         got = losses(run)
         # fp32 gradients averaged by another collective (all-reduce or reduce-scatter in
-        # another order): ~1e-6 relative per step, compounding over 6 steps of Adam; a
-        # different sample or LR would move the loss by ~1e-2 here.
-        assert got == pytest.approx(want, rel=1e-4), f"ZeRO-{stage}"
+        # another order): a few fp32 roundings (2^-24 = 6e-8) per step; measured 1.5e-7 for
+        # each stage over these 6 steps. A different sample or LR would move the loss by ~1e-2.
+        assert got == pytest.approx(want, rel=1e-6), f"ZeRO-{stage}"
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [sorted(r) for r in rows] == [sorted(r) for r in fsdp_rows]  # same fields
         assert all(math.isfinite(r["grad_norm"]) and not r["skipped"] for r in rows if "loss" in r)
@@ -180,10 +181,12 @@ def test_sigkill_then_rerun_resumes_with_bit_identical_losses(
     # The test hook holds each save for 1 s before it becomes visible (training goes on), so
     # the kill lands mid-run.
     slow = job(run, small_shards, *zero(3), "checkpoint.debug_delay_s=1")
-    proc = popen(torchrun_cmd(2, slow), tmp_path / "log")
-    wait_for(lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc)
-    sigkill_tree(proc.pid)
-    proc.wait()
+    with popen(torchrun_cmd(2, slow), tmp_path / "log") as proc:
+        wait_for(
+            lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc
+        )
+        kill_tree(proc.pid)
+        proc.wait()
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
     stderr = run_ok(2, job(run, small_shards, *zero(3)))
@@ -198,14 +201,15 @@ def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exac
 ):
     run = tmp_path / "run"
     args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
-    proc = popen(
-        torchrun_cmd(2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args),
-        tmp_path / "log",
+    cmd = torchrun_cmd(
+        2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args
     )
-    wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
-    proc.send_signal(signal.SIGUSR1)
-    proc.wait(timeout=60)
+    with popen(cmd, tmp_path / "log") as proc:
+        wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
+        proc.send_signal(signal.SIGUSR1)
+        torchrun_status = proc.wait(timeout=60)
     log = (tmp_path / "log").read_text()
+    assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]  # workers 85, torchrun 1
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()

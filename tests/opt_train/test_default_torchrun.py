@@ -54,6 +54,10 @@ def test_torchrun_two_ranks_on_the_embedded_default_with_a_fresh_cache(tmp_path)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2]
     assert (run_dir / "checkpoints" / "step_00000002" / "meta.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "cache" / "tiny-corpus").glob("tiny-0.jsonl*")) == [
-        "tiny-0.jsonl"
-    ]
+    cache = tmp_path / "cache" / "tiny-corpus"
+    assert sorted(p.name for p in cache.glob("tiny-0.jsonl*")) == ["tiny-0.jsonl"]
+    # One rank built, the other waited: the chain's report is rewritten by every chain run, and
+    # the last one (the rank that waited for the lock) found every step complete and ran none.
+    report = json.loads((cache / "work" / "chain.report.json").read_text())
+    assert report["ran"] == [], report
+    assert report["skipped"] == ["ingest:tiny", "clean:tiny", "dedup:all", "tokenize:tokens"]

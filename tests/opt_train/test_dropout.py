@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from opt_train.dropout import dropout, dropout_mask, keep_threshold, uses_bulk_dropout
+from opt_train.dropout import dropout, dropout_mask, keep_threshold
 
 N = 1 << 22  # elements per mask in the rate tests
 
@@ -103,8 +103,3 @@ def test_identity_in_eval_or_at_p_zero_everything_dropped_at_p_one_and_bad_p_ref
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
     with pytest.raises(ValueError, match="dropout probability"):
         dropout(x, 1.5)
-
-
-def test_only_plain_cpu_tensors_take_the_bulk_path():
-    assert uses_bulk_dropout(torch.ones(2))
-    assert not uses_bulk_dropout(torch.ones(2, device="meta"))

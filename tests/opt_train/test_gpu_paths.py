@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opt_train.checkpoint import pinned_staging
 from opt_train.config import JobConfig, ModelConfig, TrainConfig
 from opt_train.distributed import configure_cuda, cuda_index, with_expandable_segments
-from opt_train.dropout import uses_bulk_dropout
+from opt_train.dropout import dropout, uses_bulk_dropout
 from opt_train.metrics import device_peak_flops, gpu_peak_tflops, matmul_precision
+from opt_train.model import OPT, Attention
 from opt_train.optim import use_fused_adamw
-from opt_train.parallelize import sdpa_ops
+from opt_train.parallelize import apply_ac, sdpa_ops
 from opt_train.plan import PlannerConfig, count_params, make_plan
 
 
@@ -117,17 +121,72 @@ def test_an_unknown_gpu_gets_nan_mfu_and_one_warning(monkeypatch, caplog):
     assert device_peak_flops(cuda, "bf16", 400.0) == 400e12  # logging.peak_tflops wins
 
 
-def test_non_cpu_tensors_keep_sdpa_and_fused_dropout():
+class _FunctionCalls(TorchFunctionMode):
+    """Records the torch functions called (no patching: torch's own override protocol)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class _AtenCounts(TorchDispatchMode):
+    """Counts the aten kernels that actually run (a kernel whose saved output is reused in
+    backward does not run again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("device", "fused"), [("cpu", False), ("meta", True)])
+def test_non_cpu_tensors_keep_sdpa_and_fused_dropout(device, fused):
     # The written-out attention and bulk-bits dropout are for plain CPU tensors only; any
     # other device (meta stands in for CUDA here) takes F.dropout and SDPA's kernels.
-    assert uses_bulk_dropout(torch.empty(2))
-    assert not uses_bulk_dropout(torch.empty(2, device="meta"))
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=64, attention_dropout=0.1)
+    attention = Attention(cfg).to(device).train()
+    with _FunctionCalls() as calls:
+        attention(torch.randn(2, 8, 32, device=device))
+        dropout(torch.randn(4, device=device), 0.1)
+    assert ("scaled_dot_product_attention" in calls.names) == fused, calls.names
+    assert ("dropout" in calls.names) == fused, calls.names  # F.dropout, the fused kernel
+    assert uses_bulk_dropout(torch.empty(2, device=device)) != fused
 
 
 def test_selective_checkpointing_saves_every_attention_kernel():
+    # The CUDA kernels cannot run here: each must at least be in the save list.
     names = {str(op) for op in sdpa_ops()}
     for kernel in ("flash_attention", "efficient_attention", "cudnn_attention"):
         assert any(kernel in n for n in names), kernel
+    # What the policy saves, run for real on CPU (SDPA's CPU flash kernel without dropout):
+    # in backward, selective recomputes LayerNorm and ReLU but neither attention nor a matmul;
+    # full recomputes attention too (2 layers: 2 attention calls per forward).
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_positions=64)
+    cfg.dropout = cfg.attention_dropout = 0.0
+    aten = torch.ops.aten
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
+    runs = {}
+    for mode in ("off", "selective", "full"):
+        torch.manual_seed(0)
+        model = OPT(cfg).train()
+        apply_ac(model, mode)
+        with _AtenCounts() as ops:
+            model(torch.randint(0, 64, (2, 8))).sum().backward()
+        runs[mode] = ops.counts
+    assert runs["off"][sdpa] == 2 and runs["full"][sdpa] == 4
+    assert runs["selective"][sdpa] == runs["off"][sdpa]  # saved, not recomputed
+    addmm, mm = aten.addmm.default, aten.mm.default  # forward matmuls; mm: weight gradients
+    assert runs["selective"][addmm] == runs["off"][addmm] < runs["full"][addmm]
+    assert runs["selective"][mm] == runs["off"][mm]
+    for cheap in (aten.relu.default, aten.native_layer_norm.default):
+        assert runs["selective"][cheap] > runs["off"][cheap]  # recomputed, as chosen
 
 
 def test_fused_adamw_for_plain_tensors():

@@ -118,7 +118,7 @@ def test_two_sources_at_3_to_1_give_6_and_2_in_every_global_batch_on_any_world_s
     per_batch = [[source_of_window(r) for r in batch] for batch in one]
     assert all(labels.count("a") == 6 and labels.count("b") == 2 for labels in per_batch)
     tokens = {s: 32 * sum(labels.count(s) for labels in per_batch) for s in "ab"}
-    assert tokens["a"] / tokens["b"] == pytest.approx(3.0, rel=0.05)
+    assert tokens["a"] == 3 * tokens["b"]
     ld = mixed_loaders(a, b, 1)[0]
     global_batches([ld], 40)
     assert ld.tokens_by_source() == tokens
@@ -185,7 +185,7 @@ def test_mixed_run_logs_tokens_by_source_and_per_source_val_loss_and_resumes_bit
     last = steps[-1]
     assert last["step"] == 40 and sum(last["tokens_by_source"].values()) == last["tokens"]
     ratio = last["tokens_by_source"]["a"] / last["tokens_by_source"]["b"]
-    assert ratio == pytest.approx(3.0, rel=0.05)
+    assert ratio == 3.0  # 6 a and 2 b windows in every global batch, so exactly 3:1
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
     for r in evals:
         assert {"val_loss/a", "val_loss/b"} <= r.keys()
@@ -304,12 +304,16 @@ def test_same_mixture_on_one_process_and_two_fsdp_ranks_gives_the_same_losses(
     one, two = launch(1, tmp_path / "one"), launch(2, tmp_path / "two")
     keys = ("loss", "val_loss", "val_loss/a", "val_loss/b")
     assert len(one) == len(two) == 8  # 6 step rows, 2 eval rows
+    assert [r1.keys() & keys for r1 in one] == [
+        {"val_loss", "val_loss/a", "val_loss/b"} if "val_loss" in r1 else {"loss"} for r1 in one
+    ]
     for r1, r2 in zip(one, two, strict=True):
         assert r1.get("tokens_by_source") == r2.get("tokens_by_source")
-        for k in keys:
-            if k in r1:
-                # fp32 reductions split across ranks sum in another order: ~1e-6 relative.
-                assert r2[k] == pytest.approx(r1[k], rel=1e-4), (r1["step"], k)
+        assert r1.keys() & keys == r2.keys() & keys, r1["step"]
+        for k in r1.keys() & keys:
+            # fp32 reductions split across ranks sum in another order: a few fp32 roundings
+            # (2^-24 = 6e-8) per step; measured at most 7.7e-8 over these 6 steps, eval rows equal.
+            assert r2[k] == pytest.approx(r1[k], rel=1e-6), (r1["step"], k)
 
 
 def test_rows_are_flattened_for_scalar_sinks():

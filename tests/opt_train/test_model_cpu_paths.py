@@ -55,9 +55,19 @@ def test_bf16_attention_is_as_close_to_fp32_as_sdpa_in_bf16():
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_replays_attention_and_residual_dropout_masks(mode):
+# attention_dropout 0.1 takes the written-out attention; 0.0 takes SDPA's CPU kernel, whose
+# output selective checkpointing saves rather than recomputes.
+@pytest.mark.parametrize("attention_dropout", [0.1, 0.0])
+def test_activation_checkpointing_replays_attention_and_residual_dropout_masks(
+    mode, attention_dropout
+):
     cfg = ModelConfig(
-        vocab_size=128, d_model=32, n_heads=4, n_layers=2, dropout=0.1, attention_dropout=0.1
+        vocab_size=128,
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        dropout=0.1,
+        attention_dropout=attention_dropout,
     )
     torch.manual_seed(0)
     plain, ckpt = OPT(cfg), OPT(cfg)

@@ -5,6 +5,7 @@ import fcntl
 import io
 import json
 import logging
+import math
 import os
 import pty
 import re
@@ -25,6 +26,7 @@ from opt_train.console import ConsoleLines, console_callback
 from opt_train.plot import draw
 from opt_train.trainer import Trainer
 from tests.opt_train.conftest import REPO, make_config, small_job, small_job_overrides
+from tests.opt_train.garbage import steps
 from tests.opt_train.test_stability import _Poison
 
 
@@ -257,7 +259,7 @@ def test_the_profiler_window_meets_the_end_of_a_run_and_a_resume(tmp_path, small
     ],
 )
 def test_bad_observability_keys_are_named(override, message):
-    with pytest.raises(Exception, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         make_config(override)
 
 
@@ -403,8 +405,15 @@ def rolled_back_run(tmp_path_factory, small_shards) -> tuple[Path, str]:
         reader.join(30)
     finally:
         os.close(master)
-    events = [(r["event"], r["step"]) for r in rows(run) if "event" in r]
-    assert events == [("spike", 16), ("rollback", 16)]
+    # The rollback itself (test_stability's poisoned run, checked here once with the bar and
+    # wandb on): two non-finite steps skipped, back to checkpoint 10, every step logged finite.
+    events = [r for r in rows(run) if "event" in r]
+    assert [(e["event"], e["step"]) for e in events] == [("spike", 16), ("rollback", 16)]
+    assert events[0]["reason"] == "nonfinite" and events[0]["onset"] == 14
+    assert (events[1]["to_step"], events[1]["skip_steps"]) == (10, [11, 16])
+    got = steps(run)
+    assert sorted(got) == list(range(1, 25))
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in got.values())
     return run, b"".join(chunks).decode()
 
 

@@ -64,9 +64,11 @@ def test_fp32_losses_equal_one_process_under_fsdp_tp_and_both(tmp_path, small_sh
 def test_bf16_fsdp_x_tp_agrees_with_one_process_within_bf16_tolerance(tmp_path, small_shards):
     one = launch(1, tmp_path / "one", small_shards, "precision=bf16")
     both = launch(4, tmp_path / "2d", small_shards, "precision=bf16", "parallel.tp=2")
-    # bf16 keeps 8 mantissa bits (~4e-3 relative per op); the two runs round different
-    # intermediates (autocast vs FSDP's bf16 parameters), so agree to ~1e-2.
-    assert both == pytest.approx(one, rel=2e-2)
+    # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3 per op); the two runs round
+    # different intermediates (autocast vs FSDP's bf16 parameters) and the difference compounds
+    # through training: measured 1.9e-6 at step 1 growing to 2.5e-3 at step 6. Bound: two bf16
+    # unit roundoffs; a missed gradient reduction or a shifted sample moves the loss by ~1e-2.
+    assert both == pytest.approx(one, rel=2 * 2**-8)
 
 
 def test_mesh_validation_says_what_to_change():
@@ -146,8 +148,9 @@ def _meta_init_statistics(rank: int, world: int) -> None:
             assert torch.all(full == 1.0), name
         else:
             want = out_std if name.endswith(("out_proj.weight", "fc2.weight")) else 0.006
-            # >= 65k samples: sample std within ~1% of the true std.
-            assert full.std().item() == pytest.approx(want, rel=0.02), name
+            # A sample std of n normal draws has relative standard error 1/sqrt(2n): 5 sigma.
+            rel = 5 / math.sqrt(2 * full.numel())
+            assert full.std().item() == pytest.approx(want, rel=rel), name
             _shards_differ_across_every_mesh_dim(name, p)
 
 

@@ -158,13 +158,23 @@ CASES = {
 }
 
 
+# A plan below the measured peak would let a user pick a batch that does not fit; the headroom
+# above it is the planner's own rounding up (loss buffer, allocator-free scratch counted whole).
+# Measured planned/peak: 1.034-1.066 on one process, 1.080-1.091 on two ranks (the tensor
+# counts are deterministic); over 12% would plan a smaller batch than the device holds.
+MAX_HEADROOM = 1.12
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_planned_peak_is_within_15_percent_of_measured_tensor_memory(case):
+def test_planned_peak_covers_measured_tensor_memory_with_at_most_12_percent_headroom(case):
     model_cfg, batch, seq, ac = CASES[case]
     measured = measure_training(model_cfg, batch, seq, ac)
     plan = cpu_plan(model_cfg, batch, seq, ac)
-    assert plan.peak[ac] == pytest.approx(measured["peak"], rel=0.15), (plan.peak, measured)
+    assert measured["peak"] <= plan.peak[ac] <= MAX_HEADROOM * measured["peak"], (
+        plan.peak,
+        measured,
+    )
     # The saved activations alone are counted tensor by tensor, so they agree more closely
     # (the loss's scalar output and the int64 targets' slices are the only extras).
     assert plan.activations[ac].saved == pytest.approx(measured["saved"], rel=0.03)
@@ -204,7 +214,7 @@ def _distributed_worker() -> None:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_planned_peak_is_within_15_percent_of_measured_on_two_fsdp2_tp_ranks():
+def test_planned_peak_covers_measured_with_at_most_12_percent_headroom_on_two_fsdp2_tp_ranks():
     r = subprocess.run(
         [
             sys.executable,
@@ -225,7 +235,7 @@ def test_planned_peak_is_within_15_percent_of_measured_on_two_fsdp2_tp_ranks():
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert [(row["tp"], row["ac"]) for row in rows] == DISTRIBUTED_CASES
     for row in rows:
-        assert row["planned"] == pytest.approx(row["measured"], rel=0.15), row
+        assert row["measured"] <= row["planned"] <= MAX_HEADROOM * row["measured"], row
 
 
 # -- the activation formula ---------------------------------------------------------------------

@@ -117,13 +117,14 @@ def fp32_rows(tmp_path_factory, small_shards) -> list[dict]:
     return [r for r in metrics(run) if "loss" in r]
 
 
-@pytest.mark.parametrize("precision, rel", [("bf16", 1e-2), ("fp16", 5e-3)])
+@pytest.mark.parametrize("precision, rel", [("bf16", 2**-8), ("fp16", 2 * 2**-11)])
 def test_low_precision_losses_follow_fp32_within_their_rounding(
     tmp_path, small_shards, fp32_rows, precision, rel
 ):
-    """Autocast rounds matmul inputs to 8 (bf16) or 11 (fp16) mantissa bits: ~4e-3 and ~5e-4
-    relative per op, averaging out over the many terms of a mean loss (measured over these 8
-    steps: up to 7e-4 for bf16, 3.4e-4 for fp16). A step that did not train, or trained on
+    """Autocast rounds matmul inputs to 8 (bf16) or 11 (fp16) significant bits, unit roundoff
+    2^-8 = 3.9e-3 and 2^-11 = 4.9e-4 per op, averaging out over the many terms of a mean loss:
+    the losses stay within one bf16 unit roundoff and two fp16 ones (measured over these 8
+    steps: at most 6.5e-4 for bf16, 3.4e-4 for fp16). A step that did not train, or trained on
     other samples or at another LR, moves the loss by several percent by step 8."""
     run = tmp_path / precision
     Trainer(small_job(run, small_shards, "train.max_steps=8", f"precision={precision}")).fit()
@@ -189,34 +190,6 @@ def test_fp16_loss_scale_is_restored_on_resume(tmp_path, small_shards):
     t.fit()
     back = Trainer(small_job(run, small_shards, "train.max_steps=2", "precision=fp16"))
     assert back.scaler.scale == t.scaler.scale and back.scaler.good_steps == t.scaler.good_steps
-
-
-def test_hf_export_cli_converts_a_checkpoint(tmp_path, small_shards):
-    from transformers import OPTForCausalLM
-
-    from opt_train.hf import main
-
-    run = tmp_path / "run"
-    t = Trainer(small_job(run, small_shards, "train.max_steps=1"))
-    t.fit()
-    main([str(run), str(tmp_path / "hf")])
-    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (hf(x).logits - t.model.eval()(x)).abs().max().item() < 1e-4
-
-
-@pytest.mark.slow
-def test_wandb_offline_run_lives_in_run_dir_without_secrets(tmp_path, small_shards, monkeypatch):
-    secret = "sk-test-0123456789abcdef-do-not-leak"
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_API_KEY", secret)
-    run = tmp_path / "run"
-    Trainer(small_job(run, small_shards, "train.max_steps=2", "logging.wandb=offline")).fit()
-    assert any((run / "wandb").glob("offline-run-*")), "no offline wandb run in run_dir"
-    for f in run.rglob("*"):
-        if f.is_file():
-            assert secret.encode() not in f.read_bytes(), f
 
 
 class _Watcher(Callback):

@@ -26,7 +26,9 @@ from opt_train.checkpoint import EXIT_CHECKPOINT_FAILED
 from opt_train.run_files import JsonlAppender, write_text_atomic
 from opt_train.run_lock import EXIT_RUN_DIR_LOCKED, RunDirLocked, RunLock
 from tests.multirank import REPO, rank_env, torchrun_cmd
-from tests.opt_train.test_fault_tolerance import TINY, popen, sigkill_tree, wait_for
+from tests.opt_train.test_fault_tolerance import TINY, popen, wait_for
+from tests.processes import kill_tree
+from tests.processes import run as run_to_end
 
 
 @contextlib.contextmanager
@@ -112,9 +114,7 @@ def overrides(run_dir: Path, data: Path, steps: int, *extra: str) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return run_to_end(cmd, timeout, cwd=REPO, env=rank_env())
 
 
 @pytest.mark.slow
@@ -177,8 +177,7 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_the_first_logs_every_st
     tmp_path, small_shards
 ):
     run_dir = tmp_path / "run"
-    first = popen(train_cmd(run_dir, small_shards, 100000), tmp_path / "first.log")
-    try:
+    with popen(train_cmd(run_dir, small_shards, 100000), tmp_path / "first.log") as first:
         wait_for(lambda: (run_dir / "metrics.jsonl").is_file(), first)
         t0 = time.monotonic()
         second = run(train_cmd(run_dir, small_shards, 100000), timeout=120)
@@ -190,9 +189,6 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_the_first_logs_every_st
         assert "parameters" not in second.stderr and took < 60
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 85
-    finally:
-        if first.poll() is None:
-            first.kill()
     got = step_losses(run_dir)
     assert sorted(got) == list(range(1, max(got) + 1))
     assert (run_dir / "run.lock").read_text() == ""  # released on the way out
@@ -201,11 +197,9 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_the_first_logs_every_st
 @pytest.mark.slow
 def test_a_lock_left_by_a_sigkilled_run_is_taken_over_by_the_next_start(tmp_path, small_shards):
     run_dir = tmp_path / "run"
-    first = popen(train_cmd(run_dir, small_shards, 100000), tmp_path / "first.log")
-    try:
+    with popen(train_cmd(run_dir, small_shards, 100000), tmp_path / "first.log") as first:
         wait_for(lambda: (run_dir / "checkpoints" / "step_00000003").is_dir(), first)
-    finally:
-        sigkill_tree(first.pid)
+        kill_tree(first.pid)
         first.wait()
     held = json.loads((run_dir / "run.lock").read_text())
     assert held["pid"] == first.pid
