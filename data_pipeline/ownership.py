@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 WORK_MARKER = ".opt-train-work"  # inside a stage's private scratch directory
@@ -79,14 +80,20 @@ def is_our_output(path: Path) -> bool:
     return False
 
 
-def check_output(path: str | Path, key: str = "output") -> None:
+def check_output(
+    path: str | Path,
+    key: str = "output",
+    is_ours: Callable[[Path], bool] | None = None,
+    what: str = "opt-train output",
+) -> None:
     """Refuse (NotOursError, one line naming `key`, the path and what is there) to replace an
-    existing `path` that the project did not write; a missing path is fine."""
+    existing `path` that the project did not write; a missing path is fine. `is_ours` says
+    what counts as ours (default: a pipeline output, `is_our_output`); `what` names it."""
     path = Path(path)
-    if not os.path.lexists(path) or is_our_output(path):
+    if not os.path.lexists(path) or (is_ours or is_our_output)(path):
         return
     raise NotOursError(
-        f"{key}={path} exists and is not an opt-train output (holds {describe(path)}); "
+        f"{key}={path} exists and is not an {what} (holds {describe(path)}); "
         "choose another path or remove it yourself"
     )
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import EXPORT_DTYPES, ExportConfig, ModelConfig, parse_size
 from opt_train.model import OPT
 
@@ -253,29 +254,17 @@ def is_our_export(path: Path) -> bool:
         return False
 
 
-def _holdings(path: Path) -> str:
-    """What a path is, for a refusal: 'a file', 'a symlink to X', 'a directory holding 3
-    entries: a/, b/, config.json'."""
-    if path.is_symlink():
-        return f"a symlink to {os.readlink(path)}"
-    if not path.is_dir():
-        return "a file"
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    return f"a directory holding {len(names)} entries: {shown}"
+def _ours_to_replace(path: Path) -> bool:
+    """An earlier export, or an empty real directory (nothing in it to lose)."""
+    return is_our_export(path) or (
+        path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    )
 
 
 def check_export_target(out: Path) -> None:
-    """Refuse (FileExistsError, one line, nothing touched) an output that exists and is not an
-    empty directory or an earlier export of ours."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if is_our_export(out) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-        return
-    raise FileExistsError(
-        f"{out} exists and is not an opt-train export (it is {_holdings(out)}; no "
-        f"{EXPORT_RECORD}); choose another output or remove it yourself"
-    )
+    """Refuse (NotOursError, one line, nothing touched) an output that exists and is not an
+    empty directory or an earlier export of ours (data_pipeline.ownership holds the rule)."""
+    check_output(out, "output", _ours_to_replace, "opt-train export")
 
 
 def write_hf_dir(
@@ -341,7 +330,7 @@ def write_hf_dir(
         check_export_target(out)  # again: it may have changed during the export
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)  # renames a link itself, never its target
-        shutil.rmtree(old)  # refuses a link; inside, links are unlinked, not followed
+        rmtree(old)  # inside, links are unlinked, not followed
     os.rename(tmp, out)
     return out
 
@@ -454,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         done = export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)
-    except (FileExistsError, FileNotFoundError, CorruptCheckpoint) as e:
+    except (NotOursError, FileNotFoundError, CorruptCheckpoint) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(done))
 

@@ -208,7 +208,7 @@ def test_export_refuses_a_directory_that_is_not_its_own_and_touches_nothing(tmp_
     hf.main([str(run), str(ours)])
     (tmp_path / "link").symlink_to(ours)
     before = snapshot(ours)
-    with pytest.raises(SystemExit, match="it is a symlink to"):
+    with pytest.raises(SystemExit, match="holds a symbolic link to"):
         hf.main([str(run), str(tmp_path / "link")])
     assert snapshot(ours) == before and (tmp_path / "link").is_symlink()
 

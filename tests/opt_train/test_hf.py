@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
+from data_pipeline.ownership import NotOursError
 from opt_train.config import ModelConfig
 from opt_train.hf import load_hf, save_hf
 from opt_train.model import OPT
@@ -319,6 +320,6 @@ def test_export_replaces_an_earlier_export_but_never_another_directory(tmp_path)
     assert OPTForCausalLM.from_pretrained(tmp_path / "hf") is not None
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not an opt-train export"):
+    with pytest.raises(NotOursError, match="is not an opt-train export"):
         save_hf(OPT(cfg), cfg, tmp_path / "notes")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
