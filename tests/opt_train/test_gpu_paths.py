@@ -15,7 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opt_train.checkpoint import pinned_staging
-from opt_train.config import JobConfig, ModelConfig, TrainConfig
+from opt_train.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from opt_train.distributed import configure_cuda, cuda_index, with_expandable_segments
 from opt_train.dropout import dropout, uses_bulk_dropout
 from opt_train.metrics import device_peak_flops, gpu_peak_tflops, matmul_precision
@@ -200,9 +200,11 @@ def test_cpu_weights_are_staged_in_plain_memory():
 def test_the_planner_models_fsdp2_on_one_gpu_when_asked():
     model = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=512, max_positions=64)
     job = JobConfig(
-        precision="bf16", model=model, train=TrainConfig(micro_batch_size=2, batch_tokens=128)
+        precision="bf16",
+        model=model,
+        train=TrainConfig(micro_batch_size=2, batch_tokens=128),
+        data=DataConfig(seq_len=64),
     )
-    job.data.seq_len = 64
     alone = make_plan(job, PlannerConfig(nodes=1, gpus_per_node=1))
     fsdp = make_plan(job, PlannerConfig(nodes=1, gpus_per_node=1, fsdp_alone=True))
     c = count_params(model, 1, 1)
