@@ -39,6 +39,7 @@ from tests.opt_train.test_fault_tolerance import (
     uninterrupted,
     wait_for,
 )
+from tests.opt_train.test_parallel import FP32_EVAL, launch
 from tests.processes import kill_tree
 
 NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
@@ -146,15 +147,18 @@ def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_che
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(tmp_path, small_shards):
-    fsdp = tmp_path / "fsdp"
-    run_ok(2, job(fsdp, small_shards, *NO_DROPOUT, "train.max_steps=6"))
+def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(
+    tmp_path, small_shards, fp32_mesh_run
+):
+    # The FSDP2 x 2 run is test_parallel's (tiny, fp32, no dropout, 6 steps, evaluating every
+    # 2), run once a session; each ZeRO run is the same command with the engine changed.
+    fsdp = fp32_mesh_run(2)
     want = losses(fsdp)
     assert sorted(want) == list(range(1, 7))
     fsdp_rows = [json.loads(x) for x in (fsdp / "metrics.jsonl").read_text().splitlines()]
     for stage in (1, 2, 3):
         run = tmp_path / f"zero{stage}"
-        run_ok(2, job(run, small_shards, *NO_DROPOUT, *zero(stage), "train.max_steps=6"))
+        launch(2, run, small_shards, *FP32_EVAL, *zero(stage))
         got = losses(run)
         # fp32 gradients averaged by another collective (all-reduce or reduce-scatter in
         # another order): a few fp32 roundings (2^-24 = 6e-8) per step; measured 1.5e-7 for
