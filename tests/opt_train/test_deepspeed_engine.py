@@ -187,8 +187,8 @@ def test_sigkill_then_sigusr1_each_resume_and_the_run_ends_with_bit_identical_lo
     reference and each resume are the same either way)."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    # SIGKILL. The test hook holds each save for 1 s before it becomes visible (DeepSpeed saves
-    # from the training thread, so the run waits), so the kill lands mid-run.
+    # SIGKILL. The test hook holds each save for 1 s before it becomes visible (training goes
+    # on), so the kill lands mid-run.
     slow = job(run, small_shards, *zero(3), "checkpoint.debug_delay_s=1")
     with popen(torchrun_cmd(2, slow), tmp_path / "kill.log") as proc:
         wait_for(
