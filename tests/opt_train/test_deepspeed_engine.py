@@ -180,8 +180,8 @@ def zero3_reference(tmp_path_factory, small_shards) -> dict[int, float]:
 def test_sigkill_then_sigusr1_each_resume_and_the_run_ends_with_bit_identical_losses(
     tmp_path, small_shards, zero3_reference
 ):
-    """One run interrupted twice, then finished: SIGKILLed mid-run, then (rerun with the same
-    command) preempted by SIGUSR1, which saves at the current step and exits 85; the last rerun
+    """One run interrupted twice, then finished: SIGKILLed mid-run, then, rerun, preempted
+    through torchrun with SIGUSR1, which saves at the current step and exits 85; the last rerun
     continues from that save. Both interruptions resume, and the finished run has the
     uninterrupted run's losses bit for bit (one sequence instead of one per signal: the
     reference and each resume are the same either way)."""
