@@ -39,6 +39,7 @@ from tests.opt_train.test_fault_tolerance import (
     uninterrupted,
     wait_for,
 )
+from tests.opt_train.test_parallel import FP32_EVAL, launch
 from tests.processes import kill_tree
 
 NO_DROPOUT = ["model.dropout=0.0", "model.attention_dropout=0.0"]
@@ -146,15 +147,18 @@ def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_che
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(tmp_path, small_shards):
-    fsdp = tmp_path / "fsdp"
-    run_ok(2, job(fsdp, small_shards, *NO_DROPOUT, "train.max_steps=6"))
+def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(
+    tmp_path, small_shards, fp32_mesh_run
+):
+    # The FSDP2 x 2 run is test_parallel's (tiny, fp32, no dropout, 6 steps, evaluating every
+    # 2), run once a session; each ZeRO run is the same command with the engine changed.
+    fsdp = fp32_mesh_run(2)
     want = losses(fsdp)
     assert sorted(want) == list(range(1, 7))
     fsdp_rows = [json.loads(x) for x in (fsdp / "metrics.jsonl").read_text().splitlines()]
     for stage in (1, 2, 3):
         run = tmp_path / f"zero{stage}"
-        run_ok(2, job(run, small_shards, *NO_DROPOUT, *zero(stage), "train.max_steps=6"))
+        launch(2, run, small_shards, *FP32_EVAL, *zero(stage))
         got = losses(run)
         # fp32 gradients averaged by another collective (all-reduce or reduce-scatter in
         # another order): a few fp32 roundings (2^-24 = 6e-8) per step; measured 1.5e-7 for
@@ -173,15 +177,20 @@ def zero3_reference(tmp_path_factory, small_shards) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_sigkill_then_rerun_resumes_with_bit_identical_losses(
+def test_sigkill_then_sigusr1_each_resume_and_the_run_ends_with_bit_identical_losses(
     tmp_path, small_shards, zero3_reference
 ):
+    """One run interrupted twice, then finished: SIGKILLed mid-run, then, rerun, preempted
+    through torchrun with SIGUSR1, which saves at the current step and exits 85; the last rerun
+    continues from that save. Both interruptions resume, and the finished run has the
+    uninterrupted run's losses bit for bit (one sequence instead of one per signal: the
+    reference and each resume are the same either way)."""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    # The test hook holds each save for 1 s before it becomes visible (training goes on), so
-    # the kill lands mid-run.
+    # SIGKILL. The test hook holds each save for 1 s before it becomes visible (training goes
+    # on), so the kill lands mid-run.
     slow = job(run, small_shards, *zero(3), "checkpoint.debug_delay_s=1")
-    with popen(torchrun_cmd(2, slow), tmp_path / "log") as proc:
+    with popen(torchrun_cmd(2, slow), tmp_path / "kill.log") as proc:
         wait_for(
             lambda: (ckpts / "step_00000003").is_dir() and len(losses_or_empty(run)) >= 4, proc
         )
@@ -189,34 +198,28 @@ def test_sigkill_then_rerun_resumes_with_bit_identical_losses(
         proc.wait()
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
-    stderr = run_ok(2, job(run, small_shards, *zero(3)))
-    assert "resumed from " + str(ckpts) in stderr
-    assert losses(run) == zero3_reference  # bit for bit
 
-
-@pytest.mark.slow
-@pytest.mark.multirank
-def test_sigusr1_saves_at_the_current_step_exits_85_and_the_rerun_continues_exactly(
-    tmp_path, small_shards, zero3_reference
-):
-    run = tmp_path / "run"
+    # SIGUSR1 to the rerun, once it says it resumed (the handlers are installed first thing, so
+    # the signal is not lost): it stops after the step it is in, well before STEPS.
     args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
     cmd = torchrun_cmd(
         2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args
     )
-    with popen(cmd, tmp_path / "log") as proc:
-        wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
+    log_path = tmp_path / "usr1.log"
+    with popen(cmd, log_path) as proc:
+        wait_for(lambda: "resumed from " + str(ckpts) in log_path.read_text(), proc)
         proc.send_signal(signal.SIGUSR1)
         torchrun_status = proc.wait(timeout=60)
-    log = (tmp_path / "log").read_text()
+    log = log_path.read_text()
     assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]  # workers 85, torchrun 1
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))
-    assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
+    assert (ckpts / f"step_{stopped:08d}" / "meta.json").is_file()
     assert stopped < STEPS, f"the signal landed at step {stopped}, after the last step"
+
     stderr = run_ok(2, job(run, small_shards, *zero(3)))
-    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in stderr
-    assert losses(run) == zero3_reference
+    assert f"resumed from {ckpts / f'step_{stopped:08d}'}" in stderr
+    assert losses(run) == zero3_reference  # bit for bit
 
 
 def losses_or_empty(run: Path) -> dict[int, float]:

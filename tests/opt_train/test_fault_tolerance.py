@@ -50,10 +50,11 @@ TINY = [
     "checkpoint.interval=3",
 ]
 STEPS = 12
-# For a signal sent once step 3's checkpoint is visible: one save is in flight at a time and
-# each is held 2 s before it becomes visible, so the run cannot pass step 9's save (which
-# waits for step 6's) until 2 s later. A signal sent in that time stops it by step 10 at the
-# latest, before STEPS: the resume after it is always checked.
+# For a signal sent as soon as a rerun says where it resumed (step 3 or 6 in practice): the
+# run stops after the step it is in. One save is in flight at a time and each is held 2 s
+# before it becomes visible, so the run cannot pass the second save after the resume (which
+# waits for the first) until 2 s later: a signal that arrives late still stops it before
+# STEPS, and the resume after it is always checked.
 BOUNDED = ["checkpoint.debug_delay_s=2"]
 # torchrun's own status after it forwarded a signal its workers obeyed (docs/fault-tolerance.md).
 TORCHRUN_SIGNALLED = 1
@@ -113,15 +114,20 @@ def reference(tmp_path_factory, small_shards) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_is_bit_exact(
+def test_sigkill_during_a_save_then_sigusr1_under_torchrun_each_resume_and_end_bit_exact(
     tmp_path, small_shards, reference
 ):
+    """One run interrupted twice, then finished: SIGKILLed mid-save (the previous checkpoint
+    stays, the half-written one is removed on resume), then preempted through torchrun with
+    SIGUSR1 (both workers save at the current step and exit 85); the last rerun ends with the
+    uninterrupted run's losses bit for bit. (One sequence, not a test per signal: the reference
+    and each resume are the same either way.)"""
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     # The test hook holds each save for 2 s between "DCP wrote every shard" and "visible";
     # training goes on meanwhile (async), so the kill lands mid-save and mid-training.
     cmd = torchrun_cmd(2, job(run, small_shards, "checkpoint.debug_delay_s=2"))
-    with popen(cmd, tmp_path / "log") as proc:
+    with popen(cmd, tmp_path / "kill.log") as proc:
         wait_for(
             lambda: (ckpts / "step_00000003").is_dir() and (ckpts / ".tmp-step_00000006").is_dir(),
             proc,
@@ -134,10 +140,30 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_is_bit_
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
 
-    stderr = run_ok(2, job(run, small_shards))
-    assert "resumed from " + str(ckpts / "step_00000003") in stderr
-    assert "removing" in stderr and ".tmp-step_00000006" in stderr
-    assert losses(run) == reference  # bit for bit, steps 4..12 recomputed after the resume
+    # torchrun forwarding SIGUSR1 (SLURM's preemption warning) to both workers of the rerun,
+    # once it says where it resumed (the handlers are installed first thing, so the signal is
+    # not lost): it stops after the step it is in, well before STEPS.
+    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
+    cmd = torchrun_cmd(2, job(run, small_shards, "train.max_steps=100000", *BOUNDED), args)
+    log_path = tmp_path / "usr1.log"
+    with popen(cmd, log_path) as proc:
+        wait_for(lambda: "resumed from " + str(ckpts) in log_path.read_text(), proc)
+        proc.send_signal(signal.SIGUSR1)
+        torchrun_status = proc.wait(timeout=60)
+    log = log_path.read_text()
+    assert "resumed from " + str(ckpts / "step_00000003") in log
+    assert "removing" in log and ".tmp-step_00000006" in log
+    # Each worker exits 85; torchrun itself then exits 1 (torch 2.13 re-raises the forwarded
+    # signal as SignalException; docs/fault-tolerance.md), not killed by the signal (-10).
+    assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]
+    assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
+    stopped = max(losses(run))
+    assert (ckpts / f"step_{stopped:08d}" / "meta.json").is_file()
+    assert stopped < STEPS, f"the signal landed at step {stopped}, after the last step"
+
+    stderr = run_ok(2, job(run, small_shards))  # continues the uninterrupted run exactly
+    assert f"resumed from {ckpts / f'step_{stopped:08d}'}" in stderr
+    assert losses(run) == reference  # bit for bit, recomputed after both resumes
 
 
 @pytest.mark.slow
@@ -182,11 +208,9 @@ def test_resume_on_one_rank_and_on_tp2_reshards_and_continues_the_same_samples(
 
 
 @pytest.mark.slow
-@pytest.mark.multirank
-def test_sigterm_and_sigusr1_save_at_the_current_step_and_exit_85(
-    tmp_path, small_shards, reference
-):
-    # One process, signalled directly: `python train.py` exits with EXIT_REQUEUE.
+def test_sigterm_saves_at_the_current_step_and_exits_85(tmp_path, small_shards):
+    # One process, signalled directly: `python train.py` exits with EXIT_REQUEUE. (torchrun
+    # forwarding SIGUSR1 to two workers: the SIGKILL-then-SIGUSR1 sequence above.)
     solo = tmp_path / "solo"
     cmd = [sys.executable, "train.py", *job(solo, small_shards, "train.max_steps=100000")]
     with popen(cmd, tmp_path / "solo.log") as proc:
@@ -195,26 +219,6 @@ def test_sigterm_and_sigusr1_save_at_the_current_step_and_exit_85(
         assert proc.wait(timeout=60) == EXIT_REQUEUE
     stopped = max(losses(solo))
     assert (solo / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
-
-    # torchrun forwarding SIGUSR1 (SLURM's preemption warning) to both workers.
-    run = tmp_path / "run"
-    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
-    cmd = torchrun_cmd(2, job(run, small_shards, "train.max_steps=100000", *BOUNDED), args)
-    with popen(cmd, tmp_path / "run.log") as proc:
-        wait_for(lambda: (run / "checkpoints" / "step_00000003").is_dir(), proc)
-        proc.send_signal(signal.SIGUSR1)
-        torchrun_status = proc.wait(timeout=60)
-    log = (tmp_path / "run.log").read_text()
-    # Each worker exits 85; torchrun itself then exits 1 (torch 2.13 re-raises the forwarded
-    # signal as SignalException; docs/fault-tolerance.md), not killed by the signal (-10).
-    assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]
-    assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
-    stopped = max(losses(run))
-    assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
-    assert stopped < STEPS, f"the signal landed at step {stopped}, after the last step"
-    stderr = run_ok(2, job(run, small_shards))  # continues the uninterrupted run exactly
-    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in stderr
-    assert losses(run) == reference
 
 
 @pytest.mark.slow

@@ -14,18 +14,15 @@ def rows(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-EVAL = ["precision=fp32", "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=4"]
-
-
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_val_loss_is_the_same_at_one_and_two_ranks(tmp_path, small_shards):
-    launch(1, tmp_path / "one", small_shards, *EVAL)
-    launch(2, tmp_path / "two", small_shards, *EVAL)
-    one = {r["step"]: r["val_loss"] for r in rows(tmp_path / "one") if "val_loss" in r}
-    two = {r["step"]: r["val_loss"] for r in rows(tmp_path / "two") if "val_loss" in r}
-    assert sorted(one) == sorted(two) == [2, 4]
-    # The same 8 windows in the same batches of 2; only the weights after 2 and 4 steps of
+def test_val_loss_is_the_same_at_one_and_two_ranks(fp32_mesh_run):
+    # test_parallel's fp32 runs (FP32_EVAL: 6 steps, 4 validation batches every 2 steps), which
+    # its mesh test also reads: run once a session.
+    one = {r["step"]: r["val_loss"] for r in rows(fp32_mesh_run(1)) if "val_loss" in r}
+    two = {r["step"]: r["val_loss"] for r in rows(fp32_mesh_run(2)) if "val_loss" in r}
+    assert sorted(one) == sorted(two) == [2, 4, 6]
+    # The same 8 windows in the same batches of 2; only the weights after 2, 4 and 6 steps of
     # training differ, by fp32 reductions in another order (~1e-6 relative). Another set of
     # windows (as when each rank took its own 4 batches) moves the mean by ~1e-2.
     assert two == pytest.approx(one, rel=1e-5)

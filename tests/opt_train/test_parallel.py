@@ -42,14 +42,20 @@ def launch(nproc: int, run_dir, data, *extra: str) -> list[float]:
     return losses(run_dir)
 
 
+# The fp32 runs (tests/opt_train/conftest.py's `fp32_mesh_run`, once a session) also evaluate,
+# so test_multirank_eval reads its val_loss claim from the same runs; evaluation draws no
+# random numbers and changes no weight, so the training losses are those of a run without it.
+FP32_EVAL = ["precision=fp32", "train.eval_interval=2", "train.eval_batches=4"]
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_fp32_losses_equal_one_process_under_fsdp_tp_and_both(tmp_path, small_shards):
-    one = launch(1, tmp_path / "one", small_shards, "precision=fp32")
+def test_fp32_losses_equal_one_process_under_fsdp_tp_and_both(fp32_mesh_run):
+    one = losses(fp32_mesh_run(1))
     runs = {
-        "fsdp2": launch(2, tmp_path / "fsdp", small_shards, "precision=fp32"),
-        "tp2": launch(2, tmp_path / "tp", small_shards, "precision=fp32", "parallel.tp=2"),
-        "fsdp2xtp2": launch(4, tmp_path / "2d", small_shards, "precision=fp32", "parallel.tp=2"),
+        "fsdp2": losses(fp32_mesh_run(2)),
+        "tp2": losses(fp32_mesh_run(2, "parallel.tp=2")),
+        "fsdp2xtp2": losses(fp32_mesh_run(4, "parallel.tp=2")),
     }
     assert len(one) == 6 and one[-1] < one[0]
     for name, got in runs.items():
