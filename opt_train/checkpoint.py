@@ -345,10 +345,15 @@ def read_dcp_metadata(path: Path) -> Metadata:
 
 
 class TrustedReader(dcp.FileSystemReader):
-    """DCP's reader with `.metadata` read by `read_dcp_metadata` instead of `pickle.load`."""
+    """DCP's reader with `.metadata` read by `read_dcp_metadata` instead of `pickle.load`
+    (or handed in, already read that way)."""
+
+    def __init__(self, path: Path, metadata: Metadata | None = None):
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        md = read_dcp_metadata(Path(self.path))
+        md = self._metadata or read_dcp_metadata(Path(self.path))
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -368,10 +373,11 @@ class TensorsOnlyPlanner(DefaultLoadPlanner):
 def load_dcp(state: dict, path: Path, group=None) -> None:
     """`dcp.load` of `state` from checkpoint `path`, running no code from its files: every
     DCP read in the project goes through here."""
-    read_dcp_metadata(path)  # its refusal as itself: DCP rewraps a reader's error
+    md = read_dcp_metadata(path)  # here, so its refusal is raised as itself: DCP rewraps a
+    # reader's error; the reader is handed the index rather than unpickling it again
     dcp.load(
         state,
-        storage_reader=TrustedReader(path),
+        storage_reader=TrustedReader(path, md),
         planner=TensorsOnlyPlanner(),
         process_group=group,
         no_dist=group is None,

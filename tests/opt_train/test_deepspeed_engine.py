@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.opt_train.test_fault_tolerance import (
     job,
     losses,
     popen,
+    preempt_after_resume,
     run_ok,
     uninterrupted,
     wait_for,
@@ -199,18 +199,12 @@ def test_sigkill_then_sigusr1_each_resume_and_the_run_ends_with_bit_identical_lo
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
 
-    # SIGUSR1 to the rerun, once it says it resumed (the handlers are installed first thing, so
-    # the signal is not lost): it stops after the step it is in, well before STEPS.
-    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
-    cmd = torchrun_cmd(
-        2, job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED), args
+    # SIGUSR1 to the rerun once it has resumed: it stops after the step it is in, before STEPS.
+    torchrun_status, log = preempt_after_resume(
+        job(run, small_shards, *zero(3), "train.max_steps=100000", *BOUNDED),
+        ckpts,
+        tmp_path / "usr1.log",
     )
-    log_path = tmp_path / "usr1.log"
-    with popen(cmd, log_path) as proc:
-        wait_for(lambda: "resumed from " + str(ckpts) in log_path.read_text(), proc)
-        proc.send_signal(signal.SIGUSR1)
-        torchrun_status = proc.wait(timeout=60)
-    log = log_path.read_text()
     assert torchrun_status == TORCHRUN_SIGNALLED, log[-3000:]  # workers 85, torchrun 1
     assert log.count(f"exiting with status {EXIT_REQUEUE}") == 2, log[-3000:]
     stopped = max(losses(run))

@@ -98,6 +98,18 @@ def wait_for(cond, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def preempt_after_resume(overrides: list[str], ckpts: Path, log: Path) -> tuple[int, str]:
+    """A 2-rank torchrun rerun of `overrides`, sent SIGUSR1 once it says it resumed from
+    `ckpts` (the handlers are installed first thing, so the signal is not lost), which torchrun
+    forwards to both workers; returns torchrun's exit status and the log."""
+    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
+    with popen(torchrun_cmd(2, overrides, args), log) as proc:
+        wait_for(lambda: "resumed from " + str(ckpts) in log.read_text(), proc)
+        proc.send_signal(signal.SIGUSR1)
+        status = proc.wait(timeout=60)
+    return status, log.read_text()
+
+
 def uninterrupted(run: Path, data: Path, *extra: str) -> dict[int, float]:
     """The losses of an uninterrupted 2-rank run of `job`, one for every step."""
     run_ok(2, job(run, data, *extra))
@@ -140,17 +152,11 @@ def test_sigkill_during_a_save_then_sigusr1_under_torchrun_each_resume_and_end_b
     killed_at = max(losses(run))
     assert killed_at < STEPS, "the kill came after the run had finished"
 
-    # torchrun forwarding SIGUSR1 (SLURM's preemption warning) to both workers of the rerun,
-    # once it says where it resumed (the handlers are installed first thing, so the signal is
-    # not lost): it stops after the step it is in, well before STEPS.
-    args = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=60"]
-    cmd = torchrun_cmd(2, job(run, small_shards, "train.max_steps=100000", *BOUNDED), args)
-    log_path = tmp_path / "usr1.log"
-    with popen(cmd, log_path) as proc:
-        wait_for(lambda: "resumed from " + str(ckpts) in log_path.read_text(), proc)
-        proc.send_signal(signal.SIGUSR1)
-        torchrun_status = proc.wait(timeout=60)
-    log = log_path.read_text()
+    # torchrun forwarding SIGUSR1 (SLURM's preemption warning) to both workers of the rerun:
+    # it stops after the step it is in, well before STEPS.
+    torchrun_status, log = preempt_after_resume(
+        job(run, small_shards, "train.max_steps=100000", *BOUNDED), ckpts, tmp_path / "usr1.log"
+    )
     assert "resumed from " + str(ckpts / "step_00000003") in log
     assert "removing" in log and ".tmp-step_00000006" in log
     # Each worker exits 85; torchrun itself then exits 1 (torch 2.13 re-raises the forwarded
