@@ -49,15 +49,15 @@ def _build(world: int):
     import torch
 
     from opt_train.config import ModelConfig, OptimConfig, ParallelConfig
-    from opt_train.model import OPT
-    from opt_train.optim import build_optimizer
+    from opt_train.engine.optim import build_optimizer
+    from opt_train.model.opt import OPT
 
     cfg = ModelConfig(name="opt-125m", n_layers=12, n_heads=12, d_model=768)
     torch.manual_seed(0)
     model = OPT(cfg)
     if world > 1:
-        from opt_train.parallel_dims import ParallelDims
-        from opt_train.parallelize import parallelize
+        from opt_train.parallel.apply import parallelize
+        from opt_train.parallel.dims import ParallelDims
 
         dims = ParallelDims.from_config(ParallelConfig(), world)
         mesh, _ = dims.build_mesh("cpu")
@@ -75,9 +75,9 @@ def _rank_main(rank: int, world: int, root: str, repeats: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from opt_train.checkpoint import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
-    from opt_train.distributed import DistInfo
+    from opt_train.parallel.process_groups import DistInfo
 
     info = DistInfo(rank, world, rank, torch.device("cpu"))
     model, opt = _build(world)

@@ -1,4 +1,4 @@
-"""Dedup end to end, docs/s: data_pipeline.dedup against datasketch on the same corpus, in one
+"""Dedup end to end, docs/s: data_pipeline.stages.dedup against datasketch on the same corpus, in one
 run, plus the recall each reaches on the planted near-duplicates.
 
     python benchmarks/dedup.py [--docs 20000] [--workers 2] [--dup-rate 0.05] [--rounds 3]
@@ -16,7 +16,7 @@ word-5-gram Jaccard >= 0.97).
 Baseline, as the issue describes it: read the JSONL, `MinHash.bulk` over word 5-grams
 (128 permutations), then `MinHashLSH(threshold=0.95)`: query each document, drop it when the
 index returns a match, insert it otherwise; write the kept documents. Ours: the whole stage
-(`data_pipeline.dedup.run`), reading and writing the same files. The numba kernels are
+(`data_pipeline.stages.dedup.run`), reading and writing the same files. The numba kernels are
 loaded (compiled on a machine's first run) before timing; that one-off cost is excluded.
 """
 
@@ -104,7 +104,7 @@ def datasketch_dedup(inp: Path, out: Path) -> tuple[set[int], float, float]:
 
 
 def ours_dedup(inp: Path, out: Path, workers: int) -> tuple[set[int], float, float, dict]:
-    from data_pipeline.dedup import DedupConfig, run
+    from data_pipeline.stages.dedup import DedupConfig, run
 
     cfg = DedupConfig(input=str(inp), output=str(out), workers=workers, progress=False)
     cfg.tasks = len(list(inp.iterdir()))
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of baseline, then ours")
     args = ap.parse_args()
 
-    from data_pipeline import minhash
+    from data_pipeline.kernels import minhash
 
     docs, planted = make_corpus(args.docs, args.dup_rate)
     mean_kb = sum(len(d.encode()) for d in docs) / len(docs) / 1000

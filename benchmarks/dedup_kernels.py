@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.dedup import make_corpus  # noqa: E402
-from data_pipeline import dedup, jsonl_fast, minhash  # noqa: E402
-from data_pipeline.minhash import MinHasher  # noqa: E402
+from data_pipeline.kernels import jsonl_scan, minhash  # noqa: E402
+from data_pipeline.kernels.minhash import MinHasher  # noqa: E402
+from data_pipeline.stages import dedup  # noqa: E402
 
 
 def cpu(fn, repeat: int) -> float:
@@ -108,8 +109,8 @@ def main() -> None:
     size = len(block)
 
     # Shared inputs, computed once, untimed.
-    status, _, _, text, text_off, out, out_off = jsonl_fast.parse_block(buf, size)
-    assert (status == jsonl_fast.FAST).all()
+    status, _, _, text, text_off, out, out_off = jsonl_scan.parse_block(buf, size)
+    assert (status == jsonl_scan.FAST).all()
     texts = [text[a:b].tobytes() for a, b in zip(text_off[:-1], text_off[1:], strict=True)]
     t_buf = np.frombuffer(b"".join([*texts, bytes(64)]), dtype=np.uint8)
     t_off = np.zeros(n + 1, dtype=np.int64)
@@ -205,10 +206,10 @@ def main() -> None:
     # (kernel, library alternative, unit count, ours, library, outputs-equal check)
     cases = [
         (
-            "jsonl_fast.parse_block",
+            "jsonl_scan.parse_block",
             "orjson.loads + fields + orjson.dumps",
             n,
-            lambda: jsonl_fast.parse_block(buf, size),
+            lambda: jsonl_scan.parse_block(buf, size),
             lambda: lean_orjson(block),
             lambda o, lib: (
                 lib
@@ -219,34 +220,34 @@ def main() -> None:
             ),
         ),
         (
-            "jsonl_fast.parse_block",
+            "jsonl_scan.parse_block",
             "orjson.loads alone (a lower bound)",
             n,
-            lambda: jsonl_fast.parse_block(buf, size),
+            lambda: jsonl_scan.parse_block(buf, size),
             lambda: list(map(orjson.loads, block.splitlines())),
             lambda o, lib: len(lib) == n,
         ),
         (
-            "jsonl_fast.count_newlines",
+            "jsonl_scan.count_newlines",
             "bytearray.count(b'\\n', 0, n)",
             n,
-            lambda: jsonl_fast.count_newlines(newline_buf, size),
+            lambda: jsonl_scan.count_newlines(newline_buf, size),
             lambda: newline_buf.count(b"\n", 0, size),
             lambda o, lib: o == lib,
         ),
         (
-            "jsonl_fast.count_newlines",
+            "jsonl_scan.count_newlines",
             "np.count_nonzero(buf[:n] == 10)",
             n,
-            lambda: jsonl_fast.count_newlines(newline_buf, size),
+            lambda: jsonl_scan.count_newlines(newline_buf, size),
             lambda: int(np.count_nonzero(np.frombuffer(newline_buf, np.uint8, size) == 10)),
             lambda o, lib: o == lib,
         ),
         (
-            "jsonl_fast._line_ends",
+            "jsonl_scan._line_ends",
             "np.flatnonzero(buf[:n] == 10)",
             n,
-            lambda: line_ends[: jsonl_fast._line_ends(buf, size, line_ends)].copy(),
+            lambda: line_ends[: jsonl_scan._line_ends(buf, size, line_ends)].copy(),
             lambda: np.flatnonzero(buf[:size] == 10),
             np.array_equal,
         ),

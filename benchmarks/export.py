@@ -4,7 +4,7 @@ Writes a DCP checkpoint of OPT-1.3B's shape (24 x 2048, vocab 50272: 1.3B fp32 w
 weights only, no optimizer moments) through the real `CheckpointManager`, then exports it in a
 fresh process each time:
 
-- `stream`: `opt_train.hf.export_checkpoint`, which reads the checkpoint one weight file at a
+- `stream`: `opt_train.model.hf.export_checkpoint`, which reads the checkpoint one weight file at a
   time (in DCP loads of at most 1 GB of fp32) and writes it in `export.dtype`;
 - `whole model` (the baseline, what the export did before): build the model, load the whole
   checkpoint into it with DCP, then write it with `save_hf`.
@@ -40,9 +40,9 @@ def make_checkpoint(root: Path) -> Path:
 
     from data_pipeline.shards import ShardWriter
     from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
-    from opt_train.checkpoint import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
-    from opt_train.model import OPT
+    from opt_train.model.opt import OPT
     from tests.opt_train.conftest import make_config
 
     tok = Tokenizer(TokenizerSpec("gpt2"))
@@ -70,7 +70,7 @@ def child(mode: str, ckpt: str, out: str, dtype: str, shard: str) -> None:
     t0 = time.perf_counter()
     overrides = [f"export.dtype={dtype}", f"export.max_shard_size={shard}"]
     if mode == "stream":
-        from opt_train.hf import export_checkpoint
+        from opt_train.tools.hf_export import export_checkpoint
 
         export_checkpoint(ckpt, out, overrides)
     else:
@@ -80,8 +80,8 @@ def child(mode: str, ckpt: str, out: str, dtype: str, shard: str) -> None:
 
         from data_pipeline.shards import read_manifest
         from opt_train.config import ExportConfig, JobConfig
-        from opt_train.hf import save_hf
-        from opt_train.model import OPT
+        from opt_train.model.opt import OPT
+        from opt_train.tools.hf_export import save_hf
 
         raw = OmegaConf.merge(
             OmegaConf.structured(JobConfig), OmegaConf.load(f"{ckpt}/config.yaml")

@@ -9,7 +9,7 @@ baseline and async checkpoint staging, printed as one table (rows as they finish
    compile on vs off (fp32) within 1e-3.
 2. speed, OPT-1.3B and OPT-2.7B at seq 2048, bf16, FSDP2 on one rank, compile on/off x
    activation checkpointing off/selective/full: tokens/s, TFLOP/s, MFU against the GPU's dense
-   bf16 peak (opt_train/metrics.py), peak allocated memory beside opt_train/plan.py's.
+   bf16 peak (opt_train/train/flops.py), peak allocated memory beside opt_train/tools/plan.py's.
 3. baseline: transformers' OPTForCausalLM (SDPA attention) + torch AdamW under bf16 autocast
    at the same shape and micro-batch, tokens/s, and our best row's ratio to it.
 4. checkpoint: async save of the 1.3B model and AdamW state through CheckpointManager with
@@ -53,7 +53,7 @@ from opt_train.config import (  # noqa: E402
     ParallelConfig,
     TrainConfig,
 )
-from opt_train.metrics import flops_per_token, gpu_peak_tflops  # noqa: E402
+from opt_train.train.flops import flops_per_token, gpu_peak_tflops  # noqa: E402
 
 GIB = 2**30
 CHUNK = TrainConfig().loss_chunk_tokens  # the trainer's default loss chunk
@@ -174,7 +174,7 @@ def init_one_rank(device: torch.device) -> None:
 
 @cache
 def _mesh(device_type: str):
-    from opt_train.parallel_dims import ParallelDims
+    from opt_train.parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(ParallelConfig(), 1)
     return dims, dims.build_mesh(device_type)[0]
@@ -221,9 +221,9 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 def train_steps(model, optimizer, batches, device, autocast_precision, chunk: int) -> list[float]:
     """The trainer's step, one micro-batch each: forward through the chunked loss, backward,
     clip at 1.0, AdamW; returns the losses."""
-    from opt_train.loss import lm_loss
-    from opt_train.optim import clip_grad_norm_
-    from opt_train.precision import autocast
+    from opt_train.engine.loss import lm_loss
+    from opt_train.engine.optim import clip_grad_norm_
+    from opt_train.engine.precision import autocast
 
     model.train()
     losses = []
@@ -248,9 +248,9 @@ def tiny_losses(
     """First losses of the tiny model: weights drawn on the CPU from one seed and moved, so
     every run starts from the same values; FSDP2 on one rank (mixed precision by its policy)
     or, with `fsdp=False`, the plain module under autocast as train.py runs one process."""
-    from opt_train.model import OPT
-    from opt_train.optim import build_optimizer, set_lr
-    from opt_train.parallelize import apply_compile, parallelize
+    from opt_train.engine.optim import build_optimizer, set_lr
+    from opt_train.model.opt import OPT
+    from opt_train.parallel.apply import apply_compile, parallelize
 
     fresh(device)
     torch.manual_seed(0)
@@ -313,8 +313,8 @@ def correctness(table: Table, shapes: Shapes, device: torch.device) -> None:
 
 
 def planned_peak(model: ModelConfig, micro_batch: int, seq: int, ac: str, device) -> float:
-    """opt_train/plan.py's peak for this run: FSDP2 on one GPU, bf16."""
-    from opt_train.plan import PlannerConfig, make_plan
+    """opt_train/tools/plan.py's peak for this run: FSDP2 on one GPU, bf16."""
+    from opt_train.tools.plan import PlannerConfig, make_plan
 
     job = JobConfig(
         model=model,
@@ -348,9 +348,9 @@ def pick_micro_batch(shapes: Shapes, model: ModelConfig, device) -> int | None:
 def build_ours(model_cfg: ModelConfig, device, ac: str, compile: bool, backend: str):
     """As the trainer builds a sharded run: meta device, parallelize (AC, compile, FSDP2 with
     the bf16 policy), then each shard allocated and given OPT's init."""
-    from opt_train.model import OPT
-    from opt_train.optim import build_optimizer, set_lr
-    from opt_train.parallelize import init_sharded_weights, parallelize
+    from opt_train.engine.optim import build_optimizer, set_lr
+    from opt_train.model.opt import OPT
+    from opt_train.parallel.apply import init_sharded_weights, parallelize
 
     with torch.device("meta"):
         model = OPT(model_cfg)
@@ -438,8 +438,8 @@ def hf_tokens_per_s(model_cfg: ModelConfig, device, mb: int, shapes: Shapes) -> 
     HF's Trainer does with bf16=True): fp32 weights, same shape, dropout and micro-batch."""
     from transformers import OPTForCausalLM
 
-    from opt_train.hf import hf_config_from_model_config
-    from opt_train.precision import autocast
+    from opt_train.engine.precision import autocast
+    from opt_train.model.hf import hf_config_from_model_config
 
     fresh(device)
     cfg = hf_config_from_model_config(model_cfg)
@@ -506,9 +506,9 @@ def baseline_row(table, shapes, device, label, model_cfg, mb, ours: SpeedResult 
 def checkpoint_row(table, device, label, model, optimizer, directory: Path) -> None:
     """Async saves through the real CheckpointManager: the first pins its staging buffer, the
     second (when the budget allows) reuses it, the steady state of a run."""
-    from opt_train.checkpoint import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
-    from opt_train.distributed import DistInfo
+    from opt_train.parallel.process_groups import DistInfo
 
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-ckpt-", dir=directory))
     try:
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --dry-run for the CPU check")
-        from opt_train.distributed import ALLOC_CONF_VARS, pick_device
+        from opt_train.parallel.process_groups import ALLOC_CONF_VARS, pick_device
 
         device, shapes = pick_device("cuda", 0), gpu_shapes()  # allocator and TF32 settings
         budget = args.budget_s or 450.0
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         found = gpu_peak_tflops(name, "bf16", tf32=False)
         peak = found[1] if found else None
     else:
-        from opt_train.metrics import device_peak_flops
+        from opt_train.train.flops import device_peak_flops
 
         print(f"dry run on CPU: torch {torch.__version__}, {torch.get_num_threads()} threads")
         peak = device_peak_flops(device, "bf16", None) / 1e12  # this CPU's measured bf16 rate

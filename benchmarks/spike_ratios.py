@@ -1,4 +1,4 @@
-"""What the spike detector (opt_train/stability.py) would have seen on a finished run: each
+"""What the spike detector (opt_train/train/callbacks/stability.py) would have seen on a finished run: each
 step's loss and gradient norm over the median of the previous `window` finite steps, read from
 the run's metrics.jsonl. Run it on clean runs to choose `stability.loss_factor` (the false
 alarms a factor would raise are the steps above it).

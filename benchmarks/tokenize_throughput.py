@@ -95,7 +95,7 @@ def cpu_seconds() -> float:
 
 
 def time_stage(jsonl: Path, out: Path, workers: int, mb: float, cpu: list) -> float:
-    from data_pipeline.tokenize import TokenizeConfig, run
+    from data_pipeline.stages.tokenize import TokenizeConfig, run
 
     c0, t0 = cpu_seconds(), time.perf_counter()
     run(TokenizeConfig(input=str(jsonl), output=str(out), workers=workers))

@@ -19,9 +19,9 @@ import torch
 
 def make_ours(precision: str):
     from opt_train.config import ModelConfig, OptimConfig
-    from opt_train.loss import lm_loss
-    from opt_train.model import OPT
-    from opt_train.optim import build_optimizer
+    from opt_train.engine.loss import lm_loss
+    from opt_train.engine.optim import build_optimizer
+    from opt_train.model.opt import OPT
 
     torch.manual_seed(0)
     model = OPT(ModelConfig(name="opt-125m", n_layers=12, n_heads=12, d_model=768))
@@ -44,7 +44,7 @@ def make_hf(precision: str):
 def training_step(model, opt, precision: str, loss_of):
     """One optimizer step on a batch, the same for both models: forward under autocast,
     backward, clipping at 1.0, AdamW."""
-    from opt_train.precision import autocast
+    from opt_train.engine.precision import autocast
 
     model.train()
 

@@ -47,23 +47,29 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from data_pipeline.cli import EXIT_FAILED, exit_code, rejects_path, typed_config, write_report
 from data_pipeline.config_limits import OneOf, check_limits
-from data_pipeline.durable import sha256_file
-from data_pipeline.io import AtomicWriter, InputLimits, Rejects
+from data_pipeline.documents import AtomicWriter, InputLimits, Rejects
+from data_pipeline.files import sha256_file
 from data_pipeline.ownership import check_output
-from data_pipeline.progress import Progress
-from data_pipeline.scaleout import ScaleOut, progress
-from data_pipeline.scaleout import validate as validate_scaleout
+from data_pipeline.runtime.cli import (
+    EXIT_FAILED,
+    exit_code,
+    rejects_path,
+    typed_config,
+    write_report,
+)
+from data_pipeline.runtime.progress import Progress
+from data_pipeline.runtime.scaleout import ScaleOut, progress
+from data_pipeline.runtime.scaleout import validate as validate_scaleout
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
 STAGES: dict[str, tuple[str, str, str]] = {
-    "reddit": ("data_pipeline.reddit", "RedditConfig", "run"),
+    "reddit": ("data_pipeline.stages.reddit", "RedditConfig", "run"),
     "ingest": ("data_pipeline.chain", "IngestConfig", "ingest"),
-    "clean": ("data_pipeline.clean", "CleanConfig", "run"),
-    "dedup": ("data_pipeline.dedup", "DedupConfig", "run"),
-    "tokenize": ("data_pipeline.tokenize", "TokenizeConfig", "run"),
+    "clean": ("data_pipeline.stages.clean", "CleanConfig", "run"),
+    "dedup": ("data_pipeline.stages.dedup", "DedupConfig", "run"),
+    "tokenize": ("data_pipeline.stages.tokenize", "TokenizeConfig", "run"),
 }
 # Stages that `missing_stages=skip` may pass data through (reddit output is not its input).
 OPTIONAL_STAGES = {"clean", "dedup"}
@@ -74,7 +80,7 @@ RUNTIME_PARAMS = {
     "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm",
     "ray", "verbose",
 }  # fmt: skip
-# Stages split into tasks (data_pipeline.scaleout); they take the chain's scale-out keys.
+# Stages split into tasks (data_pipeline.runtime.scaleout); they take the chain's scale-out keys.
 SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
 JSONL_SUFFIX = ".jsonl.zst"
 
@@ -459,7 +465,7 @@ def main() -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
 
-    from data_pipeline.cli import HYDRA_QUIET, refusals
+    from data_pipeline.runtime.cli import HYDRA_QUIET, refusals
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
     sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]

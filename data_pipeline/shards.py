@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.durable import fsync_path, sha256_file
+from data_pipeline.files import fsync_path, sha256_file
 from data_pipeline.ownership import check_output, discard, replace_output, rmtree
 
 FORMAT = "opt-train-token-shards"

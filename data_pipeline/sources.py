@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.io import Rejects, expand_inputs, read_documents
+from data_pipeline.documents import Rejects, expand_inputs, read_documents
 
 HF_KEYS = {
     "path",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.durable import sha256_file
+from data_pipeline.files import sha256_file
 
 # GPT-2's pre-tokenisation regex (same as HF's ByteLevel pre-tokenizer and tiktoken's "gpt2").
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

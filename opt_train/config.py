@@ -121,7 +121,7 @@ class ModelConfig:
     init_std: float = 0.006
     # An HF OPT directory (config.json + *.safetensors) whose weights replace the random init
     # of a fresh run (continued pretraining, fine-tuning); its shapes must match the keys
-    # above. A resumed run loads its checkpoint instead. opt_train/init_from.py.
+    # above. A resumed run loads its checkpoint instead. opt_train/model/init_from.py.
     init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -306,10 +306,10 @@ class CheckpointConfig:
     write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
     # Config keys (or groups: "optim") that a resume may change from the checkpoint's config;
-    # model shape and data keys can never change (opt_train/resume_guard.py).
+    # model shape and data keys can never change (opt_train/checkpoint/resume_guard.py).
     allow_changes: list[str] = field(default_factory=list)
     # Failed saves in a row (disk full, EIO, quota) after which the run stops with exit status
-    # 86 (opt_train.checkpoint.EXIT_CHECKPOINT_FAILED); 0: never stop for it.
+    # 86 (opt_train.checkpoint.manager.EXIT_CHECKPOINT_FAILED); 0: never stop for it.
     max_failures: int = 3
 
     def __post_init__(self) -> None:
@@ -362,7 +362,7 @@ class ProfileConfig:
 
 @dataclass
 class StabilityConfig:
-    """Automatic loss-spike recovery (opt_train/stability.py, docs/fault-tolerance.md): detect
+    """Automatic loss-spike recovery (opt_train/train/callbacks/stability.py, docs/fault-tolerance.md): detect
     a spike, roll back to the newest checkpoint from before it began, skip the data read since,
     optionally lower the LR and the clipping threshold for a while, go on."""
 

@@ -46,8 +46,8 @@ def run(cfg: DictConfig) -> dict:
     )
     own_run_dir_per_multirun_job(cfg)
     job = to_job_config(cfg)
-    from opt_train.resume_guard import ResumeRefused
-    from opt_train.trainer import train
+    from opt_train.checkpoint.resume_guard import ResumeRefused
+    from opt_train.train.trainer import train
 
     try:
         return train(job)

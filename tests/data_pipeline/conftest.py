@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from data_pipeline.scaleout import RayOptions, ScaleOut, connect_ray
+from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, connect_ray
 
 
 @pytest.fixture(scope="session")

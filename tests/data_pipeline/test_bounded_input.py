@@ -15,10 +15,10 @@ import zstandard
 
 from data_pipeline.chain import ChainConfig, SourceConfig
 from data_pipeline.chain import run as run_chain
-from data_pipeline.clean import CleanConfig, run
-from data_pipeline.dedup import DedupConfig
-from data_pipeline.dedup import run as run_dedup
-from data_pipeline.io import InputLimits, Rejects, iter_json_lines
+from data_pipeline.documents import InputLimits, Rejects, iter_json_lines
+from data_pipeline.stages.clean import CleanConfig, run
+from data_pipeline.stages.dedup import DedupConfig
+from data_pipeline.stages.dedup import run as run_dedup
 
 LIMITS = InputLimits(max_line_bytes=1000, max_rejects=10_000, reject_text_bytes=64)
 LONG = b'{"text": "' + b"y" * 5000 + b'"}\n'
@@ -56,7 +56,7 @@ def test_a_line_longer_than_max_line_bytes_is_a_reject_naming_file_line_and_leng
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
 def test_dedup_rejects_a_too_long_line_as_clean_does(tmp_path, suffix):
-    """dedup reads its input in its own blocks (data_pipeline.dedup._line_tasks): the same
+    """dedup reads its input in its own blocks (data_pipeline.stages.dedup._line_tasks): the same
     line is refused with the same record, and the lines around it are kept."""
     docs = b"".join(
         b'{"text": "doc %d is unique enough", "id": "%d"}\n' % (i, i) for i in range(50)

@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError
 
 from data_pipeline import chain, shards
 from data_pipeline.chain import ChainConfig, SourceConfig, run
-from data_pipeline.io import Rejects, read_documents
+from data_pipeline.documents import Rejects, read_documents
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 from .conftest import assert_no_stage_processes
@@ -86,7 +86,7 @@ def test_chain_tokenizes_every_source_with_weights_and_records_the_pipeline(tmp_
 
 def test_ingest_prefixes_ids_with_the_source_and_tags_meta(tmp_path, sources):
     run(config(tmp_path, sources))
-    from data_pipeline.io import Rejects, read_documents
+    from data_pipeline.documents import Rejects, read_documents
 
     got = list(read_documents(tmp_path / "work" / "ingest" / "books.jsonl.zst", Rejects(None)))
     assert [d["id"] for d in got[:2]] == ["books/0", "books/1"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.clean import CleanConfig, Cleaner, run
-from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
-from data_pipeline.io import Rejects, read_documents
+from data_pipeline.documents import Rejects, read_documents
+from data_pipeline.runtime.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
+from data_pipeline.stages.clean import CleanConfig, Cleaner, run
 from tests.data_pipeline.test_reddit import parts_bytes
 
 from .conftest import assert_no_stage_processes

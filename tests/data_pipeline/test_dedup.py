@@ -24,16 +24,16 @@ import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
 
-from data_pipeline import dedup
-from data_pipeline.dedup import (
+from data_pipeline.documents import Rejects, iter_json_lines
+from data_pipeline.runtime.scaleout import completed
+from data_pipeline.stages import dedup
+from data_pipeline.stages.dedup import (
     DedupConfig,
     _bucket_pairs,
     candidate_probability,
     choose_banding,
     run,
 )
-from data_pipeline.io import Rejects, iter_json_lines
-from data_pipeline.scaleout import completed
 from tests.data_pipeline.test_reddit import parts_bytes
 
 from .conftest import assert_no_stage_processes
@@ -462,7 +462,7 @@ def test_workers_read_the_input_exactly_as_io_read_documents(tmp_path, suffix, t
     io.read_documents, with any block size."""
     import zstandard
 
-    from data_pipeline.io import read_documents
+    from data_pipeline.documents import read_documents
 
     lines = [
         json.dumps(

@@ -1,4 +1,4 @@
-"""The compiled JSONL line parser (data_pipeline.jsonl_fast) against the Python path it
+"""The compiled JSONL line parser (data_pipeline.kernels.jsonl_scan) against the Python path it
 stands in for: on every line it accepts, the text bytes and the output line must be exactly
 what io.json_object + io.document + str.encode + io.dumps_doc give; every line it declines
 goes to that Python path anyway, so declining is always allowed, accepting wrongly never."""
@@ -11,9 +11,9 @@ import random
 import orjson
 import pytest
 
-from data_pipeline import jsonl_fast
-from data_pipeline.io import LineRejected, document, dumps_doc, json_object
-from data_pipeline.minhash import HAVE_NUMBA
+from data_pipeline.documents import LineRejected, document, dumps_doc, json_object
+from data_pipeline.kernels import jsonl_scan
+from data_pipeline.kernels.minhash import HAVE_NUMBA
 
 
 @pytest.fixture(autouse=True)
@@ -135,15 +135,15 @@ HANDMADE = [
 
 def check(lines: list[bytes]) -> dict:
     block = b"\n".join(lines)
-    status, _, _, text, text_off, out, out_off = jsonl_fast.parse_block(block)
+    status, _, _, text, text_off, out, out_off = jsonl_scan.parse_block(block)
     assert len(status) == len(lines)
-    seen = {jsonl_fast.BLANK: 0, jsonl_fast.FAST: 0, jsonl_fast.SLOW: 0}
+    seen = {jsonl_scan.BLANK: 0, jsonl_scan.FAST: 0, jsonl_scan.SLOW: 0}
     for k, raw in enumerate(lines):
         want = python_path(raw)
         seen[int(status[k])] += 1
-        if status[k] == jsonl_fast.BLANK:
+        if status[k] == jsonl_scan.BLANK:
             assert want == ("blank",), raw
-        elif status[k] == jsonl_fast.FAST:
+        elif status[k] == jsonl_scan.FAST:
             got = ("doc", text[text_off[k] : text_off[k + 1]].tobytes())
             got += (out[out_off[k] : out_off[k + 1]].tobytes(),)
             assert got == want, raw
@@ -153,13 +153,13 @@ def check(lines: list[bytes]) -> dict:
 
 
 def test_handmade_lines_are_parsed_as_the_python_path_or_left_to_it():
-    assert check(HANDMADE) == {jsonl_fast.BLANK: 2, jsonl_fast.FAST: 5, jsonl_fast.SLOW: 17}
+    assert check(HANDMADE) == {jsonl_scan.BLANK: 2, jsonl_scan.FAST: 5, jsonl_scan.SLOW: 17}
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_lines_are_parsed_as_the_python_path_or_left_to_it(seed):
     seen = check(random_lines(seed))
-    assert seen[jsonl_fast.FAST] > 500  # the generator really exercises the fast path
+    assert seen[jsonl_scan.FAST] > 500  # the generator really exercises the fast path
 
 
 def test_benchmark_style_lines_all_take_the_fast_path():
@@ -167,11 +167,11 @@ def test_benchmark_style_lines_all_take_the_fast_path():
     case the fast path exists for."""
     docs = [{"text": f'doc {i} \u00e9 "q" \n end', "id": str(i), "meta": {}} for i in range(50)]
     lines = [json.dumps(d).encode() for d in docs] + [dumps_doc(d).rstrip(b"\n") for d in docs]
-    assert check(lines)[jsonl_fast.FAST] == 100
+    assert check(lines)[jsonl_scan.FAST] == 100
 
 
 def test_newline_count_equals_bytes_count_at_every_length():
     """Whole 64-byte chunks, then the tail byte by byte: every n around the chunk edges."""
     data = bytearray(random.Random(5).choice(b"ab\n") for _ in range(300))
     for n in range(len(data) + 1):
-        assert jsonl_fast.count_newlines(data, n) == data.count(b"\n", 0, n)
+        assert jsonl_scan.count_newlines(data, n) == data.count(b"\n", 0, n)

@@ -1,4 +1,4 @@
-"""data_pipeline.io parses with orjson but must accept, reject and return exactly what the json
+"""data_pipeline.documents parses with orjson but must accept, reject and return exactly what the json
 module does: these are the lines where the two libraries disagree."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import zstandard
 
-from data_pipeline.io import (
+from data_pipeline.documents import (
     AtomicWriter,
     Rejects,
     dumps_doc,

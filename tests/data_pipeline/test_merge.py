@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from data_pipeline import shards
-from data_pipeline.merge import MergeConfig, list_parts, run
 from data_pipeline.shards import ShardWriter
-from data_pipeline.tokenize import TokenizeConfig
-from data_pipeline.tokenize import run as tokenize
+from data_pipeline.stages.merge import MergeConfig, list_parts, run
+from data_pipeline.stages.tokenize import TokenizeConfig
+from data_pipeline.stages.tokenize import run as tokenize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def test_command_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "data_pipeline.merge",
+            "data_pipeline.stages.merge",
             f"input={tmp_path}/p*",
             f"output={tmp_path}/m",
         ],

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from data_pipeline import minhash
-from data_pipeline.minhash import BACKENDS, EMPTY, MinHasher, permutations
+from data_pipeline.kernels import minhash
+from data_pipeline.kernels.minhash import BACKENDS, EMPTY, MinHasher, permutations
 
 # Every character for which str.isspace() is true: Python's str.split() splits on all of them.
 UNICODE_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
@@ -184,8 +184,8 @@ def test_without_numba_the_hashlib_numpy_fallback_gives_the_same_bits(tmp_path):
     import sys
     from pathlib import Path
 
-    from data_pipeline.dedup import DedupConfig
-    from data_pipeline.dedup import run as dedup
+    from data_pipeline.stages.dedup import DedupConfig
+    from data_pipeline.stages.dedup import run as dedup
 
     texts = real_texts(60) + EDGE_TEXTS
     docs = [{"text": t, "id": str(i)} for i, t in enumerate(texts + texts[:10])]
@@ -194,7 +194,8 @@ def test_without_numba_the_hashlib_numpy_fallback_gives_the_same_bits(tmp_path):
 import json, sys
 sys.modules["numba"] = None  # `import numba` raises ImportError, as where it is not installed
 import numpy as np
-from data_pipeline import dedup, minhash
+from data_pipeline.stages import dedup
+from data_pipeline.kernels import minhash
 assert not minhash.HAVE_NUMBA and not dedup.HAVE_NUMBA and minhash.SHA1_IMPL == "hashlib"
 texts = [json.loads(line)["text"] for line in open(sys.argv[1])]
 b = minhash.MinHasher().batch(texts)

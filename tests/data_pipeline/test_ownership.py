@@ -15,18 +15,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from data_pipeline import scaleout
 from data_pipeline.chain import ChainConfig, SourceConfig
 from data_pipeline.chain import run as run_chain
-from data_pipeline.clean import CleanConfig
-from data_pipeline.clean import run as run_clean
-from data_pipeline.dedup import DedupConfig
-from data_pipeline.dedup import run as run_dedup
 from data_pipeline.ownership import NotOursError, claim_work, remove_work
-from data_pipeline.reddit import RedditConfig
-from data_pipeline.reddit import run as run_reddit
-from data_pipeline.tokenize import TokenizeConfig
-from data_pipeline.tokenize import run as run_tokenize
+from data_pipeline.runtime import scaleout
+from data_pipeline.stages.clean import CleanConfig
+from data_pipeline.stages.clean import run as run_clean
+from data_pipeline.stages.dedup import DedupConfig
+from data_pipeline.stages.dedup import run as run_dedup
+from data_pipeline.stages.reddit import RedditConfig
+from data_pipeline.stages.reddit import run as run_reddit
+from data_pipeline.stages.tokenize import TokenizeConfig
+from data_pipeline.stages.tokenize import run as run_tokenize
 
 from .conftest import assert_no_stage_processes
 from .pushshift_gen import write_random_dump

@@ -10,7 +10,7 @@ import termios
 
 import pytest
 
-from data_pipeline.progress import Progress, format_count
+from data_pipeline.runtime.progress import Progress, format_count
 
 
 class Clock:

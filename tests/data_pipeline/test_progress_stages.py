@@ -1,4 +1,4 @@
-"""Every data stage reports each task's progress the same way (data_pipeline.progress): with
+"""Every data stage reports each task's progress the same way (data_pipeline.runtime.progress): with
 stderr going to a file, plain lines with the bytes (or documents) done, rate and ETA, no '\r'."""
 
 from __future__ import annotations

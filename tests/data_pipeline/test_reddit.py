@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
-from data_pipeline.io import expand_inputs, iter_lines
+from data_pipeline.documents import expand_inputs, iter_lines
 from data_pipeline.ownership import claim_work
-from data_pipeline.reddit import RedditConfig, RedditFilters, run
+from data_pipeline.runtime.cli import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, rejects_path
+from data_pipeline.stages.reddit import RedditConfig, RedditFilters, run
 from tests.data_pipeline.pushshift_gen import (
     brute_force_chain,
     month_of,

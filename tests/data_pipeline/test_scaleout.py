@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.scaleout import RayOptions, ScaleOut, TaskStep, connect_ray, run_steps
+from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, TaskStep, connect_ray, run_steps
 
 
 @dataclass
@@ -53,8 +53,8 @@ def test_a_ray_task_that_fits_no_node_is_refused_before_it_waits_forever(local_r
 
 
 def test_more_tasks_than_files_runs_one_per_file_and_says_so(tmp_path, capsys):
-    from data_pipeline.clean import CleanConfig
-    from data_pipeline.clean import run as clean
+    from data_pipeline.stages.clean import CleanConfig
+    from data_pipeline.stages.clean import run as clean
 
     (tmp_path / "in.jsonl").write_text('{"text": "' + "a real sentence here. " * 20 + '"}\n')
     report = clean(

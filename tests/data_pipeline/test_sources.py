@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import shards
-from data_pipeline.io import Rejects
+from data_pipeline.documents import Rejects
 from data_pipeline.sources import iter_source_documents, local_files, normalize
-from data_pipeline.tokenize import TokenizeConfig, run
+from data_pipeline.stages.tokenize import TokenizeConfig, run
 
 DOCS = [
     {"text": f"Document {i}: naïve café 🎉 {'word ' * i}", "id": f"doc-{i}", "meta": {"k": i}}

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import shards
-from data_pipeline.durable import sha256_file
-from data_pipeline.tokenize import (
+from data_pipeline.files import sha256_file
+from data_pipeline.stages.tokenize import (
     TokenizeConfig,
     TokenizerConfig,
     is_validation,

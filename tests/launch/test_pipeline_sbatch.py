@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.clean import CleanConfig
-from data_pipeline.clean import run as clean
-from data_pipeline.dedup import DedupConfig
-from data_pipeline.dedup import run as dedup
-from data_pipeline.reddit import RedditConfig
-from data_pipeline.reddit import run as reddit
-from data_pipeline.tokenize import TokenizeConfig
-from data_pipeline.tokenize import run as tokenize
+from data_pipeline.stages.clean import CleanConfig
+from data_pipeline.stages.clean import run as clean
+from data_pipeline.stages.dedup import DedupConfig
+from data_pipeline.stages.dedup import run as dedup
+from data_pipeline.stages.reddit import RedditConfig
+from data_pipeline.stages.reddit import run as reddit
+from data_pipeline.stages.tokenize import TokenizeConfig
+from data_pipeline.stages.tokenize import run as tokenize
 from tests.data_pipeline.pushshift_gen import write_random_dump
 from tests.data_pipeline.test_clean import write_jsonl
 from tests.data_pipeline.test_dedup import split_corpus

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.shards import iter_documents
+from data_pipeline.stages.tokenize import TokenizeConfig, TokenizerConfig
+from data_pipeline.stages.tokenize import run as tokenize
 from data_pipeline.tiny_corpus import tiny_documents
-from data_pipeline.tokenize import TokenizeConfig, TokenizerConfig
-from data_pipeline.tokenize import run as tokenize
-from opt_train.data import GlobalOrderLoader, PackedWindows
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows
 
 SEQ = 128
 STRONG = 100  # a window with this many garbage tokens (of 129) is a garbage window

@@ -8,10 +8,10 @@ import pytest
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from data_pipeline.durable import sha256_file
-from opt_train.checkpoint import CheckpointManager, CorruptCheckpoint, verify
+from data_pipeline.files import sha256_file
+from opt_train.checkpoint.manager import CheckpointManager, CorruptCheckpoint, verify
 from opt_train.config import CheckpointConfig
-from opt_train.trainer import Trainer
+from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import small_job
 
 
@@ -51,7 +51,7 @@ def test_truncated_flipped_or_unfinished_checkpoints_are_reported_and_skipped(
         f.seek(2)
         f.write(b"9")  # same size, other bytes
     manager = CheckpointManager(ckpts, CheckpointConfig(), None)
-    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint.manager"):
         assert manager.latest() == ckpts / "step_00000002"
     log = caplog.text
     assert "step_00000006/__0_0.distcp" in log and "truncated" in log
@@ -120,7 +120,7 @@ def test_checkpoints_with_sha256_checksums_from_before_still_verify(tmp_path, sm
 def test_export_reads_only_a_checkpoint_that_verifies(tmp_path, small_shards):
     """Named directly or found in a run_dir, the checkpoint an export reads is verified; a
     damaged one is refused (named) or, in a run_dir, passed over for the previous one."""
-    from opt_train.checkpoint import find_checkpoint
+    from opt_train.checkpoint.manager import find_checkpoint
 
     run = tmp_path / "run"
     job = ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=2"]

@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from opt_train import hf, plot
-from opt_train.checkpoint import (
+from opt_train.checkpoint.manager import (
     CheckpointManager,
     CorruptCheckpoint,
     _checksum,
@@ -30,7 +29,9 @@ from opt_train.checkpoint import (
     read_dcp_metadata,
 )
 from opt_train.config import CheckpointConfig
-from opt_train.trainer import Trainer
+from opt_train.tools import hf_export as hf
+from opt_train.tools import plot
+from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import REPO, small_job, small_job_overrides
 
 STEP = "step_{:08d}".format
@@ -107,7 +108,7 @@ def test_a_pickle_payload_in_metadata_is_refused_on_resume_which_falls_back(
     with pytest.raises(CorruptCheckpoint, match=r"names posix\.system"):
         read_dcp_metadata(run / "checkpoints" / STEP(4))
     job = ["train.max_steps=5", "checkpoint.interval=100", "checkpoint.keep=5"]
-    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint.manager"):
         t = Trainer(small_job(run, small_shards, *job))
     try:
         assert t.resumed_from == str(run / "checkpoints" / STEP(2))

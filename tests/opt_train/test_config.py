@@ -79,7 +79,7 @@ def test_invalid_value_is_rejected_with_the_key():
 
 
 def test_batch_not_divisible_by_micro_batches_names_the_keys(tmp_path, small_shards):
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import small_job
 
     cfg = small_job(tmp_path, small_shards, "train.micro_batch_size=3")

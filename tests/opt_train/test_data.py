@@ -7,9 +7,9 @@ import torch
 
 from data_pipeline.shards import ShardWriter, SplitReader, iter_documents
 from opt_train.config import ModelConfig
-from opt_train.data import GlobalOrderLoader, PackedWindows, validation_batches
-from opt_train.loss import lm_loss
-from opt_train.model import OPT
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows, validation_batches
+from opt_train.engine.loss import lm_loss
+from opt_train.model.opt import OPT
 from tests.opt_train.conftest import SMALL_VOCAB
 
 

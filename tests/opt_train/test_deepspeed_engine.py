@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_train.deepspeed_engine import (
+from opt_train.engine.deepspeed import (
     deepspeed_config,
     load_weights_only,
     overflows_allowed_at_floor,
 )
-from opt_train.signals import EXIT_REQUEUE
-from opt_train.trainer import Trainer
+from opt_train.train.signals import EXIT_REQUEUE
+from opt_train.train.trainer import Trainer
 from tests.multirank import REPO, rank_env, torchrun_cmd
 from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.test_fault_tolerance import (

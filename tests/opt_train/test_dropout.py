@@ -1,4 +1,4 @@
-"""The bulk-bits CPU dropout (opt_train/dropout.py): F.dropout's semantics (rate, scale, one
+"""The bulk-bits CPU dropout (opt_train/model/dropout.py): F.dropout's semantics (rate, scale, one
 generator) at a fraction of its cost."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from opt_train.dropout import dropout, dropout_mask, keep_threshold
+from opt_train.model.dropout import dropout, dropout_mask, keep_threshold
 
 N = 1 << 22  # elements per mask in the rate tests
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_train.data import GlobalOrderLoader, PackedWindows
-from opt_train.signals import EXIT_REQUEUE
-from opt_train.trainer import NonFiniteLoss, Trainer
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows
+from opt_train.train.signals import EXIT_REQUEUE
+from opt_train.train.trainer import NonFiniteLoss, Trainer
 from tests.multirank import REPO, free_port, rank_env, torchrun_cmd, torchrun_train
 from tests.opt_train.conftest import small_job
 from tests.processes import children, kill_tree, started
@@ -191,7 +191,7 @@ def test_resume_on_one_rank_and_on_tp2_reshards_and_continues_the_same_samples(
 
     from transformers import OPTForCausalLM
 
-    from opt_train.hf import main as export
+    from opt_train.tools.hf_export import main as export
     from tests.opt_train.conftest import make_config
 
     export([str(one / "checkpoints" / "step_00000003"), str(tmp_path / "hf")])
@@ -309,7 +309,7 @@ def _hang_or_wait(rank: int, port: int, out) -> None:
     )
     import torch.distributed as dist
 
-    from opt_train.distributed import init_distributed, name_the_rank_on_timeout
+    from opt_train.parallel.process_groups import init_distributed, name_the_rank_on_timeout
 
     init_distributed("cpu", timeout_s=2)
     if rank == 1:

@@ -14,15 +14,15 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opt_train.checkpoint import pinned_staging
+from opt_train.checkpoint.manager import pinned_staging
 from opt_train.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from opt_train.distributed import configure_cuda, cuda_index, with_expandable_segments
-from opt_train.dropout import dropout, uses_bulk_dropout
-from opt_train.metrics import device_peak_flops, gpu_peak_tflops, matmul_precision
-from opt_train.model import OPT, Attention
-from opt_train.optim import use_fused_adamw
-from opt_train.parallelize import apply_ac, sdpa_ops
-from opt_train.plan import PlannerConfig, count_params, make_plan
+from opt_train.engine.optim import use_fused_adamw
+from opt_train.model.dropout import dropout, uses_bulk_dropout
+from opt_train.model.opt import OPT, Attention
+from opt_train.parallel.apply import apply_ac, sdpa_ops
+from opt_train.parallel.process_groups import configure_cuda, cuda_index, with_expandable_segments
+from opt_train.tools.plan import PlannerConfig, count_params, make_plan
+from opt_train.train.flops import device_peak_flops, gpu_peak_tflops, matmul_precision
 
 
 def test_each_rank_binds_its_local_gpu_or_the_one_it_was_given():
@@ -113,7 +113,7 @@ def test_an_unknown_gpu_gets_nan_mfu_and_one_warning(monkeypatch, caplog):
     # The only thing faked: the name the CUDA driver would report.
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Mystery X1")
     cuda = torch.device("cuda", 0)
-    with caplog.at_level(logging.WARNING, logger="opt_train.metrics"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.train.flops"):
         assert math.isnan(device_peak_flops(cuda, "bf16", None))
         assert math.isnan(device_peak_flops(cuda, "bf16", None))
     said = [r for r in caplog.records if "MFU unknown" in r.getMessage()]

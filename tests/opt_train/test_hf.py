@@ -7,8 +7,9 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from data_pipeline.ownership import NotOursError
 from opt_train.config import ModelConfig
-from opt_train.hf import load_hf, save_hf
-from opt_train.model import OPT
+from opt_train.model.hf import load_hf
+from opt_train.model.opt import OPT
+from opt_train.tools.hf_export import save_hf
 
 
 def random_config(seed: int, pre_ln: bool) -> ModelConfig:
@@ -124,7 +125,7 @@ def _tiny_hf_config(**kw) -> OPTConfig:
     ],
 )
 def test_load_hf_refuses_configs_it_cannot_represent(change, message):
-    from opt_train.hf import model_config_from_hf
+    from opt_train.model.hf import model_config_from_hf
 
     with pytest.raises(ValueError, match=message):
         model_config_from_hf(_tiny_hf_config(**change))
@@ -139,7 +140,7 @@ def test_load_hf_refuses_an_untied_output_projection():
 
 
 def test_load_hf_refuses_a_foreign_parameter_name():
-    from opt_train.hf import from_hf_state_dict
+    from opt_train.model.hf import from_hf_state_dict
 
     with pytest.raises(KeyError, match="unexpected parameter 'encoder.layers.0.fc1.weight'"):
         from_hf_state_dict({"encoder.layers.0.fc1.weight": torch.zeros(1)})
@@ -200,8 +201,8 @@ def test_export_refuses_tokenizer_files_other_than_those_that_made_the_data(
 def test_export_cli_writes_bf16_shards_with_an_index(tmp_path, small_shards):
     from safetensors import safe_open
 
-    from opt_train.hf import main
-    from opt_train.trainer import Trainer
+    from opt_train.tools.hf_export import main
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import small_job
 
     run = tmp_path / "run"
@@ -243,9 +244,9 @@ def test_round_trip_train_export_transformers_and_init_from(tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
     from data_pipeline.shards import iter_documents, read_manifest
-    from opt_train.data import GlobalOrderLoader, PackedWindows, resolve_data_path
-    from opt_train.hf import export_checkpoint
-    from opt_train.trainer import Trainer
+    from opt_train.data.loader import GlobalOrderLoader, PackedWindows, resolve_data_path
+    from opt_train.tools.hf_export import export_checkpoint
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import make_config
 
     common = [

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from opt_train.config import ModelConfig
-from opt_train.hf import save_hf
-from opt_train.init_from import InitFromError, load_init_weights
-from opt_train.model import OPT
+from opt_train.model.init_from import InitFromError, load_init_weights
+from opt_train.model.opt import OPT
+from opt_train.tools.hf_export import save_hf
 from tests.multirank import spawn
 
 CFG = ModelConfig(vocab_size=96, n_layers=2, n_heads=4, d_model=32, max_positions=64)
@@ -69,8 +69,8 @@ def test_a_directory_without_config_is_refused(tmp_path):
 
 def _load_sharded(rank: int, world: int, hf_dir: str, tp: int) -> None:
     from opt_train.config import ParallelConfig
-    from opt_train.parallel_dims import ParallelDims
-    from opt_train.parallelize import parallelize
+    from opt_train.parallel.apply import parallelize
+    from opt_train.parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(ParallelConfig(tp=tp), world)
     mesh, _ = dims.build_mesh("cpu")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opt_train.loss import chunked_cross_entropy
+from opt_train.engine.loss import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

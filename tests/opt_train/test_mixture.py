@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from data_pipeline.shards import ShardWriter
-from data_pipeline.tokenize import TokenizeConfig, TokenizerConfig
-from data_pipeline.tokenize import run as tokenize
-from opt_train.callbacks import flat_row
-from opt_train.data import GlobalOrderLoader, PackedWindows, Source, open_sources
-from opt_train.mixture import Mixture, integer_weights
-from opt_train.trainer import Trainer
+from data_pipeline.stages.tokenize import TokenizeConfig, TokenizerConfig
+from data_pipeline.stages.tokenize import run as tokenize
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source, open_sources
+from opt_train.data.mixture import Mixture, integer_weights
+from opt_train.train.callbacks.base import flat_row
+from opt_train.train.trainer import Trainer
 from tests.multirank import torchrun_train
 from tests.opt_train.conftest import make_config, small_job
 
@@ -153,7 +153,7 @@ def test_a_used_up_source_repeats_in_a_fresh_order_and_says_so_once(two_sources,
     n_b = int(ld.sizes[1])
     steps = (2 * n_b) // 4 + 2  # 4 samples of b per batch: into its third pass
     said = []
-    with caplog.at_level(logging.WARNING, logger="opt_train.data"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.data.loader"):
         for _ in range(steps):
             rows = np.concatenate([x.numpy() for x, _ in ld.next_step()])
             assert [source_of_window(r) for r in rows].count("b") == 4

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opt_train.config import ModelConfig
-from opt_train.model import OPT
+from opt_train.model.opt import OPT
 
 TINY = dict(d_model=32, n_heads=4, vocab_size=64, dropout=0.0, attention_dropout=0.0)
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from opt_train.config import ModelConfig
-from opt_train.dropout import dropout_mask
-from opt_train.loss import chunked_cross_entropy, lm_loss
-from opt_train.model import OPT, causal_attention_with_dropout
-from opt_train.parallelize import apply_ac
+from opt_train.engine.loss import chunked_cross_entropy, lm_loss
+from opt_train.model.dropout import dropout_mask
+from opt_train.model.opt import OPT, causal_attention_with_dropout
+from opt_train.parallel.apply import apply_ac
 
 
 def qkv(dtype=torch.float32, b=2, h=3, t=17, hd=8):

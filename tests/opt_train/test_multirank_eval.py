@@ -64,7 +64,7 @@ def _overflow_on_one_rank(rank: int, world: int) -> None:
     import torch
 
     from opt_train.config import LossScaleConfig
-    from opt_train.precision import DynamicLossScaler
+    from opt_train.engine.precision import DynamicLossScaler
 
     scaler = DynamicLossScaler(LossScaleConfig(init=8.0), enabled=True)
     p = torch.nn.Parameter(torch.zeros(4))

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from opt_train.callbacks import Callback
-from opt_train.console import ConsoleLines, console_callback
-from opt_train.plot import draw
-from opt_train.trainer import Trainer
+from opt_train.tools.plot import draw
+from opt_train.train.callbacks.base import Callback
+from opt_train.train.callbacks.console import ConsoleLines, console_callback
+from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import REPO, make_config, small_job, small_job_overrides
 from tests.opt_train.garbage import steps
 from tests.opt_train.test_stability import _Poison
@@ -215,7 +215,7 @@ def test_the_profiler_writes_a_trace_of_the_requested_steps(tmp_path, small_shar
         "profile.steps=[2,3]",
         "profile.memory_snapshot=true",
     )
-    with caplog.at_level(logging.WARNING, logger="opt_train.profiling"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.train.callbacks.profiling"):
         t = Trainer(cfg)
         t.fit()
         t.close()
@@ -237,7 +237,7 @@ def test_the_profiler_window_meets_the_end_of_a_run_and_a_resume(tmp_path, small
 
     fit("train.max_steps=2", "profile.steps=[2,5]")  # ends inside the window: keeps step 2
     fit("train.max_steps=3", "profile.steps=[1,3]")  # resumed at 2: records step 3
-    with caplog.at_level(logging.WARNING, logger="opt_train.profiling"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.train.callbacks.profiling"):
         fit("train.max_steps=3", "profile.steps=[1,2]")  # resumed at 3: nothing left to record
     assert "profile.steps=[1, 2] is already past (resumed at step 3)" in caplog.text
     traces = sorted(p.name for p in (run / "profile").iterdir())

@@ -1,8 +1,8 @@
 import pytest
 
 from opt_train.config import ModelConfig, OptimConfig
-from opt_train.model import OPT
-from opt_train.optim import LinearWarmupDecay, build_optimizer, param_groups
+from opt_train.engine.optim import LinearWarmupDecay, build_optimizer, param_groups
+from opt_train.model.opt import OPT
 
 OPT_SCHEDULE = OptimConfig(lr=6e-4, warmup_tokens=375_000_000, decay_tokens=300_000_000_000)
 BATCH = 524_288  # OPT-125m: 0.5M tokens per step

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from opt_train.config import ParallelConfig
-from opt_train.loss import lm_loss
-from opt_train.parallel_dims import ParallelDims
+from opt_train.engine.loss import lm_loss
+from opt_train.parallel.dims import ParallelDims
 from tests.multirank import spawn, torchrun_train
 
 TINY = [
@@ -96,9 +96,9 @@ def test_tp_must_divide_heads_ffn_and_vocab():
 
 def _clip_on_2d_mesh(rank: int, world: int, want_norm: float) -> None:
     from opt_train.config import ModelConfig, ParallelConfig
-    from opt_train.model import OPT
-    from opt_train.optim import clip_grad_norm_
-    from opt_train.parallelize import parallelize
+    from opt_train.engine.optim import clip_grad_norm_
+    from opt_train.model.opt import OPT
+    from opt_train.parallel.apply import parallelize
 
     dims = ParallelDims.from_config(ParallelConfig(tp=2), world)
     mesh, _ = dims.build_mesh("cpu")
@@ -118,7 +118,7 @@ def _clip_on_2d_mesh(rank: int, world: int, want_norm: float) -> None:
 def test_grad_norm_clipping_over_a_2d_mesh_matches_one_process():
     """torch's clip_grad_norm_ fails on mixed-mesh DTensor grads; ours equals the plain norm."""
     from opt_train.config import ModelConfig
-    from opt_train.model import OPT
+    from opt_train.model.opt import OPT
 
     torch.manual_seed(0)
     model = OPT(ModelConfig(vocab_size=64, d_model=32, n_heads=4, dropout=0, attention_dropout=0))
@@ -134,8 +134,8 @@ def _meta_init_statistics(rank: int, world: int) -> None:
     import math
 
     from opt_train.config import ModelConfig, ParallelConfig
-    from opt_train.model import OPT
-    from opt_train.parallelize import init_sharded_weights, parallelize
+    from opt_train.model.opt import OPT
+    from opt_train.parallel.apply import init_sharded_weights, parallelize
 
     dims = ParallelDims.from_config(ParallelConfig(tp=2), world)
     mesh, _ = dims.build_mesh("cpu")

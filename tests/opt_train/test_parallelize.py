@@ -1,8 +1,8 @@
 import pytest
 
 from opt_train.config import ModelConfig
-from opt_train.model import OPT
-from opt_train.parallelize import apply_ac
+from opt_train.model.opt import OPT
+from opt_train.parallel.apply import apply_ac
 
 # Loss and gradients equal with and without checkpointing, dropout masks replayed:
 # test_model_cpu_paths.py::test_activation_checkpointing_replays_attention_and_residual_dropout_masks

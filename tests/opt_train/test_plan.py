@@ -23,12 +23,12 @@ from opt_train.config import (
     ParallelConfig,
     TrainConfig,
 )
-from opt_train.loss import _SCRATCH, lm_loss
-from opt_train.model import OPT
-from opt_train.optim import build_optimizer
-from opt_train.parallel_dims import ParallelDims
-from opt_train.parallelize import apply_ac, parallelize
-from opt_train.plan import (
+from opt_train.engine.loss import _SCRATCH, lm_loss
+from opt_train.engine.optim import build_optimizer
+from opt_train.model.opt import OPT
+from opt_train.parallel.apply import apply_ac, parallelize
+from opt_train.parallel.dims import ParallelDims
+from opt_train.tools.plan import (
     PlannerConfig,
     activations,
     main,
@@ -95,7 +95,7 @@ def measure_training(
     forward with targets through the chunked loss, backward, AdamW, zero_grad(None).
     `parallel`: (dims, mesh) to apply the real parallelize() (this process is one rank)."""
     torch.manual_seed(0)
-    # The loss keeps its largest logits buffer for the process (opt_train/loss.py); one left by
+    # The loss keeps its largest logits buffer for the process (opt_train/engine/loss.py); one left by
     # an earlier test (206 MB for vocab 50272 x 1024 tokens) would be counted here when reused.
     _SCRATCH.clear()
     mode = LiveTensorBytes()
@@ -271,10 +271,10 @@ import json, sys
 import torch, torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from opt_train.config import ParallelConfig
-from opt_train.loss import _SCRATCH
-from opt_train.model import OPT
-from opt_train.parallel_dims import ParallelDims
-from opt_train.parallelize import parallelize
+from opt_train.engine.loss import _SCRATCH
+from opt_train.model.opt import OPT
+from opt_train.parallel.dims import ParallelDims
+from opt_train.parallel.apply import parallelize
 from tests.opt_train.conftest import make_config
 
 out = {}

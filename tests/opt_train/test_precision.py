@@ -5,11 +5,10 @@ import logging
 import pytest
 import torch
 
-import opt_train.precision as precision_mod
-from opt_train import metrics
+import opt_train.engine.precision as precision_mod
+from opt_train.checkpoint.resume_guard import ResumeRefused, check_resume
 from opt_train.config import LossScaleConfig
-from opt_train.console import header_lines
-from opt_train.precision import (
+from opt_train.engine.precision import (
     DeviceCaps,
     DynamicLossScaler,
     LossScaleTooSmall,
@@ -17,7 +16,8 @@ from opt_train.precision import (
     choose_precision,
     device_caps,
 )
-from opt_train.resume_guard import ResumeRefused, check_resume
+from opt_train.train import flops
+from opt_train.train.callbacks.console import header_lines
 from tests.opt_train.conftest import make_config, small_job
 
 
@@ -170,22 +170,22 @@ def test_auto_never_reaches_autocast():
 
 def test_the_cpu_peak_probe_is_small_for_emulated_bf16_and_leaves_the_global_rng(monkeypatch):
     sizes = []
-    real = metrics.cpu_matmul_rate
+    real = flops.cpu_matmul_rate
     monkeypatch.setattr(
-        metrics, "cpu_matmul_rate", lambda d, n: sizes.append((d, n)) or real(d, n, 0.01)
+        flops, "cpu_matmul_rate", lambda d, n: sizes.append((d, n)) or real(d, n, 0.01)
     )
     before = torch.get_rng_state()
-    monkeypatch.setattr(metrics, "device_caps", lambda device: AVX2)
-    metrics.device_peak_flops(torch.device("cpu"), "bf16", None)
-    metrics.device_peak_flops(torch.device("cpu"), "fp32", None)
-    monkeypatch.setattr(metrics, "device_caps", lambda device: ZEN4)
-    metrics.device_peak_flops(torch.device("cpu"), "bf16", None)
+    monkeypatch.setattr(flops, "device_caps", lambda device: AVX2)
+    flops.device_peak_flops(torch.device("cpu"), "bf16", None)
+    flops.device_peak_flops(torch.device("cpu"), "fp32", None)
+    monkeypatch.setattr(flops, "device_caps", lambda device: ZEN4)
+    flops.device_peak_flops(torch.device("cpu"), "bf16", None)
     assert sizes == [(torch.bfloat16, 256), (torch.float32, 1024), (torch.bfloat16, 1024)]
     assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_the_planner_plans_auto_as_bf16_on_gpus():
-    from opt_train.plan import PlannerConfig, make_plan
+    from opt_train.tools.plan import PlannerConfig, make_plan
 
     job = make_config("precision=auto", "+model=opt-1.3b")
     bf16 = make_config("precision=bf16", "+model=opt-1.3b")
@@ -197,7 +197,7 @@ def test_the_planner_plans_auto_as_bf16_on_gpus():
 
 
 def _trainer(run_dir, data, *extra):
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
 
     return Trainer(small_job(run_dir, data, *extra))
 
@@ -216,7 +216,7 @@ def test_auto_resolving_differently_on_resume_is_accepted_and_logged(
     assert "precision: auto" in (run_dir / "config.yaml").read_text()  # auto, not bf16
     # Resumed "here" (AVX2 only): auto is fp32; not a config change, and the log says so.
     monkeypatch.setattr(precision_mod, "device_caps", lambda device: AVX2)
-    with caplog.at_level(logging.WARNING, logger="opt_train.resume_guard"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.checkpoint.resume_guard"):
         t = _trainer(run_dir, small_shards, "precision=auto", "train.max_steps=3")
     assert t.resumed_step == 2
     assert [e["key"] for e in t.config_changes] == ["train.max_steps"]  # precision is none
@@ -235,7 +235,7 @@ def test_explicit_bf16_on_a_slow_cpu_warns_once_at_start(
     tmp_path, small_shards, monkeypatch, caplog
 ):
     monkeypatch.setattr(precision_mod, "device_caps", lambda device: AVX2)
-    with caplog.at_level(logging.WARNING, logger="opt_train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="opt_train.train.trainer"):
         t = _trainer(tmp_path / "run", small_shards, "precision=bf16")
     t.close()
     assert t.engine.autocast_precision == "bf16"

@@ -1,4 +1,4 @@
-"""Resuming into a run_dir checks the new config against the checkpoint's (opt_train/resume_guard.py)."""
+"""Resuming into a run_dir checks the new config against the checkpoint's (opt_train/checkpoint/resume_guard.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from opt_train.resume_guard import ResumeRefused
-from opt_train.trainer import Trainer
+from opt_train.checkpoint.resume_guard import ResumeRefused
+from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import REPO, small_job
 
 

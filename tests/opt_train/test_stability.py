@@ -1,4 +1,4 @@
-"""Automatic loss-spike recovery (opt_train/stability.py) on a corpus with garbage documents
+"""Automatic loss-spike recovery (opt_train/train/callbacks/stability.py) on a corpus with garbage documents
 (tests/opt_train/garbage.py says how it is built and where its garbage windows fall)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_train.callbacks import Callback
-from opt_train.stability import EXIT_ROLLBACK_LIMIT
-from opt_train.trainer import Trainer
+from opt_train.train.callbacks.base import Callback
+from opt_train.train.callbacks.stability import EXIT_ROLLBACK_LIMIT
+from opt_train.train.trainer import Trainer
 from tests.multirank import torchrun_train
 from tests.opt_train.conftest import make_config, small_job
 from tests.opt_train.garbage import (

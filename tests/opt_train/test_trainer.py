@@ -4,10 +4,10 @@ import shutil
 import pytest
 import torch
 
-from opt_train.callbacks import Callback
-from opt_train.checkpoint import CheckpointManager
+from opt_train.checkpoint.manager import CheckpointManager
 from opt_train.config import CheckpointConfig
-from opt_train.trainer import Trainer
+from opt_train.train.callbacks.base import Callback
+from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import small_job
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "loss_scale", "tokens", "tokens_per_s", "mfu"}
@@ -143,7 +143,7 @@ def test_mfu_is_model_flops_over_peak_counted_from_the_model_itself(
     here from the model's own matmuls: 6 x the weights of every nn.Linear plus the tied
     output projection (the token embedding), plus attention's scores and values, 2 matmuls of
     seq_len x d_model per token per layer, 3 passes: 12 x layers x d_model x seq_len."""
-    from opt_train.model import OPT
+    from opt_train.model.opt import OPT
 
     cfg = small_job(tmp_path / "run", small_shards)
     model = OPT(cfg.model)

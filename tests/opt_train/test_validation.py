@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opt_train.data import GlobalOrderLoader, PackedWindows
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows
 from tests.multirank import rank_env, torchrun_train
 from tests.opt_train.conftest import REPO, make_config, small_job_overrides
 
@@ -269,10 +269,10 @@ def test_pipeline_stage_refuses_a_bad_value_before_any_work(tmp_path, stage, ove
 
 
 def test_pipeline_configs_check_their_ranges_when_built():
-    from data_pipeline.clean import CleanConfig
-    from data_pipeline.merge import MergeConfig
-    from data_pipeline.reddit import RedditConfig, RedditFilters
-    from data_pipeline.scaleout import RayOptions, ScaleOut, SlurmOptions
+    from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, SlurmOptions
+    from data_pipeline.stages.clean import CleanConfig
+    from data_pipeline.stages.merge import MergeConfig
+    from data_pipeline.stages.reddit import RedditConfig, RedditFilters
 
     cases = [
         (lambda: ScaleOut(tasks=-1), "tasks must be >= 0, got -1"),

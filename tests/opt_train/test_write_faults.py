@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from opt_train.callbacks import _drop_rows_after
-from opt_train.checkpoint import EXIT_CHECKPOINT_FAILED
-from opt_train.run_files import JsonlAppender, write_text_atomic
-from opt_train.run_lock import EXIT_RUN_DIR_LOCKED, RunDirLocked, RunLock
+from opt_train.checkpoint.manager import EXIT_CHECKPOINT_FAILED
+from opt_train.train.callbacks.base import _drop_rows_after
+from opt_train.train.run_files import JsonlAppender, write_text_atomic
+from opt_train.train.run_lock import EXIT_RUN_DIR_LOCKED, RunDirLocked, RunLock
 from tests.multirank import REPO, rank_env, torchrun_cmd
 from tests.opt_train.test_fault_tolerance import TINY, popen, wait_for
 from tests.processes import kill_tree
@@ -305,9 +305,9 @@ def _one_rank_fails(rank: int, world: int, root: str) -> None:
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    from opt_train.checkpoint import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
     from opt_train.config import CheckpointConfig
-    from opt_train.distributed import DistInfo
+    from opt_train.parallel.process_groups import DistInfo
 
     model = fully_shard(torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128)))
     opt = torch.optim.AdamW(model.parameters())
@@ -366,8 +366,8 @@ def test_saves_fail_while_the_disk_is_full_and_work_again_once_room_is_made(tmp_
     """In one process, async saves: a file fills the run_dir's filesystem from step 3 to 6
     and is removed before step 7; the saves of steps 4 and 6 fail (two in a row, below
     max_failures), the final one at 8 works, and every step's row is there once."""
-    from opt_train.callbacks import Callback
-    from opt_train.trainer import Trainer
+    from opt_train.train.callbacks.base import Callback
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import small_job
 
     class Filler(Callback):
@@ -405,8 +405,8 @@ def test_saves_fail_while_the_checkpoint_filesystem_is_read_only_and_work_once_i
     """In one process, async saves: the tmpfs holding checkpoints/ is remounted read-only
     from step 3 to 6 (EROFS, as after a storage error or an administrator's remount); the
     saves of steps 4 and 6 fail naming it, training goes on, and step 8's save works."""
-    from opt_train.callbacks import Callback
-    from opt_train.trainer import Trainer
+    from opt_train.train.callbacks.base import Callback
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import small_job
 
     def remount(path: Path, mode: str) -> None:
@@ -446,8 +446,8 @@ def test_saves_fail_while_the_run_dir_is_over_its_disk_quota_and_work_once_it_is
     written wait in memory); the limit goes at step 7 and step 8's save works. (A limit just
     above the usage would not do: btrfs counts freed space late and metadata too, so how
     much fits would vary.)"""
-    from opt_train.callbacks import Callback
-    from opt_train.trainer import Trainer
+    from opt_train.train.callbacks.base import Callback
+    from opt_train.train.trainer import Trainer
     from tests.opt_train.conftest import small_job
 
     class Quota(Callback):

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from opt_train.callbacks import Callback
 from opt_train.config import ProfileConfig
+from opt_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ a run of consecutive positions in that order; rank r of W takes the r-th slice o
 batch. So the samples a step sees depend on the seed and the step, never on the world size, and
 the loader's whole state is one number: how many samples the run has consumed.
 
-A mixture (`data.sources`) is several such splits: opt_train/mixture.py decides, from the global
+A mixture (`data.sources`) is several such splits: opt_train/data/mixture.py decides, from the global
 sample number alone, which source each sample comes from (each source's share exact to less than
 one sample at every point of the run), and each source has its own seeded permutation per pass.
 The state is still that one number (plus the tokens each source supplied, for the metrics).
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from data_pipeline.shards import SplitReader, read_manifest, verify
-from opt_train.mixture import Mixture
+from opt_train.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Source:
 class GlobalOrderLoader:
     """Rank `rank`'s micro-batches of each global batch, in the seed's global order.
 
-    `data` is one split's windows, or the sources of a mixture (opt_train/mixture.py decides
+    `data` is one split's windows, or the sources of a mixture (opt_train/data/mixture.py decides
     which source global sample n comes from; source i's j-th sample is position j of its own
     seeded permutation, one per pass over it). `exhaust="stop"` makes `has_next()` false before
     the first global batch that would start a source over."""

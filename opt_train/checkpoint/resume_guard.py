@@ -57,7 +57,7 @@ FREE = (
     "logging",
     "profile",
     # The spike-recovery policy decides future rollbacks only; its past decisions are in the
-    # checkpoint (opt_train/stability.py).
+    # checkpoint (opt_train/train/callbacks/stability.py).
     "stability",
     "checkpoint",
     "parallel",
@@ -132,7 +132,7 @@ def check_resume(
 ) -> list[dict]:
     """Compare this run's config with the checkpoint's. Returns the event rows of allowed
     changes; raises `ResumeRefused` naming every refused key (old -> new). `precision_here` is
-    what this run's `precision` resolved to (opt_train.precision.resolve_precision)."""
+    what this run's `precision` resolved to (opt_train.engine.precision.resolve_precision)."""
     saved = flat_config((checkpoint / "config.yaml").read_text())
     now = flat_config(current_yaml)
     _compare_resolved_precision(checkpoint, saved, now, precision_here)

@@ -1,7 +1,7 @@
 """The figures behind MFU: training FLOPs per token and a device's peak FLOP/s.
 
-The rows of metrics.jsonl are built in opt_train/trainer.py and written by the callbacks in
-opt_train/callbacks.py (file, progress bar, wandb).
+The rows of metrics.jsonl are built in opt_train/train/trainer.py and written by the callbacks in
+opt_train/train/callbacks/base.py (file, progress bar, wandb).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import torch
 
 from opt_train.config import ModelConfig
-from opt_train.precision import cpu_bf16, device_caps
+from opt_train.engine.precision import cpu_bf16, device_caps
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def matmul_precision(precision: str, tf32: bool) -> str:
     """What the matmuls of a run at `precision` execute in: bf16/fp16 as asked; fp32 on TF32
-    tensor cores when `tf32` (see opt_train.distributed.configure_cuda)."""
+    tensor cores when `tf32` (see opt_train.parallel.process_groups.configure_cuda)."""
     return "tf32" if precision == "fp32" and tf32 else precision
 
 
@@ -85,7 +85,7 @@ def device_peak_flops(
     """Peak FLOP/s of one device for MFU: configured (`logging.peak_tflops`), a GPU of
     GPU_PEAKS at the precision its matmuls actually run in, or on CPU a measured large-matmul
     rate in the run's compute dtype (so CPU 'MFU' is relative to this machine). `precision` is
-    the resolved one (opt_train.precision.resolve_precision), never auto. An unknown GPU
+    the resolved one (opt_train.engine.precision.resolve_precision), never auto. An unknown GPU
     gets NaN (MFU is then NaN, never a guess), and the log says so once."""
     if configured_tflops:
         return configured_tflops * 1e12
@@ -96,7 +96,7 @@ def device_peak_flops(
             if name not in _said_unknown:
                 _said_unknown.add(name)
                 log.warning(
-                    "MFU unknown: no %s peak known for GPU %r (opt_train/metrics.py GPU_PEAKS); "
+                    "MFU unknown: no %s peak known for GPU %r (opt_train/train/flops.py GPU_PEAKS); "
                     "set logging.peak_tflops to report it",
                     precision,
                     name,

@@ -1,7 +1,7 @@
 """`engine=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 from the same job config.
 
 The trainer's loop is the same for both engines: it drives the `TrainEngine` interface of
-opt_train/engine.py. This module holds its DeepSpeed implementation: DeepSpeed's config, derived
+opt_train/engine/base.py. This module holds its DeepSpeed implementation: DeepSpeed's config, derived
 from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
 partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm is
 NaN/inf); and the checkpoint weights in DeepSpeed's own files.
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from opt_train.config import JobConfig
-from opt_train.engine import StepOutcome, TrainEngine
-from opt_train.loss import lm_loss
-from opt_train.optim import build_optimizer, set_lr
-from opt_train.precision import DTYPES, DynamicLossScaler, LossScaleTooSmall
+from opt_train.engine.base import StepOutcome, TrainEngine
+from opt_train.engine.loss import lm_loss
+from opt_train.engine.optim import build_optimizer, set_lr
+from opt_train.engine.precision import DTYPES, DynamicLossScaler, LossScaleTooSmall
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class DeepSpeedEngine(TrainEngine):
 
 class DeepSpeedWeights:
     """The model and optimizer part of a checkpoint in DeepSpeed's files, under `deepspeed/`
-    in the checkpoint directory (opt_train/checkpoint.py adds state, RNG, config and hashes,
+    in the checkpoint directory (opt_train/checkpoint/manager.py adds state, RNG, config and hashes,
     and publishes it atomically). Saves are synchronous: DeepSpeed writes from the training
     thread. They load only at the world size that wrote them; DeepSpeed's universal-checkpoint
     tools convert them for another one."""

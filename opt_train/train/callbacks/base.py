@@ -1,6 +1,6 @@
 """Side concerns of a run as callbacks: metrics.jsonl, wandb, TensorBoard, evaluation and
-checkpoint cadence (the console is in opt_train/console.py, the profiler in
-opt_train/profiling.py). The loop in opt_train/trainer.py calls the hooks; each callback keeps its
+checkpoint cadence (the console is in opt_train/train/callbacks/console.py, the profiler in
+opt_train/train/callbacks/profiling.py). The loop in opt_train/train/trainer.py calls the hooks; each callback keeps its
 own state (and, where it must survive a restart, its own `state_dict`).
 
 Hooks run on every rank, in the order of `Trainer.callbacks` (the built-in ones, then those
@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from opt_train.run_files import JsonlAppender, row_step, write_text_atomic
+from opt_train.train.run_files import JsonlAppender, row_step, write_text_atomic
 
 if TYPE_CHECKING:
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Checkpointing(Callback):
     every rank agreed on a preemption; the final save is on disk before the run reports
     success.
 
-    A failed save (opt_train/checkpoint.py) becomes a `checkpoint_failed` event row at the
+    A failed save (opt_train/checkpoint/manager.py) becomes a `checkpoint_failed` event row at the
     step its failure is known (at once for a sync save, a later step for an async one) and
     training goes on; after `checkpoint.max_failures` in a row the run stops, and `on_end`
     raises CheckpointSaveFailed (exit status 86) instead of reporting success."""
@@ -122,7 +122,7 @@ class Checkpointing(Callback):
             ckpt.wait()
             self._report(trainer)
         if ckpt.gave_up:
-            from opt_train.checkpoint import CheckpointSaveFailed
+            from opt_train.checkpoint.manager import CheckpointSaveFailed
 
             raise CheckpointSaveFailed(ckpt.last_failure.give_up_message())
 
@@ -143,7 +143,7 @@ class MetricsFile(Callback):
     def on_start(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
             _drop_rows_after(self.path, trainer.step)
-            # Whole lines only; a failed write is reported and retried (opt_train/run_files.py).
+            # Whole lines only; a failed write is reported and retried (opt_train/train/run_files.py).
             self._file = JsonlAppender(self.path)
             if getattr(trainer, "config_write_error", None):
                 trainer.log_event("config_write_failed", error=trainer.config_write_error)
@@ -158,7 +158,7 @@ class MetricsFile(Callback):
             self._file = None
 
     def rewind(self, step: int) -> None:
-        """Drop the rows after `step`: a rollback (opt_train/stability.py) replays those steps."""
+        """Drop the rows after `step`: a rollback (opt_train/train/callbacks/stability.py) replays those steps."""
         if self._file is not None:
             self._file.close()
             _drop_rows_after(self.path, step)
@@ -171,7 +171,7 @@ class Wandb(Callback):
 
     Every metric is charted against `trainer/step`, a value of each row, never wandb's own
     `step=`: wandb drops a row whose `step=` is lower than one it has seen, and a rollback
-    (opt_train/stability.py) or a resume past the last checkpoint logs a step again. wandb's
+    (opt_train/train/callbacks/stability.py) or a resume past the last checkpoint logs a step again. wandb's
     internal `_step` counts the rows; the replayed steps are kept as rows of their own."""
 
     STEP = "trainer/step"
@@ -245,11 +245,11 @@ def default_callbacks(cfg) -> list[Callback]:
         MetricsFile(cfg.run_dir),
     ]
     if cfg.data.sources:
-        from opt_train.mixture import SourceTokens
+        from opt_train.data.mixture import SourceTokens
 
         callbacks.append(SourceTokens())
     if cfg.logging.progress:
-        from opt_train.console import console_callback
+        from opt_train.train.callbacks.console import console_callback
 
         callbacks.append(console_callback(cfg))
     if cfg.logging.wandb != "disabled":
@@ -257,10 +257,10 @@ def default_callbacks(cfg) -> list[Callback]:
     if cfg.logging.tensorboard:
         callbacks.append(TensorBoard(cfg.run_dir))
     if cfg.profile.enabled:
-        from opt_train.profiling import Profiler
+        from opt_train.train.callbacks.profiling import Profiler
 
         callbacks.append(Profiler(cfg.run_dir, cfg.profile))
-    from opt_train.stability import Stability  # it subclasses Callback
+    from opt_train.train.callbacks.stability import Stability  # it subclasses Callback
 
     if Stability.wanted(cfg):
         callbacks.append(Stability(cfg))

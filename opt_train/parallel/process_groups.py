@@ -70,7 +70,7 @@ def with_expandable_segments(alloc_conf: str | None) -> str:
 def configure_cuda(tf32: bool = True) -> None:
     """Process-wide CUDA settings, before the first allocation. `tf32`: fp32 matmuls and
     convolutions run on TF32 tensor cores (10-bit mantissa, ~8x the fp32 rate on A100/H100);
-    opt_train.metrics then takes the TF32 peak for MFU. bf16/fp16 runs do not depend on it."""
+    opt_train.train.flops then takes the TF32 peak for MFU. bf16/fp16 runs do not depend on it."""
     # The variable the user set, if any, else the CUDA one: torch >= 2.9 reads either name
     # (and warns that the CUDA one is deprecated), but in torch 2.9.1 the generic name alone
     # left expandable_segments off on CUDA (pytorch/pytorch#183387).

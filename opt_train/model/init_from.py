@@ -44,7 +44,7 @@ def check_shapes(model_cfg: ModelConfig, hf_dir: Path) -> None:
     """Compare the HF directory's config.json with the configured model shape."""
     from transformers import OPTConfig
 
-    from opt_train.hf import model_config_from_hf
+    from opt_train.model.hf import model_config_from_hf
 
     if not (hf_dir / "config.json").is_file():
         raise InitFromError(f"model.init_from={hf_dir}: no config.json (not an HF model directory)")
@@ -113,7 +113,7 @@ def load_init_weights(model: nn.Module, model_cfg: ModelConfig) -> None:
     device) with those of `model_cfg.init_from`."""
     from safetensors import safe_open
 
-    from opt_train.hf import our_name
+    from opt_train.model.hf import our_name
 
     hf_dir = Path(model_cfg.init_from).expanduser()
     check_shapes(model_cfg, hf_dir)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.minhash import HAVE_NUMBA
+from data_pipeline.kernels.minhash import HAVE_NUMBA
 
 BLANK, FAST, SLOW = 0, 1, 2
 
@@ -35,7 +35,7 @@ if HAVE_NUMBA:
     from numba.cpython.unsafe.numbers import trailing_zeros as _tz
     from numba.extending import intrinsic
 
-    from data_pipeline.minhash import _ws_mask64
+    from data_pipeline.kernels.minhash import _ws_mask64
 
     _V64 = ir.VectorType(ir.IntType(8), 64)
 

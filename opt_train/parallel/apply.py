@@ -4,7 +4,7 @@ tensor parallel (Megatron-style, DTensor), activation checkpointing, torch.compi
 The model file knows nothing of this. TP shards q/k/v and fc1 by output features
 (column-parallel) and attention-out and fc2 by input features (row-parallel), so each block
 needs one all-reduce after attention and one after the FFN; the token embedding is split over
-the vocabulary, and the loss (opt_train/loss.py) uses that split directly, so full-vocabulary
+the vocabulary, and the loss (opt_train/engine/loss.py) uses that split directly, so full-vocabulary
 logits never exist on any rank. FSDP2 then shards every decoder layer and the root over the
 data-parallel ranks, with a mixed-precision policy per `precision`.
 """
@@ -20,9 +20,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from opt_train.model import OPT
-from opt_train.parallel_dims import ParallelDims
-from opt_train.precision import DTYPES
+from opt_train.engine.precision import DTYPES
+from opt_train.model.opt import OPT
+from opt_train.parallel.dims import ParallelDims
 
 AC_MODES = ("off", "full", "selective")
 

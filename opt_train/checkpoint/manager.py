@@ -10,7 +10,7 @@
     checkpoints/latest      name of the newest complete checkpoint (for scripts and people)
 
 With `engine=deepspeed` the DCP files are replaced by DeepSpeed's own (`deepspeed/*.pt`, see
-opt_train/deepspeed_engine.py); everything else, atomicity and verification included, is the
+opt_train/engine/deepspeed.py); everything else, atomicity and verification included, is the
 same. The object that writes the weights (`DCPWeights` here, `DeepSpeedWeights` there) names
 the format in meta.json, and a checkpoint only loads into the engine that wrote it.
 
@@ -76,11 +76,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from data_pipeline.durable import fsync_path
+from data_pipeline.files import fsync_path
 from opt_train.config import CheckpointConfig
-from opt_train.distributed import DistInfo
-from opt_train.run_files import free_bytes, mib, os_error
-from opt_train.run_lock import holds_run_lock
+from opt_train.parallel.process_groups import DistInfo
+from opt_train.train.run_files import free_bytes, mib, os_error
+from opt_train.train.run_lock import holds_run_lock
 
 log = logging.getLogger(__name__)
 

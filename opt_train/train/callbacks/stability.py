@@ -36,12 +36,12 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from opt_train.callbacks import Callback, MetricsFile
-from opt_train.checkpoint import STEP_DIR
+from opt_train.checkpoint.manager import STEP_DIR
 from opt_train.config import JobConfig
+from opt_train.train.callbacks.base import Callback, MetricsFile
 
 if TYPE_CHECKING:
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from data_pipeline.progress import format_duration
-from opt_train.callbacks import Callback
+from data_pipeline.runtime.progress import format_duration
+from opt_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
     import torch
 
     from opt_train.config import JobConfig
-    from opt_train.trainer import Trainer
+    from opt_train.train.trainer import Trainer
 
 
 def row_kind(row: dict) -> str:
@@ -105,7 +105,7 @@ def header_lines(trainer: Trainer) -> list[str]:
     """Where and what the run is, and where it started from."""
     import torch
 
-    from opt_train.model import OPT, count_params
+    from opt_train.model.opt import OPT, count_params
 
     cfg = trainer.cfg
     dims = trainer.dims

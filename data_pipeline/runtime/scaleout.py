@@ -51,10 +51,10 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from data_pipeline import ownership
-from data_pipeline.cli import report_path, write_report
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, check_limits
-from data_pipeline.io import INPUT_LIMITS, AtomicWriter, Rejects, iter_lines
-from data_pipeline.progress import Progress
+from data_pipeline.documents import INPUT_LIMITS, AtomicWriter, Rejects, iter_lines
+from data_pipeline.runtime.cli import report_path, write_report
+from data_pipeline.runtime.progress import Progress
 
 EXECUTORS = ("local", "slurm", "ray")
 
@@ -98,7 +98,7 @@ class ScaleOut:
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     ray: RayOptions = field(default_factory=RayOptions)
-    # Each task's progress on stderr (data_pipeline.progress): a bar on a terminal, a plain
+    # Each task's progress on stderr (data_pipeline.runtime.progress): a bar on a terminal, a plain
     # line every `progress_interval_s` in a log (Slurm, a file).
     progress: bool = True
     progress_interval_s: float = 30.0

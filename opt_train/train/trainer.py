@@ -6,13 +6,13 @@
 engine (gradient accumulation up to `train.batch_tokens`), average the loss over ranks, let the
 engine step or skip (fp16 overflow, NaN/inf loss or gradient norm: every rank alike), build the
 step's metrics, hand them to the callbacks and write them, and stop after a preemption signal
-(opt_train/signals.py) or a callback's request, agreed by every rank.
+(opt_train/train/signals.py) or a callback's request, agreed by every rank.
 
-The engine (opt_train/engine.py: FSDP2 / one process; opt_train/deepspeed_engine.py: DeepSpeed
+The engine (opt_train/engine/base.py: FSDP2 / one process; opt_train/engine/deepspeed.py: DeepSpeed
 ZeRO) owns forward/backward, clipping, the optimizer step and the checkpoint weights; the loop
 never asks which one it drives. Side concerns (metrics.jsonl, progress bar, wandb, evaluation and
-checkpoint cadence) are callbacks (opt_train/callbacks.py). State that must survive a restart is
-collected in `state_dict()`; opt_train/checkpoint.py writes it with the model and optimizer.
+checkpoint cadence) are callbacks (opt_train/train/callbacks/base.py). State that must survive a restart is
+collected in `state_dict()`; opt_train/checkpoint/manager.py writes it with the model and optimizer.
 """
 
 from __future__ import annotations
@@ -30,23 +30,29 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data_pipeline.shards import ShardFormatError
-from opt_train.callbacks import Callback, default_callbacks
-from opt_train.checkpoint import CheckpointManager, CheckpointSaveFailed
+from opt_train.checkpoint.manager import CheckpointManager, CheckpointSaveFailed
+from opt_train.checkpoint.resume_guard import check_resume
 from opt_train.config import JobConfig
-from opt_train.data import BadTokenIds, build_data, validation_row
-from opt_train.distributed import DistInfo, init_distributed, name_the_rank_on_timeout, shutdown
-from opt_train.engine import StepOutcome, TrainEngine, build_engine
-from opt_train.init_from import load_init_weights
-from opt_train.metrics import device_peak_flops, flops_per_token
-from opt_train.model import OPT, count_params
-from opt_train.optim import LinearWarmupDecay
-from opt_train.parallel_dims import ParallelDims
-from opt_train.parallelize import init_sharded_weights, parallelize
-from opt_train.precision import DynamicLossScaler, resolve_precision
-from opt_train.resume_guard import check_resume
-from opt_train.run_files import os_error, write_text_atomic
-from opt_train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
-from opt_train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
+from opt_train.data.loader import BadTokenIds, build_data, validation_row
+from opt_train.engine.base import StepOutcome, TrainEngine
+from opt_train.engine.factory import build_engine
+from opt_train.engine.optim import LinearWarmupDecay
+from opt_train.engine.precision import DynamicLossScaler, resolve_precision
+from opt_train.model.init_from import load_init_weights
+from opt_train.model.opt import OPT, count_params
+from opt_train.parallel.apply import init_sharded_weights, parallelize
+from opt_train.parallel.dims import ParallelDims
+from opt_train.parallel.process_groups import (
+    DistInfo,
+    init_distributed,
+    name_the_rank_on_timeout,
+    shutdown,
+)
+from opt_train.train.callbacks.base import Callback, default_callbacks
+from opt_train.train.flops import device_peak_flops, flops_per_token
+from opt_train.train.run_files import os_error, write_text_atomic
+from opt_train.train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
+from opt_train.train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.run_dir = Path(cfg.run_dir)
-        # Before anything is written: one run per run_dir (opt_train/run_lock.py).
+        # Before anything is written: one run per run_dir (opt_train/train/run_lock.py).
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_lock = hold_run_lock(self.run_dir, self.dist)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -81,7 +87,7 @@ class Trainer:
                 self.config_write_error = os_error(failed)
 
         # config.yaml keeps `auto` (a resume elsewhere may resolve it differently); everything
-        # that computes reads the resolved value (opt_train/precision.py).
+        # that computes reads the resolved value (opt_train/engine/precision.py).
         self.precision = resolve_precision(cfg.precision, self.device)
         cfg.precision = self.precision.precision
         if self.precision.warning and self.dist.is_main:
@@ -107,8 +113,8 @@ class Trainer:
         self.engine: TrainEngine = build_engine(cfg, self.model, self.dist.world, self.accum)
         self.schedule = LinearWarmupDecay(cfg.optim, cfg.train.batch_tokens)
 
-        # The sample sequence is a function of the seed and the step alone (opt_train/data.py,
-        # opt_train/mixture.py); validation sets are one fixed set per source.
+        # The sample sequence is a function of the seed and the step alone (opt_train/data/loader.py,
+        # opt_train/data/mixture.py); validation sets are one fixed set per source.
         self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp, val_micro_batch)
 
         self.ckpt = CheckpointManager(
@@ -172,13 +178,13 @@ class Trainer:
                 compile_,
             )
         elif cfg.parallel.activation_checkpoint != "off":
-            from opt_train.parallelize import apply_ac
+            from opt_train.parallel.apply import apply_ac
 
             apply_ac(model, cfg.parallel.activation_checkpoint)
         if meta:
             model.to_empty(device=self.device)
             init_sharded_weights(model, cfg.train.seed)
-        if cfg.model.init_from:  # each rank reads only its shards (opt_train/init_from.py)
+        if cfg.model.init_from:  # each rank reads only its shards (opt_train/model/init_from.py)
             load_init_weights(model, cfg.model)
         return model
 
@@ -223,7 +229,7 @@ class Trainer:
                 last = self._step_metrics(out, lr, time.perf_counter() - t0)
                 self._call("on_step_end", last)
                 if self.step != last["step"]:
-                    # A callback rolled the run back (load_checkpoint; opt_train/stability.py):
+                    # A callback rolled the run back (load_checkpoint; opt_train/train/callbacks/stability.py):
                     # this step is undone, so it is neither logged nor evaluated nor saved.
                     continue
                 self.log(last)
@@ -530,8 +536,8 @@ def train(cfg: JobConfig) -> dict:
     Exits the process with `EXIT_REQUEUE` (85) after a preemption signal, once the checkpoint
     is saved and the process group is left cleanly. A collective timeout is re-raised naming
     this rank; the process group is then left without the closing barrier. A run_dir held by
-    another run exits with 87 (opt_train.run_lock.EXIT_RUN_DIR_LOCKED), `checkpoint.max_failures`
-    failed saves in a row with 86 (opt_train.checkpoint.EXIT_CHECKPOINT_FAILED)."""
+    another run exits with 87 (opt_train.train.run_lock.EXIT_RUN_DIR_LOCKED), `checkpoint.max_failures`
+    failed saves in a row with 86 (opt_train.checkpoint.manager.EXIT_CHECKPOINT_FAILED)."""
     rank = int(os.environ.get("RANK", "0"))
     clean = False
     trainer = None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_train.config import ModelConfig
-from opt_train.dropout import dropout, keep_mask, keep_threshold, uses_bulk_dropout
+from opt_train.model.dropout import dropout, keep_mask, keep_threshold, uses_bulk_dropout
 
 POSITION_OFFSET = 2  # fairseq reserved the first two position rows (padding idx 1 + 1)
 
@@ -63,7 +63,7 @@ def causal_attention_with_dropout(
     upcasts to fp32) and drops with `bernoulli_`, one draw per element of [batch, heads, T, T].
     Here the scores, scale and causal mask are one `baddbmm` (the mask as a -inf bias, so no
     masked_fill in forward or backward), the probabilities are dropped with bulk random bits
-    (opt_train/dropout.py) by `where`, which keeps a boolean mask for backward, and the
+    (opt_train/model/dropout.py) by `where`, which keeps a boolean mask for backward, and the
     1 / keep-probability scale is applied to the [.., T, head_dim] output instead of the
     [.., T, T] probabilities.
     """
@@ -178,7 +178,7 @@ class OPT(nn.Module):
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] through the output projection tied to the token embedding.
 
-        `head(hidden, weight)` replaces that projection: the trainer's loss (opt_train/loss.py)
+        `head(hidden, weight)` replaces that projection: the trainer's loss (opt_train/engine/loss.py)
         takes the final hidden states and the tied weight and computes the cross-entropy in
         chunks, so full-vocabulary logits never exist. It is called here, inside the forward,
         because FSDP2 and ZeRO-3 gather the embedding weight only for the model's forward."""
