@@ -1,1 +1,5 @@
-"""TODO docstring."""
+"""The pipeline stages, one job each, runnable alone (`python -m data_pipeline.<stage>`) and in
+the chain: reddit, clean, dedup, tokenize, merge.
+
+Imports: `data_pipeline.runtime`, `data_pipeline.kernels` and the top-level modules.
+"""

@@ -1,1 +1,5 @@
-"""TODO docstring."""
+"""Parallelism applied to the plain model: mesh dimensions, the TP plan, FSDP2, activation
+checkpointing and torch.compile (`apply`), and process-group helpers.
+
+Imports: `opt_train.model`, `opt_train.config`.
+"""
