@@ -1,14 +1,19 @@
-"""Files that must be trusted after a crash: their sha256, and fsync of a file or directory.
+"""Durable file operations: the one place that writes a file or publishes a directory so that a
+crash leaves the old version or the new one, never half of either.
 
-Shards, checkpoints, tokenizer records and the chain's stage records all check bytes against a
-recorded digest and make renames durable; they share these two functions.
+Shards, checkpoints, stage records, reports, tokenizer records, HF exports and the run's own
+files all write through these. Whether an existing path may be replaced at all is
+`data_pipeline.ownership`'s question, asked by the caller before it publishes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | Path) -> str:
@@ -26,3 +31,58 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def temporary_beside(path: Path, tag: str = "tmp") -> Path:
+    """A name beside `path` that only this process uses (`.name.tmp-<pid>`): a killed writer's
+    leftover is recognisable by its prefix and never collides with a live writer's."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` with `data`: written to a temporary beside it, fsynced, renamed over it,
+    and the directory fsynced, so after a crash `path` holds the old bytes or the new ones.
+    A failure removes the temporary and raises."""
+    path = Path(path)
+    tmp = temporary_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    """`atomic_write` of `obj` as JSON (sorted keys; values JSON does not know as strings)."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, default=str)
+    atomic_write(path, text + "\n")
+
+
+def publish_dir(tmp: Path, final: Path, old: Path | None = None) -> None:
+    """Make the complete directory `tmp` visible as `final` by rename. An existing `final`
+    (which the caller has checked may be replaced) is first renamed to `old` (default: a
+    temporary beside it), then removed once `tmp` is in place; a rename that fails puts it
+    back. Links inside the old directory are unlinked, never followed."""
+    fsync_path(tmp)
+    old = old or temporary_beside(final, "old")
+    parked = False
+    if os.path.lexists(final):
+        os.rename(final, old)  # renames a link itself, never its target
+        parked = True
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if parked:
+            os.rename(old, final)
+        raise
+    fsync_path(final.parent)
+    if parked:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)  # unlinks the symbolic links it meets; never descends into them
+        else:
+            old.unlink(missing_ok=True)
