@@ -13,7 +13,7 @@ the weights in `export.dtype`, split into files of at most `export.max_shard_siz
 `model.safetensors.index.json` above it, and `opt_train_export.json`, the export record (run,
 checkpoint, step) without which no existing directory is replaced. `export_checkpoint` reads
 the weights from the DCP checkpoint one file's worth at a time, so exporting never holds the
-whole model in memory, through `opt_train.checkpoint.manager.load_dcp` (no code from the checkpoint
+whole model in memory, through `opt_train.checkpoint.trusted.load_dcp` (no code from the checkpoint
 runs), and changes nothing in the run_dir it reads.
 """
 
@@ -262,7 +262,8 @@ def export_checkpoint(
     from omegaconf import OmegaConf
 
     from data_pipeline.shards import read_manifest
-    from opt_train.checkpoint.manager import FORMAT, find_checkpoint, load_dcp
+    from opt_train.checkpoint.layout import FORMAT, find_checkpoint
+    from opt_train.checkpoint.trusted import load_dcp
     from opt_train.config import JobConfig
     from opt_train.data.loader import resolve_data_path
 
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="shard directory whose manifest names the tokenizer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from opt_train.checkpoint.manager import CorruptCheckpoint
+    from opt_train.checkpoint.trusted import CorruptCheckpoint
 
     try:
         done = export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)
