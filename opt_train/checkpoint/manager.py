@@ -40,7 +40,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.files import fsync_path
+from data_pipeline.files import (
+    atomic_write,
+    atomic_write_json,
+    free_bytes,
+    mib,
+    os_error,
+    publish_dir,
+)
 from opt_train.checkpoint.layout import (
     STEP_DIR,
     TMP_PREFIX,
@@ -52,10 +59,11 @@ from opt_train.checkpoint.layout import (
 from opt_train.checkpoint.weights import SAVE_ERRORS, Weights, capture_rng, restore_rng
 from opt_train.config import CheckpointConfig
 from opt_train.parallel.process_groups import DistInfo
-from opt_train.train.run_files import free_bytes, mib, os_error
-from opt_train.train.run_lock import holds_run_lock
 
 log = logging.getLogger(__name__)
+
+# `latest`'s temporary while atomic_write replaces it (data_pipeline.files.temporary_beside).
+_LATEST_TMP = ".latest.tmp-"
 
 EXIT_CHECKPOINT_FAILED = 86  # "checkpoint.max_failures saves in a row failed": not requeued
 
@@ -121,13 +129,6 @@ class SaveFailure:
         )
 
 
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class CheckpointManager:
     """Saves and restores whole-run state; one instance per run, created on every rank."""
 
@@ -137,7 +138,12 @@ class CheckpointManager:
         cfg: CheckpointConfig,
         dist_info: DistInfo | None,
         timeout_s: float = 600.0,
+        run_lock_held: bool = False,
     ):
+        """`run_lock_held`: whether this process holds the run_dir's lock (the trainer asks
+        `opt_train.train.run_lock.holds_run_lock`). Only the run itself clears the temporaries
+        of interrupted saves: a tool reading the run_dir (export, eval) while the run saves
+        would otherwise delete the save in flight."""
         self.dir = Path(directory)
         self.cfg = cfg
         self.rank = dist_info.rank if dist_info else 0
@@ -156,9 +162,7 @@ class CheckpointManager:
         self.failures_in_a_row = 0
         self.last_failure: SaveFailure | None = None
         self._undelivered: list[SaveFailure] = []  # drained, not yet returned by poll()
-        # Only the run itself clears its temporaries: a tool reading the run_dir (export,
-        # eval) while the run saves would otherwise delete the save in flight.
-        if self.rank == 0 and holds_run_lock(self.dir.parent):
+        if self.rank == 0 and run_lock_held:
             self._remove_leftovers()
         self._barrier()
 
@@ -194,10 +198,10 @@ class CheckpointManager:
         error = None
         try:
             (tmp / "rng").mkdir(parents=True, exist_ok=True)
-            _write_json(tmp / "rng" / f"rank_{self.rank:05d}.json", capture_rng())
+            atomic_write_json(tmp / "rng" / f"rank_{self.rank:05d}.json", capture_rng())
             if self.rank == 0:
-                _write_json(tmp / "state.json", trainer_state)
-                (tmp / "config.yaml").write_text(config_yaml)
+                atomic_write_json(tmp / "state.json", trainer_state)
+                atomic_write(tmp / "config.yaml", config_yaml)
         except SAVE_ERRORS as e:
             error = e
         errors = self._agree(error)
@@ -334,7 +338,7 @@ class CheckpointManager:
             if p.is_file() and str(p.relative_to(tmp)) not in files
         )
         files.update(describe(tmp, rest))
-        _write_json(tmp / "meta.json", {**meta, "files": files})
+        atomic_write_json(tmp / "meta.json", {**meta, "files": files})
 
     def _failed(self, step: int, tmp: Path, errors: str, needed: int | None) -> None:
         """Every rank: record the failure; rank 0 removes the partial directory and says so."""
@@ -389,34 +393,19 @@ class CheckpointManager:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Make `tmp` visible as `final` (rank 0). Up to the rename a failure leaves `tmp`
-        for the caller to remove; nothing older has been touched yet."""
-        for sub in (tmp, tmp / "rng"):
-            fsync_path(sub)
-        old = self.dir / f"{TMP_PREFIX}old-{final.name}"
-        if final.exists():
-            # A re-save of the same step (after a restart) replaces the old one; a kill
-            # between the two renames leaves `old`, which the next start puts back.
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if old.exists():
-                os.rename(old, final)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_path(self.dir)
+        for the caller to remove; nothing older has been touched yet. A re-save of the same
+        step (after a restart) parks the old one as `.tmp-old-step_N`: a kill between the
+        two renames leaves it there, and the next start puts it back."""
+        publish_dir(tmp, final, old=self.dir / f"{TMP_PREFIX}old-{final.name}")
         log.info("checkpoint %s saved", final)
 
     def _point_latest_and_prune(self, final: Path) -> None:
         """`latest` and pruning, once `final` is complete. `latest` is for people and scripts
         (resume scans the step directories), so a failure to update it is only a warning."""
-        pointer = self.dir / f"{TMP_PREFIX}latest"
+        pointer = self.dir / "latest"
         try:
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.dir / "latest")
-            fsync_path(self.dir)
+            atomic_write(pointer, final.name + "\n")
         except OSError as e:
-            pointer.unlink(missing_ok=True)
             log.warning("%s is complete, but %s could not be updated: %s", final, pointer, e)
         self._prune()
 
@@ -437,7 +426,7 @@ class CheckpointManager:
                 if p.name.startswith(f"{TMP_PREFIX}old-") and not back.exists():
                     log.warning("restoring %s: a re-save of its step was interrupted", back)
                     os.rename(p, back)
-                elif p.name.startswith(TMP_PREFIX):
+                elif p.name.startswith((TMP_PREFIX, _LATEST_TMP)):
                     log.warning("removing %s: an interrupted save", p)
                     if p.is_dir() and not p.is_symlink():  # a link is removed, not followed
                         shutil.rmtree(p, ignore_errors=True)

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from data_pipeline.files import fsync_path, publish_dir, sha256_file, temporary_beside
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
 from opt_train.model.hf import HF_PREFIX, TORCH_DTYPES, SpecialTokens, hf_config_from_model_config
@@ -45,7 +44,6 @@ def _merges(path: Path) -> list[tuple[str, str]]:
 def tokenizer_files(record: dict) -> tuple[Path, Path]:
     """(vocab, merges) of the tokenizer a shard manifest names, checked against the sha256
     the manifest recorded, so the export writes the very vocabulary that made the data."""
-    from data_pipeline.files import sha256_file
     from data_pipeline.tokenizer import gpt2_files_dir
 
     if record["name"] == "gpt2":
@@ -178,8 +176,8 @@ def write_hf_dir(
     dtype = TORCH_DTYPES[export.dtype]
     out = Path(out_dir)
     check_export_target(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_beside(out)
+    rmtree(tmp)
     tmp.mkdir(parents=True)
     tokens = SpecialTokens()
     if tokenizer is not None and tokenizer.get("name") in ("gpt2", "opt"):
@@ -215,12 +213,11 @@ def write_hf_dir(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / EXPORT_RECORD).write_text(json.dumps(_export_record(source), indent=1) + "\n")
+    for f in tmp.iterdir():  # the files' bytes, before the rename makes them visible
+        fsync_path(f)
     if out.exists() or out.is_symlink():
         check_export_target(out)  # again: it may have changed during the export
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)  # renames a link itself, never its target
-        rmtree(old)  # inside, links are unlinked, not followed
-    os.rename(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
