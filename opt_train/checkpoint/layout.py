@@ -45,14 +45,15 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-CHECKSUM = "xxh3_128"  # meta.json's per-file checksum; "sha256" in checkpoints before it
+CHECKSUM = "xxh3_128"  # meta.json's per-file checksum; older checkpoints record "sha256"
 
 
 def _checksum(path: Path, algorithm: str = CHECKSUM) -> str:
-    """A file's checksum. xxh3-128 runs at ~10 GB/s per core here against ~1.3 GB/s for sha256,
-    which made hashing a large part of a save's time; it detects truncation and corruption as
-    well (a cryptographic hash beside the data it covers would not stop tampering anyway).
-    sha256 stays readable for checkpoints written before."""
+    """A file's checksum. xxh3-128 hashes several times faster than sha256, which made hashing
+    a large part of a save's time (rates and the command: docs/benchmarks.md, "Checksum and
+    CRC32 rates"); it detects truncation and corruption as well (a cryptographic hash beside
+    the data it covers would not stop tampering anyway). sha256 stays readable: checkpoints
+    that record it still verify."""
     h = xxhash.xxh3_128() if algorithm == "xxh3_128" else hashlib.new(algorithm)
     with open(path, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or FIFO reads forever

@@ -184,9 +184,10 @@ class DCPWeights:
         """Write into `tmp`; asynchronously: stage (copy) the tensors into CPU memory now and
         return a future that completes when DCP's threads have written them.
 
-        DCP stores each tensor as a `torch.save` zip record, whose CRC32 halved the write rate
-        here (2.2 vs 4.4 GB/s into the page cache); the checkpoint's own checksums already
-        cover every byte, so DCP's writer threads skip the CRC (`_CheckpointFileSystem`).
+        DCP stores each tensor as a `torch.save` zip record, whose CRC32 halves the write rate
+        into the page cache (docs/benchmarks.md, "Checksum and CRC32 rates"); the checkpoint's
+        own checksums already cover every byte, so DCP's writer threads skip the CRC
+        (`_CheckpointFileSystem`).
 
         A write that failed on this rank raises the error as it happened here, causes and all,
         in place of DCP's exception, and also when DCP returned as if all went well."""
