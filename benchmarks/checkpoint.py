@@ -75,7 +75,8 @@ def _rank_main(rank: int, world: int, root: str, repeats: int, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager
+    from opt_train.checkpoint.weights import DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.parallel.process_groups import DistInfo
 

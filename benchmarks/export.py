@@ -40,7 +40,8 @@ def make_checkpoint(root: Path) -> Path:
 
     from data_pipeline.shards import ShardWriter
     from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
-    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager
+    from opt_train.checkpoint.weights import DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.model.opt import OPT
     from tests.opt_train.conftest import make_config

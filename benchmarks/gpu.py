@@ -506,7 +506,8 @@ def baseline_row(table, shapes, device, label, model_cfg, mb, ours: SpeedResult 
 def checkpoint_row(table, device, label, model, optimizer, directory: Path) -> None:
     """Async saves through the real CheckpointManager: the first pins its staging buffer, the
     second (when the budget allows) reuses it, the steady state of a run."""
-    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager
+    from opt_train.checkpoint.weights import DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.parallel.process_groups import DistInfo
 

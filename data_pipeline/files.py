@@ -86,3 +86,45 @@ def publish_dir(tmp: Path, final: Path, old: Path | None = None) -> None:
             shutil.rmtree(old)  # unlinks the symbolic links it meets; never descends into them
         else:
             old.unlink(missing_ok=True)
+
+
+# -- what a failed write reports ------------------------------------------------------------
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes (for unprivileged users) on the filesystem holding `path`, or None."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def os_error(e: BaseException) -> str:
+    """The OS error behind `e` (followed through causes and the per-rank `failures` of
+    torch.distributed.checkpoint's exception), as `OSError [Errno 28] No space left on
+    device`; else the exception itself."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return f"OSError [Errno {x.errno}] {os.strerror(x.errno)}"
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():  # an exception, or (exception, traceback)
+                todo += [
+                    x for x in (f if isinstance(f, tuple) else (f,)) if isinstance(x, BaseException)
+                ]
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:300]}"

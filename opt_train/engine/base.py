@@ -10,7 +10,7 @@ The trainer (opt_train/train/trainer.py) runs every optimizer step the same way 
 `FSDPEngine` (opt_train/engine/fsdp.py) runs the model as `parallelize()` left it (FSDP2 x TP, or one plain process)
 with our loss scaler, clipping and AdamW; `DeepSpeedEngine` (opt_train/engine/deepspeed.py)
 hands the same calls to a DeepSpeed ZeRO engine. Each owns its optimizer, its checkpoint
-`Weights` (opt_train/checkpoint/manager.py) and the state it must carry over a restart (`state_dict`).
+`Weights` (opt_train/checkpoint/weights.py) and the state it must carry over a restart (`state_dict`).
 OLMo-core's TrainModule is the model for this split.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opt_train.checkpoint.manager import Weights
+from opt_train.checkpoint.weights import Weights
 from opt_train.config import JobConfig
 from opt_train.engine.loss import lm_loss
 from opt_train.engine.precision import DynamicLossScaler, autocast

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from opt_train.checkpoint.manager import DCPWeights
+from opt_train.checkpoint.weights import DCPWeights
 from opt_train.config import JobConfig
 from opt_train.engine.base import StepOutcome, TrainEngine
 from opt_train.engine.loss import lm_loss

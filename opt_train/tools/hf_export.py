@@ -13,7 +13,7 @@ the weights in `export.dtype`, split into files of at most `export.max_shard_siz
 `model.safetensors.index.json` above it, and `opt_train_export.json`, the export record (run,
 checkpoint, step) without which no existing directory is replaced. `export_checkpoint` reads
 the weights from the DCP checkpoint one file's worth at a time, so exporting never holds the
-whole model in memory, through `opt_train.checkpoint.manager.load_dcp` (no code from the checkpoint
+whole model in memory, through `opt_train.checkpoint.trusted.load_dcp` (no code from the checkpoint
 runs), and changes nothing in the run_dir it reads.
 """
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from data_pipeline.files import fsync_path, publish_dir, sha256_file, temporary_beside
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
 from opt_train.model.hf import HF_PREFIX, TORCH_DTYPES, SpecialTokens, hf_config_from_model_config
@@ -45,7 +44,6 @@ def _merges(path: Path) -> list[tuple[str, str]]:
 def tokenizer_files(record: dict) -> tuple[Path, Path]:
     """(vocab, merges) of the tokenizer a shard manifest names, checked against the sha256
     the manifest recorded, so the export writes the very vocabulary that made the data."""
-    from data_pipeline.files import sha256_file
     from data_pipeline.tokenizer import gpt2_files_dir
 
     if record["name"] == "gpt2":
@@ -178,8 +176,8 @@ def write_hf_dir(
     dtype = TORCH_DTYPES[export.dtype]
     out = Path(out_dir)
     check_export_target(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_beside(out)
+    rmtree(tmp)
     tmp.mkdir(parents=True)
     tokens = SpecialTokens()
     if tokenizer is not None and tokenizer.get("name") in ("gpt2", "opt"):
@@ -215,12 +213,11 @@ def write_hf_dir(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / EXPORT_RECORD).write_text(json.dumps(_export_record(source), indent=1) + "\n")
+    for f in tmp.iterdir():  # the files' bytes, before the rename makes them visible
+        fsync_path(f)
     if out.exists() or out.is_symlink():
         check_export_target(out)  # again: it may have changed during the export
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)  # renames a link itself, never its target
-        rmtree(old)  # inside, links are unlinked, not followed
-    os.rename(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
@@ -262,7 +259,8 @@ def export_checkpoint(
     from omegaconf import OmegaConf
 
     from data_pipeline.shards import read_manifest
-    from opt_train.checkpoint.manager import FORMAT, find_checkpoint, load_dcp
+    from opt_train.checkpoint.layout import FORMAT, find_checkpoint
+    from opt_train.checkpoint.trusted import load_dcp
     from opt_train.config import JobConfig
     from opt_train.data.loader import resolve_data_path
 
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="shard directory whose manifest names the tokenizer")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from opt_train.checkpoint.manager import CorruptCheckpoint
+    from opt_train.checkpoint.trusted import CorruptCheckpoint
 
     try:
         done = export_checkpoint(args.checkpoint, args.out_dir, args.overrides, args.data)

@@ -11,50 +11,13 @@ import errno
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
+
+from data_pipeline.files import atomic_write, free_bytes, mib, os_error
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_ROWS = 100_000  # rows held while metrics.jsonl cannot be written; older ones go
-
-
-def free_bytes(path: str | Path) -> int | None:
-    """Free bytes (for unprivileged users) on the filesystem holding `path`, or None."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
-
-
-def mib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def os_error(e: BaseException) -> str:
-    """The OS error behind `e` (followed through causes and DCP's per-rank failures), as
-    `OSError [Errno 28] No space left on device`; else the exception itself."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno is not None:
-            return f"OSError [Errno {x.errno}] {os.strerror(x.errno)}"
-        todo += [x.__cause__, x.__context__]
-        failures = getattr(x, "failures", None)  # torch.distributed.checkpoint's exception
-        if isinstance(failures, dict):
-            for f in failures.values():  # an exception, or (exception, traceback)
-                todo += [
-                    x for x in (f if isinstance(f, tuple) else (f,)) if isinstance(x, BaseException)
-                ]
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text[:300]}"
 
 
 def row_step(row) -> int | None:
@@ -69,18 +32,12 @@ def row_step(row) -> int | None:
 
 
 def write_text_atomic(path: Path, text: str) -> BaseException | None:
-    """Replace `path` with `text` (a temporary file, fsync, rename): a failure leaves the old
-    file whole. Returns the error, already reported, or None."""
-    tmp = path.with_name(f".tmp-{path.name}")
+    """`atomic_write` that reports and goes on: a failure leaves the old file whole and is
+    logged with the free space seen. Returns the error, already reported, or None."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, text)
         return None
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         log.error(
             "could not write %s: %s; %s free on its filesystem; the run goes on (the "
             "resolved config is also in every checkpoint)",

@@ -210,9 +210,9 @@ class RunLock:
 
 
 def holds_run_lock(run_dir: str | Path) -> bool:
-    """Whether this process holds `run_dir`'s lock (taken over counts: see `RunLock`). What
-    may remove the run's temporaries asks this: only the run itself may, never a tool that
-    reads the run_dir while the run is writing it."""
+    """Whether this process holds `run_dir`'s lock (taken over counts: see `RunLock`). The
+    trainer tells its checkpoint manager this: only the run itself may remove the run's
+    temporaries, never a tool that reads the run_dir while the run is writing it."""
     return os.path.realpath(Path(run_dir) / LOCK_NAME) in _held
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from data_pipeline.files import os_error
 from data_pipeline.shards import ShardFormatError
 from opt_train.checkpoint.manager import CheckpointManager, CheckpointSaveFailed
 from opt_train.checkpoint.resume_guard import check_resume
@@ -50,8 +51,8 @@ from opt_train.parallel.process_groups import (
 )
 from opt_train.train.callbacks.base import Callback, default_callbacks
 from opt_train.train.flops import device_peak_flops, flops_per_token
-from opt_train.train.run_files import os_error, write_text_atomic
-from opt_train.train.run_lock import RunDirLocked, hold_run_lock, release_run_locks
+from opt_train.train.run_files import write_text_atomic
+from opt_train.train.run_lock import RunDirLocked, hold_run_lock, holds_run_lock, release_run_locks
 from opt_train.train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ class Trainer:
         self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp, val_micro_batch)
 
         self.ckpt = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.checkpoint, self.dist, cfg.parallel.timeout_s
+            self.run_dir / "checkpoints",
+            cfg.checkpoint,
+            self.dist,
+            cfg.parallel.timeout_s,
+            run_lock_held=holds_run_lock(self.run_dir),
         )
         self.step = 0
         self.tokens = 0

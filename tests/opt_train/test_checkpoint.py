@@ -9,7 +9,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from data_pipeline.files import sha256_file
-from opt_train.checkpoint.manager import CheckpointManager, CorruptCheckpoint, verify
+from opt_train.checkpoint.layout import verify
+from opt_train.checkpoint.manager import CheckpointManager
+from opt_train.checkpoint.trusted import CorruptCheckpoint
 from opt_train.config import CheckpointConfig
 from opt_train.train.trainer import Trainer
 from tests.opt_train.conftest import small_job
@@ -120,7 +122,7 @@ def test_checkpoints_with_sha256_checksums_from_before_still_verify(tmp_path, sm
 def test_export_reads_only_a_checkpoint_that_verifies(tmp_path, small_shards):
     """Named directly or found in a run_dir, the checkpoint an export reads is verified; a
     damaged one is refused (named) or, in a run_dir, passed over for the previous one."""
-    from opt_train.checkpoint.manager import find_checkpoint
+    from opt_train.checkpoint.layout import find_checkpoint
 
     run = tmp_path / "run"
     job = ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=2"]

@@ -20,14 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from opt_train.checkpoint.manager import (
-    CheckpointManager,
-    CorruptCheckpoint,
-    _checksum,
-    find_checkpoint,
-    load_dcp,
-    read_dcp_metadata,
-)
+from opt_train.checkpoint.layout import _checksum, find_checkpoint
+from opt_train.checkpoint.manager import CheckpointManager
+from opt_train.checkpoint.trusted import CorruptCheckpoint, load_dcp, read_dcp_metadata
 from opt_train.config import CheckpointConfig
 from opt_train.tools import hf_export as hf
 from opt_train.tools import plot

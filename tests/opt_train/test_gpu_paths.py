@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opt_train.checkpoint.manager import pinned_staging
+from opt_train.checkpoint.weights import pinned_staging
 from opt_train.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from opt_train.engine.optim import use_fused_adamw
 from opt_train.model.dropout import dropout, uses_bulk_dropout

@@ -106,8 +106,9 @@ def test_half_written_checkpoint_is_invisible(tmp_path, small_shards):
     # What a kill mid-save leaves: a temporary directory, never a step_* directory.
     shutil.copytree(ckpts / "step_00000002", ckpts / ".tmp-step_00000004")
     (ckpts / ".tmp-step_00000004" / "meta.json").unlink()
-    assert CheckpointManager(ckpts, CheckpointConfig(), None).latest().name == "step_00000002"
-    assert not (ckpts / ".tmp-step_00000004").exists()  # the leftover is cleaned up
+    run_manager = CheckpointManager(ckpts, CheckpointConfig(), None, run_lock_held=True)
+    assert run_manager.latest().name == "step_00000002"
+    assert not (ckpts / ".tmp-step_00000004").exists()  # the run's manager cleans it up
 
 
 @pytest.fixture(scope="module")

@@ -305,7 +305,8 @@ def _one_rank_fails(rank: int, world: int, root: str) -> None:
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    from opt_train.checkpoint.manager import CheckpointManager, DCPWeights
+    from opt_train.checkpoint.manager import CheckpointManager
+    from opt_train.checkpoint.weights import DCPWeights
     from opt_train.config import CheckpointConfig
     from opt_train.parallel.process_groups import DistInfo
 

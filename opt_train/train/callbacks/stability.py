@@ -36,7 +36,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
-from opt_train.checkpoint.manager import STEP_DIR
+from opt_train.checkpoint.layout import STEP_DIR
 from opt_train.config import JobConfig
 from opt_train.train.callbacks.base import Callback, MetricsFile
 
