@@ -51,3 +51,16 @@ def two_rank_rollback(garbage_corpus, tmp_path_factory):
         return runs[mesh]
 
     return run
+
+
+# Session fixtures that cost a run each: under pytest-xdist every worker would build its own,
+# so the tests that use one are sent to the same worker (`--dist loadgroup`, pyproject.toml).
+SHARED_RUNS = {"fp32_mesh_run": "fp32_mesh", "two_rank_rollback": "rollback", "local_ray": "ray"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in SHARED_RUNS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
