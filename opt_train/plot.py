@@ -1,5 +1,5 @@
-"""`opt_train.plot` moved to `opt_train.tools.plot`; this module keeps `python -m opt_train.plot` and users' imports
-working as documented."""
+"""`python -m opt_train.plot RUN_DIR... -o X.png`, the documented command; the CLI is
+opt_train/tools/plot.py."""
 
 from opt_train.tools.plot import main
 

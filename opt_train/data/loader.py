@@ -7,9 +7,10 @@ a run of consecutive positions in that order; rank r of W takes the r-th slice o
 batch. So the samples a step sees depend on the seed and the step, never on the world size, and
 the loader's whole state is one number: how many samples the run has consumed.
 
-A mixture (`data.sources`) is several such splits: opt_train/data/mixture.py decides, from the global
-sample number alone, which source each sample comes from (each source's share exact to less than
-one sample at every point of the run), and each source has its own seeded permutation per pass.
+A mixture (`data.sources`) is several such splits: opt_train/data/mixture.py decides, from the
+global sample number alone, which source each sample comes from (each source's share exact to
+less than one sample at every point of the run), and each source has its own seeded permutation
+per pass.
 The state is still that one number (plus the tokens each source supplied, for the metrics).
 
 `skip_steps` ranges (`data.skip_steps`) name optimizer steps of the original order whose global
@@ -39,6 +40,24 @@ class BadTokenIds(ValueError):
     """A batch holds token ids outside the shards' vocabulary (a flipped bit, a shard made with
     another tokenizer): the embedding would fail with an IndexError on CPU and a device-side
     assert on CUDA that leaves the other ranks waiting. Raised on every rank at the same point."""
+
+
+def bad_tokens_error(step: int, bad_here: list[str], bad_ranks: int, vocab: int) -> BadTokenIds:
+    """The error every rank raises after an out-of-vocabulary id on any of `bad_ranks` ranks;
+    the ranks that read one (`bad_here`, from `GlobalOrderLoader.bad_tokens`) name the shard
+    file and document."""
+    if bad_here:
+        shown = "; ".join(bad_here[:5]) + ("; ..." if len(bad_here) > 5 else "")
+        return BadTokenIds(
+            f"step {step}: {len(bad_here)} token id(s) outside the vocabulary "
+            f"[0, {vocab}) in this rank's batch: {shown}. The shard is corrupt or was "
+            "made with another tokenizer; data.verify=true re-checks its hashes, "
+            "data.skip_steps passes over this step's batch."
+        )
+    return BadTokenIds(
+        f"step {step}: token ids outside the vocabulary [0, {vocab}) on "
+        f"{bad_ranks} other rank(s); their errors name the shard and document"
+    )
 
 
 def resolve_data_path(path: str | None, cache_dir: str) -> Path:
@@ -314,10 +333,6 @@ def validation_batches(
         t = torch.from_numpy(rows)
         out.append((t[:, :-1], t[:, 1:]))
     return out
-
-
-def vocab_size_of(path: str | Path) -> int:
-    return int(read_manifest(path)["vocab_size"])
 
 
 @dataclass

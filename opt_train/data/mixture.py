@@ -19,19 +19,10 @@ makes resume, `data.skip_steps` and resharding exact.
 
 from __future__ import annotations
 
-import logging
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-from opt_train.train.callbacks.base import Callback
-
-if TYPE_CHECKING:
-    from opt_train.train.trainer import Trainer
-
-log = logging.getLogger(__name__)
 
 MAX_PERIOD = 1 << 16  # samples in one period of the layout at most (a table of this many rows)
 
@@ -93,15 +84,3 @@ class Mixture:
         """Samples each source supplied among global samples [0, n): shape [..., sources]."""
         q, r = np.divmod(np.asarray(n, dtype=np.int64), self.period)
         return q[..., None] * self.quota + self.prefix[r]
-
-
-class SourceTokens(Callback):
-    """Adds `tokens_by_source` (cumulative training tokens of each named source) to every step
-    row, and an event row `{"event": "data_repeat", "source": ...}` the step a source first
-    starts over (the loader says so in the log too)."""
-
-    def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
-        loader = trainer.loader
-        for name in loader.repeated_this_step:
-            trainer.log_event("data_repeat", source=name)
-        metrics["tokens_by_source"] = loader.tokens_by_source()

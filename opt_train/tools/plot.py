@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, PercentFormatter  # noqa: E402
 
-from opt_train.train.callbacks.console import row_kind  # noqa: E402
+from opt_train.train.metric_rows import row_kind  # noqa: E402
 from opt_train.train.run_files import row_step  # noqa: E402
 
 PANELS = [  # (metric, title, log base of the y axis or None)

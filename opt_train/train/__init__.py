@@ -1,5 +1,6 @@
-"""The training loop (`trainer`), the run lock, signals, FLOPs/MFU and the run's metric files;
-`callbacks/` holds the side concerns the loop calls.
+"""The training loop (`trainer`), the run lock, signals, FLOPs/MFU, the run's files and the
+shape of its metric rows (`metric_rows`); `callbacks/` holds the side concerns the loop calls.
 
 Imports: everything in opt_train below it (model, parallel, checkpoint, engine, data, config).
+Inside: `trainer` above `callbacks` above the other modules, which import none of the two.
 """

@@ -1,7 +1,7 @@
 """The figures behind MFU: training FLOPs per token and a device's peak FLOP/s.
 
-The rows of metrics.jsonl are built in opt_train/train/trainer.py and written by the callbacks in
-opt_train/train/callbacks/base.py (file, progress bar, wandb).
+The rows of metrics.jsonl are built in opt_train/train/trainer.py and written by the callbacks
+in opt_train/train/callbacks/ (metrics file, console, wandb, TensorBoard).
 """
 
 from __future__ import annotations
@@ -96,18 +96,19 @@ def device_peak_flops(
             if name not in _said_unknown:
                 _said_unknown.add(name)
                 log.warning(
-                    "MFU unknown: no %s peak known for GPU %r (opt_train/train/flops.py GPU_PEAKS); "
-                    "set logging.peak_tflops to report it",
+                    "MFU unknown: no %s peak known for GPU %r (opt_train/train/flops.py "
+                    "GPU_PEAKS); set logging.peak_tflops to report it",
                     precision,
                     name,
                 )
             return float("nan")
         return found[1] * 1e12
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[precision]
-    # Emulated bf16 (no AVX512-BF16/AMX/Arm BF16) runs a 1024^3 matmul in 2.3 s (0.9 GFLOP/s
-    # on the AVX2 dev machine), so a 1024 probe would cost seconds at every start; 256 wide
-    # takes 25 ms there at about the same rate. Decided from the capabilities, not by timing,
-    # which a busy machine would skew.
+    # Emulated bf16 (no AVX512-BF16/AMX/Arm BF16) runs near 1 GFLOP/s, so one 1024^3 matmul
+    # takes seconds and a 1024 probe would add them to every start; 256 wide costs 64x less
+    # at about the same rate. Rates: `python -c "import torch; from opt_train.train.flops
+    # import cpu_matmul_rate as r; print([r(torch.bfloat16, n) / 1e9 for n in (256, 1024)])"`.
+    # Decided from the capabilities, not by timing, which a busy machine would skew.
     slow = dtype == torch.bfloat16 and not cpu_bf16(device_caps(device))[0]
     return cpu_matmul_rate(dtype, 256 if slow else 1024)
 

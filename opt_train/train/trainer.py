@@ -8,11 +8,12 @@ engine step or skip (fp16 overflow, NaN/inf loss or gradient norm: every rank al
 step's metrics, hand them to the callbacks and write them, and stop after a preemption signal
 (opt_train/train/signals.py) or a callback's request, agreed by every rank.
 
-The engine (opt_train/engine/base.py: FSDP2 / one process; opt_train/engine/deepspeed.py: DeepSpeed
-ZeRO) owns forward/backward, clipping, the optimizer step and the checkpoint weights; the loop
-never asks which one it drives. Side concerns (metrics.jsonl, progress bar, wandb, evaluation and
-checkpoint cadence) are callbacks (opt_train/train/callbacks/base.py). State that must survive a restart is
-collected in `state_dict()`; opt_train/checkpoint/manager.py writes it with the model and optimizer.
+The engine (opt_train/engine/base.py: FSDP2 / one process; opt_train/engine/deepspeed.py:
+DeepSpeed ZeRO) owns forward/backward, clipping, the optimizer step and the checkpoint weights;
+the loop never asks which one it drives. Side concerns (metrics.jsonl, console, wandb,
+evaluation and checkpoint cadence, spike recovery) are callbacks (opt_train/train/callbacks/, one
+per module; the hooks in base.py). State that must survive a restart is collected in `state_dict()`;
+opt_train/checkpoint/manager.py writes it with the model and optimizer.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from data_pipeline.shards import ShardFormatError
 from opt_train.checkpoint.manager import CheckpointManager, CheckpointSaveFailed
 from opt_train.checkpoint.resume_guard import check_resume
 from opt_train.config import JobConfig
-from opt_train.data.loader import BadTokenIds, build_data, validation_row
+from opt_train.data.loader import BadTokenIds, bad_tokens_error, build_data, validation_row
 from opt_train.engine.base import StepOutcome, TrainEngine
 from opt_train.engine.factory import build_engine
 from opt_train.engine.optim import LinearWarmupDecay
 from opt_train.engine.precision import DynamicLossScaler, resolve_precision
 from opt_train.model.init_from import load_init_weights
 from opt_train.model.opt import OPT, count_params
-from opt_train.parallel.apply import init_sharded_weights, parallelize
+from opt_train.parallel.apply import apply_ac, init_sharded_weights, parallelize
 from opt_train.parallel.dims import ParallelDims
 from opt_train.parallel.process_groups import (
     DistInfo,
@@ -49,7 +50,8 @@ from opt_train.parallel.process_groups import (
     name_the_rank_on_timeout,
     shutdown,
 )
-from opt_train.train.callbacks.base import Callback, default_callbacks
+from opt_train.train.callbacks.base import Callback
+from opt_train.train.callbacks.defaults import default_callbacks
 from opt_train.train.flops import device_peak_flops, flops_per_token
 from opt_train.train.run_files import write_text_atomic
 from opt_train.train.run_lock import RunDirLocked, hold_run_lock, holds_run_lock, release_run_locks
@@ -81,32 +83,15 @@ class Trainer:
         # Before anything is written: one run per run_dir (opt_train/train/run_lock.py).
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_lock = hold_run_lock(self.run_dir, self.dist)
-        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-        self.config_write_error: str | None = None  # MetricsFile records it as an event row
-        if self.dist.is_main:
-            if failed := write_text_atomic(self.run_dir / "config.yaml", self.config_yaml):
-                self.config_write_error = os_error(failed)
-
-        # config.yaml keeps `auto` (a resume elsewhere may resolve it differently); everything
-        # that computes reads the resolved value (opt_train/engine/precision.py).
-        self.precision = resolve_precision(cfg.precision, self.device)
-        cfg.precision = self.precision.precision
-        if self.precision.warning and self.dist.is_main:
-            log.warning("%s", self.precision.warning)
-
-        # Mesh: data-parallel ranks read different samples; tensor-parallel peers the same.
-        # DeepSpeed's ranks are all data-parallel (config.py checks tp=1).
-        self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world)
-        self.dims.check_model(cfg.model)
-        self.mesh, self.dp_rank = None, self.dist.rank if self.deepspeed else 0
-        if self.distributed and not self.deepspeed:
-            self.mesh, dp_mesh = self.dims.build_mesh(self.device.type)
-            self.dp_rank = dp_mesh.get_local_rank()
+        self._write_config()  # as given: before precision and micro-batch are resolved
+        self._resolve_precision()
+        self._build_mesh()
         self.accum = cfg.grad_accum_steps(self.dims.dp)
         # The validation set is sized by one rank's micro-batch, whatever the world size.
         val_micro_batch = cfg.resolve_micro_batch(1)
         cfg.train.micro_batch_size = cfg.resolve_micro_batch(self.dims.dp)  # null: derived
 
+        self.n_params = _full_param_count(cfg.model)
         self.model = self._build_model()
         # After init, every data-parallel rank draws its own dropout masks; TP peers share them
         # because they hold replicated activations.
@@ -114,8 +99,8 @@ class Trainer:
         self.engine: TrainEngine = build_engine(cfg, self.model, self.dist.world, self.accum)
         self.schedule = LinearWarmupDecay(cfg.optim, cfg.train.batch_tokens)
 
-        # The sample sequence is a function of the seed and the step alone (opt_train/data/loader.py,
-        # opt_train/data/mixture.py); validation sets are one fixed set per source.
+        # The sample sequence is a function of the seed and the step alone (opt_train/data/:
+        # loader.py, mixture.py); validation sets are one fixed set per source.
         self.loader, self.val_sets = build_data(cfg, self.dp_rank, self.dims.dp, val_micro_batch)
 
         self.ckpt = CheckpointManager(
@@ -140,11 +125,45 @@ class Trainer:
         self.config_changes: list[dict] = []
         self.resumed_from = self._maybe_resume()
         self.resumed_step = self.step
+        self._log_start()
+
+    def _write_config(self) -> None:
+        """`run_dir/config.yaml`, the job config as given (`precision: auto` stays auto: a
+        resume elsewhere may resolve it differently). A failed write does not stop the run;
+        MetricsFile records it as an event row."""
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        self.config_write_error: str | None = None
+        if self.dist.is_main:
+            if failed := write_text_atomic(self.run_dir / "config.yaml", self.config_yaml):
+                self.config_write_error = os_error(failed)
+
+    def _resolve_precision(self) -> None:
+        """Everything that computes reads the resolved precision, never `auto`
+        (opt_train/engine/precision.py)."""
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.cfg.precision = self.precision.precision
+        if self.precision.warning and self.dist.is_main:
+            log.warning("%s", self.precision.warning)
+
+    def _build_mesh(self) -> None:
+        """The mesh and this rank's data-parallel rank: data-parallel ranks read different
+        samples; tensor-parallel peers the same. DeepSpeed's ranks are all data-parallel
+        (config.py checks tp=1)."""
+        cfg = self.cfg
+        self.dims = ParallelDims.from_config(cfg.parallel, self.dist.world)
+        self.dims.check_model(cfg.model)
+        self.mesh, self.dp_rank = None, self.dist.rank if self.deepspeed else 0
+        if self.distributed and not self.deepspeed:
+            self.mesh, dp_mesh = self.dims.build_mesh(self.device.type)
+            self.dp_rank = dp_mesh.get_local_rank()
+
+    def _log_start(self) -> None:
+        cfg = self.cfg
         log.info(
             "model %s: %.2fM parameters; mesh dp_replicate=%d dp_shard=%d tp=%d; "
             "%d micro-batches of %d per rank per step; resumed from %s (torchrun restart %s)",
             cfg.model.name,
-            _full_param_count(cfg.model) / 1e6,
+            self.n_params / 1e6,
             self.dims.dp_replicate,
             self.dims.dp_shard,
             self.dims.tp,
@@ -156,7 +175,7 @@ class Trainer:
 
     def _build_model(self) -> OPT:
         cfg = self.cfg
-        fp32_bytes = 4 * _full_param_count(cfg.model)
+        fp32_bytes = 4 * self.n_params
         meta = (
             self.distributed
             and not self.deepspeed
@@ -183,8 +202,6 @@ class Trainer:
                 compile_,
             )
         elif cfg.parallel.activation_checkpoint != "off":
-            from opt_train.parallel.apply import apply_ac
-
             apply_ac(model, cfg.parallel.activation_checkpoint)
         if meta:
             model.to_empty(device=self.device)
@@ -234,7 +251,7 @@ class Trainer:
                 last = self._step_metrics(out, lr, time.perf_counter() - t0)
                 self._call("on_step_end", last)
                 if self.step != last["step"]:
-                    # A callback rolled the run back (load_checkpoint; opt_train/train/callbacks/stability.py):
+                    # A callback rolled the run back (load_checkpoint; callbacks/stability.py):
                     # this step is undone, so it is neither logged nor evaluated nor saved.
                     continue
                 self.log(last)
@@ -270,8 +287,10 @@ class Trainer:
         mean_loss, act_ms, bad_ranks = self._mean_over_ranks(
             total / len(micro_batches), act_sq, bool(bad_here)
         )
-        if bad_ranks:
-            self._stop_for_bad_tokens(bad_here, bad_ranks)
+        if bad_ranks:  # before the optimizer step: the weights stay the previous step's
+            error = bad_tokens_error(self.step, bad_here, bad_ranks, self.loader.vocab_size)
+            log.error("%s", error)
+            raise error
         outcome = self.engine.optim_step(math.isfinite(mean_loss))
         self._count_nonfinite(mean_loss, outcome)
         out = {
@@ -303,27 +322,6 @@ class Trainer:
         if "act_rms" in out:
             metrics["act_rms"] = out["act_rms"]
         return metrics
-
-    def _stop_for_bad_tokens(self, bad_here: list[str], bad_ranks: int) -> None:
-        """Raise `BadTokenIds` on every rank after an out-of-vocabulary id on any (before the
-        optimizer step, so the weights are the previous step's); the ranks that read one name
-        the shard file and document."""
-        vocab = self.loader.vocab_size
-        if bad_here:
-            shown = "; ".join(bad_here[:5]) + ("; ..." if len(bad_here) > 5 else "")
-            msg = (
-                f"step {self.step}: {len(bad_here)} token id(s) outside the vocabulary "
-                f"[0, {vocab}) in this rank's batch: {shown}. The shard is corrupt or was "
-                "made with another tokenizer; data.verify=true re-checks its hashes, "
-                "data.skip_steps passes over this step's batch."
-            )
-        else:
-            msg = (
-                f"step {self.step}: token ids outside the vocabulary [0, {vocab}) on "
-                f"{bad_ranks} other rank(s); their errors name the shard and document"
-            )
-        log.error("%s", msg)
-        raise BadTokenIds(msg)
 
     def _count_nonfinite(self, mean_loss: float, outcome: StepOutcome) -> None:
         """Count a skipped step. fp16 gradient overflow is the loss scaler's business (halve
@@ -362,6 +360,11 @@ class Trainer:
     def log_event(self, event: str, **fields) -> None:
         """An event row `{"event": event, "step": <this step>, **fields}` in metrics.jsonl."""
         self.log({"event": event, "step": self.step, **fields})
+
+    def rewind(self, step: int, events: list[dict]) -> None:
+        """The rows logged after `step` no longer hold (a rollback to `step`'s checkpoint):
+        every callback's on_rewind drops what it wrote for them and writes `events`."""
+        self._call("on_rewind", step, events)
 
     def request_stop(self, reason: str) -> None:
         """End the run after this step, as if `train.max_steps` were reached (final save
@@ -541,8 +544,9 @@ def train(cfg: JobConfig) -> dict:
     Exits the process with `EXIT_REQUEUE` (85) after a preemption signal, once the checkpoint
     is saved and the process group is left cleanly. A collective timeout is re-raised naming
     this rank; the process group is then left without the closing barrier. A run_dir held by
-    another run exits with 87 (opt_train.train.run_lock.EXIT_RUN_DIR_LOCKED), `checkpoint.max_failures`
-    failed saves in a row with 86 (opt_train.checkpoint.manager.EXIT_CHECKPOINT_FAILED)."""
+    another run exits with 87 (opt_train.train.run_lock.EXIT_RUN_DIR_LOCKED),
+    `checkpoint.max_failures` failed saves in a row with 86
+    (opt_train.checkpoint.manager.EXIT_CHECKPOINT_FAILED)."""
     rank = int(os.environ.get("RANK", "0"))
     clean = False
     trainer = None

@@ -14,7 +14,7 @@ from data_pipeline.stages.tokenize import TokenizeConfig, TokenizerConfig
 from data_pipeline.stages.tokenize import run as tokenize
 from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source, open_sources
 from opt_train.data.mixture import Mixture, integer_weights
-from opt_train.train.callbacks.base import flat_row
+from opt_train.train.metric_rows import flat_row
 from opt_train.train.trainer import Trainer
 from tests.multirank import torchrun_train
 from tests.opt_train.conftest import make_config, small_job

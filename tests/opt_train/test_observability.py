@@ -76,8 +76,11 @@ def test_a_run_logged_to_a_file_prints_plain_lines_without_carriage_returns(tmp_
     assert b"\r" not in raw
     lines = (tmp_path / "out.log").read_text().splitlines()
     assert lines[0].startswith("device cpu | world size 1 | mesh dp_replicate=1 dp_shard=1 tp=1")
-    assert re.match(r"model opt-tiny: [\d.]+M parameters \| precision fp32 \|", lines[1])
+    assert re.match(r"model opt-tiny: [\d.]+M parameters \| [\d,]+ tokens per step", lines[1])
     assert lines[2].startswith("fresh start (no checkpoint in")
+    # The precision once, with the reason it was chosen.
+    assert lines[3].startswith("precision fp32 (")
+    assert sum("precision" in line for line in lines[:4]) == 1
     steps = {r["step"]: r for r in rows(run) if "loss" in r}
     step_lines = [x for x in lines if re.match(r"step \d+/5 ", x)]
     # The first step, every `logging.interval` steps, and the last.

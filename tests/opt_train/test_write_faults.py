@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from opt_train.checkpoint.manager import EXIT_CHECKPOINT_FAILED
-from opt_train.train.callbacks.base import _drop_rows_after
+from opt_train.train.callbacks.metrics_file import _drop_rows_after
 from opt_train.train.run_files import JsonlAppender, write_text_atomic
 from opt_train.train.run_lock import EXIT_RUN_DIR_LOCKED, RunDirLocked, RunLock
 from tests.multirank import REPO, rank_env, torchrun_cmd

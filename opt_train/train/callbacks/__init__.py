@@ -1,5 +1,10 @@
-"""Side concerns the loop calls at fixed points (`base.Callback`): evaluation,
-checkpointing, metric files, wandb, TensorBoard, the console, profiling and spike recovery.
+"""Side concerns the loop calls at fixed points, one callback per module: evaluation,
+checkpointing, metrics_file, wandb, tensorboard, console, profiling, stability (spike recovery)
+and mixture (tokens per source). `base.Callback` holds the hooks; `defaults.default_callbacks`
+lists the built-in ones in the order they run.
 
-Imports: `base` and the layers below `opt_train.train`; the `Trainer` only for type checking.
+Imports: `base`, the modules of `opt_train.train` below the callbacks (run_files, metric_rows,
+flops, signals) and the layers below `opt_train.train`; never another callback (a callback that
+must reach others goes through a hook, as Stability's rollback does with `on_rewind`) and the
+`Trainer` only for type checking. `defaults` alone imports the callback modules.
 """

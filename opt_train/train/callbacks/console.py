@@ -11,40 +11,28 @@ lines of their own.
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
+import torch
+
 from data_pipeline.runtime.progress import format_duration
+from opt_train.config import JobConfig
 from opt_train.train.callbacks.base import Callback
+from opt_train.train.metric_rows import row_kind
 
 if TYPE_CHECKING:
-    import torch
-
-    from opt_train.config import JobConfig
     from opt_train.train.trainer import Trainer
-
-
-def row_kind(row: dict) -> str:
-    """The three kinds ("event", "eval", "step") of metrics.jsonl rows. An event row may
-    carry a loss (a spike's), so "event" is looked at first."""
-    if "event" in row:
-        return "event"
-    if "loss" in row:
-        return "step"
-    return "eval"
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     """The memory figure worth watching on this device, in GiB, and what it is: on a GPU the
     most the caching allocator ever handed out (what an OOM is about), on CPU the process's
     peak resident set."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "max alloc"
-    import resource
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (2**30 if sys.platform == "darwin" else 2**20), "peak RSS"
@@ -102,15 +90,10 @@ class Eta:
 
 
 def header_lines(trainer: Trainer) -> list[str]:
-    """Where and what the run is, and where it started from."""
-    import torch
-
-    from opt_train.model.opt import OPT, count_params
-
+    """Where and what the run is, where it started from, and its precision with the reason
+    it was chosen (auto: what this device runs well)."""
     cfg = trainer.cfg
     dims = trainer.dims
-    with torch.device("meta"):
-        n_params = count_params(OPT(cfg.model))
     device = trainer.device
     where = str(device)
     if device.type == "cuda":
@@ -124,12 +107,12 @@ def header_lines(trainer: Trainer) -> list[str]:
     return [
         f"device {where} | world size {trainer.dist.world} | mesh dp_replicate="
         f"{dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp} | engine {cfg.engine}",
-        f"model {cfg.model.name}: {n_params / 1e6:,.2f}M parameters | precision "
-        f"{cfg.precision} | {cfg.train.batch_tokens:,} tokens per step ({trainer.accum} "
+        f"model {cfg.model.name}: {trainer.n_params / 1e6:,.2f}M parameters | "
+        f"{cfg.train.batch_tokens:,} tokens per step ({trainer.accum} "
         f"micro-batch{'es' if trainer.accum != 1 else ''} of {cfg.train.micro_batch_size} x "
         f"{cfg.data.seq_len} per rank)",
         f"{start} | training to step {cfg.train.max_steps} | run_dir {trainer.run_dir}",
-        trainer.precision.line(),  # which precision and why (auto: what this device runs well)
+        trainer.precision.line(),
     ]
 
 

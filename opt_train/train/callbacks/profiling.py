@@ -5,8 +5,9 @@ callbacks' pre_step) and stops after step `profile.steps[1]` (after its evaluati
 cadence), on each rank listed in `profile.ranks`. It writes a Chrome/Perfetto JSON trace to
 `run_dir/profile/trace_steps<a>-<b>_rank<r>.json`; each step is a `step <n>` range in it. On CUDA,
 `profile.memory_snapshot=true` also records the caching allocator's history over the window and
-dumps `torch.cuda.memory._snapshot()` to `memory_steps<a>-<b>_rank<r>.pickle` (pytorch.org/memory_viz
-draws it). Files appear complete or not at all: each is written under a temporary name first.
+dumps `torch.cuda.memory._snapshot()` to `memory_steps<a>-<b>_rank<r>.pickle`
+(pytorch.org/memory_viz draws it). Files appear complete or not at all: each is written under a
+temporary name first.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from opt_train.checkpoint.layout import STEP_DIR
 from opt_train.config import JobConfig
-from opt_train.train.callbacks.base import Callback, MetricsFile
+from opt_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
     from opt_train.train.trainer import Trainer
@@ -100,7 +100,8 @@ class Stability(Callback):
         self._apply(trainer)
         # Rows of events that the resumed state holds but that metrics.jsonl dropped with the
         # steps after the checkpoint (a rollback whose replay had passed this checkpoint).
-        self._restore_events(trainer, trainer.step)
+        if events := self._events_after(trainer.step):
+            trainer.rewind(trainer.step, events)
 
     def pre_step(self, trainer: Trainer) -> None:
         if self.given_clip or self.clip_changes:
@@ -249,10 +250,7 @@ class Stability(Callback):
         self.rollback_steps.append(step)
         self._apply(trainer)
         rollback["data_skip_steps"] = [list(r) for r in trainer.loader.skip_steps]
-        for cb in trainer.callbacks:
-            if isinstance(cb, MetricsFile):
-                cb.rewind(target)
-        self._restore_events(trainer, target)
+        trainer.rewind(target, self._events_after(target))
         self._event(trainer, {**spike_row, "action": "rollback"})
         self._event(trainer, rollback)
         log.warning(
@@ -279,15 +277,11 @@ class Stability(Callback):
         path = trainer.ckpt.latest(before=onset)
         return None if path is None else int(STEP_DIR.match(path.name).group(1))
 
-    def _restore_events(self, trainer: Trainer, step: int) -> None:
-        """Write again the event rows after `step` that metrics.jsonl just dropped with the
-        steps after `step` (at a rollback, or at a restart from a checkpoint that a rollback's
-        replay had passed): they describe decisions still in force."""
-        for cb in trainer.callbacks:
-            if isinstance(cb, MetricsFile):
-                for row in self.events:
-                    if row["step"] > step:
-                        cb.on_log(trainer, row)
+    def _events_after(self, step: int) -> list[dict]:
+        """The event rows after `step`: they describe decisions still in force, so they are
+        written again when the rows after `step` are dropped (at a rollback, or at a restart
+        from a checkpoint that a rollback's replay had passed)."""
+        return [row for row in self.events if row["step"] > step]
 
     def _event(self, trainer: Trainer, row: dict) -> None:
         self.events.append(row)

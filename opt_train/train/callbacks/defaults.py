@@ -1,0 +1,38 @@
+"""The built-in callbacks of a job, in the order they run."""
+
+from __future__ import annotations
+
+from opt_train.config import JobConfig
+from opt_train.train.callbacks.base import Callback
+from opt_train.train.callbacks.checkpointing import Checkpointing
+from opt_train.train.callbacks.console import console_callback
+from opt_train.train.callbacks.evaluation import Evaluation
+from opt_train.train.callbacks.metrics_file import MetricsFile
+from opt_train.train.callbacks.mixture import SourceTokens
+from opt_train.train.callbacks.profiling import Profiler
+from opt_train.train.callbacks.stability import Stability
+from opt_train.train.callbacks.tensorboard import TensorBoard
+from opt_train.train.callbacks.wandb import Wandb
+
+
+def default_callbacks(cfg: JobConfig) -> list[Callback]:
+    """The built-in callbacks for a job config, in the order they run: the file sinks before
+    Stability, so that metrics.jsonl is open when it writes."""
+    callbacks: list[Callback] = [
+        Evaluation(cfg.train.eval_interval),
+        Checkpointing(cfg.checkpoint.interval),
+        MetricsFile(cfg.run_dir),
+    ]
+    if cfg.data.sources:
+        callbacks.append(SourceTokens())
+    if cfg.logging.progress:
+        callbacks.append(console_callback(cfg))
+    if cfg.logging.wandb != "disabled":
+        callbacks.append(Wandb())
+    if cfg.logging.tensorboard:
+        callbacks.append(TensorBoard(cfg.run_dir))
+    if cfg.profile.enabled:
+        callbacks.append(Profiler(cfg.run_dir, cfg.profile))
+    if Stability.wanted(cfg):
+        callbacks.append(Stability(cfg))
+    return callbacks
