@@ -612,7 +612,3 @@ def _resolve_type(ftype: Any) -> type | None:
     if isinstance(ftype, str):
         return globals().get(ftype) if is_dataclass(globals().get(ftype)) else None
     return ftype if is_dataclass(ftype) else None
-
-
-def tokens_to_steps(tokens: int, batch_tokens: int) -> int:
-    return max(1, math.ceil(tokens / batch_tokens))

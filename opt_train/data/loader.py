@@ -316,10 +316,6 @@ def validation_batches(
     return out
 
 
-def vocab_size_of(path: str | Path) -> int:
-    return int(read_manifest(path)["vocab_size"])
-
-
 @dataclass
 class ValidationSet:
     """One source's validation batches on this rank. `name` None: the `data.path` shorthand."""

@@ -87,10 +87,6 @@ def hf_config_from_model_config(
     )
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {HF_PREFIX + k: v for k, v in state_dict.items()}
-
-
 def our_name(hf_name: str) -> str | None:
     """Our parameter name for an HF OPT tensor name; None for the tied `lm_head.weight`.
     facebook/opt-* files name them `decoder.*` (no `model.` prefix); transformers writes
