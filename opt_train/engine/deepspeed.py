@@ -33,7 +33,8 @@ from opt_train.config import JobConfig
 from opt_train.engine.base import StepOutcome, TrainEngine
 from opt_train.engine.loss import lm_loss
 from opt_train.engine.optim import build_optimizer, set_lr
-from opt_train.engine.precision import DTYPES, DynamicLossScaler, LossScaleTooSmall
+from opt_train.engine.precision import DynamicLossScaler, LossScaleTooSmall
+from opt_train.model.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
 

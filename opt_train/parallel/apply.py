@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from opt_train.engine.precision import DTYPES
+from opt_train.model.dtypes import DTYPES
 from opt_train.model.opt import OPT
 from opt_train.parallel.dims import ParallelDims
 

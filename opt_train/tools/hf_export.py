@@ -31,7 +31,8 @@ import torch
 
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
-from opt_train.model.hf import HF_PREFIX, TORCH_DTYPES, SpecialTokens, hf_config_from_model_config
+from opt_train.model.dtypes import DTYPES
+from opt_train.model.hf import HF_PREFIX, SpecialTokens, hf_config_from_model_config
 from opt_train.model.opt import OPT
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def write_hf_dir(
     from transformers import GenerationConfig
 
     export = export or ExportConfig()
-    dtype = TORCH_DTYPES[export.dtype]
+    dtype = DTYPES[export.dtype]
     out = Path(out_dir)
     check_export_target(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

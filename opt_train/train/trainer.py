@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data_pipeline.shards import ShardFormatError
@@ -44,6 +43,7 @@ from opt_train.parallel.apply import init_sharded_weights, parallelize
 from opt_train.parallel.dims import ParallelDims
 from opt_train.parallel.process_groups import (
     DistInfo,
+    agree,
     init_distributed,
     name_the_rank_on_timeout,
     shutdown,
@@ -391,9 +391,8 @@ class Trainer:
         self.model.train()
         self._log_activations = logging_acts
         means = torch.stack(means)
-        if self.distributed:  # TP peers hold equal values: the world mean is the DP mean
-            dist.all_reduce(means)
-            means /= self.dist.world
+        # TP peers hold equal values: the world mean is the DP mean.
+        means = agree(means, "sum") / self.dist.world
         return validation_row(self.val_sets, means.tolist())
 
     def _mean_over_ranks(
@@ -409,9 +408,8 @@ class Trainer:
                 value.new_full((), float(flag)),  # a fill on the device: no copy, no sync
             ]
         )
-        if self.distributed:
-            dist.all_reduce(both)
-            both[:2] /= self.dist.world
+        agree(both, "sum")
+        both[:2] /= self.dist.world
         a, b, flags = both.tolist()
         return a, (b if extra is not None else None), round(flags)
 
@@ -426,9 +424,7 @@ class Trainer:
             ],
             device=self.device,
         )
-        if self.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        preempted, stop, interrupted = flags.tolist()
+        preempted, stop, interrupted = agree(flags, "max").tolist()
         self.preempted = bool(preempted)
         # A preemption wins over Ctrl-C: its exit status asks for the requeue the job needs.
         self.interrupted = bool(interrupted) and not self.preempted
