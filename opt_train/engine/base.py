@@ -82,7 +82,8 @@ class TrainEngine(ABC):
             return lm_loss(self.model, inputs, targets, self.chunk_tokens).float()
 
     def state_dict(self) -> dict:
-        """Merged into the trainer's state.json (keys kept as they always were)."""
+        """Merged into the trainer's state.json, top level: checkpoints already written read
+        `loss_scaler` from there."""
         return {"loss_scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

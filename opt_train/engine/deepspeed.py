@@ -6,7 +6,7 @@ from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (Ze
 partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm is
 NaN/inf); and the checkpoint weights in DeepSpeed's own files.
 
-Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (compile times as measured in issue #6):
+Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (build times: docs/benchmarks.md):
 - The optimizer is our torch AdamW (param groups, betas, eps, weight decay from `optim.*`).
   DeepSpeed's own `"optimizer": {"type": "AdamW"}` would JIT-compile FusedAdam (~100 s on CPU).
 - DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start (~75 s) that serves

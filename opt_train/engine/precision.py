@@ -54,8 +54,7 @@ ONEDNN_ISAS = (
     "AVX512_CORE_AMX_FP16",
     "ALL",
 )
-# Measured on this project's AVX2-only dev machine (AMD EPYC, torch 2.13): square matmuls of
-# 256..1024 run at 0.9-1.4 GFLOP/s in bf16 against 140 GFLOP/s in fp32.
+# The ratio: docs/benchmarks.md, "Numbers behind code comments" (the command that measures it).
 SLOW_BF16 = "where bf16 matmuls are emulated, 50-150x slower than fp32"
 
 

@@ -136,8 +136,8 @@ def _attempt_store(rank: int, world: int, timeout_s: float) -> dict:
 
     torch 2.13's agent keeps one store for every attempt and its workers' keys are not
     prefixed by attempt, so after a restart a new rank can read a dead rank's gloo address
-    before its successor overwrites it ("Gloo connectFullMesh failed ... Connection refused";
-    measured: 7 of 9 single-agent restarts failed that way here, 0 of 8 with the prefix).
+    before its successor overwrites it ("Gloo connectFullMesh failed ... Connection refused":
+    most single-agent restarts failed that way without the prefix, docs/benchmarks.md).
     Agents started with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 give each attempt a fresh store
     hosted by rank 0, which needs nothing."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -236,9 +236,9 @@ def each_rank(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group. When `clean`, a barrier first: ranks that destroyed the group
-    while a peer was still in a collective crashed at exit ('terminate called without an active
-    exception') in 3 of 18 runs here; with the barrier, 0 of 18. After a failure the barrier is
+    """Leave the process group. When `clean`, a barrier first: a rank that destroys the group
+    while a peer is still in a collective can crash at exit ('terminate called without an
+    active exception'; how often: docs/benchmarks.md). After a failure the barrier is
     skipped: a dead or hung peer would make it wait out the whole timeout again."""
     if dist.is_available() and dist.is_initialized():
         if clean:

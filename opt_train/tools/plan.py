@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import sys
@@ -29,20 +28,24 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from opt_train.config import JobConfig, ModelConfig, check_overrides
+from data_pipeline.config_limits import OneOf, Range, check_limits
+from opt_train.config import JobConfig, ModelConfig, check_value
 from opt_train.engine.precision import resolve_precision
-from opt_train.model.opt import OPT
+from opt_train.model.opt import param_shapes
+from opt_train.overrides import check_overrides
+from opt_train.parallel.apply import tp_split_dim
 from opt_train.train.flops import flops_per_token
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the same conf/ as train.py
 GIB = 2**30
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# The TP plan of parallelize.apply_tp, by module path inside a decoder layer: column-parallel
-# layers split weight and bias by output features (dim 0), row-parallel layers split the weight
-# by input features (dim 1) and keep the bias whole; the token embedding is split by vocabulary.
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1")
-ROWWISE = ("self_attn.out_proj", "fc2")
+
+PLANNER_LIMITS = {
+    "device": OneOf(("cuda", "cpu")),
+    "format": OneOf(("table", "json")),
+    "mfu": Range(0, 1, lo_open=True),
+}
 
 
 @dataclass
@@ -61,43 +64,10 @@ class PlannerConfig:
     fsdp_alone: bool = False
 
     def __post_init__(self) -> None:
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
-        if self.format not in ("table", "json"):
-            raise ValueError(f"format must be table or json, got {self.format!r}")
-        if not 0 < self.mfu <= 1:
-            raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
+        check_limits(self, "", PLANNER_LIMITS)
 
 
 # -- parameters ---------------------------------------------------------------------------------
-
-
-def tp_split_dim(name: str) -> int | None:
-    """The dimension tensor parallel splits parameter `name` along, or None if replicated."""
-    if name == "embed_tokens.weight":
-        return 0
-    module, kind = name.rsplit(".", 1)
-    if module.startswith("layers."):
-        module = module.split(".", 2)[2]
-        if module in COLWISE:
-            return 0
-        if module in ROWWISE and kind == "weight":
-            return 1
-    return None
-
-
-def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full shape, from the real module built on the meta device (no memory),
-    so the planner cannot drift from model.py."""
-    return dict(_param_shapes(dataclasses.astuple(model)))
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shapes(model_fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Cached: building OPT-175B, even on the meta device, takes seconds; sweeps plan it often.
-    with torch.device("meta"):
-        model = OPT(ModelConfig(*model_fields))
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -205,16 +175,15 @@ def activations(
     qkvo = 4 * n * d * p // tp
     relu = n * f * p // tp
     off_layer = 4 * n * d * p + 2 * mask + 2 * ln_stats + qkvo + lse + relu
+    check_value("parallel.activation_checkpoint", mode)
     if mode == "off":
         per_layer = off_layer
     elif mode == "full":
         per_layer = n * d * p  # the layer input; everything else is recomputed
-    elif mode == "selective":
-        # parallelize._selective_policy keeps matmul and attention outputs: q, k, v, attention
+    else:
+        # apply._selective_policy keeps matmul and attention outputs: q, k, v, attention
         # output (+ logsumexp), out_proj's and fc2's [N, d] outputs and fc1's [N, f / t].
         per_layer = n * d * p + qkvo + lse + 2 * n * d * p + relu
-    else:
-        raise ValueError(f"activation checkpoint mode must be off, full or selective: {mode!r}")
     # In backward a layer is rebuilt to what `off` keeps: the recomputation reads the kept
     # tensors and consumes them (torch's selective checkpointing hands each kept output over
     # once and drops it), so it adds only the rest.

@@ -38,7 +38,7 @@ from opt_train.engine.factory import build_engine
 from opt_train.engine.optim import LinearWarmupDecay
 from opt_train.engine.precision import DynamicLossScaler, resolve_precision
 from opt_train.model.init_from import load_init_weights
-from opt_train.model.opt import OPT, count_params
+from opt_train.model.opt import OPT, param_count
 from opt_train.parallel.apply import init_sharded_weights, parallelize
 from opt_train.parallel.dims import ParallelDims
 from opt_train.parallel.process_groups import (
@@ -139,7 +139,7 @@ class Trainer:
             "model %s: %.2fM parameters; mesh dp_replicate=%d dp_shard=%d tp=%d; "
             "%d micro-batches of %d per rank per step; resumed from %s (torchrun restart %s)",
             cfg.model.name,
-            _full_param_count(cfg.model) / 1e6,
+            param_count(cfg.model) / 1e6,
             self.dims.dp_replicate,
             self.dims.dp_shard,
             self.dims.tp,
@@ -151,7 +151,7 @@ class Trainer:
 
     def _build_model(self) -> OPT:
         cfg = self.cfg
-        fp32_bytes = 4 * _full_param_count(cfg.model)
+        fp32_bytes = 4 * param_count(cfg.model)
         meta = (
             self.distributed
             and not self.deepspeed
@@ -513,11 +513,6 @@ class Trainer:
             self.preemption.uninstall()
             if self.run_lock is not None:
                 self.run_lock.release()
-
-
-def _full_param_count(model_cfg) -> int:
-    with torch.device("meta"):
-        return count_params(OPT(model_cfg))
 
 
 def _seed_everything(seed: int) -> None:

@@ -105,12 +105,11 @@ def header_lines(trainer: Trainer) -> list[str]:
     """Where and what the run is, and where it started from."""
     import torch
 
-    from opt_train.model.opt import OPT, count_params
+    from opt_train.model.opt import param_count
 
     cfg = trainer.cfg
     dims = trainer.dims
-    with torch.device("meta"):
-        n_params = count_params(OPT(cfg.model))
+    n_params = param_count(cfg.model)
     device = trainer.device
     where = str(device)
     if device.type == "cuda":
