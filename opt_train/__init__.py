@@ -3,6 +3,7 @@
 Subpackages, each importing only those above it in this list: `model` (the plain OPT module),
 `parallel` (TP, FSDP2, AC, compile applied to it), `checkpoint`, `engine` (FSDP2 or DeepSpeed
 behind one interface), `data` (the loader and mixing), `train` (the loop, its callbacks),
-`tools` (plan, export, plot). `config` (typed Hydra schemas) sits below all of them and
+`tools` (plan, export, plot). `config` (typed Hydra schemas) and `overrides` (the command
+line checked against them) sit below all of them and
 `launch` (train.py's entry) above. Layers are checked by import-linter (pyproject.toml).
 """
