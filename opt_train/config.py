@@ -96,8 +96,7 @@ LOGGING_LIMITS = {
     "activation_norm_interval": NON_NEGATIVE,
 }
 DEEPSPEED_LIMITS = {"stage": OneOf((1, 2, 3))}
-EXPORT_DTYPES = ("fp32", "bf16", "fp16")
-EXPORT_LIMITS = {"dtype": OneOf(EXPORT_DTYPES)}
+EXPORT_LIMITS = {"dtype": OneOf(("fp32", "bf16", "fp16"))}
 STABILITY_LIMITS = {
     "window": AT_LEAST_1,
     "loss_factor": Range(1, lo_open=True, also=(0,)),  # 0: off; 1 or less flags every step

@@ -166,7 +166,8 @@ def resolve_precision(requested: str, device: torch.device) -> Resolved:
     resolved = choose_precision(requested, device_caps(device))
     if requested == "auto":
         here = resolved.precision == "bf16"
-        if not all_ranks(here, device) and here:
+        everywhere = all_ranks(here, device)  # collective: every rank asks, bf16 or not
+        if here and not everywhere:
             reason = "auto: another rank's device does not run bf16 natively"
             resolved = Resolved("auto", "fp32", reason)
     return resolved
