@@ -370,9 +370,10 @@ class ProfileConfig:
 
 @dataclass
 class StabilityConfig:
-    """Automatic loss-spike recovery (opt_train/train/callbacks/stability.py, docs/fault-tolerance.md): detect
-    a spike, roll back to the newest checkpoint from before it began, skip the data read since,
-    optionally lower the LR and the clipping threshold for a while, go on."""
+    """Automatic loss-spike recovery (opt_train/train/callbacks/stability.py,
+    docs/fault-tolerance.md): detect a spike, roll back to the newest checkpoint from before it
+    began, skip the data read since, optionally lower the LR and the clipping threshold for a
+    while, go on."""
 
     enabled: bool = False
     window: int = 50  # steps in the baseline (their median) and the most a spike looks back

@@ -1,8 +1,8 @@
 """`engine=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 from the same job config.
 
 The trainer's loop is the same for both engines: it drives the `TrainEngine` interface of
-opt_train/engine/base.py. This module holds its DeepSpeed implementation: DeepSpeed's config, derived
-from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
+opt_train/engine/base.py. This module holds its DeepSpeed implementation: DeepSpeed's config,
+derived from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
 partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm is
 NaN/inf); and the checkpoint weights in DeepSpeed's own files.
 
@@ -160,9 +160,9 @@ class DeepSpeedEngine(TrainEngine):
             if self.floor_overflows >= overflows_allowed_at_floor(self.cfg.loss_scale.min):
                 raise LossScaleTooSmall(
                     f"fp16 gradients overflowed {self.floor_overflows} steps in a row at "
-                    f"DeepSpeed's smallest loss scale ({DS_MIN_LOSS_SCALE}); metaseq's scaler would "
-                    f"have fallen below loss_scale.min={self.cfg.loss_scale.min:g}: training has "
-                    "diverged. Resume from an earlier checkpoint with a lower LR, skip the bad "
+                    f"DeepSpeed's smallest loss scale ({DS_MIN_LOSS_SCALE}); metaseq's scaler "
+                    f"would have fallen below loss_scale.min={self.cfg.loss_scale.min:g}: training "
+                    "has diverged. Resume from an earlier checkpoint with a lower LR, skip the bad "
                     "data range, or use precision=bf16."
                 )
         elif applied:

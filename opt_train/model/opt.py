@@ -180,10 +180,11 @@ class OPT(nn.Module):
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] through the output projection tied to the token embedding.
 
-        `head(hidden, weight)` replaces that projection: the trainer's loss (opt_train/engine/loss.py)
-        takes the final hidden states and the tied weight and computes the cross-entropy in
-        chunks, so full-vocabulary logits never exist. It is called here, inside the forward,
-        because FSDP2 and ZeRO-3 gather the embedding weight only for the model's forward."""
+        `head(hidden, weight)` replaces that projection: the trainer's loss
+        (opt_train/engine/loss.py) takes the final hidden states and the tied weight and computes
+        the cross-entropy in chunks, so full-vocabulary logits never exist. It is called here,
+        inside the forward, because FSDP2 and ZeRO-3 gather the embedding weight only for the
+        model's forward."""
         h = self.hidden_states(input_ids, tied_output=True)
         if head is None:
             return F.linear(h, self.embed_tokens.weight)
