@@ -9,7 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from opt_train.config import check_overrides, register_configs
+from opt_train.config import register_configs
+from opt_train.overrides import check_overrides
 
 register_configs()
 

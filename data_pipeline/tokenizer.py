@@ -21,7 +21,6 @@ from data_pipeline.files import sha256_file
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = "<|endoftext|>"
 OPT_EOS_ID = 2  # `</s>`: OPT's document separator and BOS
-OPT_PADDED_VOCAB = 50272  # 50,265 padded to a multiple of 8
 
 
 def _bytes_to_unicode() -> dict[int, str]:

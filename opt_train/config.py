@@ -2,14 +2,14 @@
 
 Every key a run accepts is a field here, with its type; Hydra merges `conf/train.yaml` and the
 command line onto these dataclasses, so a misspelt key or a wrong type stops the run at start.
-`check_overrides` runs before Hydra to name the valid keys and the closest match.
+`opt_train.overrides.check_overrides` runs before Hydra to name the valid keys and choices.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -26,7 +26,13 @@ from data_pipeline.config_limits import (
 
 # The allowed values of every numeric key and every choice, one table per section, checked by
 # data_pipeline.config_limits.check_limits from each section's __post_init__ (so before anything
-# is built; docs/training.md, "Config validation"). Cross-key rules stay in __post_init__.
+# is built; docs/training.md, "Config validation") and, for choices, by `check_overrides` on the
+# command line. Code that branches on a choice reads its values here. Cross-key rules stay in
+# __post_init__.
+JOB_LIMITS = {
+    "precision": OneOf(("auto", "bf16", "fp16", "fp32")),
+    "engine": OneOf(("fsdp", "deepspeed")),
+}
 MODEL_LIMITS = {
     "vocab_size": AT_LEAST_1,
     "n_layers": AT_LEAST_1,
@@ -89,6 +95,8 @@ LOGGING_LIMITS = {
     "peak_tflops": Range(0, lo_open=True, null=True),
     "activation_norm_interval": NON_NEGATIVE,
 }
+DEEPSPEED_LIMITS = {"stage": OneOf((1, 2, 3))}
+EXPORT_LIMITS = {"dtype": OneOf(("fp32", "bf16", "fp16"))}
 STABILITY_LIMITS = {
     "window": AT_LEAST_1,
     "loss_factor": Range(1, lo_open=True, also=(0,)),  # 0: off; 1 or less flags every step
@@ -283,7 +291,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP degree; -1: the rest of the world
     dp_replicate: int = 1  # HSDP replicas of the FSDP group
     activation_checkpoint: str = "off"  # off | full | selective
-    compile: str = "auto"  # auto (on for CUDA, off on CPU, where it was slower) | on | off
+    compile: str = "auto"  # auto (on for CUDA, off on CPU) | on | off
     init: str = "auto"  # auto (meta above 2 GiB of fp32 weights) | full | meta
     timeout_s: float = 600.0  # a collective waiting longer than this fails with an error
 
@@ -302,7 +310,7 @@ class CheckpointConfig:
     # memory); the next save and the end of the run wait for it. Saves on a preemption signal
     # are always synchronous.
     async_save: bool = True
-    # Files (and writer threads) per rank: one thread wrote at ~1 GB/s here, two at ~2 GB/s.
+    # Files (and writer threads) per rank: DCP writes scale with threads (docs/benchmarks.md).
     write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
     # Config keys (or groups: "optim") that a resume may change from the checkpoint's config;
@@ -362,9 +370,10 @@ class ProfileConfig:
 
 @dataclass
 class StabilityConfig:
-    """Automatic loss-spike recovery (opt_train/train/callbacks/stability.py, docs/fault-tolerance.md): detect
-    a spike, roll back to the newest checkpoint from before it began, skip the data read since,
-    optionally lower the LR and the clipping threshold for a while, go on."""
+    """Automatic loss-spike recovery (opt_train/train/callbacks/stability.py,
+    docs/fault-tolerance.md): detect a spike, roll back to the newest checkpoint from before it
+    began, skip the data read since, optionally lower the LR and the clipping threshold for a
+    while, go on."""
 
     enabled: bool = False
     window: int = 50  # steps in the baseline (their median) and the most a spike looks back
@@ -400,10 +409,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step in host memory
 
     def __post_init__(self) -> None:
-        check_limits(self, "deepspeed", {"stage": OneOf((1, 2, 3))})
-
-
-EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+        check_limits(self, "deepspeed", DEEPSPEED_LIMITS)
 
 
 @dataclass
@@ -417,7 +423,7 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
     def __post_init__(self) -> None:
-        check_limits(self, "export", {"dtype": OneOf(EXPORT_DTYPES)})
+        check_limits(self, "export", EXPORT_LIMITS)
         parse_size(self.max_shard_size)  # raises naming the key
 
 
@@ -460,14 +466,7 @@ class JobConfig:
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
-        check_limits(
-            self,
-            "",
-            {
-                "precision": OneOf(("auto", "bf16", "fp16", "fp32")),
-                "engine": OneOf(("fsdp", "deepspeed")),
-            },
-        )
+        check_limits(self, "", JOB_LIMITS)
         if self.data.seq_len > self.model.max_positions:
             # Learned positions: the table has max_positions rows (+2, OPT's offset) and no more.
             raise ValueError(
@@ -573,46 +572,26 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=JobConfig)
 
 
-def _schema_keys(cls: type) -> dict[str, Any]:
-    return {f.name: f for f in fields(cls)}
+# Every section's table by its key prefix, for code that checks one key outside its section
+# (`check_value`, opt_train.overrides).
+LIMITS: dict[str, dict[str, Range | OneOf]] = {
+    "": JOB_LIMITS,
+    "model": MODEL_LIMITS,
+    "train": TRAIN_LIMITS,
+    "data": DATA_LIMITS,
+    "optim": OPTIM_LIMITS,
+    "loss_scale": LOSS_SCALE_LIMITS,
+    "parallel": PARALLEL_LIMITS,
+    "checkpoint": CHECKPOINT_LIMITS,
+    "logging": LOGGING_LIMITS,
+    "deepspeed": DEEPSPEED_LIMITS,
+    "export": EXPORT_LIMITS,
+    "stability": STABILITY_LIMITS,
+}
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Fail fast on a command-line key that is not in the schema, naming the valid keys.
-
-    Hydra also rejects such keys, but its message does not say what would have been valid.
-    Group selections (`+model=...`), deletions and `hydra.*` keys are left to Hydra.
-    """
-    for ov in overrides:
-        if "=" not in ov or ov.startswith(("+", "~", "hydra.", "hydra/", "-")):
-            continue
-        key = ov.split("=", 1)[0]
-        cls: Any = JobConfig
-        walked: list[str] = []
-        for part in key.split("."):
-            known = _schema_keys(cls)
-            if part not in known:
-                where = ".".join(walked) or "the top level"
-                close = difflib.get_close_matches(part, known, n=1)
-                hint = f" Did you mean '{'.'.join([*walked, close[0]])}'?" if close else ""
-                raise SystemExit(
-                    f"error: unknown config key '{key}'.{hint}\n"
-                    f"Valid keys at {where}: {', '.join(sorted(known))}"
-                )
-            walked.append(part)
-            ftype = known[part].type
-            target = _resolve_type(ftype)
-            if target is None:
-                break
-            cls = target
-
-
-def _resolve_type(ftype: Any) -> type | None:
-    """The dataclass behind a field annotation (annotations are strings under __future__)."""
-    if isinstance(ftype, str):
-        return globals().get(ftype) if is_dataclass(globals().get(ftype)) else None
-    return ftype if is_dataclass(ftype) else None
-
-
-def tokens_to_steps(tokens: int, batch_tokens: int) -> int:
-    return max(1, math.ceil(tokens / batch_tokens))
+def check_value(key: str, value: Any) -> None:
+    """`value` checked against the declared limit of `key` (e.g. "parallel.activation_checkpoint"),
+    for functions that take one setting as an argument rather than a config."""
+    section, _, name = key.rpartition(".")
+    check_limits(SimpleNamespace(**{name: value}), section, {name: LIMITS[section][name]})

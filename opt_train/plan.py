@@ -1,5 +1,5 @@
-"""`opt_train.plan` moved to `opt_train.tools.plan`; this module keeps `python -m opt_train.plan` and users' imports
-working as documented."""
+"""`python -m opt_train.plan`, the documented command of the memory planner
+(`opt_train.tools.plan`)."""
 
 from opt_train.tools.plan import main
 

@@ -7,10 +7,11 @@ The trainer (opt_train/train/trainer.py) runs every optimizer step the same way 
         loss = engine.forward_backward(inputs, targets, len(micro_batches))
     outcome = engine.optim_step(loss_finite)   # norm, clip, step or an agreed skip, zero grads
 
-`FSDPEngine` (opt_train/engine/fsdp.py) runs the model as `parallelize()` left it (FSDP2 x TP, or one plain process)
-with our loss scaler, clipping and AdamW; `DeepSpeedEngine` (opt_train/engine/deepspeed.py)
-hands the same calls to a DeepSpeed ZeRO engine. Each owns its optimizer, its checkpoint
-`Weights` (opt_train/checkpoint/weights.py) and the state it must carry over a restart (`state_dict`).
+`FSDPEngine` (opt_train/engine/fsdp.py) runs the model as `parallelize()` left it (FSDP2 x TP,
+or one plain process) with our loss scaler, clipping and AdamW; `DeepSpeedEngine`
+(opt_train/engine/deepspeed.py) hands the same calls to a DeepSpeed ZeRO engine. Each owns its
+optimizer, its checkpoint `Weights` (opt_train/checkpoint/weights.py) and the state it must
+carry over a restart (`state_dict`).
 OLMo-core's TrainModule is the model for this split.
 """
 
@@ -82,7 +83,8 @@ class TrainEngine(ABC):
             return lm_loss(self.model, inputs, targets, self.chunk_tokens).float()
 
     def state_dict(self) -> dict:
-        """Merged into the trainer's state.json (keys kept as they always were)."""
+        """Merged into the trainer's state.json, top level: checkpoints already written read
+        `loss_scaler` from there."""
         return {"loss_scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,12 +1,12 @@
 """`engine=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 from the same job config.
 
 The trainer's loop is the same for both engines: it drives the `TrainEngine` interface of
-opt_train/engine/base.py. This module holds its DeepSpeed implementation: DeepSpeed's config, derived
-from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
+opt_train/engine/base.py. This module holds its DeepSpeed implementation: DeepSpeed's config,
+derived from ours; `DeepSpeedEngine`, whose DeepSpeed engine owns the optimizer step (ZeRO
 partitioning, averaging gradients over ranks, clipping, skipping a step whose gradient norm is
 NaN/inf); and the checkpoint weights in DeepSpeed's own files.
 
-Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (compile times as measured in issue #6):
+Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (build times: docs/benchmarks.md):
 - The optimizer is our torch AdamW (param groups, betas, eps, weight decay from `optim.*`).
   DeepSpeed's own `"optimizer": {"type": "AdamW"}` would JIT-compile FusedAdam (~100 s on CPU).
 - DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start (~75 s) that serves
@@ -33,7 +33,8 @@ from opt_train.config import JobConfig
 from opt_train.engine.base import StepOutcome, TrainEngine
 from opt_train.engine.loss import lm_loss
 from opt_train.engine.optim import build_optimizer, set_lr
-from opt_train.engine.precision import DTYPES, DynamicLossScaler, LossScaleTooSmall
+from opt_train.engine.precision import DynamicLossScaler, LossScaleTooSmall
+from opt_train.model.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,9 @@ class DeepSpeedEngine(TrainEngine):
             if self.floor_overflows >= overflows_allowed_at_floor(self.cfg.loss_scale.min):
                 raise LossScaleTooSmall(
                     f"fp16 gradients overflowed {self.floor_overflows} steps in a row at "
-                    f"DeepSpeed's smallest loss scale ({DS_MIN_LOSS_SCALE}); metaseq's scaler would "
-                    f"have fallen below loss_scale.min={self.cfg.loss_scale.min:g}: training has "
-                    "diverged. Resume from an earlier checkpoint with a lower LR, skip the bad "
+                    f"DeepSpeed's smallest loss scale ({DS_MIN_LOSS_SCALE}); metaseq's scaler "
+                    f"would have fallen below loss_scale.min={self.cfg.loss_scale.min:g}: training "
+                    "has diverged. Resume from an earlier checkpoint with a lower LR, skip the bad "
                     "data range, or use precision=bf16."
                 )
         elif applied:

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from opt_train.config import LossScaleConfig
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from opt_train.model.dtypes import DTYPES
+from opt_train.parallel.process_groups import agree, all_ranks
 
 
 class LossScaleTooSmall(FloatingPointError):
@@ -55,8 +54,7 @@ ONEDNN_ISAS = (
     "AVX512_CORE_AMX_FP16",
     "ALL",
 )
-# Measured on this project's AVX2-only dev machine (AMD EPYC, torch 2.13): square matmuls of
-# 256..1024 run at 0.9-1.4 GFLOP/s in bf16 against 140 GFLOP/s in fp32.
+# The ratio: docs/benchmarks.md, "Numbers behind code comments" (the command that measures it).
 SLOW_BF16 = "where bf16 matmuls are emulated, 50-150x slower than fp32"
 
 
@@ -166,11 +164,10 @@ def resolve_precision(requested: str, device: torch.device) -> Resolved:
     """`choose_precision` for this device, the same on every rank: auto is bf16 only where
     every rank runs it natively (ranks of a job may sit on different CPUs)."""
     resolved = choose_precision(requested, device_caps(device))
-    if requested == "auto" and dist.is_available() and dist.is_initialized():
-        here = torch.tensor([resolved.precision == "bf16"], dtype=torch.int32, device=device)
-        everywhere = here.clone()
-        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-        if bool(here.item()) and not bool(everywhere.item()):
+    if requested == "auto":
+        here = resolved.precision == "bf16"
+        everywhere = all_ranks(here, device)  # collective: every rank asks, bf16 or not
+        if here and not everywhere:
             reason = "auto: another rank's device does not run bf16 natively"
             resolved = Resolved("auto", "fp32", reason)
     return resolved
@@ -206,9 +203,7 @@ class DynamicLossScaler:
         inv = torch.full((1,), 1.0 / self.scale, dtype=torch.float32, device=device)
         for dtype_grads in _by_dtype(grads):
             torch._amp_foreach_non_finite_check_and_unscale_(dtype_grads, found, inv)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
-        return bool(found.item())
+        return bool(agree(found, "max", group).item())
 
     def update(self, overflow: bool) -> None:
         if not self.enabled:

@@ -2,10 +2,10 @@
 
 Why: on CPU, `F.dropout` draws one Bernoulli sample per element (`bernoulli_`), and OPT's
 attention dropout masks [batch, heads, T, T] probabilities in every layer: for OPT-125m at
-micro-batch 4 x 256 tokens that is 3.1M elements per layer, about 20 ms each on this project's
-2-core CPU, ~11% of a bf16 training step. Here `random_` fills 64-bit words from the generator
-(mt19937 produces 64 bits at a time), each word gives four 16-bit lanes, and an element is kept
-when its lane is below a threshold: the same mask in ~5 ms.
+micro-batch 4 x 256 tokens that is 3.1M elements per layer, a visible share of a bf16 CPU step
+(docs/benchmarks.md, "Numbers behind code comments"). Here `random_` fills 64-bit words from
+the generator (mt19937 produces 64 bits at a time), each word gives four 16-bit lanes, and an
+element is kept when its lane is below a threshold: the same mask from a quarter of the draws.
 
 Semantics kept from `F.dropout`:
 - The bits come from torch's default CPU generator, so `torch.manual_seed` fixes the masks and

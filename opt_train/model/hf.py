@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opt_train.config import EXPORT_DTYPES, ModelConfig
+from opt_train.config import ModelConfig
 from opt_train.model.opt import OPT
 
 HF_PREFIX = "model.decoder."
@@ -54,7 +54,6 @@ class SpecialTokens:
     pad: int = 1
 
 
-TORCH_DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -85,10 +84,6 @@ def hf_config_from_model_config(
         architectures=["OPTForCausalLM"],
         dtype=HF_DTYPE_NAMES[dtype],
     )
-
-
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {HF_PREFIX + k: v for k, v in state_dict.items()}
 
 
 def our_name(hf_name: str) -> str | None:

@@ -1,6 +1,6 @@
 """The OPT decoder (Zhang et al. 2022; metaseq; HF `OPTForCausalLM`) as one plain nn.Module.
 
-No parallelism lives here: `parallelize.py` applies tensor parallel, FSDP, activation
+No parallelism lives here: `opt_train/parallel/apply.py` applies tensor parallel, FSDP, activation
 checkpointing and compile to this module from outside. Parameter names follow HF's OPT
 (without the `model.decoder.` prefix) so interop is a rename, not a reshuffle.
 
@@ -12,6 +12,8 @@ embeddings; attention dropout; input and output embeddings tied.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -161,7 +163,7 @@ class OPT(nn.Module):
         weight is a plain CPU tensor and the batch has fewer tokens than the vocabulary, the
         lookup's gradient is sparse (the batch's rows only): autograd adds it into the
         projection's dense [vocab, width] gradient, where a dense lookup gradient would be a
-        zero-filled [vocab, width] tensor summed with it (~3% of an OPT-125m CPU step). Without
+        zero-filled [vocab, width] tensor summed with it (docs/benchmarks.md). Without
         the projection the weight's gradient would stay sparse, which the fused AdamW and
         gradient clipping refuse, hence the flag. The module is still what is called, so hooks
         on it run."""
@@ -178,15 +180,32 @@ class OPT(nn.Module):
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] through the output projection tied to the token embedding.
 
-        `head(hidden, weight)` replaces that projection: the trainer's loss (opt_train/engine/loss.py)
-        takes the final hidden states and the tied weight and computes the cross-entropy in
-        chunks, so full-vocabulary logits never exist. It is called here, inside the forward,
-        because FSDP2 and ZeRO-3 gather the embedding weight only for the model's forward."""
+        `head(hidden, weight)` replaces that projection: the trainer's loss
+        (opt_train/engine/loss.py) takes the final hidden states and the tied weight and computes
+        the cross-entropy in chunks, so full-vocabulary logits never exist. It is called here,
+        inside the forward, because FSDP2 and ZeRO-3 gather the embedding weight only for the
+        model's forward."""
         h = self.hidden_states(input_ids, tied_output=True)
         if head is None:
             return F.linear(h, self.embed_tokens.weight)
         return head(h, self.embed_tokens.weight)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full shape, by `named_parameters` name, read from the real module built
+    on the meta device (no memory), so counts and plans cannot drift from this file."""
+    return dict(_param_shapes(dataclasses.astuple(cfg)))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg_fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Cached: building OPT-175B takes seconds even on the meta device, and the trainer's log,
+    # the console header and planner sweeps all ask.
+    with torch.device("meta"):
+        model = OPT(ModelConfig(*cfg_fields))
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the whole model (the tied output projection counted once)."""
+    return sum(math.prod(s) for s in param_shapes(cfg).values())

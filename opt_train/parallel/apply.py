@@ -20,11 +20,41 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from opt_train.engine.precision import DTYPES
+from opt_train.config import check_value
+from opt_train.model.dtypes import DTYPES
 from opt_train.model.opt import OPT
 from opt_train.parallel.dims import ParallelDims
 
-AC_MODES = ("off", "full", "selective")
+# The TP plan, by module path inside a decoder layer. `apply_tp` applies it and the memory
+# planner (opt_train/tools/plan.py) sizes shards from it, so the two cannot drift. Column-
+# parallel layers split weight and bias by output features (dim 0); row-parallel layers split
+# the weight by input features (dim 1) and keep the bias whole. The token embedding (outside
+# the layers) is row-parallel too: an nn.Embedding's weight is [vocab, width], so it is split
+# by vocabulary.
+LAYER_TP_PLAN = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.out_proj": "rowwise",
+    "fc1": "colwise",
+    "fc2": "rowwise",
+}
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dimension tensor parallel splits parameter `name` (as `OPT.named_parameters` names
+    it) along, or None if every TP rank holds it whole."""
+    if name == "embed_tokens.weight":
+        return 0
+    module, kind = name.rsplit(".", 1)
+    if not module.startswith("layers."):
+        return None
+    style = LAYER_TP_PLAN.get(module.split(".", 2)[2])
+    if style == "colwise":
+        return 0
+    if style == "rowwise" and kind == "weight":
+        return 1
+    return None
 
 
 def apply_tp(model: OPT, tp_mesh: DeviceMesh) -> None:
@@ -33,16 +63,10 @@ def apply_tp(model: OPT, tp_mesh: DeviceMesh) -> None:
         tp_mesh,
         {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())},
     )
-    block_plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.out_proj": RowwiseParallel(),
-        "fc1": ColwiseParallel(),
-        "fc2": RowwiseParallel(),
-    }
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in model.layers:
-        parallelize_module(layer, tp_mesh, block_plan)
+        plan = {path: styles[style]() for path, style in LAYER_TP_PLAN.items()}
+        parallelize_module(layer, tp_mesh, plan)
 
 
 def sdpa_ops() -> set:
@@ -76,10 +100,9 @@ def _selective_policy():
 def apply_ac(model: OPT, mode: str) -> None:
     """Activation checkpointing per decoder layer: `full` recomputes the whole layer in
     backward; `selective` keeps matmul/attention outputs and recomputes the rest."""
+    check_value("parallel.activation_checkpoint", mode)
     if mode == "off":
         return
-    if mode not in AC_MODES:
-        raise ValueError(f"parallel.activation_checkpoint must be one of {AC_MODES}, got {mode!r}")
     from functools import partial
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -1,8 +1,14 @@
-"""The one place that decides device and backend, starts and stops torch.distributed.
+"""The one place that decides device and backend, starts and stops torch.distributed, and
+lets ranks agree.
 
 CPU runs use gloo, GPU runs use NCCL (with gloo beside it for CPU tensors), chosen at run time
 from the device, so the same code runs on a laptop and a cluster. torchrun's environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) says whether the job is distributed.
+
+Every decision all ranks must take together (stop, skip an overflowed step, refuse a locked
+run_dir, compute in bf16) goes through `agree` (numbers, one all-reduce) or `each_rank` (any
+picklable value, one all-gather): a rank that decided alone would leave its peers waiting in
+the next collective until the timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -129,8 +136,8 @@ def _attempt_store(rank: int, world: int, timeout_s: float) -> dict:
 
     torch 2.13's agent keeps one store for every attempt and its workers' keys are not
     prefixed by attempt, so after a restart a new rank can read a dead rank's gloo address
-    before its successor overwrites it ("Gloo connectFullMesh failed ... Connection refused";
-    measured: 7 of 9 single-agent restarts failed that way here, 0 of 8 with the prefix).
+    before its successor overwrites it ("Gloo connectFullMesh failed ... Connection refused":
+    most single-agent restarts failed that way without the prefix, docs/benchmarks.md).
     Agents started with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 give each attempt a fresh store
     hosted by rank 0, which needs nothing."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -178,10 +185,60 @@ def name_the_rank_on_timeout(rank: int, timeout_s: float) -> Iterator[None]:
         raise CollectiveTimeout(msg) from e
 
 
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def _peers(group: dist.ProcessGroup | None) -> bool:
+    """Whether this process shares `group` with other ranks (a one-rank group, as DeepSpeed
+    runs alone, has nobody to agree with)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def agree(
+    values: torch.Tensor,
+    op: Literal["sum", "max", "min"] = "max",
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """`values` combined element-wise over the ranks of `group` (the default group when None)
+    in one all-reduce, in place, and returned: `max` of 0/1 flags says whether any rank raised
+    one, `min` whether all did, `sum` adds (a mean divides by the world size; gloo has no AVG).
+    Alone (no process group, or a group of one) the values are this process's own, so callers
+    need no branch.
+    Collective: every rank of `group` calls it with the same shape and `op`."""
+    if _peers(group):
+        dist.all_reduce(values, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return values
+
+
+def any_rank(
+    flag: bool, device: torch.device | None = None, group: dist.ProcessGroup | None = None
+) -> bool:
+    """Whether `flag` is true on any rank of `group` (a failure anywhere fails everywhere).
+    `device`: where the flag travels (CUDA under NCCL, CPU under gloo)."""
+    return bool(agree(torch.tensor([int(flag)], device=device), "max", group).item())
+
+
+def all_ranks(
+    flag: bool, device: torch.device | None = None, group: dist.ProcessGroup | None = None
+) -> bool:
+    """Whether `flag` is true on every rank of `group`."""
+    return bool(agree(torch.tensor([int(flag)], device=device), "min", group).item())
+
+
+def each_rank(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's `obj` (picklable: an error text, a listing), in rank order, on every rank
+    of `group`, in one all-gather; `[obj]` when alone. Collective."""
+    if not _peers(group):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group. When `clean`, a barrier first: ranks that destroyed the group
-    while a peer was still in a collective crashed at exit ('terminate called without an active
-    exception') in 3 of 18 runs here; with the barrier, 0 of 18. After a failure the barrier is
+    """Leave the process group. When `clean`, a barrier first: a rank that destroys the group
+    while a peer is still in a collective can crash at exit ('terminate called without an
+    active exception'; how often: docs/benchmarks.md). After a failure the barrier is
     skipped: a dead or hung peer would make it wait out the whole timeout again."""
     if dist.is_available() and dist.is_initialized():
         if clean:

@@ -30,8 +30,9 @@ import torch
 from data_pipeline.files import fsync_path, publish_dir, sha256_file, temporary_beside
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
-from opt_train.model.hf import HF_PREFIX, TORCH_DTYPES, SpecialTokens, hf_config_from_model_config
-from opt_train.model.opt import OPT
+from opt_train.model.dtypes import DTYPES
+from opt_train.model.hf import HF_PREFIX, SpecialTokens, hf_config_from_model_config
+from opt_train.model.opt import OPT, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def write_hf_dir(
     from transformers import GenerationConfig
 
     export = export or ExportConfig()
-    dtype = TORCH_DTYPES[export.dtype]
+    dtype = DTYPES[export.dtype]
     out = Path(out_dir)
     check_export_target(out)
     tmp = temporary_beside(out)
@@ -284,8 +285,7 @@ def export_checkpoint(
     data = Path(data_path) if data_path else resolve_data_path(cfg.data.path, cfg.data.cache_dir)
     tokenizer = read_manifest(data)["tokenizer"]
 
-    with torch.device("meta"):
-        names_shapes = [(k, v.shape) for k, v in OPT(cfg.model).state_dict().items()]
+    names_shapes = [(n, torch.Size(s)) for n, s in param_shapes(cfg.model).items()]
 
     def fetch(group):
         # Chunks of at most FETCH_BYTES of fp32, each cast to the export dtype by the writer

@@ -8,18 +8,18 @@ FSDP2 x TP shards, the low-precision working copies FSDP2 all-gathers, activatio
 micro-batch under each activation-checkpointing mode, the peak, whether it fits, and the step
 time implied by an MFU.
 
-Why these numbers can be trusted: the shard shapes follow the TP plan and FSDP2's dim-0 sharding
-exactly as `parallelize.py` applies them (tests shard OPT-175B over a fake 1024-rank process
-group and compare every parameter's local shape), and the activation model counts the tensors
-autograd saves in *this* implementation (tests compare with the measured peak of tensor memory
-of small models on CPU). docs/parallelism.md states the assumptions and the formulas.
+Why these numbers can be trusted: the shard shapes follow the TP plan (the one table,
+`opt_train.parallel.apply.LAYER_TP_PLAN`, that `apply_tp` applies) and FSDP2's dim-0 sharding
+(tests shard OPT-175B over a fake 1024-rank process group and compare every parameter's local
+shape), and the activation model counts the tensors autograd saves in *this* implementation
+(tests compare with the measured peak of tensor memory of small models on CPU).
+docs/parallelism.md states the assumptions and the formulas.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import sys
@@ -29,20 +29,26 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from opt_train.config import JobConfig, ModelConfig, check_overrides
+from data_pipeline.config_limits import OneOf, Range, check_limits
+from opt_train.config import PARALLEL_LIMITS, JobConfig, ModelConfig, check_value
 from opt_train.engine.precision import resolve_precision
-from opt_train.model.opt import OPT
+from opt_train.model.opt import param_shapes
+from opt_train.overrides import check_overrides
+from opt_train.parallel.apply import tp_split_dim
+from opt_train.parallel.dims import ParallelDims
 from opt_train.train.flops import flops_per_token
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the same conf/ as train.py
 GIB = 2**30
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+AC_MODES = PARALLEL_LIMITS["activation_checkpoint"].choices
 
-# The TP plan of parallelize.apply_tp, by module path inside a decoder layer: column-parallel
-# layers split weight and bias by output features (dim 0), row-parallel layers split the weight
-# by input features (dim 1) and keep the bias whole; the token embedding is split by vocabulary.
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1")
-ROWWISE = ("self_attn.out_proj", "fc2")
+
+PLANNER_LIMITS = {
+    "device": OneOf(("cuda", "cpu")),
+    "format": OneOf(("table", "json")),
+    "mfu": Range(0, 1, lo_open=True),
+}
 
 
 @dataclass
@@ -61,43 +67,10 @@ class PlannerConfig:
     fsdp_alone: bool = False
 
     def __post_init__(self) -> None:
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
-        if self.format not in ("table", "json"):
-            raise ValueError(f"format must be table or json, got {self.format!r}")
-        if not 0 < self.mfu <= 1:
-            raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
+        check_limits(self, "", PLANNER_LIMITS)
 
 
 # -- parameters ---------------------------------------------------------------------------------
-
-
-def tp_split_dim(name: str) -> int | None:
-    """The dimension tensor parallel splits parameter `name` along, or None if replicated."""
-    if name == "embed_tokens.weight":
-        return 0
-    module, kind = name.rsplit(".", 1)
-    if module.startswith("layers."):
-        module = module.split(".", 2)[2]
-        if module in COLWISE:
-            return 0
-        if module in ROWWISE and kind == "weight":
-            return 1
-    return None
-
-
-def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's full shape, from the real module built on the meta device (no memory),
-    so the planner cannot drift from model.py."""
-    return dict(_param_shapes(dataclasses.astuple(model)))
-
-
-@functools.lru_cache(maxsize=16)
-def _param_shapes(model_fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Cached: building OPT-175B, even on the meta device, takes seconds; sweeps plan it often.
-    with torch.device("meta"):
-        model = OPT(ModelConfig(*model_fields))
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -205,16 +178,15 @@ def activations(
     qkvo = 4 * n * d * p // tp
     relu = n * f * p // tp
     off_layer = 4 * n * d * p + 2 * mask + 2 * ln_stats + qkvo + lse + relu
+    check_value("parallel.activation_checkpoint", mode)
     if mode == "off":
         per_layer = off_layer
     elif mode == "full":
         per_layer = n * d * p  # the layer input; everything else is recomputed
-    elif mode == "selective":
-        # parallelize._selective_policy keeps matmul and attention outputs: q, k, v, attention
+    else:
+        # apply._selective_policy keeps matmul and attention outputs: q, k, v, attention
         # output (+ logsumexp), out_proj's and fc2's [N, d] outputs and fc1's [N, f / t].
         per_layer = n * d * p + qkvo + lse + 2 * n * d * p + relu
-    else:
-        raise ValueError(f"activation checkpoint mode must be off, full or selective: {mode!r}")
     # In backward a layer is rebuilt to what `off` keeps: the recomputation reads the kept
     # tensors and consumes them (torch's selective checkpointing hands each kept output over
     # once and drops it), so it adds only the rest.
@@ -297,90 +269,112 @@ class Plan:
         return d
 
 
-def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
-    """Per-GPU memory and step time of `job` on `planner.nodes` x `planner.gpus_per_node` GPUs.
+@dataclass
+class _StateBytes:
+    """Per-GPU bytes of what lives through the whole step, besides activations."""
 
-    Memory at the peak of a step: fp32 parameter shards (FSDP2 keeps the fp32 master as the
-    sharded parameter), two fp32 AdamW moments, gradients, the working copies, activations.
-    Gradients are sharded fp32 (reduce dtype). With one micro-batch per step they appear while
-    backward frees activations (the trainer sets them to None after each step), so the peak
-    holds the larger of the two; with accumulation they persist under the next micro-batch's
-    activations and both count.
-    """
-    from opt_train.parallel.dims import ParallelDims
+    params: int  # fp32 master shards
+    grads: int  # fp32 gradient shards
+    optimizer: int  # AdamW's two fp32 moments
+    working: int  # low-precision unsharded copies FSDP2 holds briefly (or autocast's, alone)
+    weight_bytes: int  # bytes per element of the tied embedding the loss sees
 
-    if job.precision == "auto":
-        # On GPUs auto plans bf16: every GPU the planner sizes for (A100 and later) runs it
-        # natively. On cpu it is what train.py resolves on this machine.
-        here = resolve_precision("auto", torch.device("cpu")).precision
-        job = dataclasses.replace(job, precision="bf16" if planner.device == "cuda" else here)
-    world = planner.nodes * planner.gpus_per_node
-    dims = ParallelDims.from_config(job.parallel, world)
-    dims.check_model(job.model)
-    m, tp = job.model, dims.tp
-    distributed = world > 1 or planner.fsdp_alone
-    counts = count_params(m, tp, dims.dp_shard)
-    p = BYTES[job.precision]
-    notes: list[str] = []
 
-    seqs = job.global_batch_samples()
-    micro = job.resolve_micro_batch(dims.dp)
-    accum = seqs / (micro * dims.dp)
-    if accum != int(accum) or accum < 1:
-        notes.append(
-            f"train.batch_tokens={job.train.batch_tokens} is {seqs} sequences, not a multiple of "
-            f"train.micro_batch_size={micro} x dp={dims.dp}: train.py "
-            "refuses this; the numbers assume one micro-batch of that size"
-        )
-
-    if planner.device == "cpu" and m.attention_dropout > 0:
-        notes.append(
-            "on CPU, attention with dropout is written out (opt_train/model/opt.py) and keeps "
-            "[T, T] attention weights per head; not modelled (set model.attention_dropout=0 to "
-            "compare)"
-        )
-    bytes_params = 4 * counts.shard
-    bytes_grads = 4 * counts.shard
-    bytes_optimizer = 8 * counts.shard
+def _state_bytes(counts: ParamCounts, p: int, distributed: bool) -> _StateBytes:
     if distributed:
         # FSDP2: the current layer and the prefetched next one all-gathered in the compute
         # dtype, the root (embeddings, final LayerNorm) gathered for the whole step
         # (reshard_after_forward=False), and in backward one layer's unsharded gradients in
         # the compute dtype plus their fp32 reduce-scatter input. In fp32 there is no cast.
-        weight_bytes = p
         working = (2 * counts.layer_unsharded + counts.root_unsharded) * p
         working += counts.layer_unsharded * (p + 4)
-    else:
-        # One process: fp32 parameters; autocast's bf16/fp16 copies of the weights are saved
-        # for backward and live from forward through backward.
-        weight_bytes = 4
-        working = counts.total * p if p != 4 else 0
+        return _StateBytes(4 * counts.shard, 4 * counts.shard, 8 * counts.shard, working, p)
+    # One process: fp32 parameters; autocast's bf16/fp16 copies of the weights are saved for
+    # backward and live from forward through backward.
+    working = counts.total * p if p != 4 else 0
+    return _StateBytes(4 * counts.shard, 4 * counts.shard, 8 * counts.shard, working, 4)
 
+
+def _planned_precision(job: JobConfig, planner: PlannerConfig) -> JobConfig:
+    """`job` with `precision: auto` resolved as the planned device would resolve it. On GPUs
+    auto plans bf16: every GPU the planner sizes for (A100 and later) runs it natively. On cpu
+    it is what train.py resolves on this machine."""
+    if job.precision != "auto":
+        return job
+    here = resolve_precision("auto", torch.device("cpu")).precision
+    return dataclasses.replace(job, precision="bf16" if planner.device == "cuda" else here)
+
+
+def _notes(job: JobConfig, planner: PlannerConfig, micro: int, dp: int, accum: float) -> list:
+    notes: list[str] = []
+    if accum != int(accum) or accum < 1:
+        notes.append(
+            f"train.batch_tokens={job.train.batch_tokens} is {job.global_batch_samples()} "
+            f"sequences, not a multiple of train.micro_batch_size={micro} x dp={dp}: train.py "
+            "refuses this; the numbers assume one micro-batch of that size"
+        )
+    if planner.device == "cpu" and job.model.attention_dropout > 0:
+        notes.append(
+            "on CPU, attention with dropout is written out (opt_train/model/opt.py) and keeps "
+            "[T, T] attention weights per head; not modelled (set model.attention_dropout=0 to "
+            "compare)"
+        )
+    return notes
+
+
+def _peaks(
+    acts: dict[str, Activations],
+    state: _StateBytes,
+    counts: ParamCounts,
+    embed_dim: int,
+    accum: float,
+) -> dict[str, int]:
+    """The step's peak per checkpointing mode. Gradients are sharded fp32 (reduce dtype). With
+    one micro-batch per step they appear while backward frees activations (the trainer sets
+    them to None after each step), so the peak holds the larger of the two; with accumulation
+    they persist under the next micro-batch's activations and both count."""
+    # At the end of backward: all gradients, plus the input embedding's dense gradient
+    # [V / t, e] and its sum with the loss's contribution, both fp32, while the old one lives.
+    grads_end = state.grads + 2 * 4 * counts.embed_rows_local * embed_dim
+    fixed = state.params + state.optimizer + state.working
+    return {
+        mode: fixed + (a.peak + state.grads if accum > 1 else max(a.peak, grads_end + a.held))
+        for mode, a in acts.items()
+    }
+
+
+def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
+    """Per-GPU memory and step time of `job` on `planner.nodes` x `planner.gpus_per_node` GPUs.
+
+    Memory at the peak of a step: fp32 parameter shards (FSDP2 keeps the fp32 master as the
+    sharded parameter), two fp32 AdamW moments, gradients, the working copies, activations.
+    """
+    job = _planned_precision(job, planner)
+    world = planner.nodes * planner.gpus_per_node
+    dims = ParallelDims.from_config(job.parallel, world)
+    dims.check_model(job.model)
+    m, tp, seq = job.model, dims.tp, job.data.seq_len
+    counts = count_params(m, tp, dims.dp_shard)
+    micro = job.resolve_micro_batch(dims.dp)
+    accum = job.global_batch_samples() / (micro * dims.dp)
+    state = _state_bytes(counts, BYTES[job.precision], world > 1 or planner.fsdp_alone)
     acts = {
         mode: activations(
             m,
             micro,
-            job.data.seq_len,
+            seq,
             tp,
             job.precision,
             mode,
             job.train.loss_chunk_tokens,
-            weight_bytes,
+            state.weight_bytes,
             planner.device,
         )
-        for mode in ("off", "full", "selective")
+        for mode in AC_MODES
     }
-    # At the end of backward: all gradients, plus the input embedding's dense gradient
-    # [V / t, e] and its sum with the loss's contribution, both fp32, while the old one lives.
-    grads_end = bytes_grads + 2 * 4 * counts.embed_rows_local * m.embed_dim
-    peak = {}
-    for mode, a in acts.items():
-        moving = a.peak + bytes_grads if accum > 1 else max(a.peak, grads_end + a.held)
-        peak[mode] = bytes_params + bytes_optimizer + working + moving
+    peak = _peaks(acts, state, counts, m.embed_dim, accum)
     budget = (planner.gpu_mem_gib - planner.reserve_gib) * GIB
-    fits = {mode: b <= budget for mode, b in peak.items()}
-
-    fpt = flops_per_token(m, job.data.seq_len)
+    fpt = flops_per_token(m, seq)
     step = job.train.batch_tokens * fpt / (world * planner.peak_tflops * 1e12 * planner.mfu)
     return Plan(
         model=m.name,
@@ -390,18 +384,18 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
         tp=tp,
         precision=job.precision,
         micro_batch_size=micro,
-        seq_len=job.data.seq_len,
+        seq_len=seq,
         batch_tokens=job.train.batch_tokens,
         grad_accum=accum,
         params_total=counts.total,
         params_per_gpu=counts.shard,
-        bytes_params=bytes_params,
-        bytes_grads=bytes_grads,
-        bytes_optimizer=bytes_optimizer,
-        bytes_working=working,
+        bytes_params=state.params,
+        bytes_grads=state.grads,
+        bytes_optimizer=state.optimizer,
+        bytes_working=state.working,
         activations=acts,
         peak=peak,
-        fits=fits,
+        fits={mode: b <= budget for mode, b in peak.items()},
         gpu_mem_gib=planner.gpu_mem_gib,
         reserve_gib=planner.reserve_gib,
         ac_mode=job.parallel.activation_checkpoint,
@@ -411,12 +405,11 @@ def make_plan(job: JobConfig, planner: PlannerConfig) -> Plan:
         mfu=planner.mfu,
         peak_tflops=planner.peak_tflops,
         train_days=job.train.max_steps * step / 86400,
-        notes=notes,
+        notes=_notes(job, planner, micro, dims.dp, accum),
     )
 
 
 def format_table(plan: Plan) -> str:
-    modes = ("off", "full", "selective")
 
     def row(label: str, *values: str) -> str:
         return f"  {label:<40}" + " ".join(f"{v:>10}" for v in values)
@@ -437,14 +430,14 @@ def format_table(plan: Plan) -> str:
         row("optimizer (AdamW, 2 fp32 moments)", gib(plan.bytes_optimizer)),
         row(f"working copies (unsharded, {plan.precision})", gib(plan.bytes_working)),
         "",
-        f"{'activation checkpointing':<42}" + " ".join(f"{m:>10}" for m in modes),
-        row("activations saved per layer", *(gib(plan.activations[k].per_layer) for k in modes)),
-        row("activations saved, all", *(gib(plan.activations[k].saved) for k in modes)),
-        row("activations at peak", *(gib(plan.activations[k].peak) for k in modes)),
-        row("total peak per GPU", *(gib(plan.peak[k]) for k in modes)),
+        f"{'activation checkpointing':<42}" + " ".join(f"{m:>10}" for m in AC_MODES),
+        row("activations saved per layer", *(gib(plan.activations[k].per_layer) for k in AC_MODES)),
+        row("activations saved, all", *(gib(plan.activations[k].saved) for k in AC_MODES)),
+        row("activations at peak", *(gib(plan.activations[k].peak) for k in AC_MODES)),
+        row("total peak per GPU", *(gib(plan.peak[k]) for k in AC_MODES)),
         row(
             f"fits {plan.gpu_mem_gib:g} GiB less {plan.reserve_gib:g} reserved",
-            *("yes" if plan.fits[k] else "NO" for k in modes),
+            *("yes" if plan.fits[k] else "NO" for k in AC_MODES),
         ),
         f"  (this config: parallel.activation_checkpoint={plan.ac_mode})",
         "",

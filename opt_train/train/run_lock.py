@@ -243,10 +243,9 @@ def _write(fd: int, rec: dict) -> None:
 
 
 def hold_run_lock(run_dir: Path, dist_info) -> RunLock | None:
-    """Rank 0 takes the lock; then every rank raises RunDirLocked if it could not (one MAX
+    """Rank 0 takes the lock; then every rank raises RunDirLocked if it could not (one
     all-reduce on the default group), so a refused start ends within seconds on all ranks."""
-    import torch
-    import torch.distributed as dist
+    from opt_train.parallel.process_groups import any_rank
 
     lock, error = None, None
     if dist_info.rank == 0:
@@ -256,9 +255,7 @@ def hold_run_lock(run_dir: Path, dist_info) -> RunLock | None:
             error = e
     refused = error is not None
     if dist_info.world > 1:
-        flag = torch.tensor([int(refused)], device=dist_info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        refused = bool(flag.item())
+        refused = any_rank(refused, dist_info.device)
     if error is not None:
         raise error
     if refused:

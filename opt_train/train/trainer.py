@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data_pipeline.files import os_error
@@ -41,11 +40,12 @@ from opt_train.engine.factory import build_engine
 from opt_train.engine.optim import LinearWarmupDecay
 from opt_train.engine.precision import DynamicLossScaler, resolve_precision
 from opt_train.model.init_from import load_init_weights
-from opt_train.model.opt import OPT, count_params
+from opt_train.model.opt import OPT, param_count
 from opt_train.parallel.apply import apply_ac, init_sharded_weights, parallelize
 from opt_train.parallel.dims import ParallelDims
 from opt_train.parallel.process_groups import (
     DistInfo,
+    agree,
     init_distributed,
     name_the_rank_on_timeout,
     shutdown,
@@ -91,7 +91,7 @@ class Trainer:
         val_micro_batch = cfg.resolve_micro_batch(1)
         cfg.train.micro_batch_size = cfg.resolve_micro_batch(self.dims.dp)  # null: derived
 
-        self.n_params = _full_param_count(cfg.model)
+        self.n_params = param_count(cfg.model)
         self.model = self._build_model()
         # After init, every data-parallel rank draws its own dropout masks; TP peers share them
         # because they hold replicated activations.
@@ -399,9 +399,8 @@ class Trainer:
         self.model.train()
         self._log_activations = logging_acts
         means = torch.stack(means)
-        if self.distributed:  # TP peers hold equal values: the world mean is the DP mean
-            dist.all_reduce(means)
-            means /= self.dist.world
+        # TP peers hold equal values: the world mean is the DP mean.
+        means = agree(means, "sum") / self.dist.world
         return validation_row(self.val_sets, means.tolist())
 
     def _mean_over_ranks(
@@ -417,9 +416,8 @@ class Trainer:
                 value.new_full((), float(flag)),  # a fill on the device: no copy, no sync
             ]
         )
-        if self.distributed:
-            dist.all_reduce(both)
-            both[:2] /= self.dist.world
+        agree(both, "sum")
+        both[:2] /= self.dist.world
         a, b, flags = both.tolist()
         return a, (b if extra is not None else None), round(flags)
 
@@ -434,9 +432,7 @@ class Trainer:
             ],
             device=self.device,
         )
-        if self.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        preempted, stop, interrupted = flags.tolist()
+        preempted, stop, interrupted = agree(flags, "max").tolist()
         self.preempted = bool(preempted)
         # A preemption wins over Ctrl-C: its exit status asks for the requeue the job needs.
         self.interrupted = bool(interrupted) and not self.preempted
@@ -525,11 +521,6 @@ class Trainer:
             self.preemption.uninstall()
             if self.run_lock is not None:
                 self.run_lock.release()
-
-
-def _full_param_count(model_cfg) -> int:
-    with torch.device("meta"):
-        return count_params(OPT(model_cfg))
 
 
 def _seed_everything(seed: int) -> None:

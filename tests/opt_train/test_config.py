@@ -109,3 +109,27 @@ def test_shard_sizes_parse_like_transformers():
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20
     assert parse_size("20KB") == 20_000 and parse_size(1000) == 1000
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("parallel.compile=yes", "parallel.compile must be auto, on or off, got 'yes'"),
+        ("deepspeed.stage=4", "deepspeed.stage must be 1, 2 or 3, got 4"),
+        ("logging.wandb=offlien", "logging.wandb must be offline, online or disabled"),
+    ],
+)
+def test_a_bad_choice_on_the_command_line_names_the_choices_the_schema_declares(override, message):
+    from opt_train.overrides import check_overrides
+
+    with pytest.raises(SystemExit, match=message):
+        check_overrides([override])
+    with pytest.raises(Exception) as e:  # the same words from the schema, composed in Python
+        make_config(override)
+    assert message in str(e.value.__cause__ or e.value)
+
+
+def test_choices_given_as_interpolations_or_valid_values_pass_the_command_line_check():
+    from opt_train.overrides import check_overrides
+
+    check_overrides(["parallel.compile=off", "deepspeed.stage=3", "precision=${oc.env:P,bf16}"])
