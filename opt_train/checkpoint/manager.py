@@ -58,7 +58,7 @@ from opt_train.checkpoint.layout import (
 )
 from opt_train.checkpoint.weights import SAVE_ERRORS, Weights, capture_rng, restore_rng
 from opt_train.config import CheckpointConfig
-from opt_train.parallel.process_groups import DistInfo
+from opt_train.parallel.process_groups import DistInfo, any_rank, each_rank
 
 log = logging.getLogger(__name__)
 
@@ -523,19 +523,12 @@ class CheckpointManager:
             failures = getattr(error, "failures", None)  # DCP's: the ranks that failed
             relayed = isinstance(failures, dict) and self.rank not in failures
             mine = (_error_text(self.rank, error), not relayed)
-        if self.group is None:
-            return mine[0]
-        out: list = [None] * self.world
-        dist.all_gather_object(out, mine, group=self.group)
+        out = [mine] if self.group is None else each_rank(mine, self.group)
         own = [text for text, of_its_own in out if text and of_its_own]
         return "; ".join(own or [text for text, _ in out if text])
 
     def _any(self, flag: bool) -> bool:
-        if self.group is None:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return flag if self.group is None else any_rank(flag, group=self.group)
 
 
 def _error_text(rank: int, error: BaseException) -> str:
