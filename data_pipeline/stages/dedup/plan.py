@@ -5,30 +5,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline import ownership
 from data_pipeline.config_limits import check_limits
-from data_pipeline.documents import InputLimits, expand_inputs
+from data_pipeline.documents import InputLimits
 from data_pipeline.runtime import scaleout
+from data_pipeline.runtime.plan import StagePlan
 from data_pipeline.stages.dedup.config import DEDUP_LIMITS, DedupConfig, choose_banding
 
-_BYTES_PER_TASK = 256 << 20  # tasks=0: one signature task per 256 MiB of input
 _BYTES_PER_KEY_RANGE = 32 << 30  # key_ranges=0: one buckets range per 32 GiB of input
-_PART_SUFFIX = ".jsonl.zst"
 STEPS = ("signatures", "buckets", "clusters", "filter", "report")
 
 
-class DedupPlan:
-    """What every task of one run agrees on: inputs, shares, banding, where files go."""
+class DedupPlan(StagePlan):
+    """The run's input files and shares (StagePlan), with the banding, the buckets tasks'
+    split and the MinHash parameters every task uses."""
+
+    stage = "dedup"
+    work_beside = "{name}.dedup-work"  # the name earlier runs used: a rerun finds their work
+    parts_dir = "filter"  # the filter step's parts, published as the output by the report step
 
     def __init__(self, cfg: DedupConfig):
         # Again here: a config built in Python may have been changed after construction.
         check_limits(cfg, "", DEDUP_LIMITS)
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.files = expand_inputs(cfg.input)
-        sizes = [p.stat().st_size for p in self.files]
-        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
-        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
+        super().__init__(cfg)
+        sizes = self.share_files()
         cand_j = cfg.candidate_jaccard or max(cfg.threshold - 0.05, 0.01)
         if cfg.bands and cfg.rows:
             self.bands, self.rows = cfg.bands, cfg.rows
@@ -47,11 +46,6 @@ class DedupPlan:
             scheme=cfg.scheme,
             backend=cfg.backend,
         )
-        self.work = ownership.work_dir(
-            cfg.work_dir, "dedup", self.out.with_name(self.out.name + ".dedup-work")
-        )
-        self.to_file = scaleout.is_file_output(self.out)
-        self.parts = self.work / "filter"  # published as the output by the report step
 
     def step_counts(self) -> dict[str, int]:
         return dict(zip(STEPS, (self.tasks, self.bucket_tasks, 1, self.tasks, 1), strict=True))
@@ -59,13 +53,12 @@ class DedupPlan:
     def fingerprints(self) -> list[tuple[str, dict]]:
         """Each step's files depend on its own entry and every earlier one."""
         cfg = self.cfg
-        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
         params = {k: v for k, v in self.hasher_params.items() if k != "backend"}
         return [
             (
                 "signatures",
                 {
-                    "inputs": files,
+                    "inputs": self.files_fingerprint(),
                     "tasks": self.tasks,
                     "spool": cfg.spool,
                     "limits": InputLimits.of(cfg).fingerprint(),
@@ -95,6 +88,3 @@ class DedupPlan:
 
     def sig_dir(self, rank: int) -> Path:
         return self.work / "signatures" / f"task-{rank:05d}"
-
-    def part(self, rank: int) -> Path:
-        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"

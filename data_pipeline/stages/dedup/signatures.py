@@ -28,10 +28,12 @@ from data_pipeline.runtime import scaleout
 from data_pipeline.stages.dedup.blocks import line_tasks
 from data_pipeline.stages.dedup.config import DedupConfig
 
+# This process's hasher: made once per task (the permutations are drawn once), and by the
+# local executor's parent before it forks, so the task processes inherit its loaded kernels.
 HASHER: MinHasher | None = None
 
 
-def init_worker(params: dict) -> None:
+def load_hasher(params: dict) -> None:
     global HASHER
     HASHER = MinHasher(**params)
 
@@ -180,7 +182,7 @@ def _signatures(
     handles = [open(work / f"band{k:03d}.u64", "wb") for k in range(banding[0])]
     try:
         with open(work / "signatures.u32", "wb") as fs:
-            init_worker(hasher_params)
+            load_hasher(hasher_params)
             try:
                 for path, sigs, keys, cnt, size, hashes, spool, bad in map(_signature_task, tasks):
                     for line, reason, raw, *length in bad:

@@ -26,7 +26,7 @@ def _warm_up(hasher_params: dict, banding: tuple) -> None:
     types they pass (numba keys its compiled code on them: a read-only array is another type),
     in the process that forks the local task processes, so that they inherit them instead of
     each loading them again from numba's cache."""
-    signatures.init_worker(hasher_params)
+    signatures.load_hasher(hasher_params)
     hasher = signatures.HASHER
     line = b'{"text": "warm up the compiled kernels", "id": "0"}\n'
     buf = bytearray(line + bytes(64))
