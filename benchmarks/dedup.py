@@ -13,7 +13,7 @@ have the statistics of prose but rarely share 5-grams by chance. A fraction (`--
 planted near-duplicates of earlier documents (one word changed, or a few words trimmed: exact
 word-5-gram Jaccard >= 0.97).
 
-Baseline, as the issue describes it: read the JSONL, `MinHash.bulk` over word 5-grams
+Baseline: read the JSONL, `MinHash.bulk` over word 5-grams
 (128 permutations), then `MinHashLSH(threshold=0.95)`: query each document, drop it when the
 index returns a match, insert it otherwise; write the kept documents. Ours: the whole stage
 (`data_pipeline.stages.dedup.run`), reading and writing the same files. The numba kernels are

@@ -1,5 +1,5 @@
-"""`data_pipeline.dedup` moved to `data_pipeline.stages.dedup`; this module keeps `python -m data_pipeline.dedup` and users' imports
-working as documented."""
+"""`python -m data_pipeline.dedup`, the documented command: the stage lives in
+`data_pipeline.stages.dedup`."""
 
 from data_pipeline.stages.dedup import main
 

@@ -1,4 +1,7 @@
-"""Compiled inner loops: MinHash signatures and the JSONL scanner (numba).
+"""Compiled inner loops (numba): `simd` (whether numba is here; 64-byte mask intrinsics shared by
+the others), `scratch` (arrays reused between calls), `minhash` (datasketch-identical MinHash
+signatures, SIMD SHA-1), `jsonl_scan` (the common JSONL document line parsed in one pass) and
+`lsh` (dedup's band keys, repeated keys and exact set Jaccard).
 
 Imports: numpy and numba only, nothing else of the project.
 """

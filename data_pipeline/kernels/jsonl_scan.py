@@ -1,10 +1,10 @@
 """Compiled parsing of the common JSONL document line, for dedup's signature workers.
 
 Per document, orjson.loads, str.encode and orjson.dumps (with the Python around them) cost
-the workers about as much as the MinHash itself (~12 us of ~30 us per 3 KB document,
-measured). `parse_block` does their work for a whole block of lines in one compiled pass:
+the workers about as much as the MinHash itself (`python benchmarks/dedup_kernels.py` times
+both on the same documents; docs/benchmarks.md has the numbers). `parse_block` does their work for a whole block of lines in one compiled pass:
 for each line it gives the text's UTF-8 bytes (what gets hashed) and the output line,
-byte for byte what `io.dumps_doc(io.document(obj, ...))` writes.
+byte for byte what `documents.dumps_doc(documents.document(obj, ...))` writes.
 
 A line takes this path only where the result is certain to equal the Python path's:
 
@@ -16,8 +16,8 @@ A line takes this path only where the result is certain to equal the Python path
 * other keys' values any valid JSON except NaN/Infinity (validated, then dropped, as
   document() drops them).
 
-Every other line (blank lines aside) is reported SLOW and goes through io.json_object and
-io.document as before, so rejects and their reasons stay exactly io's. Outputs are written
+Every other line (blank lines aside) is reported SLOW and goes through documents.json_object
+and documents.document, so rejects and their reasons stay exactly those of the Python path. Outputs are written
 with 64-byte vector copies, so each output buffer needs 64 spare bytes.
 """
 
@@ -25,73 +25,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.kernels.minhash import HAVE_NUMBA
+from data_pipeline.kernels.scratch import scratch
+from data_pipeline.kernels.simd import HAVE_NUMBA
 
 BLANK, FAST, SLOW = 0, 1, 2
 
 if HAVE_NUMBA:
     import numba
-    from llvmlite import ir
     from numba.cpython.unsafe.numbers import trailing_zeros as _tz
-    from numba.extending import intrinsic
 
-    from data_pipeline.kernels.minhash import _ws_mask64
-
-    _V64 = ir.VectorType(ir.IntType(8), 64)
-
-    @intrinsic
-    def _special_mask64(typingctx, addr):
-        """Bit i: byte i of the 64 at addr ends a plain run inside a JSON string: a quote,
-        a backslash, a control character or a non-ASCII byte."""
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            v = b.load(b.inttoptr(args[0], _V64.as_pointer()), align=1)
-
-            def k(c):
-                return ir.Constant(_V64, [c] * 64)
-
-            m = b.or_(b.icmp_unsigned("==", v, k(34)), b.icmp_unsigned("==", v, k(92)))
-            m = b.or_(m, b.or_(b.icmp_unsigned("<", v, k(32)), b.icmp_unsigned(">=", v, k(128))))
-            return b.bitcast(m, ir.IntType(64))
-
-        return numba.types.uint64(numba.types.intp), codegen
-
-    @intrinsic
-    def _copy64(typingctx, dst, src):
-        """Copy 64 bytes from src to dst (addresses; the ranges must not overlap)."""
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            v = b.load(b.inttoptr(args[1], _V64.as_pointer()), align=1)
-            b.store(v, b.inttoptr(args[0], _V64.as_pointer()), align=1)
-            return context.get_dummy_value()
-
-        return numba.types.none(numba.types.intp, numba.types.intp), codegen
-
-    @intrinsic
-    def _newlines64(typingctx, addr):
-        """The number of b"\\n" among the 64 bytes at addr."""
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            v = b.load(b.inttoptr(args[0], _V64.as_pointer()), align=1)
-            m = b.bitcast(b.icmp_unsigned("==", v, ir.Constant(_V64, [10] * 64)), ir.IntType(64))
-            return b.ctpop(m)
-
-        return numba.types.uint64(numba.types.intp), codegen
-
-    @intrinsic
-    def _newline_mask64(typingctx, addr):
-        """Bit i: byte i of the 64 at addr is b"\\n"."""
-
-        def codegen(context, builder, sig, args):
-            b = builder
-            v = b.load(b.inttoptr(args[0], _V64.as_pointer()), align=1)
-            m = b.icmp_unsigned("==", v, ir.Constant(_V64, [10] * 64))
-            return b.bitcast(m, ir.IntType(64))
-
-        return numba.types.uint64(numba.types.intp), codegen
+    from data_pipeline.kernels.simd import (
+        copy64,
+        newline_count64,
+        newline_mask64,
+        special_mask64,
+        ws_mask64,
+    )
 
     @numba.njit(cache=True)
     def _line_ends(buf, n, ends):
@@ -100,7 +49,7 @@ if HAVE_NUMBA:
         base = buf.ctypes.data
         k = 0
         for i in range(0, n, 64):
-            m = _newline_mask64(base + i)
+            m = newline_mask64(base + i)
             if n - i < 64:
                 m &= (_ONE << np.uint64(n - i)) - _ONE
             while m:
@@ -115,7 +64,7 @@ if HAVE_NUMBA:
         base = buf.ctypes.data
         i = 0
         while i + 64 <= n:
-            count += np.int64(_newlines64(base + i))
+            count += np.int64(newline_count64(base + i))
             i += 64
         for q in range(i, n):
             count += buf[q] == 10
@@ -237,7 +186,7 @@ if HAVE_NUMBA:
         while True:
             if i >= end:
                 return -1, t, o, flags
-            m = _special_mask64(base_b + i)
+            m = special_mask64(base_b + i)
             if end - i < 64:  # the line's end stops a run like a quote would
                 m |= ~((_ONE << np.uint64(end - i)) - _ONE)
             n = np.int64(_tz(m)) if m else 64
@@ -245,12 +194,12 @@ if HAVE_NUMBA:
                 if mode == 1:
                     if not flags & 2:  # any byte but a space (the only whitespace here)?
                         run = (_ONE << np.uint64(n)) - _ONE if n < 64 else ~np.uint64(0)
-                        if ~_ws_mask64(base_b + i) & run:
+                        if ~ws_mask64(base_b + i) & run:
                             flags |= 2
-                    _copy64(base_t + t, base_b + i)
+                    copy64(base_t + t, base_b + i)
                     t += n
                 if mode != 0:
-                    _copy64(base_o + o, base_b + i)
+                    copy64(base_o + o, base_b + i)
                     o += n
                 i += n
                 if n == 64:
@@ -654,18 +603,6 @@ if HAVE_NUMBA:
             out_off[n + 1] = o
 
 
-_SCRATCH: dict[str, np.ndarray] = {}
-
-
-def _scratch(name: str, size: int) -> np.ndarray:
-    """A uint8 buffer of at least `size` bytes, kept for the next block: fresh ones cost a
-    page fault per 4 KiB (measured ~0.5 us per document)."""
-    arr = _SCRATCH.get(name)
-    if arr is None or len(arr) < size:
-        arr = _SCRATCH[name] = np.empty(max(size, 1 << 16), dtype=np.uint8)
-    return arr
-
-
 def parse_block(block, n: int | None = None) -> tuple | None:
     """The lines of block[:n] (bytes-like; n defaults to its length; split at b"\\n", a last
     line without one counts): status per line (BLANK, FAST, SLOW), and for FAST lines the
@@ -679,7 +616,7 @@ def parse_block(block, n: int | None = None) -> tuple | None:
     if len(block) >= n + 64:
         buf = np.frombuffer(block, dtype=np.uint8)
     else:
-        buf = _scratch("block", n + 64)
+        buf = scratch("jsonl.block", n + 64)
         buf[:n] = np.frombuffer(block, dtype=np.uint8)[:n]
     block = memoryview(buf)[:n]
     size = n
@@ -693,8 +630,8 @@ def parse_block(block, n: int | None = None) -> tuple | None:
     starts[:1] = 0
     starts[1:] = ends[:-1] + 1
     longest = int((ends - starts).max()) if len(ends) else 0
-    text = _scratch("text", size + 128)
-    out = _scratch("out", size + 32 * n + 128)
+    text = scratch("jsonl.text", size + 128)
+    out = scratch("jsonl.out", size + 32 * n + 128)
     text_off = np.zeros(n + 1, dtype=np.int64)
     out_off = np.zeros(n + 1, dtype=np.int64)
     status = np.empty(n, dtype=np.uint8)
@@ -703,8 +640,8 @@ def parse_block(block, n: int | None = None) -> tuple | None:
 
 
 def count_newlines(buf: bytearray | bytes, n: int) -> int:
-    """buf.count(b"\\n", 0, n), 64 bytes at a time (bytes.count ran ~3 GB/s here: 20 ms of
-    the dedup parent's CPU per 60 MB of input just to number the lines)."""
+    """buf.count(b"\\n", 0, n), 64 bytes at a time: numbering the lines of the dedup input
+    with bytes.count cost the stage's parent noticeable CPU (`python benchmarks/dedup_kernels.py` times the two)."""
     if not HAVE_NUMBA:
         return buf.count(b"\n", 0, n)
     return int(_count_newlines(np.frombuffer(buf, dtype=np.uint8), n))

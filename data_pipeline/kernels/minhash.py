@@ -21,8 +21,8 @@ The scheme, exactly (datasketch 2.0 is the oracle in tests/data_pipeline/test_mi
     being "bit-identical" means copying that wraparound, not the textbook formula.
 
 The hot loop (SHA-1 of every shingle, then 128 multiply-add-min per shingle) runs in a numba
-kernel when numba is installed: hashlib costs ~0.5 us per call from Python, which alone would
-hold a 3 KB document to ~4,000 docs/s per core. Without numba the same arithmetic runs in
+kernel when numba is installed: hashlib's Python call per shingle alone would cost more than
+the whole compiled pass (`python benchmarks/dedup_kernels.py` times both). Without numba the same arithmetic runs in
 hashlib + numpy and gives the same bits, only slower.
 """
 
@@ -34,13 +34,11 @@ from operator import methodcaller
 
 import numpy as np
 
-try:  # numba is optional: same results, ~10x faster signatures.
-    import numba
+from data_pipeline.kernels.scratch import scratch
+from data_pipeline.kernels.simd import HAVE_NUMBA
 
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised on machines without numba
-    numba = None
-    HAVE_NUMBA = False
+if HAVE_NUMBA:
+    import numba
 
 SCHEMES = ("affine32", "legacy")
 # Signature backends, fastest first; all give the same bits. "simd": numba kernels with a
@@ -217,16 +215,16 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
 #
 # SHA-1 (backend simd, the default) runs 2 x 16 shingles at a time in LLVM vector IR for
 # every shingle that fits one SHA-1 block (<= 55 bytes), 16 at a time for two blocks (<= 119
-# bytes): ~12 ns per 5-gram here, against ~50 ns for libcrypto with the CPU's SHA
-# extensions. Longer shingles, and backend openssl, use
-# OpenSSL's libcrypto, the library CPython's own hashlib is linked to, called
+# bytes): several times faster than libcrypto even with the CPU's SHA extensions (`python benchmarks/dedup_kernels.py`
+# times simd, openssl and hashlib on the same shingles). Longer shingles, and backend
+# openssl, use OpenSSL's libcrypto, the library CPython's own hashlib is linked to, called
 # from compiled code through its low-level SHA1_Init/Update/Final entry points: the one-shot
-# EVP path costs ~0.5 us per call in OpenSSL 3 and hashlib adds Python overhead on top, while
-# SHA1_Update uses the CPU's SHA extensions where present (measured ~75-120 ns per 5-gram on
-# this machine). Where libcrypto cannot be found, hashlib hashes the long shingles: as fast as
+# EVP path pays a context allocation per call in OpenSSL 3 and hashlib adds Python overhead
+# on top, while SHA1_Update uses the CPU's SHA extensions where present. Where libcrypto
+# cannot be found, hashlib hashes the long shingles: as fast as
 # a portable compiled SHA-1 on them (docs/benchmarks.md), and 0.1% of English 5-grams.
 # The functions are called through their addresses (an intrinsic below), which keeps every
-# kernel cacheable on disk: a process pays the ~2 s of compilation once per machine.
+# kernel cacheable on disk: compilation is paid once per machine, not once per process.
 
 
 def _find_libcrypto() -> tuple[int, int, int] | None:
@@ -252,18 +250,6 @@ _LIBCRYPTO = _find_libcrypto() if HAVE_NUMBA else None
 SHA1_IMPL = ("simd+openssl" if _LIBCRYPTO else "simd+hashlib") if HAVE_NUMBA else "hashlib"
 
 
-# Scratch arrays of _spans, kept between batches: fresh ones cost a page fault per 4 KiB
-# touched, which measured ~4 us per 3 KB document, as much as copying the text.
-_SCRATCH: dict[str, np.ndarray] = {}
-
-
-def _scratch(name: str, size: int, dtype) -> np.ndarray:
-    arr = _SCRATCH.get(name)
-    if arr is None or len(arr) < size:
-        arr = _SCRATCH[name] = np.empty(max(size, 1 << 16), dtype=dtype)
-    return arr
-
-
 def _sha1_hashlib(norm: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """sha1_hash32 of the shingles norm[starts[i]:starts[i]+lens[i]] with hashlib."""
     spans = zip(starts.tolist(), lens.tolist(), strict=True)
@@ -283,13 +269,15 @@ def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bo
     the last)."""
     cap = len(buf) + 2
     # spare bytes: the SIMD SHA-1 reads up to 128 bytes from a shingle start (and masks)
-    norm = _scratch("norm", len(buf) + 128, np.uint8)
-    starts, lens = _scratch("starts", cap, np.int64), _scratch("lens", cap, np.int64)
-    sh_off = _spans(buf, raw_off, n, norm, starts, lens, _scratch("edges", cap, np.int64))
+    norm = scratch("minhash.norm", len(buf) + 128, np.uint8)
+    starts, lens = scratch("minhash.starts", cap, np.int64), scratch("minhash.lens", cap, np.int64)
+    sh_off = _spans(buf, raw_off, n, norm, starts, lens, scratch("minhash.edges", cap, np.int64))
     starts, lens = starts[: sh_off[-1]], lens[: sh_off[-1]]
     hashes = np.empty(len(starts), dtype=np.uint32)
     if sha1 == "simd":
-        long = _scratch("long", len(starts), np.int64)  # shingles > 119 bytes, left to the next
+        long = scratch(
+            "minhash.long", len(starts), np.int64
+        )  # shingles > 119 bytes, left to the next
         long = long[: _sha1_spans_simd(norm, starts, lens, hashes, long)]
         if len(long):
             if _LIBCRYPTO:
@@ -346,44 +334,14 @@ if HAVE_NUMBA:
 
     # Words are found 64 bytes at a time: one vector compare gives a 64-bit mask of the ASCII
     # whitespace bytes, the edges of its runs are the word boundaries, and trailing-zero
-    # counts walk them. A byte-at-a-time loop mispredicted a branch at nearly every word
-    # boundary: 8-10 us per 3 KB document against ~1.3 us for this (measured).
+    # counts walk them (a byte-at-a-time loop mispredicts a branch at nearly every word
+    # boundary; `python benchmarks/dedup_kernels.py` times the two on the same documents).
     from llvmlite import ir as _ir
     from numba.cpython.unsafe.numbers import trailing_zeros as _tz
     from numba.extending import intrinsic as _intrinsic
 
-    _V64I8 = _ir.VectorType(_ir.IntType(8), 64)
+    from data_pipeline.kernels.simd import ws_lead_mask64, ws_mask64
 
-    def _byte_mask(kind: str):
-        """An intrinsic: the 64 bytes at an address as a uint64 bit mask (bit i: byte i) of
-        ASCII whitespace (kind "ws": 9..13, 28..32, as str.isspace) or of bytes that may
-        lead a multi-byte whitespace character (kind "lead": 0xC2, 0xE1..0xE3)."""
-
-        @_intrinsic
-        def mask(typingctx, addr):
-            def codegen(context, builder, sig, args):
-                b = builder
-                v = b.load(b.inttoptr(args[0], _V64I8.as_pointer()), align=1)
-
-                def k(c):
-                    return _ir.Constant(_V64I8, [c] * 64)
-
-                def in_range(lo, count):
-                    return b.icmp_unsigned("<", b.sub(v, k(lo)), k(count))
-
-                if kind == "ws":
-                    m = b.or_(b.icmp_unsigned("==", v, k(32)), in_range(9, 5))
-                    m = b.or_(m, in_range(28, 4))
-                else:
-                    m = b.or_(b.icmp_unsigned("==", v, k(0xC2)), in_range(0xE1, 3))
-                return b.bitcast(m, _ir.IntType(64))
-
-            return numba.types.uint64(numba.types.intp), codegen
-
-        return mask
-
-    _ws_mask64 = _byte_mask("ws")
-    _lead_mask64 = _byte_mask("lead")
     _ONE = np.uint64(1)
 
     @numba.njit(cache=True, boundscheck=False)
@@ -408,9 +366,9 @@ if HAVE_NUMBA:
             carry = np.uint64(0)  # whitespace bits of a character reaching into this chunk
             p = lo
             while p < hi:
-                m = _ws_mask64(base + p) | carry
+                m = ws_mask64(base + p) | carry
                 carry = np.uint64(0)
-                lead = _lead_mask64(base + p)
+                lead = ws_lead_mask64(base + p)
                 if hi - p < 64:  # bytes past the document count as whitespace
                     past = ~((_ONE << np.uint64(hi - p)) - _ONE)
                     lead &= ~past
@@ -547,7 +505,7 @@ if HAVE_NUMBA:
                     # Load 64 bytes of each message as a row, then transpose the 16 x 16
                     # words (4 butterfly steps of two-source shuffles, 64 in all) so that
                     # vector t holds word t of every message: cheaper than 224 single-word
-                    # loads and inserts (measured ~0.5 us per document).
+                    # loads and inserts (docs/data-dedup.md, "Measured").
                     columns = []
                     for blk in range(nblocks):
                         rows = []

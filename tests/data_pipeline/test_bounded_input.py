@@ -56,7 +56,7 @@ def test_a_line_longer_than_max_line_bytes_is_a_reject_naming_file_line_and_leng
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
 def test_dedup_rejects_a_too_long_line_as_clean_does(tmp_path, suffix):
-    """dedup reads its input in its own blocks (data_pipeline.stages.dedup._line_tasks): the same
+    """dedup reads its input in its own blocks (data_pipeline.stages.dedup.blocks.line_tasks): the same
     line is refused with the same record, and the lines around it are kept."""
     docs = b"".join(
         b'{"text": "doc %d is unique enough", "id": "%d"}\n' % (i, i) for i in range(50)

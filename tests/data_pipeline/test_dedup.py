@@ -25,15 +25,10 @@ import pytest
 from datasketch.lsh import _optimal_param
 
 from data_pipeline.documents import Rejects, iter_json_lines
+from data_pipeline.kernels import lsh
 from data_pipeline.runtime.scaleout import completed
-from data_pipeline.stages import dedup
-from data_pipeline.stages.dedup import (
-    DedupConfig,
-    _bucket_pairs,
-    candidate_probability,
-    choose_banding,
-    run,
-)
+from data_pipeline.stages.dedup import DedupConfig, candidate_probability, choose_banding, run
+from data_pipeline.stages.dedup.buckets import _bucket_pairs
 from tests.data_pipeline.test_reddit import parts_bytes
 
 from .conftest import assert_no_stage_processes
@@ -153,7 +148,7 @@ def test_only_documents_sharing_a_key_are_bucketed():
     keys[100:200] = keys[200:300]  # repeated keys
     keys[4000] = keys[17] + np.uint64(1 << 40)  # same low bits (table slot), another key
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    assert np.array_equal(dedup._shared_keys(keys), np.flatnonzero(counts[inverse] > 1))
+    assert np.array_equal(lsh.shared_keys(keys), np.flatnonzero(counts[inverse] > 1))
 
 
 def test_compiled_band_keys_equal_the_numpy_reference():
@@ -162,8 +157,8 @@ def test_compiled_band_keys_equal_the_numpy_reference():
     sig = np.random.default_rng(0).integers(0, 2**32, (500, 128), dtype=np.uint64)
     sig = sig.astype(np.uint32)
     sig[7] = sig[3]  # equal signatures, equal keys in every band
-    keys = dedup._band_keys(sig, 7, 18)
-    assert np.array_equal(keys, dedup._band_keys_numpy(sig, 7, 18))
+    keys = lsh.band_keys(sig, 7, 18)
+    assert np.array_equal(keys, lsh.band_keys_numpy(sig, 7, 18))
     assert np.array_equal(keys[7], keys[3]) and (keys[7] != keys[4]).all()
 
 
@@ -179,8 +174,8 @@ def test_compiled_set_jaccard_equals_the_numpy_reference():
     ia = np.concatenate(([0, 0, 9], rng.integers(0, 200, 500)))
     ib = np.concatenate(([1, 5, 4], rng.integers(0, 200, 500)))
     got, want = np.empty(len(ia)), np.empty(len(ia))
-    dedup._set_jaccard_kernel(dedup._sort_each(hashes.copy(), offs), offs, ia, ib, got)
-    dedup._set_jaccard_numpy(hashes, offs, ia, ib, want)
+    lsh.set_jaccard_kernel(lsh.sort_each(hashes.copy(), offs), offs, ia, ib, got)
+    lsh.set_jaccard_numpy(hashes, offs, ia, ib, want)
     assert np.array_equal(got, want)
     assert got[0] == 1.0 and got[1] == 0.0
     a, b = set(hashes[offs[9] : offs[10]].tolist()), set(hashes[offs[4] : offs[5]].tolist())

@@ -195,8 +195,8 @@ import json, sys
 sys.modules["numba"] = None  # `import numba` raises ImportError, as where it is not installed
 import numpy as np
 from data_pipeline.stages import dedup
-from data_pipeline.kernels import minhash
-assert not minhash.HAVE_NUMBA and not dedup.HAVE_NUMBA and minhash.SHA1_IMPL == "hashlib"
+from data_pipeline.kernels import lsh, minhash
+assert not minhash.HAVE_NUMBA and not lsh.HAVE_NUMBA and minhash.SHA1_IMPL == "hashlib"
 texts = [json.loads(line)["text"] for line in open(sys.argv[1])]
 b = minhash.MinHasher().batch(texts)
 np.save(sys.argv[2], b.signatures)

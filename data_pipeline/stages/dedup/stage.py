@@ -1,0 +1,74 @@
+"""The stage as a whole: its steps run in order on the configured executor, and its CLI."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from data_pipeline.kernels import lsh
+from data_pipeline.kernels.jsonl_scan import parse_block
+from data_pipeline.kernels.minhash import MinHasher
+from data_pipeline.runtime import scaleout
+from data_pipeline.runtime.cli import stage_main, write_report
+from data_pipeline.stages.dedup import signatures
+from data_pipeline.stages.dedup.buckets import DedupBuckets
+from data_pipeline.stages.dedup.clusters import DedupClusters
+from data_pipeline.stages.dedup.config import DedupConfig
+from data_pipeline.stages.dedup.plan import STEPS, DedupPlan
+from data_pipeline.stages.dedup.report import DedupReport
+from data_pipeline.stages.dedup.signatures import DedupSignatures
+from data_pipeline.stages.dedup.writeback import DedupFilter
+
+
+def _warm_up(hasher_params: dict, banding: tuple) -> None:
+    """Load (on a new machine, compile) every kernel the tasks run, for the very argument
+    types they pass (numba keys its compiled code on them: a read-only array is another type),
+    in the process that forks the local task processes, so that they inherit them instead of
+    each loading them again from numba's cache."""
+    signatures.load_hasher(hasher_params)
+    hasher = signatures.HASHER
+    line = b'{"text": "warm up the compiled kernels", "id": "0"}\n'
+    buf = bytearray(line + bytes(64))
+    parsed = parse_block(buf, len(line))
+    if parsed is not None:  # None: no compiled parser (numba missing)
+        _, _, _, text, text_off, _, _ = parsed
+        sigs = hasher.batch_joined(text, text_off[[0, 1]]).signatures
+        lsh.band_keys(sigs, banding[1], banding[0])
+        keys = np.arange(8, dtype=np.uint64)
+        lsh.shared_keys(np.concatenate([keys, keys]))
+        hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
+        lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
+    hasher.batch([b"and those of the Python path"])
+
+
+def run(cfg: DedupConfig) -> dict:
+    """signatures -> buckets -> clusters -> filter -> report on the configured executor;
+    returns the stage report (with slurm.wait=false, the submitted job ids)."""
+    t0 = time.perf_counter()
+    scaleout.validate(cfg)
+    plan = DedupPlan(cfg)
+    MinHasher(**plan.hasher_params)  # validates the parameters before any work
+    with scaleout.owned(plan, "dedup"):
+        scaleout.prepare(plan, plan.fingerprints())
+        counts = plan.step_counts()
+        resumed = [s for s in STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
+        steps = [
+            (cls(plan), counts[cls.name])
+            for cls in (DedupSignatures, DedupBuckets, DedupClusters, DedupFilter, DedupReport)
+        ]
+        if cfg.executor == "local":
+            _warm_up(plan.hasher_params, (plan.bands, plan.rows))
+        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
+    if "slurm_jobs" not in report:
+        report["resumed_stages"] = resumed
+        write_report(plan.out, report)
+    return report
+
+
+def main() -> None:
+    """`python -m data_pipeline.dedup key=value ...`. The executors pickle the steps by
+    reference (module path and class name), so every step class lives in a module of this
+    package, never in the module run as __main__, whichever one that is."""
+    stage_main("dedup", DedupConfig, run)
