@@ -18,22 +18,20 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline import ownership
 from data_pipeline.config_limits import Range, check_limits
 from data_pipeline.documents import (
     AtomicWriter,
     InputLimits,
     Rejects,
-    expand_inputs,
     read_documents,
 )
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.runtime.plan import StagePlan
 
 # Line breaks other than \n: CRLF/CR (Windows/old Mac), VT, FF, NEL, LS, PS. CRLF first, so it
 # becomes one \n, not two. Plain `in`/`replace` scans are ~100x faster than a regex class here.
@@ -164,34 +162,19 @@ class Cleaner:
         return text
 
 
-_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of input
-_PART_SUFFIX = ".jsonl.zst"
+class _Plan(StagePlan):
+    """The run's input files and shares (StagePlan), with the rules checked up front."""
 
-
-class _Plan:
-    """What every task of one run agrees on: the input files (expanded once), the shares."""
+    stage = "clean"
 
     def __init__(self, cfg: CleanConfig):
         Cleaner(cfg)  # refuses a bad rule before any work
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.files = expand_inputs(cfg.input)
-        sizes = [p.stat().st_size for p in self.files]
-        self.tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
-        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
-        self.work = ownership.work_dir(
-            cfg.work_dir, "clean", self.out.with_name(f".{self.out.name}.work")
-        )
-        self.to_file = scaleout.is_file_output(self.out)
-        self.parts = self.work / "parts"  # published as the output by the report step
+        super().__init__(cfg)
+        self.share_files()
 
     def fingerprint(self) -> dict:
-        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
         params = {k: v for k, v in to_container(self.cfg).items() if k in _OUTPUT_PARAMS}
-        return {"files": files, "tasks": self.tasks, **params}
-
-    def part(self, rank: int) -> Path:
-        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
+        return {"files": self.files_fingerprint(), "tasks": self.tasks, **params}
 
 
 # The keys that decide what is written (the rest: where, and how it runs).

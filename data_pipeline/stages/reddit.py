@@ -51,17 +51,16 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.documents import (
     AtomicWriter,
     InputLimits,
     Rejects,
-    expand_inputs,
     iter_json_lines,
 )
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.runtime.plan import BYTES_PER_TASK, StagePlan
 
 # Per-comment status codes stored in the buckets (a small int keeps the records compact).
 OK, DELETED, REMOVED, BOT, URL, LONG_NO_SPACE, SHORT, NON_ASCII_START = range(8)
@@ -439,35 +438,27 @@ def _validate(cfg: RedditConfig) -> None:
     scaleout.validate(cfg)
 
 
-class _Plan:
-    """What every task of one run agrees on: the input files, the shares, where things go."""
+class _Plan(StagePlan):
+    """The run's input files and their map shares (StagePlan), and the reduce tasks' shares of
+    the buckets."""
+
+    stage = "reddit"
 
     def __init__(self, cfg: RedditConfig):
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.files = expand_inputs(cfg.input)
-        sizes = [p.stat().st_size for p in self.files]
-        self.map_tasks = scaleout.auto_tasks(cfg, sum(sizes), _BYTES_PER_TASK, len(self.files))
+        super().__init__(cfg)
+        sizes = self.share_files()
         self.reduce_tasks = scaleout.auto_tasks(
-            cfg, sum(sizes), _BYTES_PER_TASK, cfg.num_buckets, "buckets"
+            cfg, sum(sizes), BYTES_PER_TASK, cfg.num_buckets, "buckets"
         )
-        self.file_shares = scaleout.contiguous_shares(sizes, self.map_tasks)
         self.bucket_shares = scaleout.even_shares(cfg.num_buckets, self.reduce_tasks)
-        self.work = ownership.work_dir(
-            cfg.work_dir, "reddit", self.out.with_name(f".{self.out.name}.work")
-        )
-        self.to_file = scaleout.is_file_output(self.out)
-        self.parts = self.work / "parts"  # published as the output by the report step
 
     def fingerprint(self) -> dict:
         """What the work files depend on: a re-run reuses finished tasks only if all is equal."""
         cfg = self.cfg
         return {
-            "files": [
-                [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files
-            ],
+            "files": self.files_fingerprint(),
             "output": str(self.out.resolve()),
-            "tasks": [self.map_tasks, self.reduce_tasks],
+            "tasks": [self.tasks, self.reduce_tasks],
             "num_buckets": cfg.num_buckets,
             "filters": to_container(cfg.filters),
             "orphans": cfg.orphans,
@@ -478,13 +469,6 @@ class _Plan:
             "limits": InputLimits.of(cfg).fingerprint(),
         }
 
-    def part(self, rank: int) -> Path:
-        return self.parts / f"part-{rank:05d}{_PART_SUFFIX}"
-
-
-_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of (compressed) dump
-_PART_SUFFIX = ".jsonl.zst"
-
 
 class RedditMap(scaleout.TaskStep):
     """Task r parses its share of the input files into its own bucket files."""
@@ -493,7 +477,7 @@ class RedditMap(scaleout.TaskStep):
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
-        lo, hi = plan.file_shares[rank]
+        lo, hi = plan.shares[rank]
         final = self.work / "map" / f"task-{rank:05d}"
         tmp = scaleout.fresh_task_dir(final)
         rejects = Rejects(tmp / "rejects.jsonl", InputLimits.of(self.cfg))
@@ -517,7 +501,7 @@ class RedditReduce(scaleout.TaskStep):
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
         lo, hi = plan.bucket_shares[rank]
-        maps = [self.work / "map" / f"task-{m:05d}" for m in range(plan.map_tasks)]
+        maps = [self.work / "map" / f"task-{m:05d}" for m in range(plan.tasks)]
         part = plan.part(rank)
         scaleout.remove_stale(part.parent, f".{part.name}.tmp-*")  # of a killed attempt
         stats: Counter = Counter()
@@ -543,10 +527,10 @@ class RedditReport(scaleout.TaskStep):
 
     def task(self, rank: int, world_size: int) -> dict:
         plan = self.plan
-        maps = scaleout.task_stats(self.work, "map", plan.map_tasks)
+        maps = scaleout.task_stats(self.work, "map", plan.tasks)
         reduces = scaleout.task_stats(self.work, "reduce", plan.reduce_tasks)
         rejects = scaleout.gather_rejects(
-            [self.work / "map" / f"task-{m:05d}" / "rejects.jsonl" for m in range(plan.map_tasks)],
+            [self.work / "map" / f"task-{m:05d}" / "rejects.jsonl" for m in range(plan.tasks)],
             [m["rejects"] for m in maps],
             rejects_path(plan.out),
         )
@@ -575,7 +559,7 @@ def _report(plan: _Plan, maps: list[dict], reduces: list[dict], rejects: Rejects
         "stage": "reddit",
         "output": str(plan.out),
         "files": len(plan.files),
-        "tasks": {"map": plan.map_tasks, "reduce": plan.reduce_tasks},
+        "tasks": {"map": plan.tasks, "reduce": plan.reduce_tasks},
         "input_bytes": pass1.get("input_bytes", 0),
         "submissions_in": pass1.get("submissions", 0),
         "comments_in": pass1.get("comments", 0),
@@ -616,7 +600,7 @@ def run(cfg: RedditConfig) -> dict:
     with scaleout.owned(plan, "reddit"):
         scaleout.prepare(plan, [("map", plan.fingerprint()), ("reduce", {}), ("report", {})])
         steps = [
-            (RedditMap(plan), plan.map_tasks),
+            (RedditMap(plan), plan.tasks),
             (RedditReduce(plan), plan.reduce_tasks),
             (RedditReport(plan), 1),
         ]

@@ -56,6 +56,7 @@ from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_l
 from data_pipeline.documents import InputLimits, Rejects, expand_inputs
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
+from data_pipeline.runtime.plan import StagePlan, file_fingerprint
 from data_pipeline.shards import ShardWriter, read_manifest
 from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
 from data_pipeline.stages.merge import check_parts, write_merged
@@ -175,24 +176,21 @@ def _batches(docs: Iterator[dict], batch_bytes: int, plan) -> Iterator[tuple[lis
         yield texts, places
 
 
-_BYTES_PER_TASK = 256 << 20  # tasks=0: one task per 256 MiB of input
+class _Plan(StagePlan):
+    """The run's input units (each local JSONL file with its source name; an HF source whole)
+    and their shares (StagePlan), the tokenizer, the weights and the manifest's record."""
 
-
-class _Plan:
-    """What every task of one run agrees on: the input units (each local JSONL file with its
-    source name; an HF source whole), the shares, the tokenizer, the record."""
+    stage = "tokenize"
+    part_suffix = ""  # a task's part is a shard directory
 
     def __init__(self, cfg: TokenizeConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.spec = TokenizerSpec(name=cfg.tokenizer.name, path=cfg.tokenizer.path)
         self.tokenizer = Tokenizer(self.spec).describe()  # refuses a bad tokenizer up front
-        if not 0 <= cfg.validation_fraction < 1:
-            raise ValueError(f"validation_fraction={cfg.validation_fraction}: must be in [0, 1)")
         self.weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
         bad = {k: v for k, v in self.weights.items() if not v >= 0}
         if bad:
             raise ValueError(f"weights: must be >= 0, got {bad}")
-        self.out = Path(cfg.output)
         self.units: list[dict] = []
         sizes: list[int] = []
         for entry in normalize(cfg.input):
@@ -204,18 +202,12 @@ class _Plan:
                 named = {"name": entry["name"]} if "name" in entry else {}
                 self.units.append({"jsonl": str(f), **named})
                 sizes.append(f.stat().st_size)
-        self.tasks = scaleout.auto_tasks(
-            cfg, sum(sizes), _BYTES_PER_TASK, len(self.units), "input files or datasets"
-        )
-        self.shares = scaleout.contiguous_shares(sizes, self.tasks)
+        self.tasks, self.shares = self.split(sizes, "input files or datasets")
         if cfg.executor in ("slurm", "ray"):
             self.encoders = max(1, getattr(cfg, cfg.executor).cpus_per_task)
         else:
             budget = cfg.workers or 1
             self.encoders = max(1, budget // min(budget, self.tasks))
-        self.work = ownership.work_dir(
-            cfg.work_dir, "tokenize", self.out.with_name(f".{self.out.name}.work")
-        )
         config = to_container(cfg)
         config["input"] = plain(cfg.input)
         self.record = {
@@ -230,11 +222,9 @@ class _Plan:
         }
 
     def fingerprint(self) -> dict:
-        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
-                 for u in self.units for p in local_files(u)]  # fmt: skip
         return {
             "units": self.units,
-            "files": files,
+            "files": file_fingerprint([p for u in self.units for p in local_files(u)]),
             "tasks": self.tasks,
             "tokenizer": self.tokenizer,
             "record": self.record,
@@ -244,7 +234,8 @@ class _Plan:
 
     def part(self, rank: int, copy: int = 0) -> Path:
         """Task `rank`'s shard set: its first pass (copy 0), or its extra pass `copy`."""
-        return self.work / "parts" / (f"part-{rank:05d}" + (f".pass-{copy}" if copy else ""))
+        first = super().part(rank)
+        return first.with_name(f"{first.name}.pass-{copy}") if copy else first
 
 
 class TokenizeShare(scaleout.TaskStep):
