@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -49,7 +48,7 @@ from omegaconf import MISSING, OmegaConf
 
 from data_pipeline.config_limits import OneOf, check_limits
 from data_pipeline.documents import AtomicWriter, InputLimits, Rejects
-from data_pipeline.files import sha256_file
+from data_pipeline.files import atomic_write_json, sha256_file
 from data_pipeline.ownership import check_output
 from data_pipeline.runtime.cli import (
     EXIT_FAILED,
@@ -312,9 +311,7 @@ class _Runner:
             "output": str(output),
             "outputs": self.sums.tree(output),
         }
-        tmp = record_path.with_name(record_path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        tmp.replace(record_path)
+        atomic_write_json(record_path, record, indent=2)
         self.steps.append(
             {
                 **entry,

@@ -21,6 +21,7 @@ import orjson
 import zstandard
 
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, check_limits
+from data_pipeline.files import publish_file, temporary_beside
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".zst", ".gz")
 
@@ -417,7 +418,7 @@ class AtomicWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_beside(self.path)
         raw = open(self.tmp, "wb")
         if self.path.suffix == ".gz":
             self._f = io.BufferedWriter(gzip.GzipFile(fileobj=raw, mode="wb"), 1 << 16)
@@ -443,9 +444,7 @@ class AtomicWriter:
         self._f.close()
         if not self._raw.closed:
             self._raw.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        publish_file(self.tmp, self.path)
 
     def abort(self) -> None:
         try:

@@ -53,6 +53,7 @@ from datatrove.pipeline.base import PipelineStep
 from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, POSITIVE, OneOf, check_limits
 from data_pipeline.documents import INPUT_LIMITS, AtomicWriter, Rejects, iter_lines
+from data_pipeline.files import atomic_write_json, publish_dir, publish_file, temporary_beside
 from data_pipeline.runtime.cli import report_path, write_report
 from data_pipeline.runtime.progress import Progress
 
@@ -254,7 +255,7 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
                 for line in iter_lines(p):
                     w.write_bytes(line)
         return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(out)
     ownership.rmtree(tmp)
     tmp.mkdir(parents=True)
     for p in parts:
@@ -262,9 +263,8 @@ def finish_parts(parts: list[Path], out: Path, to_file: bool) -> None:
             os.link(p, tmp / p.name)
         except OSError:  # another filesystem, or no hard links
             shutil.copy2(p, tmp / p.name)
-    old = ownership.replace_output(out)
-    tmp.rename(out)
-    ownership.discard(old)
+    ownership.check_output(out)  # checked again: it may have appeared meanwhile
+    publish_dir(tmp, out)
 
 
 def clear_stale(out: Path) -> None:
@@ -283,13 +283,13 @@ def gather_rejects(files: list[Path], reports: list[dict], out: Path) -> Rejects
         rejects.not_written += rep.get("not_written", 0)  # each task's file holds its cap
     out.unlink(missing_ok=True)
     if rejects.total:
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp = temporary_beside(out)
         with open(tmp, "wb") as f:
             for src in files:
                 if src.exists():
                     with open(src, "rb") as g:
                         shutil.copyfileobj(g, f)
-        tmp.replace(out)
+        publish_file(tmp, out)
     return rejects
 
 
@@ -299,17 +299,15 @@ def fresh_task_dir(final: Path) -> Path:
     directories, or a published `final` that a rerun replaces)."""
     remove_stale(final.parent, f".{final.name}.tmp-*")
     ownership.rmtree(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(final)
     tmp.mkdir(parents=True)
     return tmp
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically (a crash leaves the old file or none, never half of one)."""
+    """A work-directory record (`atomic_write_json`: a crash leaves the old file or none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, default=str, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_json(path, obj, indent=None)
 
 
 def task_file(work: Path, step: str, rank: int, suffix: str = ".json") -> Path:

@@ -13,7 +13,6 @@ empty texts). Bad input lines go to the rejects file as in `data_pipeline.docume
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from data_pipeline.documents import (
     Rejects,
     read_documents,
 )
+from data_pipeline.files import publish_file, temporary_beside
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan
@@ -205,7 +205,7 @@ class CleanShare(scaleout.TaskStep):
         part = plan.part(rank)
         scaleout.remove_stale(part.parent, f".{part.name}.tmp-*")  # of a killed attempt
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = temporary_beside(final)
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
         st: Counter = Counter()
         empty_ids: list[str] = []
@@ -232,7 +232,7 @@ class CleanShare(scaleout.TaskStep):
         finally:
             rejects.close()
         if tmp.exists():
-            tmp.replace(final)
+            publish_file(tmp, final)
         return {
             **st,
             "rules": dict(clean.counts),

@@ -58,6 +58,7 @@ from data_pipeline.documents import (
     Rejects,
     iter_json_lines,
 )
+from data_pipeline.files import publish_dir
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import BYTES_PER_TASK, StagePlan
@@ -488,7 +489,7 @@ class RedditMap(scaleout.TaskStep):
                 stats = _partition(self.cfg, files, tmp, rejects, bar)
         finally:
             rejects.close()
-        tmp.replace(final)
+        publish_dir(tmp, final)
         return {"files": hi - lo, **stats, "rejects": rejects.report()}
 
 

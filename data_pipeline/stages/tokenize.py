@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing as mp
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from omegaconf import MISSING
 from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.documents import InputLimits, Rejects, expand_inputs
+from data_pipeline.files import publish_file, temporary_beside
 from data_pipeline.runtime import scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan, file_fingerprint
@@ -251,7 +251,7 @@ class TokenizeShare(scaleout.TaskStep):
         for old in first.parent.glob(f"{first.name}.pass-*"):  # an attempt that got further
             ownership.rmtree(old)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = temporary_beside(final)
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
 
@@ -314,7 +314,7 @@ class TokenizeShare(scaleout.TaskStep):
                 pool.terminate()
             rejects.close()
         if tmp.exists():
-            tmp.replace(final)
+            publish_file(tmp, final)
         return {**counts, "rejects": rejects.report()}
 
 
