@@ -29,7 +29,7 @@ from data_pipeline.documents import (
     read_documents,
 )
 from data_pipeline.files import publish_file, temporary_beside
-from data_pipeline.runtime import scaleout
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan
 
@@ -287,7 +287,7 @@ def run(cfg: CleanConfig) -> dict:
     with scaleout.owned(plan, "clean"):
         scaleout.prepare(plan, [("clean", plan.fingerprint()), ("report", {})])
         steps = [(CleanShare(plan), plan.tasks), (CleanReport(plan), 1)]
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         return scaleout.finish("clean", plan, jobs, t0, "docs_in", "docs_per_s")
 
 

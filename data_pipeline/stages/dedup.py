@@ -70,7 +70,7 @@ from data_pipeline.documents import (
 )
 from data_pipeline.kernels.jsonl_scan import FAST, SLOW, count_newlines, parse_block
 from data_pipeline.kernels.minhash import BACKENDS, HAVE_NUMBA, SCHEMES, MinHasher
-from data_pipeline.runtime import scaleout
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 
 if HAVE_NUMBA:
@@ -1317,7 +1317,7 @@ def run(cfg: DedupConfig) -> dict:
         ]
         if cfg.executor == "local":
             _warm_up(plan.hasher_params, (plan.bands, plan.rows))
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
     if "slurm_jobs" not in report:
         report["resumed_stages"] = resumed

@@ -59,7 +59,7 @@ from data_pipeline.documents import (
     iter_json_lines,
 )
 from data_pipeline.files import publish_dir
-from data_pipeline.runtime import scaleout
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import BYTES_PER_TASK, StagePlan
 
@@ -605,7 +605,7 @@ def run(cfg: RedditConfig) -> dict:
             (RedditReduce(plan), plan.reduce_tasks),
             (RedditReport(plan), 1),
         ]
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
 
 

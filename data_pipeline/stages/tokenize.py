@@ -54,7 +54,7 @@ from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.documents import InputLimits, Rejects, expand_inputs
 from data_pipeline.files import publish_file, temporary_beside
-from data_pipeline.runtime import scaleout
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan, file_fingerprint
 from data_pipeline.shards import ShardWriter, read_manifest
@@ -135,7 +135,7 @@ def _init_worker(spec: TokenizerSpec) -> None:
     global _worker_tokenizer
     # A spawned encoder is exec'd, so the fork hook that ties task processes to their parent
     # never ran here: ask for it, so that encoders die with their task.
-    scaleout.die_with_parent()
+    executors.die_with_parent()
     _worker_tokenizer = Tokenizer(spec)
 
 
@@ -390,7 +390,7 @@ def run(cfg: TokenizeConfig) -> dict:
         rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
         scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
         steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
     if "bytes_per_s" in report:
         report["mb_per_s"] = round(report.pop("bytes_per_s") / 1e6, 3)
