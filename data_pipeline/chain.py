@@ -82,9 +82,10 @@ JSONL_SUFFIX = ".jsonl.zst"
 
 
 @dataclass
-class SourceConfig:
-    """One corpus. `input`: any spec sources.py accepts (for `kind: reddit`, the dump files);
-    `weight`: tokenize's upsampling factor for its training documents."""
+class CorpusConfig:
+    """One corpus the chain prepares (an entry of `sources`). `input`: any spec sources.py accepts
+    (for `kind: reddit`, the dump files); `weight`: tokenize's upsampling factor for its
+    training documents."""
 
     name: str = MISSING
     input: Any = MISSING
@@ -100,7 +101,7 @@ class ChainConfig(ScaleOut):
 
     work_dir: str = MISSING
     output: str | None = None
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[CorpusConfig] = field(default_factory=list)
     steps: list[str] = field(default_factory=lambda: ["clean", "dedup"])
     missing_stages: str = "error"
     checksum: str = "sha256"

@@ -143,13 +143,13 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def _build_shards(out_dir: Path, corpus: Path, seed: int) -> Path:
-    from data_pipeline.chain import ChainConfig, SourceConfig, run
+    from data_pipeline.chain import ChainConfig, CorpusConfig, run
     from data_pipeline.shards import read_manifest
 
     cfg = ChainConfig(
         work_dir=str(out_dir / "work"),
         output=str(out_dir / "tokens"),
-        sources=[SourceConfig(name="tiny", input=str(corpus))],
+        sources=[CorpusConfig(name="tiny", input=str(corpus))],
         steps=["clean", "dedup"],
         missing_stages="skip",
         # one process per step and no progress lines: a second of work inside a training

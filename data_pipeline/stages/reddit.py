@@ -192,28 +192,85 @@ class _CommentFilter:
         return OK
 
 
+def _comment_record(obj: dict, flt: _CommentFilter, stats: Counter) -> tuple:
+    """A comment's bucket record: (1, thread key, id, parent_id, created_utc, score, body or
+    None when filtered, status, subreddit). KeyError/TypeError: a malformed line (a reject)."""
+    cid, parent, link, body = obj["id"], obj["parent_id"], obj["link_id"], obj["body"]
+    if not (type(cid) is str and type(parent) is str and type(link) is str and type(body) is str):
+        raise TypeError("id, parent_id, link_id and body must be strings")
+    status = flt.status(body, obj.get("author"))
+    stats["comments"] += 1
+    stats["text_bytes_in"] += len(body.encode("utf-8"))
+    return (
+        1,
+        _thread_key(link),
+        cid,
+        parent,
+        _as_int(obj.get("created_utc")),
+        _as_int(obj.get("score")),
+        body if status == OK else None,
+        status,
+        obj.get("subreddit") or "",
+    )
+
+
+def _submission_record(obj: dict, stats: Counter) -> tuple:
+    """A submission's bucket record: (0, thread key = its id, created_utc, score, subreddit,
+    title, selftext). KeyError/TypeError: a malformed line (a reject)."""
+    sid = obj["id"]
+    title = obj.get("title") or ""
+    selftext = obj.get("selftext") or ""
+    if not (type(sid) is str and type(title) is str and type(selftext) is str):
+        raise TypeError("id, title and selftext must be strings")
+    stats["submissions"] += 1
+    stats["text_bytes_in"] += len(title.encode("utf-8")) + len(selftext.encode("utf-8"))
+    return (
+        0,
+        sid,
+        _as_int(obj.get("created_utc")),
+        _as_int(obj.get("score")),
+        obj.get("subreddit") or "",
+        title,
+        "" if selftext in _GONE else selftext,
+    )
+
+
+class _Buckets:
+    """One map task's bucket files: records buffered per bucket (chosen by crc32 of the thread
+    key, so a thread's pieces meet whatever file or task they came from) and appended as one
+    frame per bucket every `flush_records` records, which bounds the task's memory."""
+
+    def __init__(self, work: Path, n: int, flush_records: int):
+        self.bufs: list[list] = [[] for _ in range(n)]
+        self.paths = [work / f"bucket-{i:05d}.bin" for i in range(n)]
+        self.flush_records = flush_records
+        self.pending = 0
+
+    def add(self, rec: tuple) -> None:
+        self.bufs[zlib.crc32(rec[1].encode("utf-8")) % len(self.bufs)].append(rec)
+        self.pending += 1
+        if self.pending >= self.flush_records:
+            self.flush()
+
+    def flush(self) -> None:
+        for i, buf in enumerate(self.bufs):
+            if buf:
+                data = marshal.dumps(buf)
+                with open(self.paths[i], "ab") as f:
+                    f.write(_FRAME.pack(len(data)) + data)
+                buf.clear()
+        self.pending = 0
+
+
 def _partition(
     cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects, progress
 ) -> dict:
     """Pass 1: stream the dumps into bucket files of marshalled record lists. marshal is the
     fastest stdlib serialiser for tuples of str/int and the files never leave this process's
     Python version (they are scratch, deleted after success)."""
-    n = cfg.num_buckets
-    bufs: list[list] = [[] for _ in range(n)]
-    paths = [work / f"bucket-{i:05d}.bin" for i in range(n)]
-    pending = 0
+    buckets = _Buckets(work, cfg.num_buckets, cfg.flush_records)
     flt = _CommentFilter(cfg.filters)
     stats: Counter = Counter()
-    crc = zlib.crc32
-
-    def flush() -> None:
-        for i, buf in enumerate(bufs):
-            if buf:
-                data = marshal.dumps(buf)
-                with open(paths[i], "ab") as f:
-                    f.write(_FRAME.pack(len(data)) + data)
-                buf.clear()
-
     for path in files:
         stats["input_bytes"] += path.stat().st_size
         kind = _file_kind(path)
@@ -221,79 +278,20 @@ def _partition(
             k = kind or ("c" if "parent_id" in obj else "s" if "title" in obj else None)
             try:
                 if k == "c":
-                    cid, parent, link, body = (
-                        obj["id"],
-                        obj["parent_id"],
-                        obj["link_id"],
-                        obj["body"],
-                    )
-                    if not (
-                        type(cid) is str
-                        and type(parent) is str
-                        and type(link) is str
-                        and type(body) is str
-                    ):
-                        raise TypeError("id, parent_id, link_id and body must be strings")
-                    key = _thread_key(link)
-                    status = flt.status(body, obj.get("author"))
-                    stats["comments"] += 1
-                    stats["text_bytes_in"] += len(body.encode("utf-8"))
-                    rec = (
-                        1,
-                        key,
-                        cid,
-                        parent,
-                        _as_int(obj.get("created_utc")),
-                        _as_int(obj.get("score")),
-                        body if status == OK else None,
-                        status,
-                        obj.get("subreddit") or "",
-                    )
+                    rec = _comment_record(obj, flt, stats)
                 elif k == "s":
-                    sid = obj["id"]
-                    title = obj.get("title") or ""
-                    selftext = obj.get("selftext") or ""
-                    if not (type(sid) is str and type(title) is str and type(selftext) is str):
-                        raise TypeError("id, title and selftext must be strings")
-                    key = sid
-                    stats["submissions"] += 1
-                    stats["text_bytes_in"] += len(title.encode("utf-8")) + len(
-                        selftext.encode("utf-8")
-                    )
-                    rec = (
-                        0,
-                        key,
-                        _as_int(obj.get("created_utc")),
-                        _as_int(obj.get("score")),
-                        obj.get("subreddit") or "",
-                        title,
-                        "" if selftext in _GONE else selftext,
-                    )
+                    rec = _submission_record(obj, stats)
                 else:
-                    rejects.add(
-                        path,
-                        lineno,
-                        "neither a submission (title) nor a comment (parent_id)",
-                        json.dumps(obj, ensure_ascii=False)[:10000],
-                    )
-                    continue
+                    raise LookupError("neither a submission (title) nor a comment (parent_id)")
             except KeyError as e:
-                rejects.add(
-                    path,
-                    lineno,
-                    f"missing field {e.args[0]!r}",
-                    json.dumps(obj, ensure_ascii=False)[:10000],
-                )
+                reason = f"missing field {e.args[0]!r}"
+            except (TypeError, LookupError) as e:
+                reason = str(e)
+            else:
+                buckets.add(rec)
                 continue
-            except TypeError as e:
-                rejects.add(path, lineno, str(e), json.dumps(obj, ensure_ascii=False)[:10000])
-                continue
-            bufs[crc(key.encode("utf-8")) % n].append(rec)
-            pending += 1
-            if pending >= cfg.flush_records:
-                flush()
-                pending = 0
-    flush()
+            rejects.add(path, lineno, reason, json.dumps(obj, ensure_ascii=False)[:10000])
+    buckets.flush()
     return dict(stats)
 
 
