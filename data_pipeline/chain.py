@@ -47,7 +47,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from data_pipeline.config_limits import OneOf, check_limits
+from data_pipeline.config_limits import NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.files import atomic_write_json, sha256_file
 from data_pipeline.runtime.cli import (
     EXIT_FAILED,
@@ -117,10 +117,14 @@ class ChainConfig(ScaleOut):
         check_limits(self, "", CHAIN_LIMITS)
 
 
+CHECKSUMS = OneOf(("sha256", "stat"))
 CHAIN_LIMITS = {  # data_pipeline.config_limits
     "missing_stages": OneOf(("error", "skip")),
-    "checksum": OneOf(("sha256", "stat")),
+    "checksum": CHECKSUMS,
 }
+CORPUS_LIMITS = {"kind": OneOf(("documents", "reddit")), "weight": NON_NEGATIVE}
+# What `steps` may list: the stages that take documents and give documents.
+DOCUMENT_STAGES = OneOf(("clean", "dedup"))
 
 
 # --- checksums and stage records -------------------------------------------------------------
@@ -131,8 +135,8 @@ class Checksums:
     is the next step's input."""
 
     def __init__(self, mode: str):
-        if mode not in ("sha256", "stat"):
-            raise ValueError(f"checksum={mode!r}: use 'sha256' or 'stat'")
+        if not CHECKSUMS.allows(mode):
+            raise ValueError(f"checksum must be {CHECKSUMS.describe()}, got {mode!r}")
         self.mode = mode
         self._cache: dict[tuple, str] = {}
 
@@ -287,15 +291,14 @@ def _validate(cfg: ChainConfig) -> None:
     for s in cfg.sources:
         if not s.name or "/" in s.name or s.name.startswith("."):
             raise ValueError(f"sources: name {s.name!r} must be a plain file name")
-        if s.kind not in ("documents", "reddit"):
-            raise ValueError(f"sources.{s.name}.kind={s.kind!r}: use 'documents' or 'reddit'")
-        if not s.weight >= 0:
-            raise ValueError(f"sources.{s.name}.weight={s.weight}: must be >= 0")
+        check_limits(s, f"sources.{s.name}", CORPUS_LIMITS)
         if s.kind == "documents":
             normalize(s.input)
     for step in cfg.steps:
-        if step not in STAGES or step in ("ingest", "tokenize", "reddit"):
-            raise ValueError(f"steps: {step!r} is not a document stage; use clean and/or dedup")
+        if not DOCUMENT_STAGES.allows(step):
+            raise ValueError(
+                f"steps: {step!r} is not a document stage; each must be {DOCUMENT_STAGES.describe()}"
+            )
     check_limits(cfg, "", CHAIN_LIMITS)
     # Fail before any work when a needed stage is not installed.
     needed = list(cfg.steps) if cfg.missing_stages == "error" else []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.config_limits import OneOf
 from data_pipeline.files import sha256_file
 
 # GPT-2's pre-tokenisation regex (same as HF's ByteLevel pre-tokenizer and tiktoken's "gpt2").
@@ -49,6 +50,9 @@ def gpt2_files_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
+TOKENIZER_NAMES = OneOf(("gpt2", "opt"))
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """What a tokenizer is: `name` is `gpt2` or `opt`; `path` holds vocab.json + merges.txt for `opt`."""
@@ -57,8 +61,9 @@ class TokenizerSpec:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in ("gpt2", "opt"):
-            raise ValueError(f"tokenizer.name must be 'gpt2' or 'opt', got {self.name!r}")
+        if not TOKENIZER_NAMES.allows(self.name):
+            names = " or ".join(repr(n) for n in TOKENIZER_NAMES.choices)
+            raise ValueError(f"tokenizer.name must be {names}, got {self.name!r}")
         if self.name == "opt":
             if not self.path:
                 raise ValueError(

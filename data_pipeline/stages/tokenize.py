@@ -188,9 +188,9 @@ class _Plan(StagePlan):
         self.spec = TokenizerSpec(name=cfg.tokenizer.name, path=cfg.tokenizer.path)
         self.tokenizer = Tokenizer(self.spec).describe()  # refuses a bad tokenizer up front
         self.weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
-        bad = {k: v for k, v in self.weights.items() if not v >= 0}
+        bad = {k: v for k, v in self.weights.items() if not NON_NEGATIVE.allows(v)}
         if bad:
-            raise ValueError(f"weights: must be >= 0, got {bad}")
+            raise ValueError(f"weights: each must be {NON_NEGATIVE.describe()}, got {bad}")
         self.units: list[dict] = []
         sizes: list[int] = []
         for entry in normalize(cfg.input):
