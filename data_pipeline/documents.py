@@ -25,9 +25,9 @@ from data_pipeline.files import publish_file, temporary_beside
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".ndjson", ".zst", ".gz")
 
-# orjson parses a 3 KB document ~1.5x and writes it ~7x faster than the json module (measured
-# in docs/data-dedup.md). The json module stays the reference: a line orjson refuses is parsed
-# again by json, so what is accepted or rejected, and the reject's reason, are json's.
+# orjson parses and writes documents faster than the json module, and parsing and writing are
+# most of what a stage's reader does. The json module stays the reference: a line orjson refuses
+# is parsed again by json, so what is accepted or rejected, and the reject's reason, are json's.
 _BIG = float(1 << 63)
 
 
@@ -94,7 +94,7 @@ _READ = 1 << 20  # decompressed bytes per read: what one read may add to memory
 
 def _zstd_complete(path: Path) -> bool:
     """True when the file is whole zstd frames (skippable ones included) end to end, read from
-    the frame and block headers alone (~1 us per 128 KiB block). zstandard's stream_reader
+    the frame and block headers alone (a few bytes per block of up to 128 KiB). zstandard's stream_reader
     returns a clean EOF on a truncated file, and a decompressobj cannot bound what one call
     returns (an RLE block of 4 bytes gives 128 KiB: a 1 MiB read could give 32 GiB), so the
     data are read with the first and the ending is checked here."""
