@@ -315,8 +315,8 @@ def _validate(cfg: ChainConfig) -> None:
 @dataclass
 class ChainPlan:
     """The chain's config resolved once, at the entry: validated, sources and stage parameters
-    as plain Python (so nothing downstream converts or re-normalises them), each scaled stage's
-    parameters with the chain's scale-out keys under them."""
+    as plain Python (the steps take them as they are, never converting them again), each scaled
+    stage's parameters with the chain's scale-out keys under them."""
 
     cfg: ChainConfig
     work: Path
