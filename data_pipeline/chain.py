@@ -7,10 +7,11 @@
 Steps, in order (docs/data-pipeline.md has the whole story):
 
   reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread
-  ingest    per source: read it once (JSONL or a streamed Hugging Face source, sources.py) into
-            `ingest/<name>.jsonl.zst`, setting `meta.source = name` and prefixing ids with
-            `<name>/` so ids stay unique across sources. Later stages read the corpus more than
-            once (dedup makes two passes), so a streamed source is fetched only here.
+  ingest    per source (data_pipeline/stages/ingest.py): read it once (JSONL or a streamed
+            Hugging Face source, sources.py) into `ingest/<name>.jsonl.zst`, setting
+            `meta.source = name` and prefixing ids with `<name>/` so ids stay unique across
+            sources. Later stages read the corpus more than once (dedup makes two passes), so a
+            streamed source is fetched only here.
   steps     the document stages listed in `steps` (default clean, then dedup): clean runs per
             source, dedup once over all sources together
   tokenize  everything left -> the token shard directory `output` (default work_dir/tokens);
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -47,26 +47,22 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from data_pipeline.config_limits import OneOf, check_limits
-from data_pipeline.documents import AtomicWriter, InputLimits, Rejects
-from data_pipeline.files import sha256_file
-from data_pipeline.ownership import check_output
+from data_pipeline.config_limits import NON_NEGATIVE, OneOf, check_limits
+from data_pipeline.files import atomic_write_json, sha256_file
 from data_pipeline.runtime.cli import (
     EXIT_FAILED,
     exit_code,
-    rejects_path,
     typed_config,
     write_report,
 )
-from data_pipeline.runtime.progress import Progress
 from data_pipeline.runtime.scaleout import ScaleOut, progress
 from data_pipeline.runtime.scaleout import validate as validate_scaleout
-from data_pipeline.sources import iter_source_documents, local_files, normalize, plain
+from data_pipeline.sources import local_files, normalize, plain
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
 STAGES: dict[str, tuple[str, str, str]] = {
     "reddit": ("data_pipeline.stages.reddit", "RedditConfig", "run"),
-    "ingest": ("data_pipeline.chain", "IngestConfig", "ingest"),
+    "ingest": ("data_pipeline.stages.ingest", "IngestConfig", "run"),
     "clean": ("data_pipeline.stages.clean", "CleanConfig", "run"),
     "dedup": ("data_pipeline.stages.dedup", "DedupConfig", "run"),
     "tokenize": ("data_pipeline.stages.tokenize", "TokenizeConfig", "run"),
@@ -86,9 +82,10 @@ JSONL_SUFFIX = ".jsonl.zst"
 
 
 @dataclass
-class SourceConfig:
-    """One corpus. `input`: any spec sources.py accepts (for `kind: reddit`, the dump files);
-    `weight`: tokenize's upsampling factor for its training documents."""
+class CorpusConfig:
+    """One corpus the chain prepares (an entry of `sources`). `input`: any spec sources.py accepts
+    (for `kind: reddit`, the dump files); `weight`: tokenize's upsampling factor for its
+    training documents."""
 
     name: str = MISSING
     input: Any = MISSING
@@ -104,7 +101,7 @@ class ChainConfig(ScaleOut):
 
     work_dir: str = MISSING
     output: str | None = None
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[CorpusConfig] = field(default_factory=list)
     steps: list[str] = field(default_factory=lambda: ["clean", "dedup"])
     missing_stages: str = "error"
     checksum: str = "sha256"
@@ -120,63 +117,14 @@ class ChainConfig(ScaleOut):
         check_limits(self, "", CHAIN_LIMITS)
 
 
+CHECKSUMS = OneOf(("sha256", "stat"))
 CHAIN_LIMITS = {  # data_pipeline.config_limits
     "missing_stages": OneOf(("error", "skip")),
-    "checksum": OneOf(("sha256", "stat")),
+    "checksum": CHECKSUMS,
 }
-
-
-# --- ingest: a source read once into the work dir, tagged with its name ----------------------
-
-
-@dataclass
-class IngestConfig:
-    input: Any = MISSING
-    output: str = MISSING
-    source: str = MISSING
-    progress: bool = True
-    progress_interval_s: float = 30.0
-    max_line_bytes: int = 64 << 20
-    max_rejects: int = 10_000
-    reject_text_bytes: int = 4096
-
-
-def ingest(cfg: IngestConfig) -> dict:
-    """Read a source (JSONL or streamed HF) into one JSONL file with `meta.source` set and ids
-    prefixed by the source name."""
-    out = Path(cfg.output)
-    check_output(out)
-    rejects_path(out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
-    rejects = Rejects(rejects_path(out), InputLimits.of(cfg))
-    n, nbytes = 0, 0
-    # Bytes of the local files; a streamed HF source (no size up front) counts documents.
-    total = sum(p.stat().st_size for p in local_files(cfg.input))
-    by_docs = any("hf" in e for e in normalize(cfg.input))
-    bar = Progress(f"ingest {cfg.source}", None if by_docs else total,
-                   "doc" if by_docs else "B", enabled=cfg.progress,
-                   interval_s=cfg.progress_interval_s)  # fmt: skip
-    try:
-        with AtomicWriter(out) as w, bar:
-            for doc in iter_source_documents(cfg.input, rejects, None if by_docs else bar):
-                if by_docs:
-                    bar.update(1)
-                doc["id"] = f"{cfg.source}/{doc['id']}"
-                doc["meta"] = {**doc["meta"], "source": cfg.source}
-                w.write_doc(doc)
-                n += 1
-                nbytes += len(doc["text"])
-    finally:
-        rejects.close()
-    report = {
-        "stage": "ingest",
-        "source": cfg.source,
-        "output": str(out),
-        "documents": n,
-        "text_chars": nbytes,
-        "rejects": rejects.report(),
-    }
-    write_report(out, report)
-    return report
+CORPUS_LIMITS = {"kind": OneOf(("documents", "reddit")), "weight": NON_NEGATIVE}
+# What `steps` may list: the stages that take documents and give documents.
+DOCUMENT_STAGES = OneOf(("clean", "dedup"))
 
 
 # --- checksums and stage records -------------------------------------------------------------
@@ -187,8 +135,8 @@ class Checksums:
     is the next step's input."""
 
     def __init__(self, mode: str):
-        if mode not in ("sha256", "stat"):
-            raise ValueError(f"checksum={mode!r}: use 'sha256' or 'stat'")
+        if not CHECKSUMS.allows(mode):
+            raise ValueError(f"checksum must be {CHECKSUMS.describe()}, got {mode!r}")
         self.mode = mode
         self._cache: dict[tuple, str] = {}
 
@@ -288,8 +236,6 @@ class _Runner:
             self.steps.append({**entry, "status": "missing", "output": None})
             return input_spec
         config_cls, run = loaded
-        input_spec = plain(input_spec)
-        params = plain(params or {})
         cfg = _stage_config(config_cls, params, input_spec, output)
         expected = {
             "stage": stage,
@@ -312,9 +258,7 @@ class _Runner:
             "output": str(output),
             "outputs": self.sums.tree(output),
         }
-        tmp = record_path.with_name(record_path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-        tmp.replace(record_path)
+        atomic_write_json(record_path, record, indent=2)
         self.steps.append(
             {
                 **entry,
@@ -347,15 +291,14 @@ def _validate(cfg: ChainConfig) -> None:
     for s in cfg.sources:
         if not s.name or "/" in s.name or s.name.startswith("."):
             raise ValueError(f"sources: name {s.name!r} must be a plain file name")
-        if s.kind not in ("documents", "reddit"):
-            raise ValueError(f"sources.{s.name}.kind={s.kind!r}: use 'documents' or 'reddit'")
-        if not s.weight >= 0:
-            raise ValueError(f"sources.{s.name}.weight={s.weight}: must be >= 0")
+        check_limits(s, f"sources.{s.name}", CORPUS_LIMITS)
         if s.kind == "documents":
             normalize(s.input)
     for step in cfg.steps:
-        if step not in STAGES or step in ("ingest", "tokenize", "reddit"):
-            raise ValueError(f"steps: {step!r} is not a document stage; use clean and/or dedup")
+        if not DOCUMENT_STAGES.allows(step):
+            raise ValueError(
+                f"steps: {step!r} is not a document stage; each must be {DOCUMENT_STAGES.describe()}"
+            )
     check_limits(cfg, "", CHAIN_LIMITS)
     # Fail before any work when a needed stage is not installed.
     needed = list(cfg.steps) if cfg.missing_stages == "error" else []
@@ -369,59 +312,95 @@ def _validate(cfg: ChainConfig) -> None:
         )
 
 
-def run(cfg: ChainConfig) -> dict:
-    """Run the chain; returns its report (also written to work_dir/chain.report.json)."""
-    _validate(cfg)
-    t0 = time.perf_counter()
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    n = len(cfg.sources)
-    reddit_sources = sum(s.kind == "reddit" for s in cfg.sources)
-    per_stage = sum(1 if s in ACROSS_SOURCES else n for s in cfg.steps)
-    r = _Runner(cfg, reddit_sources + n + per_stage + 1)
-    params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
-    keys = ("tasks", "workers", "executor", "progress", "progress_interval_s", "verbose")
-    scale = {k: getattr(cfg, k) for k in keys}
-    limits = {k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")}
-    scale.update(limits)
-    shown = {k: getattr(cfg, k) for k in ("progress", "progress_interval_s")} | limits
-    for group in ("slurm", "ray"):
-        g = getattr(cfg, group)
-        scale[group] = asdict(g) if is_dataclass(g) else plain(g)
-    for s in SCALED_STAGES:
-        params[s] = {**scale, **params[s]}
+@dataclass
+class ChainPlan:
+    """The chain's config resolved once, at the entry: validated, sources and stage parameters
+    as plain Python (the steps take them as they are, never converting them again), each scaled
+    stage's parameters with the chain's scale-out keys under them."""
 
-    current: list[tuple[str, Any]] = []
-    for src in cfg.sources:
-        spec = src.input
-        if src.kind == "reddit":
-            spec = r.step(
-                "reddit", src.name, spec, work / "reddit" / f"{src.name}{JSONL_SUFFIX}",
-                params["reddit"],
-            )  # fmt: skip
-        out = work / "ingest" / f"{src.name}{JSONL_SUFFIX}"
-        ingest_params = {"source": src.name, **shown}
-        current.append((src.name, r.step("ingest", src.name, spec, out, ingest_params)))
+    cfg: ChainConfig
+    work: Path
+    output: Path
+    sources: list[dict]  # {name, input, kind, weight}, in the order given
+    params: dict[str, dict]  # stage -> its parameters (scale-out keys filled in)
+    ingest_params: dict  # progress and input limits, which ingest shares with the stages
 
-    # clean and dedup write directories of ordered parts (one per task), so that tokenize
-    # after them can split its input into as many shares.
-    for stage in cfg.steps:
+    @classmethod
+    def resolve(cls, cfg: ChainConfig) -> ChainPlan:
+        _validate(cfg)
+        work = Path(cfg.work_dir)
+        params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
+        limits = {
+            k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")
+        }
+        keys = ("tasks", "workers", "executor", "progress", "progress_interval_s", "verbose")
+        scale = {k: getattr(cfg, k) for k in keys} | limits
+        for group in ("slurm", "ray"):
+            g = getattr(cfg, group)
+            scale[group] = asdict(g) if is_dataclass(g) else plain(g)
+        for s in SCALED_STAGES:
+            params[s] = {**scale, **params[s]}
+        return cls(
+            cfg=cfg,
+            work=work,
+            output=Path(cfg.output) if cfg.output else work / "tokens",
+            sources=[plain(asdict(s)) for s in cfg.sources],
+            params=params,
+            ingest_params={k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
+            | limits,
+        )
+
+    def step_count(self) -> int:
+        n = len(self.sources)
+        reddit = sum(s["kind"] == "reddit" for s in self.sources)
+        return reddit + n + sum(1 if s in ACROSS_SOURCES else n for s in self.cfg.steps) + 1
+
+
+def _flat_inputs(current: list[tuple[str, Any]]) -> list[str]:
+    return [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
+
+
+def _ingest_sources(plan: ChainPlan, r: _Runner) -> list[tuple[str, Any]]:
+    """Each source (a Reddit one through the reddit stage first) ingested: (name, output)."""
+    current = []
+    for src in plan.sources:
+        name, spec = src["name"], src["input"]
+        if src["kind"] == "reddit":
+            out = plan.work / "reddit" / f"{name}{JSONL_SUFFIX}"
+            spec = str(r.step("reddit", name, spec, out, plan.params["reddit"]))
+        out = plan.work / "ingest" / f"{name}{JSONL_SUFFIX}"
+        current.append(
+            (name, r.step("ingest", name, spec, out, {"source": name, **plan.ingest_params}))
+        )
+    return current
+
+
+def _document_steps(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> list:
+    """The `steps` stages in order: per source, or once over all sources (dedup). clean and
+    dedup write directories of ordered parts (one per task), so that tokenize after them can
+    split its input into as many shares."""
+    for stage in plan.cfg.steps:
         if stage in ACROSS_SOURCES:
-            inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
-            out = work / stage / "all"
-            current = [("all", r.step(stage, "all", inputs, out, params[stage]))]
+            out = plan.work / stage / "all"
+            current = [
+                ("all", r.step(stage, "all", _flat_inputs(current), out, plan.params[stage]))
+            ]
         else:
             current = [
-                (label, r.step(stage, label, str(p), work / stage / label, params[stage]))
+                (label, r.step(stage, label, str(p), plan.work / stage / label, plan.params[stage]))
                 for label, p in current
             ]
+    return current
 
-    output = Path(cfg.output) if cfg.output else work / "tokens"
+
+def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> None:
+    """Everything left into the shard directory, with each source's weight and the record of
+    the steps that made its input in the manifest."""
     chain_record = {
         "chain": {
-            "sources": [plain(asdict(s)) for s in cfg.sources],
-            "steps": list(cfg.steps),
-            "stage_params": {k: _comparable(v) for k, v in params.items()},
+            "sources": plan.sources,
+            "steps": list(plan.cfg.steps),
+            "stage_params": {k: _comparable(v) for k, v in plan.params.items()},
         },
         "steps": [
             {k: s[k] for k in ("stage", "label", "output")}
@@ -430,15 +409,15 @@ def run(cfg: ChainConfig) -> dict:
         ],
         "missing_stages": [s["stage"] for s in r.steps if s["status"] == "missing"],
     }
-    tok_params = {
-        **params["tokenize"],
-        "weights": {s.name: s.weight for s in cfg.sources},
+    params = {
+        **plan.params["tokenize"],
+        "weights": {s["name"]: s["weight"] for s in plan.sources},
         "pipeline": chain_record,
     }
-    inputs = [str(x) for _, p in current for x in (p if isinstance(p, list) else [p])]
-    r.step("tokenize", "tokens", inputs, output, tok_params)
-    r.progress.close()
+    r.step("tokenize", "tokens", _flat_inputs(current), plan.output, params)
 
+
+def _chain_report(plan: ChainPlan, r: _Runner, t0: float) -> dict:
     rejects = {"total": 0, "not_written": 0, "by_file": {}}
     for s in r.steps:
         rep = s.get("rejects") or {}
@@ -446,16 +425,28 @@ def run(cfg: ChainConfig) -> dict:
         rejects["not_written"] += rep.get("not_written", 0)
         for f, counts in rep.get("by_file", {}).items():
             rejects["by_file"][f] = counts
-    report = {
-        "output": str(output),
-        "work_dir": str(work),
+    return {
+        "output": str(plan.output),
+        "work_dir": str(plan.work),
         "steps": r.steps,
         "ran": [f"{s['stage']}:{s['label']}" for s in r.steps if s["status"] == "ran"],
         "skipped": [f"{s['stage']}:{s['label']}" for s in r.steps if s["status"] == "skipped"],
         "seconds": round(time.perf_counter() - t0, 3),
         "rejects": rejects,
     }
-    write_report(work / "chain", report)
+
+
+def run(cfg: ChainConfig) -> dict:
+    """Run the chain; returns its report (also written to work_dir/chain.report.json)."""
+    plan = ChainPlan.resolve(cfg)
+    t0 = time.perf_counter()
+    plan.work.mkdir(parents=True, exist_ok=True)
+    r = _Runner(cfg, plan.step_count())
+    current = _document_steps(plan, r, _ingest_sources(plan, r))
+    _tokenize(plan, r, current)
+    r.progress.close()
+    report = _chain_report(plan, r, t0)
+    write_report(plan.work / "chain", report)
     return report
 
 

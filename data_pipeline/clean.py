@@ -1,5 +1,5 @@
-"""`data_pipeline.clean` moved to `data_pipeline.stages.clean`; this module keeps `python -m data_pipeline.clean` and users' imports
-working as documented."""
+"""`python -m data_pipeline.clean`: the documented command, which users' scripts and job files
+call; the stage itself is `data_pipeline.stages.clean`."""
 
 from data_pipeline.stages.clean import main
 

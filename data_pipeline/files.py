@@ -39,22 +39,27 @@ def temporary_beside(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
 
 
+def publish_file(tmp: Path, path: Path) -> None:
+    """Make the complete file `tmp` (a temporary beside `path`, see `temporary_beside`) visible
+    as `path`: fsynced, renamed over it, and the directory fsynced, so after a crash `path`
+    holds the old bytes or the new ones. For writers that stream into the temporary."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Replace `path` with `data`: written to a temporary beside it, fsynced, renamed over it,
-    and the directory fsynced, so after a crash `path` holds the old bytes or the new ones.
-    A failure removes the temporary and raises."""
+    """Replace `path` with `data` (`publish_file` of a temporary holding it). A failure removes
+    the temporary and raises."""
     path = Path(path)
     tmp = temporary_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:

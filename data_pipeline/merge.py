@@ -1,5 +1,5 @@
-"""`data_pipeline.merge` moved to `data_pipeline.stages.merge`; this module keeps `python -m data_pipeline.merge` and users' imports
-working as documented."""
+"""`python -m data_pipeline.merge`: the documented command, which users' scripts and job files
+call; the stage itself is `data_pipeline.stages.merge`."""
 
 from data_pipeline.stages.merge import main
 

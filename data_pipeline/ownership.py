@@ -26,6 +26,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from data_pipeline.files import atomic_write
+
 WORK_MARKER = ".opt-train-work"  # inside a stage's private scratch directory
 
 
@@ -111,23 +113,6 @@ def rmtree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def replace_output(path: Path) -> Path | None:
-    """Move an existing output of ours aside (to be removed by `discard` once its replacement
-    is in place); None when there is none. Refuses what is not ours."""
-    if not os.path.lexists(path):
-        return None
-    check_output(path)
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    rmtree(old)
-    os.rename(path, old)
-    return old
-
-
-def discard(old: Path | None) -> None:
-    if old is not None:
-        rmtree(old)
-
-
 def work_dir(parent: str | None, stage: str, default: Path) -> Path:
     """A stage's private scratch directory: `<parent>/opt-train-<stage>.work` when the user
     gave `work_dir=parent`, else `default` (a name beside the output that only we use)."""
@@ -150,7 +135,7 @@ def claim_work(work: Path, stage: str) -> None:
     work.mkdir(parents=True, exist_ok=True)
     marker = work / WORK_MARKER
     if not marker.is_file():
-        marker.write_text(json.dumps({"stage": stage}) + "\n")
+        atomic_write(marker, json.dumps({"stage": stage}) + "\n")
 
 
 def remove_work(work: Path) -> None:

@@ -1,5 +1,5 @@
-"""`data_pipeline.reddit` moved to `data_pipeline.stages.reddit`; this module keeps `python -m data_pipeline.reddit` and users' imports
-working as documented."""
+"""`python -m data_pipeline.reddit`: the documented command, which users' scripts and job files
+call; the stage itself is `data_pipeline.stages.reddit`."""
 
 from data_pipeline.stages.reddit import main
 

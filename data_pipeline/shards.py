@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.files import fsync_path, sha256_file
-from data_pipeline.ownership import check_output, discard, replace_output, rmtree
+from data_pipeline.files import publish_dir, sha256_file, temporary_beside
+from data_pipeline.ownership import check_output, rmtree
 
 FORMAT = "opt-train-token-shards"
 VERSION = 1
@@ -112,7 +112,7 @@ class ShardWriter:
         self.dtype = token_dtype(self.vocab_size)
         self.pipeline_config = pipeline_config or {}
         check_output(self.out_dir)  # refused before any work, not after it
-        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
+        self.tmp_dir = temporary_beside(self.out_dir)
         rmtree(self.tmp_dir)
         self.tmp_dir.mkdir(parents=True)
         self._splits = {
@@ -145,10 +145,8 @@ class ShardWriter:
         for p in self.tmp_dir.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        old = replace_output(self.out_dir)  # checked again: it may have appeared meanwhile
-        os.rename(self.tmp_dir, self.out_dir)
-        fsync_path(self.out_dir.parent)
-        discard(old)
+        check_output(self.out_dir)  # checked again: it may have appeared meanwhile
+        publish_dir(self.tmp_dir, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import random
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from data_pipeline.files import atomic_write
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -109,12 +110,10 @@ def tiny_documents(seed: int = 0, num_docs: int = 3000) -> list[dict]:
 def write_tiny_corpus(path: str | Path, seed: int = 0, num_docs: int = 3000) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # This process's own temporary name: two writers never rename each other's file away.
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for doc in tiny_documents(seed, num_docs):
-            f.write(json.dumps(doc, sort_keys=True) + "\n")
-    tmp.replace(path)
+    # Each writer renames its own temporary: concurrent writers never move each other's away.
+    atomic_write(
+        path, "".join(json.dumps(d, sort_keys=True) + "\n" for d in tiny_documents(seed, num_docs))
+    )
     return path
 
 
@@ -144,13 +143,13 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def _build_shards(out_dir: Path, corpus: Path, seed: int) -> Path:
-    from data_pipeline.chain import ChainConfig, SourceConfig, run
+    from data_pipeline.chain import ChainConfig, CorpusConfig, run
     from data_pipeline.shards import read_manifest
 
     cfg = ChainConfig(
         work_dir=str(out_dir / "work"),
         output=str(out_dir / "tokens"),
-        sources=[SourceConfig(name="tiny", input=str(corpus))],
+        sources=[CorpusConfig(name="tiny", input=str(corpus))],
         steps=["clean", "dedup"],
         missing_stages="skip",
         # one process per step and no progress lines: a second of work inside a training

@@ -1,5 +1,5 @@
-"""`data_pipeline.tokenize` moved to `data_pipeline.stages.tokenize`; this module keeps `python -m data_pipeline.tokenize` and users' imports
-working as documented."""
+"""`python -m data_pipeline.tokenize`: the documented command, which users' scripts and job files
+call; the stage itself is `data_pipeline.stages.tokenize`."""
 
 from data_pipeline.stages.tokenize import main
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.files import atomic_write_json
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REJECTS = 3
@@ -48,9 +50,7 @@ def rejects_path(output: str | Path) -> Path:
 def write_report(output: str | Path, report: dict) -> Path:
     path = report_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, report, indent=2)
     return path
 
 

@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from data_pipeline.config_limits import OneOf
+
+# auto: a bar on a terminal, plain lines in a log (Slurm, a file).
+MODES = OneOf(("auto", "bar", "lines"))
 LOG_INTERVAL_S = 30.0  # between plain lines: a line a minute or two is what a log reader wants
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -60,8 +64,8 @@ class Progress:
         interval_s: float = LOG_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if mode not in ("auto", "bar", "lines"):
-            raise ValueError(f"progress mode must be auto, bar or lines, got {mode!r}")
+        if not MODES.allows(mode):
+            raise ValueError(f"progress mode must be {MODES.describe()}, got {mode!r}")
         self.desc, self.total, self.unit = desc, total, unit
         self.n = 0.0
         self.enabled = enabled

@@ -22,7 +22,7 @@ Each task writes atomically and datatrove records its completion, so a re-run re
 tasks that did not finish. The work directory (`<output>` beside it, `.<name>.work`) is removed
 after success unless `keep_work=true`.
 
-Choices the issue left open (see docs/data-reddit-clean.md):
+Choices OPT's description leaves open (see docs/data-reddit-clean.md):
 - submission vs comment: an `RS_*` file holds submissions, an `RC_*` file comments; in any other
   file a line with `parent_id` is a comment and one with `title` a submission.
 - `[deleted]`/`[removed]` bodies, and comments a filter rejects, end a chain at that point: the
@@ -58,24 +58,26 @@ from data_pipeline.documents import (
     Rejects,
     iter_json_lines,
 )
-from data_pipeline.runtime import scaleout
+from data_pipeline.files import publish_dir
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import BYTES_PER_TASK, StagePlan
+from data_pipeline.stages.reddit_threads import (
+    BOT,
+    DELETED,
+    GONE,
+    LONG_NO_SPACE,
+    NON_ASCII_START,
+    OK,
+    REMOVED,
+    SHORT,
+    URL,
+    resolve_bucket,
+)
 
-# Per-comment status codes stored in the buckets (a small int keeps the records compact).
-OK, DELETED, REMOVED, BOT, URL, LONG_NO_SPACE, SHORT, NON_ASCII_START = range(8)
-STATUS_NAMES = {
-    DELETED: "deleted",
-    REMOVED: "removed",
-    BOT: "filter:bot",
-    URL: "filter:url",
-    LONG_NO_SPACE: "filter:long_no_space",
-    SHORT: "filter:short",
-    NON_ASCII_START: "filter:non_ascii_start",
-}
-_GONE = ("[deleted]", "[removed]")
 # Bucket files are a sequence of frames: 8-byte little-endian length, then a marshalled list of
-# records (marshal.load on a file object reads in tiny pieces; whole-file reads are 10x faster).
+# records (marshal.load on a file object reads in tiny pieces, a call per piece; a bucket is read
+# whole and its frames are unmarshalled from memory).
 _FRAME = struct.Struct("<Q")
 
 
@@ -171,7 +173,7 @@ class _CommentFilter:
         self.non_ascii = f.enabled and f.non_ascii_start
 
     def status(self, body: str, author: Any) -> int:
-        if body in _GONE:
+        if body in GONE:
             return DELETED if body == "[deleted]" else REMOVED
         if not self.on:
             return OK
@@ -191,28 +193,85 @@ class _CommentFilter:
         return OK
 
 
+def _comment_record(obj: dict, flt: _CommentFilter, stats: Counter) -> tuple:
+    """A comment's bucket record: (1, thread key, id, parent_id, created_utc, score, body or
+    None when filtered, status, subreddit). KeyError/TypeError: a malformed line (a reject)."""
+    cid, parent, link, body = obj["id"], obj["parent_id"], obj["link_id"], obj["body"]
+    if not (type(cid) is str and type(parent) is str and type(link) is str and type(body) is str):
+        raise TypeError("id, parent_id, link_id and body must be strings")
+    status = flt.status(body, obj.get("author"))
+    stats["comments"] += 1
+    stats["text_bytes_in"] += len(body.encode("utf-8"))
+    return (
+        1,
+        _thread_key(link),
+        cid,
+        parent,
+        _as_int(obj.get("created_utc")),
+        _as_int(obj.get("score")),
+        body if status == OK else None,
+        status,
+        obj.get("subreddit") or "",
+    )
+
+
+def _submission_record(obj: dict, stats: Counter) -> tuple:
+    """A submission's bucket record: (0, thread key = its id, created_utc, score, subreddit,
+    title, selftext). KeyError/TypeError: a malformed line (a reject)."""
+    sid = obj["id"]
+    title = obj.get("title") or ""
+    selftext = obj.get("selftext") or ""
+    if not (type(sid) is str and type(title) is str and type(selftext) is str):
+        raise TypeError("id, title and selftext must be strings")
+    stats["submissions"] += 1
+    stats["text_bytes_in"] += len(title.encode("utf-8")) + len(selftext.encode("utf-8"))
+    return (
+        0,
+        sid,
+        _as_int(obj.get("created_utc")),
+        _as_int(obj.get("score")),
+        obj.get("subreddit") or "",
+        title,
+        "" if selftext in GONE else selftext,
+    )
+
+
+class _Buckets:
+    """One map task's bucket files: records buffered per bucket (chosen by crc32 of the thread
+    key, so a thread's pieces meet whatever file or task they came from) and appended as one
+    frame per bucket every `flush_records` records, which bounds the task's memory."""
+
+    def __init__(self, work: Path, n: int, flush_records: int):
+        self.bufs: list[list] = [[] for _ in range(n)]
+        self.paths = [work / f"bucket-{i:05d}.bin" for i in range(n)]
+        self.flush_records = flush_records
+        self.pending = 0
+
+    def add(self, rec: tuple) -> None:
+        self.bufs[zlib.crc32(rec[1].encode("utf-8")) % len(self.bufs)].append(rec)
+        self.pending += 1
+        if self.pending >= self.flush_records:
+            self.flush()
+
+    def flush(self) -> None:
+        for i, buf in enumerate(self.bufs):
+            if buf:
+                data = marshal.dumps(buf)
+                with open(self.paths[i], "ab") as f:
+                    f.write(_FRAME.pack(len(data)) + data)
+                buf.clear()
+        self.pending = 0
+
+
 def _partition(
     cfg: RedditConfig, files: list[Path], work: Path, rejects: Rejects, progress
 ) -> dict:
     """Pass 1: stream the dumps into bucket files of marshalled record lists. marshal is the
     fastest stdlib serialiser for tuples of str/int and the files never leave this process's
     Python version (they are scratch, deleted after success)."""
-    n = cfg.num_buckets
-    bufs: list[list] = [[] for _ in range(n)]
-    paths = [work / f"bucket-{i:05d}.bin" for i in range(n)]
-    pending = 0
+    buckets = _Buckets(work, cfg.num_buckets, cfg.flush_records)
     flt = _CommentFilter(cfg.filters)
     stats: Counter = Counter()
-    crc = zlib.crc32
-
-    def flush() -> None:
-        for i, buf in enumerate(bufs):
-            if buf:
-                data = marshal.dumps(buf)
-                with open(paths[i], "ab") as f:
-                    f.write(_FRAME.pack(len(data)) + data)
-                buf.clear()
-
     for path in files:
         stats["input_bytes"] += path.stat().st_size
         kind = _file_kind(path)
@@ -220,79 +279,20 @@ def _partition(
             k = kind or ("c" if "parent_id" in obj else "s" if "title" in obj else None)
             try:
                 if k == "c":
-                    cid, parent, link, body = (
-                        obj["id"],
-                        obj["parent_id"],
-                        obj["link_id"],
-                        obj["body"],
-                    )
-                    if not (
-                        type(cid) is str
-                        and type(parent) is str
-                        and type(link) is str
-                        and type(body) is str
-                    ):
-                        raise TypeError("id, parent_id, link_id and body must be strings")
-                    key = _thread_key(link)
-                    status = flt.status(body, obj.get("author"))
-                    stats["comments"] += 1
-                    stats["text_bytes_in"] += len(body.encode("utf-8"))
-                    rec = (
-                        1,
-                        key,
-                        cid,
-                        parent,
-                        _as_int(obj.get("created_utc")),
-                        _as_int(obj.get("score")),
-                        body if status == OK else None,
-                        status,
-                        obj.get("subreddit") or "",
-                    )
+                    rec = _comment_record(obj, flt, stats)
                 elif k == "s":
-                    sid = obj["id"]
-                    title = obj.get("title") or ""
-                    selftext = obj.get("selftext") or ""
-                    if not (type(sid) is str and type(title) is str and type(selftext) is str):
-                        raise TypeError("id, title and selftext must be strings")
-                    key = sid
-                    stats["submissions"] += 1
-                    stats["text_bytes_in"] += len(title.encode("utf-8")) + len(
-                        selftext.encode("utf-8")
-                    )
-                    rec = (
-                        0,
-                        key,
-                        _as_int(obj.get("created_utc")),
-                        _as_int(obj.get("score")),
-                        obj.get("subreddit") or "",
-                        title,
-                        "" if selftext in _GONE else selftext,
-                    )
+                    rec = _submission_record(obj, stats)
                 else:
-                    rejects.add(
-                        path,
-                        lineno,
-                        "neither a submission (title) nor a comment (parent_id)",
-                        json.dumps(obj, ensure_ascii=False)[:10000],
-                    )
-                    continue
+                    raise LookupError("neither a submission (title) nor a comment (parent_id)")
             except KeyError as e:
-                rejects.add(
-                    path,
-                    lineno,
-                    f"missing field {e.args[0]!r}",
-                    json.dumps(obj, ensure_ascii=False)[:10000],
-                )
+                reason = f"missing field {e.args[0]!r}"
+            except (TypeError, LookupError) as e:
+                reason = str(e)
+            else:
+                buckets.add(rec)
                 continue
-            except TypeError as e:
-                rejects.add(path, lineno, str(e), json.dumps(obj, ensure_ascii=False)[:10000])
-                continue
-            bufs[crc(key.encode("utf-8")) % n].append(rec)
-            pending += 1
-            if pending >= cfg.flush_records:
-                flush()
-                pending = 0
-    flush()
+            rejects.add(path, lineno, reason, json.dumps(obj, ensure_ascii=False)[:10000])
+    buckets.flush()
     return dict(stats)
 
 
@@ -308,129 +308,6 @@ def _load_bucket(path: Path) -> list:
         recs.extend(marshal.loads(data[pos : pos + size]))
         pos += size
     return recs
-
-
-def longest_chain(comments: dict[str, tuple], max_depth: int, fates: Counter) -> list[tuple]:
-    """The longest root->leaf chain of one thread's comments (id -> bucket record), with the
-    documented tie-break; counts every comment's fate into `fates`. Iterative, because real
-    threads reach depths that would overflow Python's recursion limit."""
-    children: dict[str, list[str]] = {}
-    roots: list[str] = []
-    for cid, r in comments.items():
-        parent = r[3]
-        if parent.startswith("t1_"):
-            children.setdefault(parent[3:], []).append(cid)
-        else:
-            roots.append(cid)
-    # Pre-order walk: classify each comment; `valid` keeps chain candidates parent-before-child.
-    valid: list[str] = []
-    seen = 0
-    stack = [(cid, 1, False) for cid in roots]
-    while stack:
-        cid, depth, cut = stack.pop()
-        seen += 1
-        r = comments[cid]
-        if cut:
-            fates["below_cut"] += 1
-        elif r[7] != OK:
-            fates[STATUS_NAMES[r[7]]] += 1
-            cut = True
-        elif max_depth and depth > max_depth:
-            # Not a cut: everything below is deeper still, so it is counted as depth too.
-            fates["filter:depth"] += 1
-        else:
-            valid.append(cid)
-        for c in children.get(cid, ()):
-            stack.append((c, depth + 1, cut))
-    fates["parent_missing"] += len(comments) - seen
-    # Bottom-up: best[c] = (length, summed score, next comment id or None).
-    best: dict[str, tuple] = {}
-    for cid in reversed(valid):
-        choice = _pick([c for c in children.get(cid, ()) if c in best], best, comments)
-        r = comments[cid]
-        if choice is None:
-            best[cid] = (1, r[5], None)
-        else:
-            b = best[choice]
-            best[cid] = (b[0] + 1, b[1] + r[5], choice)
-    cur = _pick([c for c in roots if c in best], best, comments)
-    chain = []
-    while cur is not None:
-        chain.append(comments[cur])
-        cur = best[cur][2]
-    fates["in_chain"] += len(chain)
-    fates["other_branch"] += len(valid) - len(chain)
-    return chain
-
-
-def _pick(cands: list[str], best: dict, comments: dict) -> str | None:
-    """Longest, then highest summed score, then earliest created_utc, then smallest id."""
-    top = None
-    for c in cands:
-        if top is None:
-            top = c
-            continue
-        b, t = best[c], best[top]
-        if (b[0], b[1]) != (t[0], t[1]):
-            if (b[0], b[1]) > (t[0], t[1]):
-                top = c
-        elif (comments[c][4], c) < (comments[top][4], top):
-            top = c
-    return top
-
-
-def _resolve_bucket(recs: list, cfg: RedditConfig, out: AtomicWriter, stats: Counter) -> None:
-    subs: dict[str, tuple] = {}
-    threads: dict[str, dict[str, tuple]] = {}
-    for r in recs:
-        if r[0] == 1:
-            t = threads.get(r[1])
-            if t is None:
-                t = threads[r[1]] = {}
-            if r[2] in t:
-                stats["duplicate_comments"] += 1
-            else:
-                t[r[2]] = r
-        elif r[1] in subs:
-            stats["duplicate_submissions"] += 1
-        else:
-            subs[r[1]] = r
-    max_depth = cfg.filters.max_depth if cfg.filters.enabled else 0
-    fates: Counter = Counter()
-    sep = cfg.separator
-    for key in sorted(subs.keys() | threads.keys()):
-        sub = subs.get(key)
-        comments = threads.get(key, {})
-        if sub is None and cfg.orphans == "drop":
-            stats["orphan_threads_dropped"] += 1
-            fates["orphan_dropped"] += len(comments)
-            continue
-        chain = longest_chain(comments, max_depth, fates) if comments else []
-        if len(chain) < cfg.min_comments:
-            stats["threads_dropped_short_chain"] += 1
-            continue
-        parts = [] if sub is None else [p for p in (sub[5], sub[6]) if p]
-        parts.extend(r[6] for r in chain)
-        text = sep.join(parts)
-        if not text.strip():
-            stats["threads_dropped_empty"] += 1
-            continue
-        if sub is None:
-            stats["orphan_threads_out"] += 1
-        meta = {
-            "source": "reddit",
-            "subreddit": sub[4] if sub is not None else chain[0][8],
-            "created_utc": sub[2] if sub is not None else chain[0][4],
-            "orphan": sub is None,
-            "thread_comments": len(comments),
-            "comment_ids": [r[2] for r in chain],
-        }
-        out.write(json.dumps({"text": text, "id": "t3_" + key, "meta": meta}, ensure_ascii=False))
-        out.write("\n")
-        stats["threads_out"] += 1
-        stats["comments_out"] += len(chain)
-        stats["text_bytes_out"] += len(text.encode("utf-8"))
-    stats.update({"comments:" + k: v for k, v in fates.items()})
 
 
 def _validate(cfg: RedditConfig) -> None:
@@ -488,7 +365,7 @@ class RedditMap(scaleout.TaskStep):
                 stats = _partition(self.cfg, files, tmp, rejects, bar)
         finally:
             rejects.close()
-        tmp.replace(final)
+        publish_dir(tmp, final)
         return {"files": hi - lo, **stats, "rejects": rejects.report()}
 
 
@@ -513,7 +390,7 @@ class RedditReduce(scaleout.TaskStep):
                 for m in maps:
                     recs.extend(_load_bucket(m / f"bucket-{i:05d}.bin"))
                 largest = max(largest, len(recs))
-                _resolve_bucket(recs, self.cfg, out, stats)
+                resolve_bucket(recs, self.cfg, out, stats)
                 del recs
                 bar.update(1)
         return {**stats, "largest_bucket_records": largest}
@@ -604,7 +481,7 @@ def run(cfg: RedditConfig) -> dict:
             (RedditReduce(plan), plan.reduce_tasks),
             (RedditReport(plan), 1),
         ]
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         return scaleout.finish("reddit", plan, jobs, t0, "comments_in", "comments_per_s")
 
 

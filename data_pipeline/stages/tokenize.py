@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing as mp
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -54,7 +53,8 @@ from omegaconf import MISSING
 from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.documents import InputLimits, Rejects, expand_inputs
-from data_pipeline.runtime import scaleout
+from data_pipeline.files import publish_file, temporary_beside
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan, file_fingerprint
 from data_pipeline.shards import ShardWriter, read_manifest
@@ -135,7 +135,7 @@ def _init_worker(spec: TokenizerSpec) -> None:
     global _worker_tokenizer
     # A spawned encoder is exec'd, so the fork hook that ties task processes to their parent
     # never ran here: ask for it, so that encoders die with their task.
-    scaleout.die_with_parent()
+    executors.die_with_parent()
     _worker_tokenizer = Tokenizer(spec)
 
 
@@ -188,9 +188,9 @@ class _Plan(StagePlan):
         self.spec = TokenizerSpec(name=cfg.tokenizer.name, path=cfg.tokenizer.path)
         self.tokenizer = Tokenizer(self.spec).describe()  # refuses a bad tokenizer up front
         self.weights = {str(k): float(v) for k, v in (plain(cfg.weights) or {}).items()}
-        bad = {k: v for k, v in self.weights.items() if not v >= 0}
+        bad = {k: v for k, v in self.weights.items() if not NON_NEGATIVE.allows(v)}
         if bad:
-            raise ValueError(f"weights: must be >= 0, got {bad}")
+            raise ValueError(f"weights: each must be {NON_NEGATIVE.describe()}, got {bad}")
         self.units: list[dict] = []
         sizes: list[int] = []
         for entry in normalize(cfg.input):
@@ -251,7 +251,7 @@ class TokenizeShare(scaleout.TaskStep):
         for old in first.parent.glob(f"{first.name}.pass-*"):  # an attempt that got further
             ownership.rmtree(old)
         final = scaleout.task_file(self.work, self.name, rank, ".rejects.jsonl")
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = temporary_beside(final)
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
 
@@ -314,7 +314,7 @@ class TokenizeShare(scaleout.TaskStep):
                 pool.terminate()
             rejects.close()
         if tmp.exists():
-            tmp.replace(final)
+            publish_file(tmp, final)
         return {**counts, "rejects": rejects.report()}
 
 
@@ -390,7 +390,7 @@ def run(cfg: TokenizeConfig) -> dict:
         rejects_path(plan.out).unlink(missing_ok=True)  # an earlier run's rejects would mislead
         scaleout.prepare(plan, [("tokenize", plan.fingerprint()), ("merge", {})])
         steps = [(TokenizeShare(plan), plan.tasks), (TokenizeMerge(plan), 1)]
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         report = scaleout.finish("tokenize", plan, jobs, t0, "bytes_in", "bytes_per_s")
     if "bytes_per_s" in report:
         report["mb_per_s"] = round(report.pop("bytes_per_s") / 1e6, 3)

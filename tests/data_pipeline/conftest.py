@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, connect_ray
+from data_pipeline.runtime.executors import connect_ray
+from data_pipeline.runtime.scaleout import RayOptions, ScaleOut
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_pipeline.chain import ChainConfig, SourceConfig
+from data_pipeline.chain import ChainConfig, CorpusConfig
 from data_pipeline.chain import run as run_chain
 from data_pipeline.documents import InputLimits, Rejects, iter_json_lines
 from data_pipeline.stages.clean import CleanConfig, run
@@ -183,7 +183,7 @@ def test_the_chain_passes_the_limits_to_its_stages(tmp_path):
     f = write(tmp_path / "in.jsonl", b'{"text": "a fine document"}\n{bad\n{bad\n' + LONG)
     cfg = ChainConfig(
         work_dir=str(tmp_path / "work"),
-        sources=[SourceConfig(name="s", input=str(f))],
+        sources=[CorpusConfig(name="s", input=str(f))],
         steps=["clean"],
         max_line_bytes=1000,
         max_rejects=2,

@@ -19,7 +19,7 @@ import pytest
 from omegaconf.errors import ConfigKeyError
 
 from data_pipeline import chain, shards
-from data_pipeline.chain import ChainConfig, SourceConfig, run
+from data_pipeline.chain import ChainConfig, CorpusConfig, run
 from data_pipeline.documents import Rejects, read_documents
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
@@ -50,8 +50,8 @@ def sources(tmp_path) -> dict[str, Path]:
 
 def config(tmp_path, sources, **kw) -> ChainConfig:
     srcs = kw.pop("source_list", None) or [
-        SourceConfig(name="web", input=str(sources["web"]), weight=kw.pop("web_weight", 1.0)),
-        SourceConfig(
+        CorpusConfig(name="web", input=str(sources["web"]), weight=kw.pop("web_weight", 1.0)),
+        CorpusConfig(
             name="books",
             input={"hf": {"path": "json", "data_files": str(sources["books"])}},
             weight=2.0,
@@ -166,7 +166,7 @@ def test_a_step_without_its_record_is_redone(tmp_path, sources):
 def test_rejects_of_any_step_are_summed_into_the_chain_report(tmp_path, sources):
     bad = tmp_path / "in" / "bad.jsonl"
     bad.write_text('{"text": "fine", "id": "1"}\n{oops\n{"text": ""}\n')
-    srcs = [SourceConfig(name="bad", input=str(bad))]
+    srcs = [CorpusConfig(name="bad", input=str(bad))]
     report = run(config(tmp_path, sources, source_list=srcs))
     assert report["rejects"]["total"] == 2
     assert report["rejects"]["by_file"] == {
@@ -223,7 +223,7 @@ def test_bad_chain_configs_are_refused(tmp_path, sources, change, message):
 
 
 def test_duplicate_source_names_are_refused(tmp_path, sources):
-    srcs = [SourceConfig(name="a", input=str(sources["web"]))] * 2
+    srcs = [CorpusConfig(name="a", input=str(sources["web"]))] * 2
     with pytest.raises(ValueError, match="unique"):
         run(config(tmp_path, sources, source_list=srcs))
 
@@ -330,8 +330,8 @@ def test_reddit_clean_dedup_chain_gives_the_same_tokens_for_any_split(tmp_path):
             ChainConfig(
                 work_dir=str(tmp_path / name),
                 sources=[
-                    SourceConfig(name="rd", kind="reddit", input=str(tmp_path / "dumps")),
-                    SourceConfig(name="web", input=str(tmp_path / "in" / "web.jsonl")),
+                    CorpusConfig(name="rd", kind="reddit", input=str(tmp_path / "dumps")),
+                    CorpusConfig(name="web", input=str(tmp_path / "in" / "web.jsonl")),
                 ],
                 steps=["clean", "dedup"],
                 reddit={"num_buckets": 5},

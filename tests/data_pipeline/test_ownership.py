@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from data_pipeline.chain import ChainConfig, SourceConfig
+from data_pipeline.chain import ChainConfig, CorpusConfig
 from data_pipeline.chain import run as run_chain
 from data_pipeline.ownership import NotOursError, claim_work, remove_work
 from data_pipeline.runtime import scaleout
@@ -174,7 +174,7 @@ def test_the_chain_refuses_an_output_that_is_not_ours(tmp_path):
     docs = write_docs(tmp_path / "in.jsonl", 50)
     out, before = users_output(tmp_path, "dir")
     cfg = ChainConfig(work_dir=str(tmp_path / "work"), output=str(out),
-                      sources=[SourceConfig(name="s", input=str(docs))], steps=["clean"],
+                      sources=[CorpusConfig(name="s", input=str(docs))], steps=["clean"],
                       workers=1, progress=False)  # fmt: skip
     with pytest.raises(NotOursError, match="is not an opt-train output"):
         run_chain(cfg)

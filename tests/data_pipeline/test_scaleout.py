@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, TaskStep, connect_ray, run_steps
+from data_pipeline.runtime.executors import connect_ray, run_steps
+from data_pipeline.runtime.scaleout import RayOptions, ScaleOut, TaskStep
 
 
 @dataclass

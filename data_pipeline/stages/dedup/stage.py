@@ -9,7 +9,7 @@ import numpy as np
 from data_pipeline.kernels import lsh
 from data_pipeline.kernels.jsonl_scan import parse_block
 from data_pipeline.kernels.minhash import MinHasher
-from data_pipeline.runtime import scaleout
+from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import stage_main, write_report
 from data_pipeline.stages.dedup import signatures
 from data_pipeline.stages.dedup.buckets import DedupBuckets
@@ -59,7 +59,7 @@ def run(cfg: DedupConfig) -> dict:
         ]
         if cfg.executor == "local":
             _warm_up(plan.hasher_params, (plan.bands, plan.rows))
-        jobs = scaleout.run_steps(steps, cfg, plan.work)
+        jobs = executors.run_steps(steps, cfg, plan.work)
         report = scaleout.finish("dedup", plan, jobs, t0, "docs_in", "docs_per_s")
     if "slurm_jobs" not in report:
         report["resumed_stages"] = resumed
