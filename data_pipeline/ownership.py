@@ -29,6 +29,10 @@ from pathlib import Path
 from data_pipeline.files import atomic_write
 
 WORK_MARKER = ".opt-train-work"  # inside a stage's private scratch directory
+# A token-shard directory's mark: its manifest and the format named in it (data_pipeline.shards
+# writes them; defined here, below shards, so recognising one needs no import of shards).
+SHARD_MANIFEST = "manifest.json"
+SHARD_FORMAT = "opt-train-token-shards"
 
 
 class Refused(Exception):
@@ -73,10 +77,8 @@ def is_our_output(path: Path) -> bool:
     if any((rec := _json(p)) is not None and "stage" in rec for p in beside):
         return True
     if path.is_dir():
-        from data_pipeline.shards import FORMAT, MANIFEST  # shards imports this module
-
-        manifest = _json(path / MANIFEST)
-        if manifest is not None and manifest.get("format") == FORMAT:
+        manifest = _json(path / SHARD_MANIFEST)
+        if manifest is not None and manifest.get("format") == SHARD_FORMAT:
             return True
         return not any(os.scandir(path))  # empty: nothing in it to lose
     return False

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.files import publish_dir, sha256_file, temporary_beside
+from data_pipeline.ownership import SHARD_FORMAT as FORMAT
+from data_pipeline.ownership import SHARD_MANIFEST as MANIFEST
 from data_pipeline.ownership import check_output, rmtree
 
-FORMAT = "opt-train-token-shards"
 VERSION = 1
 SPLITS = ("train", "validation")
-MANIFEST = "manifest.json"
 
 
 class ShardFormatError(ValueError):
