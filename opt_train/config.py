@@ -564,7 +564,8 @@ class JobConfig:
 
 
 # Sequences of a derived micro-batch at most: 8 x 2048 tokens fit OPT-125m..1.3B activations
-# on an 80 GB GPU; set train.micro_batch_size for anything else.
+# on an 80 GB GPU (`python -m opt_train.plan +model=opt-1.3b train.micro_batch_size=8` prints
+# the peak); set train.micro_batch_size for anything else.
 MAX_DERIVED_MICRO_BATCH = 8
 
 

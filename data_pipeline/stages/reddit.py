@@ -1,4 +1,5 @@
-"""Pushshift Reddit dumps -> one document per thread: the submission, then its longest comment chain.
+"""Pushshift Reddit dumps -> one document per thread: the submission, then its longest comment
+chain.
 
 OPT used the Reddit subset of Roller et al. (2021) reduced, per thread, to the single longest chain
 of comments from the top down (about 66% smaller than the whole threads). Real dumps are far
