@@ -26,7 +26,7 @@ from data_pipeline.config_limits import (
 
 # The allowed values of every numeric key and every choice, one table per section, checked by
 # data_pipeline.config_limits.check_limits from each section's __post_init__ (so before anything
-# is built; docs/training.md, "Config validation") and, for choices, by `check_overrides` on the
+# is built; docs/training.md, "Configuration") and, for choices, by `check_overrides` on the
 # command line. Code that branches on a choice reads its values here. Cross-key rules stay in
 # __post_init__.
 JOB_LIMITS = {
