@@ -93,10 +93,10 @@ _READ = 1 << 20  # decompressed bytes per read: what one read may add to memory
 
 
 def _zstd_complete(path: Path) -> bool:
-    """True when the file is whole zstd frames (skippable ones included) end to end, read from
-    the frame and block headers alone (a few bytes per block of up to 128 KiB). zstandard's stream_reader
-    returns a clean EOF on a truncated file, and a decompressobj cannot bound what one call
-    returns (an RLE block of 4 bytes gives 128 KiB: a 1 MiB read could give 32 GiB), so the
+    """True when the file is whole zstd frames (skippable ones included) end to end, read from the
+    frame and block headers alone (a few bytes per block of up to 128 KiB). zstandard's
+    stream_reader returns a clean EOF on a truncated file, and a decompressobj cannot bound what one
+    call returns (an RLE block of 4 bytes gives 128 KiB: a 1 MiB read could give 32 GiB), so the
     data are read with the first and the ending is checked here."""
     with open(path, "rb") as f:
         size, pos = os.fstat(f.fileno()).st_size, 0
@@ -273,7 +273,8 @@ class Rejects:
     """Collects bad input lines: counts per file and reason, and a JSONL file of what was set
     aside (file, line, reason, the first `limits.reject_text_bytes` of the raw text and its
     length in bytes) so nothing is lost. After `limits.max_rejects` records the rest are only
-    counted (`not_written`): 8 MiB of one-byte lines would otherwise write ~400 MB. `limits`
+    counted (`not_written`): 8 MiB of one-byte lines, a record of ~50 bytes each, would
+    otherwise write ~400 MB. `limits`
     also carries the readers' `max_line_bytes`."""
 
     def __init__(self, path: str | Path | None, limits: InputLimits | None = None):

@@ -54,7 +54,8 @@ TOKENIZER_NAMES = OneOf(("gpt2", "opt"))
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """What a tokenizer is: `name` is `gpt2` or `opt`; `path` holds vocab.json + merges.txt for `opt`."""
+    """What a tokenizer is: `name` is `gpt2` or `opt`; `path` holds vocab.json + merges.txt for
+    `opt`."""
 
     name: str = "gpt2"
     path: str | None = None

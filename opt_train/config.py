@@ -26,7 +26,7 @@ from data_pipeline.config_limits import (
 
 # The allowed values of every numeric key and every choice, one table per section, checked by
 # data_pipeline.config_limits.check_limits from each section's __post_init__ (so before anything
-# is built; docs/training.md, "Config validation") and, for choices, by `check_overrides` on the
+# is built; docs/training.md, "Configuration") and, for choices, by `check_overrides` on the
 # command line. Code that branches on a choice reads its values here. Cross-key rules stay in
 # __post_init__.
 JOB_LIMITS = {
@@ -564,7 +564,8 @@ class JobConfig:
 
 
 # Sequences of a derived micro-batch at most: 8 x 2048 tokens fit OPT-125m..1.3B activations
-# on an 80 GB GPU; set train.micro_batch_size for anything else.
+# on an 80 GB GPU (`python -m opt_train.plan +model=opt-1.3b train.micro_batch_size=8` prints
+# the peak); set train.micro_batch_size for anything else.
 MAX_DERIVED_MICRO_BATCH = 8
 
 

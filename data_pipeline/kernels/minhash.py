@@ -22,8 +22,8 @@ The scheme, exactly (datasketch 2.0 is the oracle in tests/data_pipeline/test_mi
 
 The hot loop (SHA-1 of every shingle, then 128 multiply-add-min per shingle) runs in a numba
 kernel when numba is installed: hashlib's Python call per shingle alone would cost more than
-the whole compiled pass (`python benchmarks/dedup_kernels.py` times both). Without numba the same arithmetic runs in
-hashlib + numpy and gives the same bits, only slower.
+the whole compiled pass (`python benchmarks/dedup_kernels.py` times both). Without numba the
+same arithmetic runs in hashlib + numpy and gives the same bits, only slower.
 """
 
 from __future__ import annotations
@@ -213,16 +213,17 @@ def _batch_numpy(docs: list[bytes], n: int, a, b, legacy: bool) -> Batch:
 # every shingle; the permute-and-min per document (vectorised across permutations, the
 # minima held in vector registers).
 #
-# SHA-1 (backend simd, the default) runs 2 x 16 shingles at a time in LLVM vector IR for
-# every shingle that fits one SHA-1 block (<= 55 bytes), 16 at a time for two blocks (<= 119
-# bytes): several times faster than libcrypto even with the CPU's SHA extensions (`python benchmarks/dedup_kernels.py`
-# times simd, openssl and hashlib on the same shingles). Longer shingles, and backend
-# openssl, use OpenSSL's libcrypto, the library CPython's own hashlib is linked to, called
-# from compiled code through its low-level SHA1_Init/Update/Final entry points: the one-shot
-# EVP path pays a context allocation per call in OpenSSL 3 and hashlib adds Python overhead
-# on top, while SHA1_Update uses the CPU's SHA extensions where present. Where libcrypto
-# cannot be found, hashlib hashes the long shingles: as fast as
-# a portable compiled SHA-1 on them (docs/benchmarks.md), and 0.1% of English 5-grams.
+# SHA-1 (backend simd, the default) runs 2 x 16 shingles at a time in LLVM vector IR for every
+# shingle that fits one SHA-1 block (<= 55 bytes), 16 at a time for two blocks (<= 119 bytes):
+# several times faster than libcrypto even with the CPU's SHA extensions
+# (`python benchmarks/dedup_kernels.py` times simd, openssl and hashlib on the same shingles).
+# Longer shingles, and backend openssl, use OpenSSL's libcrypto, the library CPython's own
+# hashlib is linked to, called from compiled code through its low-level SHA1_Init/Update/Final
+# entry points: the one-shot EVP path pays a context allocation per call in OpenSSL 3 and
+# hashlib adds Python overhead on top, while SHA1_Update uses the CPU's SHA extensions where
+# present. Where libcrypto cannot be found, hashlib hashes the long shingles: as fast as a
+# portable compiled SHA-1 on them (docs/benchmarks.md), and they are few in English prose (the
+# same script prints how many shingles are over 119 bytes: 678 of 945,943 in its corpus).
 # The functions are called through their addresses (an intrinsic below), which keeps every
 # kernel cacheable on disk: compilation is paid once per machine, not once per process.
 

@@ -1,8 +1,9 @@
 """Arrays the kernels and their callers reuse from one call to the next, per process.
 
 A fresh array costs a page fault per 4 KiB the first time it is touched, per block as much
-as copying the text (docs/data-dedup.md, "Measured"); a kept array is already mapped. Each user names its arrays with its module's prefix ("minhash.norm"), so two
-users never share one while both hold it.
+as copying the text (docs/data-dedup.md, "Measured"); a kept array is already mapped. Each
+user names its arrays with its module's prefix ("minhash.norm"), so two users never share one
+while both hold it.
 
 Imports: numpy only.
 """

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from data_pipeline.runtime.scaleout import ScaleOut, TaskStep, validate, write_json
 
-# --- executor construction -------------------------------------------------------------------------------
+# --- executor construction ------------------------------------------------------------------------
 
 
 def _slurm_executor_class():

@@ -16,8 +16,8 @@ from data_pipeline import ownership
 from data_pipeline.documents import expand_inputs
 from data_pipeline.runtime import scaleout
 
-# tasks=0: one task per 256 MiB of input, so a task's share streams in minutes on one core and
-# a rerun after a failure redoes little.
+# tasks=0: one task per 256 MiB of input, so a task is short (each stage's rate per core:
+# docs/benchmarks.md, "Data pipeline") and a rerun after a failure redoes little.
 BYTES_PER_TASK = 256 << 20
 # Part files of a JSONL output: zstd-compressed, so the work directory holds about what the
 # output will (the report step joins or hard-links them into the output).
@@ -35,8 +35,8 @@ class StagePlan:
 
     `stage` names the stage (its work directory is `opt-train-<stage>.work` under `work_dir`);
     `work_beside` is the work directory's name beside the output when `work_dir` is unset, with
-    `{name}` the output's name: a rerun must find the directory an earlier run left, so a stage
-    keeps the name its earlier versions used."""
+    `{name}` the output's name: a rerun must find the directory an earlier run left, so these
+    names are part of a stage's on-disk contract and never change."""
 
     stage: ClassVar[str]
     work_beside: ClassVar[str] = ".{name}.work"

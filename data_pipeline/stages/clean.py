@@ -5,10 +5,11 @@ Boilerplate repeated across documents (Project Gutenberg licence headers and foo
 makes unrelated documents look alike to the MinHash dedup that follows. Whitespace is normalised
 last so that the blank lines a removal leaves behind are collapsed too.
 
-The stage runs as tasks (data_pipeline.runtime.scaleout), each cleaning a contiguous share of the input
-files into its part; the output is the same bytes for any split. Every rule counts what it did (lines, runs or documents) in the report; a document left empty
-is counted and its id listed in the report rather than written out (downstream stages reject
-empty texts). Bad input lines go to the rejects file as in `data_pipeline.documents.read_documents`.
+The stage runs as tasks (data_pipeline.runtime.scaleout), each cleaning a contiguous share of the
+input files into its part; the output is the same bytes for any split. Every rule counts what it did
+(lines, runs or documents) in the report; a document left empty is counted and its id listed in the
+report rather than written out (downstream stages reject empty texts). Bad input lines go to the
+rejects file as in `data_pipeline.documents.read_documents`.
 """
 
 from __future__ import annotations
@@ -281,7 +282,8 @@ class CleanReport(scaleout.TaskStep):
 
 def run(cfg: CleanConfig) -> dict:
     """Clean every document of `input` into `output` (tasks over shares of the input files,
-    data_pipeline.runtime.scaleout); returns the stage report (with slurm.wait=false, the job ids)."""
+    data_pipeline.runtime.scaleout); returns the stage report (with slurm.wait=false, the job
+    ids)."""
     t0 = time.perf_counter()
     scaleout.validate(cfg)
     plan = _Plan(cfg)

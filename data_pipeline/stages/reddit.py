@@ -1,10 +1,12 @@
-"""Pushshift Reddit dumps -> one document per thread: the submission, then its longest comment chain.
+"""Pushshift Reddit dumps -> one document per thread: the submission, then its longest comment
+chain.
 
 OPT used the Reddit subset of Roller et al. (2021) reduced, per thread, to the single longest chain
 of comments from the top down (about 66% smaller than the whole threads). Real dumps are far
 larger than RAM and a thread's pieces are spread over monthly files (a submission in `RS_2019-01`,
 its comments in `RC_2019-01` and `RC_2019-02`), so the stage is a map and a reduce over bucket
-files, each split into tasks (data_pipeline.runtime.scaleout: local processes or Slurm job arrays):
+files, each split into tasks (data_pipeline.runtime.executors: local processes, Slurm job arrays
+or Ray):
 
 1. map: task r streams its contiguous share of the (sorted) input files and appends each
    submission and comment (only the fields needed) to its own bucket file of `num_buckets`,

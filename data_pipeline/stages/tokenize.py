@@ -23,16 +23,15 @@ repeats are an epoch apart rather than side by side. w = 0 drops the source. Val
 documents are written once whatever the weight (never for w = 0), so validation measures the
 data as it is, not as sampled.
 
-Tasks (data_pipeline.runtime.scaleout; the keys tasks, workers, executor, slurm, ray of every stage): task
-r tokenizes a contiguous share of the input files (an HF source is one indivisible unit) into
-its own shard sets in the work directory: its first pass (train and validation) and, with
+Tasks (data_pipeline.runtime.scaleout; the keys tasks, workers, executor, slurm, ray of every
+stage): task r tokenizes a contiguous share of the input files (an HF source is one indivisible
+unit) into its own shard sets in the work directory: its first pass (train and validation) and, with
 weights above 1, one set per extra pass. A last step merges them (data_pipeline.stages.merge): train
-first passes in task order, then each extra pass in task order, then validation; that is the
-order one task writes, so the shards, manifest included, are the same bytes for any split.
-Within a task, batches of documents are encoded by `max(1, workers // tasks running at once)`
-processes locally (`slurm.cpus_per_task` on Slurm, `ray.cpus_per_task` on Ray), in input
-order, so the output does not depend on that either; benchmarks/tokenize_throughput.py
-measures MB/s.
+first passes in task order, then each extra pass in task order, then validation; that is the order
+one task writes, so the shards, manifest included, are the same bytes for any split. Within a task,
+batches of documents are encoded by `max(1, workers // tasks running at once)` processes locally
+(`slurm.cpus_per_task` on Slurm, `ray.cpus_per_task` on Ray), in input order, so the output does not
+depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
 """
 
 from __future__ import annotations
@@ -381,7 +380,8 @@ _SUMMED = ("documents_in", "bytes_in", "dropped_by_weight", "extra_copies")
 
 def run(cfg: TokenizeConfig) -> dict:
     """Tokenize `cfg.input` into the shard directory `cfg.output` (tasks over shares of the
-    input, data_pipeline.runtime.scaleout); returns the report (with slurm.wait=false, the job ids)."""
+    input, data_pipeline.runtime.scaleout); returns the report (with slurm.wait=false, the job
+    ids)."""
     t0 = time.perf_counter()
     scaleout.validate(cfg)
     plan = _Plan(cfg)

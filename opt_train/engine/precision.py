@@ -4,7 +4,8 @@ dynamic loss scaler.
 `auto` (the default) is bf16 where the device runs bf16 matmuls natively, else fp32: on a CPU
 without AVX512-BF16, AMX or Arm's BF16 extension (AVX2-only x86: AMD Zen 3 and older, most
 Intel client CPUs, many cloud VMs) torch's bf16 matmuls are emulated and run 50-150x slower
-than fp32, so a bf16 default would turn minutes into hours there. On a CUDA GPU without bf16
+than fp32 (docs/benchmarks.md, "Numbers behind code comments", has the command), so a bf16
+default would turn minutes into hours there. On a CUDA GPU without bf16
 (before Ampere) auto is fp32 too, not fp16: fp16 needs loss scaling, whose skipped steps change
 what is trained, and OPT's fp16 recipe is one a user should choose by name (`precision=fp16`).
 The choice is a pure function of reported capabilities (`choose_precision`), so tests fake them.

@@ -199,8 +199,9 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _param_shapes(cfg_fields: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Cached: building OPT-175B takes seconds even on the meta device, and the trainer's log,
-    # the console header and planner sweeps all ask.
+    # Cached: building OPT-175B takes seconds even on the meta device (docs/benchmarks.md,
+    # "Numbers behind code comments"), and the trainer's log, the console header and planner
+    # sweeps all ask.
     with torch.device("meta"):
         model = OPT(ModelConfig(*cfg_fields))
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())

@@ -6,14 +6,14 @@ union-find clusters, one document kept per cluster.
 OPT deduplicated its corpus with MinHash-LSH at Jaccard >= 0.95. The trap: the bands x rows
 that datasketch picks as "optimal" for 0.95 with 128 permutations (3 x 42) make a pair at
 J = 0.95 a candidate with probability 1 - (1 - 0.95^42)^3 = 0.31, so most true duplicates are
-never even compared. Here banding is chosen for
-recall instead (default 18 bands x 7 rows: P(candidate | J = 0.90) > 0.9999), which lets many
-dissimilar pairs through, and every candidate pair is then verified on the documents' exact
-shingle sets before it may join a cluster. See docs/data-dedup.md for the arithmetic.
+never even compared. Here banding is chosen for recall instead (default 18 bands x 7 rows:
+P(candidate | J = 0.90) > 0.9999), which lets many dissimilar pairs through, and every candidate
+pair is then verified on the documents' exact shingle sets before it may join a cluster. See
+docs/data-dedup.md for the arithmetic.
 
-Steps, each split into tasks on datatrove's executors (data_pipeline.runtime.scaleout: local
-processes or Slurm job arrays), each task writing atomically into the work directory beside the
-output (`<output>.dedup-work/`, removed after success unless `keep_work=true`) so it restarts
+Steps, each split into tasks on datatrove's executors (data_pipeline.runtime.executors: local
+processes, Slurm job arrays or Ray), each task writing atomically into the work directory beside
+the output (`<output>.dedup-work/`, removed after success unless `keep_work=true`) so it restarts
 alone; each step is a module of this package (the plan every task shares is `plan`, the keys
 `config`, the work directory read back as one corpus `corpus`, the compiled loops
 data_pipeline.kernels.lsh):

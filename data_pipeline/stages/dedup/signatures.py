@@ -124,10 +124,11 @@ def _signature_task(task: tuple):
     spool = out[0] if len(out) == 1 else b"".join(out)
     if zstd and len(spool):
         spool = _SPOOL_CCTX.compress(spool)
-    # The shingle hashes and the spool (~5 KB per 3 KB document) are written once, to this
-    # process's own part files, where later steps read them (segments.npy says where):
-    # copying them into one file would cost as much again (docs/data-dedup.md, "Measured").
-    # Only the signatures and band keys (~650 bytes) go back to the caller.
+    # The shingle hashes and the spool (several KB per document; sizes in docs/data-dedup.md,
+    # "Steps and tasks on disk") are written once, to this process's own part files, where later
+    # steps read them (segments.npy says where): copying them into one file would cost as much
+    # again (docs/data-dedup.md, "Measured"). Only the signatures and band keys go back to the
+    # caller (num_perm x 4 bytes plus 8 bytes per band: ~650 bytes at the defaults).
     hashes = _append_part(work_dir, "hashes", b.hashes)
     spool = _append_part(work_dir, "spool", spool)
     return path, b.signatures, keys, np.diff(b.offsets), sizes, hashes, spool, rejects
