@@ -171,99 +171,6 @@ if HAVE_NUMBA:
             v = v * 16 + d
         return v
 
-    @numba.njit(cache=True, inline="always")
-    def _plain_run(base_b, i, end, mode, base_t, t, base_o, o, flags):
-        """The run of plain ASCII (no quote, backslash, control or non-ASCII byte) at byte i
-        of the buffer at address base_b, at most 64 bytes, copied whole (64 bytes; the rest
-        is overwritten) as `_string`'s mode says: (its length, t, o, flags)."""
-        m = special_mask64(base_b + i)
-        if end - i < 64:  # the line's end stops a run like a quote would
-            m |= ~((_ONE << np.uint64(end - i)) - _ONE)
-        n = np.int64(_tz(m)) if m else 64
-        if n:
-            if mode == 1:
-                if not flags & 2:  # any byte but a space (the only whitespace here)?
-                    run = (_ONE << np.uint64(n)) - _ONE if n < 64 else ~np.uint64(0)
-                    if ~ws_mask64(base_b + i) & run:
-                        flags |= 2
-                copy64(base_t + t, base_b + i)
-                t += n
-            if mode != 0:
-                copy64(base_o + o, base_b + i)
-                o += n
-        return n, t, o, flags
-
-    @numba.njit(cache=True, inline="always")
-    def _escape(buf, i, end):
-        """The escape whose backslash is at buf[i]: (the index after it, or -1 if invalid;
-        its code point, a \\uXXXX\\uXXXX surrogate pair joined; whether it is a lone
-        surrogate)."""
-        e = _at(buf, i + 1, end)
-        i += 2
-        if e == 117:
-            cp = _hex4(buf, i, end)
-            if cp < 0:
-                return -1, cp, False
-            i += 4
-            if 0xD800 <= cp < 0xDC00:
-                lo = -1
-                if _at(buf, i, end) == 92 and _at(buf, i + 1, end) == 117:
-                    lo = _hex4(buf, i + 2, end)
-                if 0xDC00 <= lo < 0xE000:
-                    return i + 6, 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00), False
-                return i, cp, True
-            return i, cp, 0xDC00 <= cp < 0xE000
-        cp = -1
-        if e == 34 or e == 92 or e == 47:
-            cp = e
-        elif e == 98:
-            cp = 8
-        elif e == 102:
-            cp = 12
-        elif e == 110:
-            cp = 10
-        elif e == 114:
-            cp = 13
-        elif e == 116:
-            cp = 9
-        return (i if cp >= 0 else -1), cp, False
-
-    @numba.njit(cache=True, inline="always")
-    def _utf8_char(buf, i, end):
-        """The UTF-8 character whose first byte (>= 0x80) is at buf[i], validated as Python's
-        strict decoder does: (its number of continuation bytes, or -1 if invalid; its code
-        point)."""
-        c = buf[i]
-        k = 0
-        cp = 0
-        lo, hi = 0x80, 0xBF
-        if 0xC2 <= c <= 0xDF:
-            k, cp = 1, c & 0x1F
-        elif 0xE0 <= c <= 0xEF:
-            k, cp = 2, c & 0x0F
-            if c == 0xE0:
-                lo = 0xA0
-            elif c == 0xED:
-                hi = 0x9F
-        elif 0xF0 <= c <= 0xF4:
-            k, cp = 3, c & 0x07
-            if c == 0xF0:
-                lo = 0x90
-            elif c == 0xF4:
-                hi = 0x8F
-        else:
-            return -1, cp
-        if i + k >= end:
-            return -1, cp
-        for q in range(1, k + 1):
-            d = buf[i + q]
-            if q == 1 and not (lo <= d <= hi):
-                return -1, cp
-            if q > 1 and not (0x80 <= d <= 0xBF):
-                return -1, cp
-            cp = (cp << 6) | (d & 0x3F)
-        return k, cp
-
     @numba.njit(cache=True)
     def _string(buf, i, end, mode, text, t, out, o):
         """The JSON string whose opening quote is at buf[i]. mode 0: validate; 1: decode to
@@ -273,14 +180,30 @@ if HAVE_NUMBA:
         surrogate."""
         flags = 0
         i += 1
-        base_b, base_t, base_o = buf.ctypes.data, text.ctypes.data, out.ctypes.data
+        base_t = text.ctypes.data
+        base_o = out.ctypes.data
+        base_b = buf.ctypes.data
         while True:
             if i >= end:
                 return -1, t, o, flags
-            n, t, o, flags = _plain_run(base_b, i, end, mode, base_t, t, base_o, o, flags)
-            i += n
-            if n == 64:
-                continue
+            m = special_mask64(base_b + i)
+            if end - i < 64:  # the line's end stops a run like a quote would
+                m |= ~((_ONE << np.uint64(end - i)) - _ONE)
+            n = np.int64(_tz(m)) if m else 64
+            if n:  # a run of plain ASCII: copy it whole (64 bytes; the rest is overwritten)
+                if mode == 1:
+                    if not flags & 2:  # any byte but a space (the only whitespace here)?
+                        run = (_ONE << np.uint64(n)) - _ONE if n < 64 else ~np.uint64(0)
+                        if ~ws_mask64(base_b + i) & run:
+                            flags |= 2
+                    copy64(base_t + t, base_b + i)
+                    t += n
+                if mode != 0:
+                    copy64(base_o + o, base_b + i)
+                    o += n
+                i += n
+                if n == 64:
+                    continue
             if i >= end:
                 return -1, t, o, flags
             c = buf[i]
@@ -290,11 +213,38 @@ if HAVE_NUMBA:
                 return -1, t, o, flags  # a raw control character: invalid JSON
             if c == 92:
                 flags |= 1
-                i, cp, lone = _escape(buf, i, end)
-                if i < 0:
+                e = _at(buf, i + 1, end)
+                i += 2
+                if e == 117:
+                    cp = _hex4(buf, i, end)
+                    if cp < 0:
+                        return -1, t, o, flags
+                    i += 4
+                    if 0xD800 <= cp < 0xDC00:
+                        lo = -1
+                        if _at(buf, i, end) == 92 and _at(buf, i + 1, end) == 117:
+                            lo = _hex4(buf, i + 2, end)
+                        if 0xDC00 <= lo < 0xE000:
+                            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                            i += 6
+                        else:
+                            flags |= 4
+                    elif 0xDC00 <= cp < 0xE000:
+                        flags |= 4
+                elif e == 34 or e == 92 or e == 47:
+                    cp = e
+                elif e == 98:
+                    cp = 8
+                elif e == 102:
+                    cp = 12
+                elif e == 110:
+                    cp = 10
+                elif e == 114:
+                    cp = 13
+                elif e == 116:
+                    cp = 9
+                else:
                     return -1, t, o, flags
-                if lone:
-                    flags |= 4
                 if flags & 4:
                     if mode != 0:
                         return -1, t, o, flags  # UTF-8 cannot hold it: the Python path decides
@@ -306,10 +256,35 @@ if HAVE_NUMBA:
                 if mode != 0:
                     o = _put_json(out, o, cp)
                 continue
-            k, cp = _utf8_char(buf, i, end)
-            if k < 0:
+            # c >= 0x80: one UTF-8 character, validated as Python's strict decoder does
+            k = 0
+            lo, hi = 0x80, 0xBF
+            if 0xC2 <= c <= 0xDF:
+                k, cp = 1, c & 0x1F
+            elif 0xE0 <= c <= 0xEF:
+                k, cp = 2, c & 0x0F
+                if c == 0xE0:
+                    lo = 0xA0
+                elif c == 0xED:
+                    hi = 0x9F
+            elif 0xF0 <= c <= 0xF4:
+                k, cp = 3, c & 0x07
+                if c == 0xF0:
+                    lo = 0x90
+                elif c == 0xF4:
+                    hi = 0x8F
+            else:
                 return -1, t, o, flags
-            for q in range(k + 1):  # valid UTF-8: its bytes are the text's and orjson's
+            if i + k >= end:
+                return -1, t, o, flags
+            for q in range(1, k + 1):
+                d = buf[i + q]
+                if q == 1 and not (lo <= d <= hi):
+                    return -1, t, o, flags
+                if q > 1 and not (0x80 <= d <= 0xBF):
+                    return -1, t, o, flags
+                cp = (cp << 6) | (d & 0x3F)
+            for q in range(k + 1):
                 if mode == 1:
                     text[t + q] = buf[i + q]
                 if mode != 0:
