@@ -503,17 +503,45 @@ if HAVE_NUMBA:
             out[o + q] = word[q]
         return o + len(word)
 
+    @numba.njit(cache=True, inline="always")
+    def _blank(buf, i, end):
+        """Whether buf[i:end] is all whitespace as bytes.isspace() sees it (a blank line)."""
+        for q in range(i, end):
+            c = buf[q]
+            if not (c == 32 or 9 <= c <= 13):
+                return False
+        return True
+
+    @numba.njit(cache=True, inline="always")
+    def _meta_value(buf, i, end, metabuf, stack, scratch, keys):
+        """The "meta" member's value at buf[i] written to metabuf as document() keeps it:
+        (index after it or -1, its length)."""
+        if _at(buf, i, end) == 123:
+            return _meta(buf, i, end, metabuf, 0, stack, scratch, keys)
+        i = _skip_value(buf, i, end, stack, scratch)  # not an object: document() gives {}
+        metabuf[0], metabuf[1] = 123, 125
+        return i, 2
+
+    @numba.njit(cache=True, inline="always")
+    def _put_tail(out, o, idbuf, n_id, metabuf, n_meta):
+        """The output line after its text: the id, the meta object and the closing brace and
+        newline; the index after them."""
+        o = _put(out, o, _MID_ID)
+        for q in range(n_id):
+            out[o + q] = idbuf[q]
+        o += n_id
+        o = _put(out, o, _MID_META)
+        for q in range(n_meta):
+            out[o + q] = metabuf[q]
+        o += n_meta
+        out[o], out[o + 1] = 125, 10
+        return o + 2
+
     @numba.njit(cache=True)
     def _line(buf, i, end, text, t, out, o, idbuf, metabuf, stack, scratch, keys):
         """One line: (status, t, o) with the text appended to `text` and the output line to
         `out` when the status is FAST."""
-        blank = True
-        for q in range(i, end):
-            c = buf[q]
-            if not (c == 32 or 9 <= c <= 13):
-                blank = False
-                break
-        if blank:
+        if _blank(buf, i, end):
             return BLANK, t, o
         i = _ws(buf, i, end)
         if _at(buf, i, end) != 123:
@@ -553,12 +581,7 @@ if HAVE_NUMBA:
                 if have_meta:
                     return SLOW, t0, o0
                 have_meta = True
-                if _at(buf, i, end) == 123:
-                    i, n_meta = _meta(buf, i, end, metabuf, 0, stack, scratch, keys)
-                else:  # not an object: document() gives {}
-                    i = _skip_value(buf, i, end, stack, scratch)
-                    metabuf[0], metabuf[1] = 123, 125
-                    n_meta = 2
+                i, n_meta = _meta_value(buf, i, end, metabuf, stack, scratch, keys)
             else:
                 i = _skip_value(buf, i, end, stack, scratch)
             if i < 0:
@@ -575,16 +598,7 @@ if HAVE_NUMBA:
         if not have_meta:
             metabuf[0], metabuf[1] = 123, 125
             n_meta = 2
-        o = _put(out, o, _MID_ID)
-        for q in range(n_id):
-            out[o + q] = idbuf[q]
-        o += n_id
-        o = _put(out, o, _MID_META)
-        for q in range(n_meta):
-            out[o + q] = metabuf[q]
-        o += n_meta
-        out[o], out[o + 1] = 125, 10
-        return FAST, t, o + 2
+        return FAST, t, _put_tail(out, o, idbuf, n_id, metabuf, n_meta)
 
     @numba.njit(cache=True)
     def _parse(buf, starts, ends, text, out, text_off, out_off, status, longest):
