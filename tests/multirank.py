@@ -21,6 +21,26 @@ from tests.processes import run
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tiny run the multi-rank tests launch: a 2-layer, 32-wide OPT over a 512-token
+# vocabulary without dropout, two sequences of 32 per micro-batch, 256 tokens a step (a step
+# takes ~0.1 s on two CPU ranks). Each test adds its precision, step count and intervals.
+TINY_RUN = [
+    "model.vocab_size=512",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.dropout=0.0",
+    "model.attention_dropout=0.0",
+    "data.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.batch_tokens=256",
+    "logging.wandb=disabled",
+    "logging.progress=false",
+    "logging.peak_tflops=1.0",
+    "optim.lr=0.01",
+    "optim.warmup_tokens=512",
+    "optim.decay_tokens=8192",
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:

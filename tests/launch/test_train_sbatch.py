@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.multirank import TINY_RUN
 from tests.opt_train.conftest import write_patterned_shards
 from tests.opt_train.garbage import STABLE, TWO_RANKS, garbage_steps
 from tests.opt_train.garbage import overrides as stability_overrides
@@ -23,23 +24,10 @@ STEPS = 40
 # A 2-layer, 32-wide OPT in fp32 without dropout: a step takes ~0.1 s on two CPU ranks, and
 # fp32 with a fixed world size makes continued losses bit-identical after a resume.
 TINY = [
-    "model.vocab_size=512",
-    "model.d_model=32",
-    "model.n_heads=4",
-    "model.dropout=0.0",
-    "model.attention_dropout=0.0",
-    "data.seq_len=32",
-    "train.micro_batch_size=2",
-    "train.batch_tokens=256",
+    *TINY_RUN,
     "train.eval_interval=0",
     f"train.max_steps={STEPS}",
     "precision=fp32",
-    "logging.wandb=disabled",
-    "logging.progress=false",
-    "logging.peak_tflops=1.0",
-    "optim.lr=0.01",
-    "optim.warmup_tokens=512",
-    "optim.decay_tokens=8192",
 ]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

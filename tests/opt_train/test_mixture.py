@@ -16,7 +16,7 @@ from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source, open
 from opt_train.data.mixture import Mixture, integer_weights
 from opt_train.train.metric_rows import flat_row
 from opt_train.train.trainer import Trainer
-from tests.multirank import torchrun_train
+from tests.multirank import TINY_RUN, torchrun_train
 from tests.opt_train.conftest import make_config, small_job
 
 SPLIT = 256  # source "a" writes token ids in [1, 256), source "b" in [256, 512)
@@ -275,24 +275,11 @@ def test_same_mixture_on_one_process_and_two_fsdp_ranks_gives_the_same_losses(
     a, b = two_sources
     common = [
         sources_override(a, b),
-        "model.vocab_size=512",
-        "model.d_model=32",
-        "model.n_heads=4",
-        "model.dropout=0.0",
-        "model.attention_dropout=0.0",
-        "data.seq_len=32",
-        "train.micro_batch_size=2",
-        "train.batch_tokens=256",
+        *TINY_RUN,
         "train.eval_interval=3",
         "train.eval_batches=2",
         "train.max_steps=6",
         "precision=fp32",
-        "logging.wandb=disabled",
-        "logging.progress=false",
-        "logging.peak_tflops=1.0",
-        "optim.lr=0.01",
-        "optim.warmup_tokens=512",
-        "optim.decay_tokens=8192",
         "checkpoint.interval=0",
     ]
 

@@ -8,25 +8,12 @@ import torch
 from opt_train.config import ParallelConfig
 from opt_train.engine.loss import lm_loss
 from opt_train.parallel.dims import ParallelDims
-from tests.multirank import spawn, torchrun_train
+from tests.multirank import TINY_RUN, spawn, torchrun_train
 
 TINY = [
-    "model.vocab_size=512",
-    "model.d_model=32",
-    "model.n_heads=4",
-    "model.dropout=0.0",
-    "model.attention_dropout=0.0",
-    "data.seq_len=32",
-    "train.micro_batch_size=2",
-    "train.batch_tokens=256",
+    *TINY_RUN,
     "train.eval_interval=0",
     "train.max_steps=6",
-    "logging.wandb=disabled",
-    "logging.progress=false",
-    "logging.peak_tflops=1.0",
-    "optim.lr=0.01",
-    "optim.warmup_tokens=512",
-    "optim.decay_tokens=8192",
     "checkpoint.interval=0",
 ]
 
