@@ -11,12 +11,22 @@ DCP read in the project goes through `load_dcp`.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+# A one-process run passes DCP `no_dist=True` on purpose (no process group), and DCP then warns
+# at every save and load, from its writer threads too, that it assumes a single process. The
+# filter is process-wide because async saves warn after the call has returned.
+warnings.filterwarnings(
+    "ignore",
+    "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to",
+    UserWarning,
+)
 
 
 class CorruptCheckpoint(RuntimeError):
