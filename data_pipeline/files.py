@@ -68,11 +68,17 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Non
     atomic_write(path, text + "\n")
 
 
-def publish_dir(tmp: Path, final: Path, old: Path | None = None) -> None:
+def publish_dir(tmp: Path, final: Path, old: Path | None = None, sync_files: bool = False) -> None:
     """Make the complete directory `tmp` visible as `final` by rename. An existing `final`
     (which the caller has checked may be replaced) is first renamed to `old` (default: a
     temporary beside it), then removed once `tmp` is in place; a rename that fails puts it
-    back. Links inside the old directory are unlinked, never followed."""
+    back. Links inside the old directory are unlinked, never followed. `sync_files`: fsync
+    the files directly inside `tmp` first, for writers that did not sync their own (a reader
+    after a crash must not find the name with unwritten bytes behind it)."""
+    if sync_files:
+        for f in tmp.iterdir():
+            if f.is_file() and not f.is_symlink():
+                fsync_path(f)
     fsync_path(tmp)
     old = old or temporary_beside(final, "old")
     parked = False

@@ -19,7 +19,6 @@ directory with a manifest that looks finished.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,13 +139,8 @@ class ShardWriter:
         }
         with open(self.tmp_dir / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        for p in self.tmp_dir.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
         check_output(self.out_dir)  # checked again: it may have appeared meanwhile
-        publish_dir(self.tmp_dir, self.out_dir)
+        publish_dir(self.tmp_dir, self.out_dir, sync_files=True)
         return self.out_dir
 
     def abort(self) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.files import fsync_path, publish_dir, sha256_file, temporary_beside
+from data_pipeline.files import publish_dir, sha256_file, temporary_beside
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
 from opt_train.model.dtypes import DTYPES
@@ -214,11 +214,9 @@ def write_hf_dir(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / EXPORT_RECORD).write_text(json.dumps(_export_record(source), indent=1) + "\n")
-    for f in tmp.iterdir():  # the files' bytes, before the rename makes them visible
-        fsync_path(f)
     if out.exists() or out.is_symlink():
         check_export_target(out)  # again: it may have changed during the export
-    publish_dir(tmp, out)
+    publish_dir(tmp, out, sync_files=True)
     return out
 
 
