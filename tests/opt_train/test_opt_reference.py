@@ -69,33 +69,38 @@ def test_opt_zero_shot_expands_to_the_papers_16_tasks_and_the_doc_names_their_da
 
 def test_every_shipped_number_names_its_source_a_released_size_and_a_suite_task():
     sources, refs = load_reference()
-    assert len(refs) == 64  # 8 sizes x (piqa, arc_easy, arc_challenge: 2; winogrande, wsc: 1)
+    # 8 sizes x (piqa, arc_easy, arc_challenge: acc and acc_norm; winogrande, wsc: acc), and
+    # OPT-175B's 16 (the same plus hellaswag, openbookqa, boolq, copa, rte, wic).
+    assert len(refs) == 8 * 8 + 16
     for name, src in sources.items():
         assert re.fullmatch(r"[0-9a-f]{40}", src["commit"]) and src["commit"] in src["url"], name
     for ref in refs:
         assert (REPO / "conf" / "model" / f"{ref.model}.yaml").is_file(), ref
         assert ref.task in PAPER_TASKS and ref.metric in ("acc,none", "acc_norm,none"), ref
-        assert ref.url.startswith("https://github.com/") and ref.model in ref.url, ref
+        src = next(s for s in sources.values() if s["short"] == ref.source)
+        assert ref.url.startswith(f"https://github.com/{src['repository']}/blob/{src['commit']}/")
     # Spot checks against the published README tables (percentages, 2 decimals).
     for model, task, metric, pct in [
         ("opt-125m", "arc_easy", "acc,none", 43.52),
         ("opt-125m", "winogrande", "acc,none", 50.28),
         ("opt-13b", "arc_challenge", "acc_norm,none", 35.75),
+        ("opt-175b", "hellaswag", "acc,none", 59.16),  # mdtable.txt: 0.592
     ]:
         assert round(lookup(model, task, metric).value * 100, 2) == pct
     assert lookup("facebook/opt-125m", "arc_easy", "acc,none").value == pytest.approx(0.4352, 1e-4)
-    assert lookup("opt-175b", "arc_easy", "acc,none") is None  # no published run: left out
+    assert lookup("opt-125m", "hellaswag", "acc,none") is None  # no published run: left out
+    assert lookup("opt-175b", "multirc", "acc,none") is None  # another metric: left out
     assert lookup("opt-tiny", "arc_easy", "acc,none") is None
 
 
 def test_the_scorecard_doc_shows_every_shipped_number():
-    table = [
-        [c.strip() for c in line.strip("|").split("|")]
-        for line in DOC.read_text().splitlines()
-        if line.startswith("| model | ") or line.startswith("| opt-")
-    ]
-    columns = table[0]
-    cells = {(row[0], col): v for row in table[1:] for col, v in zip(columns, row, strict=True)}
+    cells, columns = {}, []
+    for line in DOC.read_text().splitlines():  # one table per source, one row per model
+        row = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| model | "):
+            columns = row
+        elif line.startswith("| opt-"):
+            cells.update({(row[0], col): v for col, v in zip(columns, row, strict=True)})
     refs = load_reference()[1]
     for ref in refs:
         column = f"`{ref.task}` {ref.metric.split(',')[0]}"
