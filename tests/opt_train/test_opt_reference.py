@@ -61,6 +61,7 @@ def test_opt_zero_shot_expands_to_the_papers_16_tasks_and_the_doc_names_their_da
         task = index[name]
         # lm-eval's own task (not a copy of ours), a single task rather than a group or tag.
         assert task.kind.name == "TASK" and lm_eval_tasks in task.yaml_path.parents, name
+        assert "num_fewshot" not in task.cfg, name  # zero-shot, as the paper and scorecard
         # The doc's row for the task names the dataset lm-eval loads for it.
         row = re.search(rf"^\| `{name}` \|.*$", doc, re.M)
         assert row and f"`{task.cfg['dataset_path']}`" in row.group(0), name
