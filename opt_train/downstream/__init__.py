@@ -1,0 +1,1 @@
+"""Downstream evaluation through lm-evaluation-harness: OPT's zero-shot suite and its scorecard."""
