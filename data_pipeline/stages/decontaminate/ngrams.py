@@ -130,18 +130,20 @@ class NgramIndex:
 def masked(text: str, ws: list[re.Match], starts: np.ndarray, n: int, mask_with: str) -> tuple:
     """`text` with each run of overlapping or adjacent matching n-grams (words starts[i] ..
     starts[i] + n - 1) replaced, from its first word's first character to its last word's last
-    character, by `mask_with`; returns (text, spans replaced, characters replaced)."""
+    character, by `mask_with`; returns (text, spans replaced, characters replaced, whether any
+    word is left outside them)."""
     spans: list[list[int]] = []
     for s in starts.tolist():
         if spans and s <= spans[-1][1] + 1:
             spans[-1][1] = max(spans[-1][1], s + n - 1)
         else:
             spans.append([s, s + n - 1])
-    out, prev, chars = [], 0, 0
+    out, prev, chars, covered = [], 0, 0, 0
     for a, b in spans:
+        covered += b - a + 1
         lo, hi = ws[a].start(), ws[b].end()
         out += [text[prev:lo], mask_with]
         chars += hi - lo
         prev = hi
     out.append(text[prev:])
-    return "".join(out), len(spans), chars
+    return "".join(out), len(spans), chars, covered < len(ws)

@@ -68,9 +68,9 @@ class Decontaminator:
             t["docs_removed"] += 1
             return None
         starts = np.unique(np.concatenate([m.starts[k] for k in found]))
-        text, spans, chars = masked(doc["text"], ws, starts, cfg.ngram, cfg.mask_with)
+        text, spans, chars, words_left = masked(doc["text"], ws, starts, cfg.ngram, cfg.mask_with)
         t.update(spans_masked=spans, chars_masked=chars)
-        if not text.strip():  # nothing but the evaluation text: later stages refuse empty texts
+        if not words_left:  # nothing but evaluation text: no document left to train on
             t["docs_emptied"] += 1
             return None
         t.update(docs_masked=1, docs_out=1)
