@@ -205,3 +205,41 @@ def test_an_unknown_lm_eval_task_is_refused_by_name(planted, tmp_path):
     with pytest.raises(ValueError, match=r"unknown lm-eval task 'toy_mcq'.*did you mean toy_mc"):
         run(cfg)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chain_step_removes_contaminated_documents_before_tokenize_and_reruns_on_new_eval(
+    planted, tmp_path
+):
+    """`steps: [decontaminate]` over two sources: its report counts per source; the token
+    shards lack the removed documents; a re-run skips it until the eval file changes."""
+    from data_pipeline import shards
+    from data_pipeline.chain import ChainConfig, CorpusConfig
+    from data_pipeline.chain import run as run_chain
+
+    evals = tmp_path / "eval.jsonl"
+    evals.write_bytes(planted["eval"].read_bytes())
+    cfg = ChainConfig(
+        work_dir=str(tmp_path / "work"),
+        sources=[
+            CorpusConfig(name=n, input=str(planted["corpus"] / f"{n}.jsonl"))
+            for n in ("web-0", "books")
+        ],
+        steps=["decontaminate"],
+        decontaminate={"eval": str(evals), "action": "remove"},
+        tokenize={"validation_fraction": 0.0},
+        progress=False,
+    )
+    first = run_chain(cfg)
+    assert "decontaminate:all" in first["ran"]
+    rep = json.loads((tmp_path / "work" / "decontaminate" / "all.report.json").read_text())
+    assert rep["by_source"] == {
+        "web-0": {"docs_in": 3, "documents": 1, "ngram_hits": 1},
+        "books": {"docs_in": 2, "documents": 1, "ngram_hits": 18},
+    }
+    assert len(list(shards.iter_documents(tmp_path / "work" / "tokens"))) == 5 - 2
+
+    assert "decontaminate:all" in run_chain(cfg)["skipped"]
+    evals.write_text(json.dumps({"text": "an unrelated evaluation text", "task": "quiz"}) + "\n")
+    again = run_chain(cfg)
+    assert "decontaminate:all" in again["ran"]
+    assert len(list(shards.iter_documents(tmp_path / "work" / "tokens"))) == 5
