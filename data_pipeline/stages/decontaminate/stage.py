@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from data_pipeline import ownership
 from data_pipeline.config_limits import check_limits
 from data_pipeline.documents import AtomicWriter, InputLimits, iter_lines
 from data_pipeline.runtime import executors, scaleout
@@ -127,6 +128,7 @@ def run(cfg: DecontaminateConfig) -> dict:
     t0 = time.perf_counter()
     scaleout.validate(cfg)
     plan = DecontaminatePlan(cfg)
+    ownership.check_output(plan.out)  # a typo in output= must not cost the index's build
     # Before any work: bad evaluation input stops the run here, naming the file or the task.
     index, names, stats = eval_index.build(cfg)
     with scaleout.owned(plan, "decontaminate"):
