@@ -89,9 +89,10 @@ def _as_texts(value: Any, choices: list | None) -> list[str]:
 
 def task_texts(task: Any) -> Iterator[str]:
     """Every evaluated document of one lm-eval task as the harness formats it (module doc)."""
-    delim = task.config.target_delimiter or ""
+    delim = getattr(task.config, "target_delimiter", " ") or ""
+    has_choices = getattr(task.config, "doc_to_choice", None) is not None
     for doc in task.eval_docs:
-        choices = task.doc_to_choice(doc) if task.config.doc_to_choice is not None else None
+        choices = task.doc_to_choice(doc) if has_choices else None
         context = " ".join(_as_texts(task.doc_to_text(doc), choices))
         golds = _as_texts(task.doc_to_target(doc), choices)
         for gold in golds or [""]:
