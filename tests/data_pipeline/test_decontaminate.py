@@ -110,9 +110,14 @@ def config(planted: dict, output: Path, **kw) -> DecontaminateConfig:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch) -> None:
+def offline(monkeypatch, tmp_path) -> None:
+    """No network, and lm-eval's dataset loads (not streamed) into a private `datasets` cache
+    rather than the user's (`datasets` reads HF_DATASETS_CACHE once, at import)."""
+    import datasets
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
 
 def ids(path: Path) -> list[str]:
