@@ -177,7 +177,7 @@ def test_mask_replaces_only_the_matching_span_and_report_keeps_every_document(pl
 
 
 def test_words_are_lowercased_alphanumeric_runs_so_case_and_punctuation_never_hide_a_match():
-    assert [m.group().lower() for m in words("The U.S.A.'s  Flag_day:\n3-D café")] == [
+    assert words("The U.S.A.'s  Flag_day:\n3-D CAFÉ") == [
         "the", "u", "s", "a", "s", "flag", "day", "3", "d", "café",
     ]  # fmt: skip
     _, a = text_ngrams("one two three four five six", 3)

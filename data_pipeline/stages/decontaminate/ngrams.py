@@ -31,9 +31,16 @@ _CACHE_MAX = 1 << 20
 _word_hashes: dict[str, int] = {}
 
 
-def words(text: str) -> list[re.Match]:
-    """The words of `text` (the rule above), as matches: `.group()` and its character span."""
-    return list(WORD.finditer(text))
+def words(text: str) -> list[str]:
+    """The lower-cased words of `text` (the rule above)."""
+    if text.isascii():  # ASCII lower-casing keeps every character a letter or not: one pass
+        return WORD.findall(text.lower())
+    return [w.lower() for w in WORD.findall(text)]
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character offsets of `words(text)`, in the same order."""
+    return [m.span() for m in WORD.finditer(text)]
 
 
 def word_hash(word: str) -> int:
@@ -53,7 +60,11 @@ def ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
     m = len(tokens) - n + 1
     if m <= 0:
         return np.empty(0, dtype=np.uint64)
-    w = np.fromiter((word_hash(t) for t in tokens), dtype=np.uint64, count=len(tokens))
+    get = _word_hashes.get  # the cache inline: a call per word costs more than the lookup
+    hs = [get(t) for t in tokens]
+    if None in hs:
+        hs = [word_hash(t) if h is None else h for h, t in zip(hs, tokens, strict=True)]
+    w = np.array(hs, dtype=np.uint64)
     h = w[:m].copy()
     for j in range(1, n):
         h *= _B  # wraps mod 2^64: numpy arrays do not check integer overflow
@@ -61,10 +72,10 @@ def ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
     return h
 
 
-def text_ngrams(text: str, n: int) -> tuple[list[re.Match], np.ndarray]:
+def text_ngrams(text: str, n: int) -> tuple[list[str], np.ndarray]:
     """The words of `text` and the hashes of its n-grams by start position."""
-    ws = words(text)
-    return ws, ngram_hashes([m.group().lower() for m in ws], n)
+    tokens = words(text)
+    return tokens, ngram_hashes(tokens, n)
 
 
 @dataclass
@@ -127,11 +138,12 @@ class NgramIndex:
         return Match(distinct, hits, {t: np.sort(np.concatenate(p)) for t, p in pos.items()})
 
 
-def masked(text: str, ws: list[re.Match], starts: np.ndarray, n: int, mask_with: str) -> tuple:
+def masked(text: str, starts: np.ndarray, n: int, mask_with: str) -> tuple[str, int, int, bool]:
     """`text` with each run of overlapping or adjacent matching n-grams (words starts[i] ..
     starts[i] + n - 1) replaced, from its first word's first character to its last word's last
     character, by `mask_with`; returns (text, spans replaced, characters replaced, whether any
     word is left outside them)."""
+    ws = word_spans(text)
     spans: list[list[int]] = []
     for s in starts.tolist():
         if spans and s <= spans[-1][1] + 1:
@@ -141,7 +153,7 @@ def masked(text: str, ws: list[re.Match], starts: np.ndarray, n: int, mask_with:
     out, prev, chars, covered = [], 0, 0, 0
     for a, b in spans:
         covered += b - a + 1
-        lo, hi = ws[a].start(), ws[b].end()
+        lo, hi = ws[a][0], ws[b][1]
         out += [text[prev:lo], mask_with]
         chars += hi - lo
         prev = hi

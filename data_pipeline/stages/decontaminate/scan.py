@@ -30,7 +30,7 @@ class Decontaminator:
 
     def __call__(self, doc: dict) -> tuple[dict | None, dict | None]:
         """(the document to write or None, its match record or None)."""
-        cfg, t = self.cfg, self.totals
+        cfg, t, n = self.cfg, self.totals, self.cfg.ngram
         source = doc["meta"].get("source")
         source = source if isinstance(source, str) else NO_SOURCE
         src = self.by_source.setdefault(source, Counter())
@@ -52,14 +52,13 @@ class Decontaminator:
             ex = self.examples.setdefault(name, [])
             if len(ex) < cfg.examples:
                 s = int(m.starts[k][0])
-                words = " ".join(w.group().lower() for w in ws[s : s + cfg.ngram])
-                ex.append({"id": doc["id"], "source": source, "ngram": words})
+                ex.append({"id": doc["id"], "source": source, "ngram": " ".join(ws[s : s + n])})
         t["docs_contaminated"] += 1
         t["ngram_hits"] += hits
         src.update(documents=1, ngram_hits=hits)
-        return self._act(doc, ws, m, found), record
+        return self._act(doc, m, found), record
 
-    def _act(self, doc: dict, ws: list, m: Any, found: dict) -> dict | None:
+    def _act(self, doc: dict, m: Any, found: dict) -> dict | None:
         cfg, t = self.cfg, self.totals
         if cfg.action == "report":
             t["docs_out"] += 1
@@ -68,7 +67,7 @@ class Decontaminator:
             t["docs_removed"] += 1
             return None
         starts = np.unique(np.concatenate([m.starts[k] for k in found]))
-        text, spans, chars, words_left = masked(doc["text"], ws, starts, cfg.ngram, cfg.mask_with)
+        text, spans, chars, words_left = masked(doc["text"], starts, cfg.ngram, cfg.mask_with)
         t.update(spans_masked=spans, chars_masked=chars)
         if not words_left:  # nothing but evaluation text: no document left to train on
             t["docs_emptied"] += 1
