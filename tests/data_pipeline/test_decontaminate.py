@@ -6,8 +6,11 @@ bad evaluation input is refused naming the file and line or the task."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +251,22 @@ def test_chain_step_removes_contaminated_documents_before_tokenize_and_reruns_on
     again = run_chain(cfg)
     assert "decontaminate:all" in again["ran"]
     assert len(list(shards.iter_documents(tmp_path / "work" / "tokens"))) == 5
+
+
+def test_cli_exits_1_naming_the_bad_eval_line_and_refuses_a_run_without_eval(planted, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "data_pipeline.decontaminate", *args, "progress=false"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "out.jsonl"
+    done = cli(f"input={planted['corpus']}", f"output={out}", f"eval={bad}")
+    assert done.returncode == 1
+    assert f"eval file {bad}:2: not a JSON line" in done.stderr
+    done = cli(f"input={planted['corpus']}", f"output={out}")
+    assert done.returncode == 1
+    assert "nothing to decontaminate against: set eval= and/or eval_tasks=" in done.stderr
+    assert not out.exists()

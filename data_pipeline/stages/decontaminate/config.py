@@ -48,6 +48,8 @@ class DecontaminateConfig(scaleout.ScaleOut):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_limits(self, "", DECONTAMINATE_LIMITS)
+        if self.eval is None and not self.eval_tasks:
+            raise ValueError("nothing to decontaminate against: set eval= and/or eval_tasks=[...]")
 
 
 DECONTAMINATE_LIMITS = {

@@ -110,8 +110,6 @@ def build(cfg: Any) -> tuple[NgramIndex, list[str], dict[str, dict]]:
     """The index of every evaluation text of `cfg` (eval files, then eval_tasks), the task
     names by number, and per task: texts, texts shorter than `ngram` words (they cannot
     match), distinct n-grams."""
-    if cfg.eval is None and not cfg.eval_tasks:
-        raise ValueError("nothing to decontaminate against: set eval= and/or eval_tasks=[...]")
     sources = []
     if cfg.eval is not None:
         sources.append(jsonl_texts(cfg.eval, cfg.eval_task_field))
