@@ -138,6 +138,7 @@ def test_planted_13grams_of_an_lm_eval_task_and_a_jsonl_file_are_removed_and_cou
     assert one["eval"]["quiz"] == {
         "texts": 1, "short_texts": 0, "ngrams": 18, "documents": 2, "ngram_hits": 1 + 18,
     }  # fmt: skip
+    assert one["index"] == {"ngrams": 18 + 20, "bytes": 12 * 38}  # quiz's and toy_mc's
     assert one["eval"]["eval"]["short_texts"] == 1  # "too short": the file's name is its task
     toy = one["eval"]["toy_mc"]
     assert (toy["texts"], toy["documents"], toy["ngram_hits"]) == (1, 1, 1)

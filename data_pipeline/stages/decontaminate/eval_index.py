@@ -142,7 +142,12 @@ def save(directory: Path, index: NgramIndex, names: list[str], stats: dict) -> N
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "hashes.npy", _npy(index.hashes))
     atomic_write(directory / "sets.npy", _npy(index.sets))
-    meta = {"tasks": names, "task_sets": [list(s) for s in index.task_sets], "stats": stats}
+    meta = {
+        "tasks": names,
+        "task_sets": [list(s) for s in index.task_sets],
+        "stats": stats,
+        "ngrams": len(index.hashes),
+    }
     atomic_write_json(directory / "index.json", meta)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 WORD = re.compile(r"[^\W_]+")
+INDEX_BYTES_PER_NGRAM = 12  # its uint64 hash and the int32 number of its set of tasks
 _B = np.uint64(0x9E3779B97F4A7C15)  # odd, so every power is invertible mod 2^64
 # Word hashes kept per process; a corpus repeats its vocabulary, so most words hit the cache.
 _CACHE_MAX = 1 << 20

@@ -17,6 +17,7 @@ from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, wr
 from data_pipeline.runtime.plan import StagePlan
 from data_pipeline.stages.decontaminate import eval_index
 from data_pipeline.stages.decontaminate.config import DECONTAMINATE_LIMITS, DecontaminateConfig
+from data_pipeline.stages.decontaminate.ngrams import INDEX_BYTES_PER_NGRAM
 from data_pipeline.stages.decontaminate.scan import DecontaminateScan
 
 TOTALS = ("docs_in", "docs_out", "docs_contaminated", "ngram_hits", "docs_removed",
@@ -103,6 +104,8 @@ class DecontaminateReport(scaleout.TaskStep):
                 name: {**s, **by_task.get(name, {"documents": 0, "ngram_hits": 0})}
                 for name, s in sorted(meta["stats"].items())
             },
+            # The index every scan task maps: distinct n-grams over all tasks, and its bytes.
+            "index": {"ngrams": meta["ngrams"], "bytes": meta["ngrams"] * INDEX_BYTES_PER_NGRAM},
             "by_source": _summed(st, "by_source"),
             "examples": {k: examples[k][: cfg.examples] for k in sorted(examples)},
             "matches": str(matches) if matches.exists() else None,
