@@ -200,6 +200,30 @@ def test_min_ngrams_sets_how_many_distinct_task_ngrams_make_a_document_contamina
     assert Decontaminator(cfg, index, ["t"])(doc) == (doc, None)
 
 
+@pytest.mark.parametrize(
+    ("keys", "text", "totals"),
+    [
+        ({}, "aa bb <m> ff gg <m>", {"spans_masked": 2, "docs_masked": 1}),
+        # 3 characters more each side; the single space left between the cuts is kept
+        ({"mask_window": 3}, "aa <m> <m>", {"spans_masked": 2, "docs_masked": 1}),
+        # ... and with min_piece 2 goes with them; "aa " (3 characters) stays
+        ({"mask_window": 3, "mask_min_piece": 2}, "aa <m>", {"spans_masked": 1}),
+        ({"mask_window": 3, "mask_min_piece": 4}, None, {"docs_emptied": 1}),  # no word left
+        ({"mask_max_spans": 1}, None, {"docs_too_dirty": 1}),  # 2 spans: removed whole
+    ],
+)
+def test_mask_cuts_each_span_widened_by_window_absorbing_short_pieces(keys, text, totals):
+    ev = [text_ngrams(t, 3)[1] for t in ("cc dd ee", "hh ii jj")]
+    cfg = DecontaminateConfig(
+        input="-", output="-", eval="-", ngram=3, action="mask", mask_with="<m>", **keys
+    )
+    dec = Decontaminator(cfg, NgramIndex.build(ev), ["a", "b"])
+    kept, record = dec({"text": "aa bb cc dd ee ff gg hh ii jj", "id": "d", "meta": {}})
+    assert record["tasks"] == {"a": {"ngrams": 1, "hits": 1}, "b": {"ngrams": 1, "hits": 1}}
+    assert (kept and kept["text"]) == text
+    assert totals == {k: dec.totals[k] for k in totals}
+
+
 def test_an_eval_line_that_is_not_json_is_refused_naming_file_and_line(planted, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n\n{"text": oops}\n')

@@ -40,6 +40,12 @@ class DecontaminateConfig(scaleout.ScaleOut):
     # the matching spans of contaminated documents replaced by `mask_with`.
     action: str = "report"
     mask_with: str = ""
+    # mask: characters also cut each side of a span, text left between cuts shorter than
+    # mask_min_piece cut too, documents with more than mask_max_spans cuts removed whole (0:
+    # no limit). GPT-3's (lm-eval's janitor): 200, 200 and 10.
+    mask_window: int = 0
+    mask_min_piece: int = 0
+    mask_max_spans: int = 0
     examples: int = 5  # matches listed per task in the report
     # The parent of this stage's private opt-train-decontaminate.work/; unset: beside the output.
     work_dir: str | None = None
@@ -57,4 +63,7 @@ DECONTAMINATE_LIMITS = {
     "min_ngrams": AT_LEAST_1,
     "action": OneOf(ACTIONS),
     "examples": NON_NEGATIVE,
+    "mask_window": NON_NEGATIVE,
+    "mask_min_piece": NON_NEGATIVE,
+    "mask_max_spans": NON_NEGATIVE,
 }

@@ -139,24 +139,39 @@ class NgramIndex:
         return Match(distinct, hits, {t: np.sort(np.concatenate(p)) for t, p in pos.items()})
 
 
-def masked(text: str, starts: np.ndarray, n: int, mask_with: str) -> tuple[str, int, int, bool]:
-    """`text` with each run of overlapping or adjacent matching n-grams (words starts[i] ..
-    starts[i] + n - 1) replaced, from its first word's first character to its last word's last
-    character, by `mask_with`; returns (text, spans replaced, characters replaced, whether any
-    word is left outside them)."""
+def masked(
+    text: str, starts: np.ndarray, n: int, mask_with: str, window: int = 0, min_piece: int = 0
+) -> tuple[str, int, int, bool]:
+    """`text` with its matching n-grams (words starts[i] .. starts[i] + n - 1) cut out: each
+    run of overlapping or adjacent n-grams, from its first word's first character to its last
+    word's last character, widened by `window` characters each side; cuts that then overlap
+    are one; a piece of text between cuts (or before the first, after the last) shorter than
+    `min_piece` characters goes with them. Each cut is replaced by `mask_with`. Returns (text,
+    cuts, characters cut, whether a word is left outside the cuts)."""
     ws = word_spans(text)
-    spans: list[list[int]] = []
+    runs: list[list[int]] = []
     for s in starts.tolist():
-        if spans and s <= spans[-1][1] + 1:
-            spans[-1][1] = max(spans[-1][1], s + n - 1)
+        if runs and s <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], s + n - 1)
         else:
-            spans.append([s, s + n - 1])
-    out, prev, chars, covered = [], 0, 0, 0
-    for a, b in spans:
-        covered += b - a + 1
-        lo, hi = ws[a][0], ws[b][1]
+            runs.append([s, s + n - 1])
+    cuts: list[list[int]] = []
+    for a, b in runs:
+        lo, hi = max(ws[a][0] - window, 0), min(ws[b][1] + window, len(text))
+        if cuts and lo - cuts[-1][1] < max(min_piece, 1):
+            cuts[-1][1] = max(cuts[-1][1], hi)
+        else:
+            cuts.append([lo, hi])
+    if 0 < cuts[0][0] < min_piece:
+        cuts[0][0] = 0
+    if 0 < len(text) - cuts[-1][1] < min_piece:
+        cuts[-1][1] = len(text)
+    out, prev, chars, left = [], 0, 0, False
+    for lo, hi in cuts:
+        left = left or WORD.search(text, prev, lo) is not None
         out += [text[prev:lo], mask_with]
         chars += hi - lo
         prev = hi
+    left = left or WORD.search(text, prev) is not None
     out.append(text[prev:])
-    return "".join(out), len(spans), chars, covered < len(ws)
+    return "".join(out), len(cuts), chars, left

@@ -20,8 +20,8 @@ from data_pipeline.stages.decontaminate.config import DECONTAMINATE_LIMITS, Deco
 from data_pipeline.stages.decontaminate.ngrams import INDEX_BYTES_PER_NGRAM
 from data_pipeline.stages.decontaminate.scan import DecontaminateScan
 
-TOTALS = ("docs_in", "docs_out", "docs_contaminated", "ngram_hits", "docs_removed",
-          "docs_masked", "spans_masked", "chars_masked", "docs_emptied")  # fmt: skip
+TOTALS = ("docs_in", "docs_out", "docs_contaminated", "ngram_hits", "docs_removed", "docs_masked",
+          "spans_masked", "chars_masked", "docs_emptied", "docs_too_dirty")  # fmt: skip
 
 
 def matches_path(output: str | Path) -> Path:
@@ -44,7 +44,8 @@ class DecontaminatePlan(StagePlan):
 
     def fingerprints(self, index_digest: str) -> list[tuple[str, dict]]:
         cfg = self.cfg
-        params = ("ngram", "min_ngrams", "action", "mask_with", "examples")
+        params = ("ngram", "min_ngrams", "action", "mask_with", "mask_window", "mask_min_piece",
+                  "mask_max_spans", "examples")  # fmt: skip
         scan = {
             "inputs": self.files_fingerprint(),
             "tasks": self.tasks,
