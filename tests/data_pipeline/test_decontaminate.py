@@ -209,7 +209,7 @@ def test_min_ngrams_sets_how_many_distinct_task_ngrams_make_a_document_contamina
         # ... and with min_piece 2 goes with them; "aa " (3 characters) stays
         ({"mask_window": 3, "mask_min_piece": 2}, "aa <m>", {"spans_masked": 1}),
         ({"mask_window": 3, "mask_min_piece": 4}, None, {"docs_emptied": 1}),  # no word left
-        ({"mask_max_spans": 1}, None, {"docs_too_dirty": 1}),  # 2 spans: removed whole
+        ({"mask_max_hits": 1}, None, {"docs_too_dirty": 1}),  # 2 n-grams: removed whole
     ],
 )
 def test_mask_cuts_each_span_widened_by_window_absorbing_short_pieces(keys, text, totals):

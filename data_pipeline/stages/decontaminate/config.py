@@ -41,11 +41,11 @@ class DecontaminateConfig(scaleout.ScaleOut):
     action: str = "report"
     mask_with: str = ""
     # mask: characters also cut each side of a span, text left between cuts shorter than
-    # mask_min_piece cut too, documents with more than mask_max_spans cuts removed whole (0:
-    # no limit). GPT-3's (lm-eval's janitor): 200, 200 and 10.
+    # mask_min_piece cut too, documents with more than mask_max_hits matching n-gram positions
+    # removed whole (0: no limit). GPT-3's (lm-eval's janitor): 200, 200 and 10.
     mask_window: int = 0
     mask_min_piece: int = 0
-    mask_max_spans: int = 0
+    mask_max_hits: int = 0
     examples: int = 5  # matches listed per task in the report
     # The parent of this stage's private opt-train-decontaminate.work/; unset: beside the output.
     work_dir: str | None = None
@@ -65,5 +65,5 @@ DECONTAMINATE_LIMITS = {
     "examples": NON_NEGATIVE,
     "mask_window": NON_NEGATIVE,
     "mask_min_piece": NON_NEGATIVE,
-    "mask_max_spans": NON_NEGATIVE,
+    "mask_max_hits": NON_NEGATIVE,
 }

@@ -67,12 +67,12 @@ class Decontaminator:
             t["docs_removed"] += 1
             return None
         starts = np.unique(np.concatenate([m.starts[k] for k in found]))
+        if cfg.mask_max_hits and len(starts) > cfg.mask_max_hits:  # contaminated throughout
+            t["docs_too_dirty"] += 1
+            return None
         text, spans, chars, words_left = masked(
             doc["text"], starts, cfg.ngram, cfg.mask_with, cfg.mask_window, cfg.mask_min_piece
         )
-        if cfg.mask_max_spans and spans > cfg.mask_max_spans:  # contaminated throughout
-            t["docs_too_dirty"] += 1
-            return None
         t.update(spans_masked=spans, chars_masked=chars)
         if not words_left:  # nothing but evaluation text: no document left to train on
             t["docs_emptied"] += 1

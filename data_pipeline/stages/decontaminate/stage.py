@@ -45,7 +45,7 @@ class DecontaminatePlan(StagePlan):
     def fingerprints(self, index_digest: str) -> list[tuple[str, dict]]:
         cfg = self.cfg
         params = ("ngram", "min_ngrams", "action", "mask_with", "mask_window", "mask_min_piece",
-                  "mask_max_spans", "examples")  # fmt: skip
+                  "mask_max_hits", "examples")  # fmt: skip
         scan = {
             "inputs": self.files_fingerprint(),
             "tasks": self.tasks,
