@@ -189,6 +189,45 @@ def test_words_are_lowercased_alphanumeric_runs_so_case_and_punctuation_never_hi
     assert len(a) == 4 and a.tolist() == b.tolist()
 
 
+def test_finds_the_documents_lm_evals_janitor_finds_when_punctuation_is_only_at_word_edges():
+    """lm-eval's janitor (its GPT-3 decontamination) as the reference: it deletes ASCII
+    punctuation where this stage splits on it, which is the same words while punctuation
+    sits only at the edges of words."""
+    import numpy as np
+    from lm_eval.decontamination.janitor import Janitor, word_ngrams_indices
+
+    rng = random.Random(1)
+
+    def noisy(words: list[str]) -> str:  # case and edge punctuation, as real text has them
+        return " ".join(
+            rng.choice(["", "", "(", '"']) + (w.upper() if rng.random() < 0.2 else w)
+            + rng.choice(["", "", ",", ".", "!", ")"])
+            for w in words
+        )  # fmt: skip
+
+    evals = [phrase(rng, 40) for _ in range(5)]
+    docs = []
+    for i in range(150):
+        words = phrase(rng, 30).split()
+        if i % 3 == 0:  # 10 to 16 words of an evaluation text, somewhere in the document
+            src, k = rng.choice(evals).split(), rng.randint(10, 16)
+            at, start = rng.randrange(len(words)), rng.randrange(len(src) - k)
+            words[at:at] = src[start : start + k]
+        docs.append(noisy(words))
+    janitor = Janitor(ngram_n=13)
+    for e in evals:
+        janitor.register_contaminant_python(noisy(e.split()))
+    ref = [
+        any(janitor.normalize_string(g) in janitor.dirt_ngrams for g, _ in word_ngrams_indices(d, 13))
+        for d in docs
+    ]  # fmt: skip
+    index = NgramIndex.build([np.unique(np.concatenate([text_ngrams(e, 13)[1] for e in evals]))])
+    dec = Decontaminator(DecontaminateConfig(input="-", output="-", eval="-"), index, ["t"])
+    ours = [dec({"text": d, "id": str(i), "meta": {}})[1] is not None for i, d in enumerate(docs)]
+    assert ours == ref
+    assert 10 < sum(ours) < 50  # planted overlaps of 13 words or more, and only those
+
+
 def test_min_ngrams_sets_how_many_distinct_task_ngrams_make_a_document_contaminated():
     _, ev = text_ngrams(" ".join(VOCAB[:20]), 13)  # 8 distinct 13-grams
     index = NgramIndex.build([ev])
