@@ -65,19 +65,23 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "ingest": ("data_pipeline.stages.ingest", "IngestConfig", "run"),
     "clean": ("data_pipeline.stages.clean", "CleanConfig", "run"),
     "dedup": ("data_pipeline.stages.dedup", "DedupConfig", "run"),
+    "decontaminate": ("data_pipeline.stages.decontaminate", "DecontaminateConfig", "run"),
     "tokenize": ("data_pipeline.stages.tokenize", "TokenizeConfig", "run"),
 }
 # Stages that `missing_stages=skip` may pass data through (reddit output is not its input).
 OPTIONAL_STAGES = {"clean", "dedup"}
 # Document stages that see all sources at once (the rest run once per source).
-ACROSS_SOURCES = {"dedup"}
+ACROSS_SOURCES = {"dedup", "decontaminate"}
 # Parameters that change how a stage runs, never what it writes: not compared on re-runs.
 RUNTIME_PARAMS = {
     "workers", "batch_bytes", "progress", "progress_interval_s", "tasks", "executor", "slurm",
     "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.runtime.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
+SCALED_STAGES = ("reddit", "clean", "dedup", "decontaminate", "tokenize")
+# Parameters naming files a stage reads besides its input (decontamination's evaluation
+# texts): checksummed with its inputs, so a changed file re-runs the step.
+SIDE_INPUTS = {"decontaminate": ("eval",)}
 JSONL_SUFFIX = ".jsonl.zst"
 
 
@@ -110,6 +114,7 @@ class ChainConfig(ScaleOut):
     reddit: Any = None
     clean: Any = None
     dedup: Any = None
+    decontaminate: Any = None  # docs/data-decontamination.md: eval=, eval_tasks=, action=
     tokenize: Any = None
 
     def __post_init__(self) -> None:
@@ -124,7 +129,7 @@ CHAIN_LIMITS = {  # data_pipeline.config_limits
 }
 CORPUS_LIMITS = {"kind": OneOf(("documents", "reddit")), "weight": NON_NEGATIVE}
 # What `steps` may list: the stages that take documents and give documents.
-DOCUMENT_STAGES = OneOf(("clean", "dedup"))
+DOCUMENT_STAGES = OneOf(("clean", "dedup", "decontaminate"))
 
 
 # --- checksums and stage records -------------------------------------------------------------
@@ -237,11 +242,14 @@ class _Runner:
             return input_spec
         config_cls, run = loaded
         cfg = _stage_config(config_cls, params, input_spec, output)
+        inputs = self.sums.inputs(input_spec)
+        for key in SIDE_INPUTS.get(stage, ()):
+            inputs |= self.sums.inputs(params[key]) if params.get(key) else {}
         expected = {
             "stage": stage,
             "params": _comparable(params),
             "input": input_spec,
-            "inputs": self.sums.inputs(input_spec),
+            "inputs": inputs,
         }
         record_path = stage_record_path(output)
         if _is_complete(record_path, expected, self.sums):
@@ -329,7 +337,7 @@ class ChainPlan:
     def resolve(cls, cfg: ChainConfig) -> ChainPlan:
         _validate(cfg)
         work = Path(cfg.work_dir)
-        params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
+        params = {s: plain(getattr(cfg, s)) or {} for s in STAGES if s != "ingest"}
         limits = {
             k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")
         }
