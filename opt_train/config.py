@@ -57,7 +57,11 @@ TRAIN_LIMITS = {
     "num_threads": Range(1, null=True),
     "max_nonfinite_steps": AT_LEAST_1,
 }
-DATA_LIMITS = {"exhaust": OneOf(("repeat", "stop")), "seq_len": AT_LEAST_1}
+DATA_LIMITS = {
+    "exhaust": OneOf(("repeat", "stop")),
+    "seq_len": AT_LEAST_1,
+    "validation_fraction": Range(0, 1, hi_open=True),
+}
 OPTIM_LIMITS = {
     "lr": POSITIVE,  # a negative LR climbs the loss; NaN would only show after steps
     "beta1": FRACTION,
@@ -214,6 +218,13 @@ class DataConfig:
     # Re-hash every shard file against its manifest's sha256 at start-up (a read of all the
     # data: minutes for hundreds of GB), naming the first file whose bytes changed.
     verify: bool = False
+    # Foreign token data (datatrove .ds, Megatron .bin/.idx, saved HF datasets; docs/
+    # data-pipeline.md, "Formats in and out") carries no tokenizer record: gpt2 | opt | a
+    # directory with vocab.json. Our shards keep their manifest's; a declared one must agree.
+    tokenizer: Optional[str] = None
+    # Share of a foreign set's documents held out for validation (data_pipeline/formats/
+    # split_rule.py; the tokenize stage's default). Our shards carry their own split.
+    validation_fraction: float = 0.001
 
     def __post_init__(self) -> None:
         if self.path and self.sources:
