@@ -66,6 +66,7 @@ def test_the_documented_clis_all_have_scripts():
         "opt-data-dedup",
         "opt-data-tokenize",
         "opt-data-merge",
+        "opt-data-convert",
     }
 
 
