@@ -73,11 +73,18 @@ def run_datatrove(out: Path, tokenizer_file: Path) -> dict[str, Path]:
     return {name: out / name for name in writers}
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory, opt_tokenizer_dir) -> dict:
+@pytest.fixture(scope="session")
+def datatrove_written(tmp_path_factory, opt_tokenizer_dir) -> dict:
+    """TEXTS encoded, and the paths of datatrove's `.ds` and Megatron outputs: written once a
+    session (tests/opt_train/test_foreign_data.py trains on them too)."""
     out = tmp_path_factory.mktemp("foreign")
     tokenizer_file = hf_tokenizer_file(opt_tokenizer_dir, out)
     return {"encoded": encode_all(tokenizer_file), **run_datatrove(out, tokenizer_file)}
+
+
+@pytest.fixture
+def written(datatrove_written) -> dict:
+    return datatrove_written
 
 
 def all_documents(path: Path, options: ReadOptions) -> tuple[list, list]:

@@ -5,15 +5,20 @@ token stream is the documents those tools wrote, each followed by `</s>`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from data_pipeline.formats import FormatError
+from data_pipeline.formats.megatron import write_index
 from data_pipeline.formats.split_rule import is_validation, validation_by_index
-from opt_train.data.loader import build_data
+from data_pipeline.shards import ShardWriter
+from opt_train.data.loader import GlobalOrderLoader, build_data, open_sources
 from opt_train.train.trainer import Trainer
-from tests.data_pipeline.test_formats import encode_all, hf_tokenizer_file, run_datatrove
+from tests.data_pipeline.test_formats import datatrove_written  # noqa: F401 (a fixture)
 from tests.opt_train.conftest import small_job
 
 OPT_EOS = 2
@@ -30,15 +35,16 @@ FOREIGN = [
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory, opt_tokenizer_dir) -> dict:
+def written(tmp_path_factory, datatrove_written) -> dict:  # noqa: F811 (the fixture)
+    """datatrove's outputs (tests/data_pipeline/test_formats.py) and the same documents saved
+    as an HF dataset with ids."""
     import datasets
 
-    out = tmp_path_factory.mktemp("foreign-train")
-    tokenizer_file = hf_tokenizer_file(opt_tokenizer_dir, out)
-    encoded = encode_all(tokenizer_file)
+    out = tmp_path_factory.mktemp("foreign-hf")
+    encoded = datatrove_written["encoded"]
     ids = [f"doc-{i}" for i in range(len(encoded))]
     datasets.Dataset.from_dict({"input_ids": encoded, "id": ids}).save_to_disk(str(out / "hf"))
-    return {"encoded": encoded, "ids": ids, "hf": out / "hf", **run_datatrove(out, tokenizer_file)}
+    return {**datatrove_written, "ids": ids, "hf": out / "hf"}
 
 
 def stream_of(docs: list[list[int]]) -> np.ndarray:
@@ -82,3 +88,44 @@ def test_foreign_data_trains_and_the_loader_yields_the_written_documents(tmp_pat
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert np.isfinite(last["loss"]) and any("val_loss" in r for r in rows)
+
+
+def data_cfg(**kw) -> SimpleNamespace:
+    """A `data` section as open_sources reads it."""
+    base = dict(path=None, sources=[], cache_dir="", verify=False, seq_len=8,
+                tokenizer="opt", validation_fraction=0.0)  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_foreign_and_our_sources_mix_only_under_one_tokenizer(tmp_path, written):
+    def shards(name: str, record: dict) -> Path:
+        with ShardWriter(tmp_path / name, record) as w:
+            for doc in written["encoded"][:20]:
+                w.add(np.array(doc))
+        return tmp_path / name
+
+    opt = shards("opt", {"name": "opt", "vocab_size": 50265, "eos_id": OPT_EOS})
+    mix = [SimpleNamespace(name="m", path=str(written["megatron"]), weight=1.0),
+           SimpleNamespace(name="o", path=str(opt), weight=1.0)]  # fmt: skip
+    assert [s.name for s in open_sources(data_cfg(sources=mix))] == ["m", "o"]
+    gpt2 = shards("gpt2", {"name": "gpt2", "vocab_size": 50257, "eos_id": 50256})
+    mix[1].path = str(gpt2)
+    with pytest.raises(FormatError, match=rf"{gpt2}: data.tokenizer=opt declares 'opt'"):
+        open_sources(data_cfg(sources=mix))
+
+
+def test_an_id_beyond_the_declared_vocabulary_stops_the_batch_naming_file_and_document(
+    tmp_path,
+):
+    prefix = tmp_path / "meg" / "bad"
+    prefix.parent.mkdir()
+    doc = np.array([11, 12, 50260, 13, 50256], dtype=np.uint16)  # an OPT id, not a GPT-2 one
+    np.tile(doc, 40).tofile(f"{prefix}.bin")
+    write_index(Path(f"{prefix}.idx"), np.uint16, np.full(40, len(doc)))
+    (source,) = open_sources(data_cfg(path=str(prefix), tokenizer="gpt2"))
+    loader = GlobalOrderLoader(source.windows, 0, 4, 4, vocab_size=50257)
+    loader.next_step()
+    assert loader.bad_tokens and all(
+        re.fullmatch(rf"id 50260 at {prefix}.bin, document \d+ \(token 2 of it\)", b)
+        for b in loader.bad_tokens
+    )
