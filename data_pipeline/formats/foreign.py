@@ -4,9 +4,9 @@ Each format's reader gives a list of `TokenFile`s: a flat token array (a `numpy.
 the file where the format allows, so nothing is loaded) and its document boundaries. Here they
 become one token stream: the split's documents in stored order, each followed by the separator.
 A document whose last token is already the separator (datatrove and Megatron with
-`eos_token` set) is read as it is; one without gets the separator appended as it is read. When
-no document of a file needs one and the split takes all of the file, reads are plain slices of
-the memmap; otherwise a read gathers the positions it covers (still from the memmap).
+`eos_token` set) is read as it is; one without gets the separator appended as it is read. A read
+that lies within adjacent documents carrying their own separators is a plain slice of the
+memmap; otherwise it gathers the positions it covers (still from the memmap).
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ class _Part:
         if self.plain:
             first = int(self.file.bounds[0])
             return np.asarray(self.file.tokens[first + local : first + local + n])
+        # A window inside a run of adjacent kept documents that carry their own separators is
+        # one slice of the file (most windows when few documents are held out).
+        d0, d1 = np.searchsorted(self.stream_bounds, [local, local + n - 1], side="right") - 1
+        raw0 = int(self.starts[d0]) + local - int(self.stream_bounds[d0])
+        raw1 = int(self.starts[d1]) + local + n - 1 - int(self.stream_bounds[d1])
+        if raw1 - raw0 == n - 1 and self.has_sep[d0 : d1 + 1].all():
+            return np.asarray(self.file.tokens[raw0 : raw1 + 1])
         pos = np.arange(local, local + n, dtype=np.int64)
         d = np.searchsorted(self.stream_bounds, pos, side="right") - 1
         off = pos - self.stream_bounds[d]

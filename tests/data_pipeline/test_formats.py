@@ -136,6 +136,14 @@ def test_megatron_files_read_as_written_their_own_separators_kept_zero_copy(writ
     assert isinstance(whole.parts[0].file.tokens, np.memmap)
     assert np.array_equal(whole.read(0, whole.num_tokens), stream_of(written["encoded"]))
     assert np.array_equal(whole.read(5, 40), stream_of(written["encoded"])[5:45])
+    # With documents held out, reads within adjacent kept documents are slices, the others
+    # gathered: every read is the kept documents' stream either way.
+    train = open_split(path, "train", OPT)
+    held = validation_by_index(0, len(written["encoded"]), 0.2, 0)
+    stream = stream_of([d for d, h in zip(written["encoded"], held, strict=True) if not h])
+    assert train.num_tokens == len(stream)
+    for start in range(0, len(stream) - 40, 3):
+        assert np.array_equal(train.read(start, 40), stream[start : start + 40])
 
 
 def test_hf_saved_dataset_splits_by_the_tokenize_stages_id_rule(tmp_path, written):
