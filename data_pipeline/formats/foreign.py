@@ -6,7 +6,7 @@ become one token stream: the split's documents in stored order, each followed by
 A document whose last token is already the separator (datatrove and Megatron with
 `eos_token` set) is read as it is; one without gets the separator appended as it is read. A read
 that lies within adjacent documents carrying their own separators is a plain slice of the
-memmap; otherwise it gathers the positions it covers (still from the memmap).
+memmap; otherwise it is copied document by document from the memmap, separators put in.
 """
 
 from __future__ import annotations
@@ -75,13 +75,18 @@ class _Part:
         raw1 = int(self.starts[d1]) + local + n - 1 - int(self.stream_bounds[d1])
         if raw1 - raw0 == n - 1 and self.has_sep[d0 : d1 + 1].all():
             return np.asarray(self.file.tokens[raw0 : raw1 + 1])
-        pos = np.arange(local, local + n, dtype=np.int64)
-        d = np.searchsorted(self.stream_bounds, pos, side="right") - 1
-        off = pos - self.stream_bounds[d]
-        appended = off >= self.lengths[d]
-        src = np.where(appended, 0, self.starts[d] + off)
-        out = np.asarray(self.file.tokens[src]).astype(np.int64)
-        out[appended] = eos_id
+        # Document by document: its content is a slice, then its separator.
+        out = np.empty(n, dtype=np.int64)
+        end = local + n
+        bounds = self.stream_bounds[d0 : d1 + 2].tolist()
+        starts, lengths = self.starts[d0 : d1 + 1].tolist(), self.lengths[d0 : d1 + 1].tolist()
+        for b, s, length in zip(bounds, starts, lengths, strict=False):
+            sep = b + length  # the separator's stream position
+            lo, hi = max(b, local), min(sep, end)
+            if hi > lo:
+                out[lo - local : hi - local] = self.file.tokens[s + lo - b : s + hi - b]
+            if local <= sep < end:
+                out[sep - local] = eos_id
         return out
 
 
