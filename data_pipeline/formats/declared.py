@@ -7,7 +7,8 @@ HF's files carry no record we can compare (datatrove's `.ds.metadata` holds a fr
 - `opt`: OPT's fairseq ids (50,265, `</s>` = 2).
 - a directory with `vocab.json` (+ `merges.txt`): its vocabulary decides size and separator
   (`</s>` when present, else `<|endoftext|>`); OPT's files give the record our tokenize stage
-  writes for `tokenizer.name=opt tokenizer.path=<that directory>`.
+  writes for `tokenizer.name=opt tokenizer.path=<that directory>` (file hashes included),
+  GPT-2's files (an HF `gpt2` snapshot) a `gpt2` record compared by vocabulary and separator.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def declared_record(value: str | None, data_path: Path) -> dict:
     eos = vocab.get("</s>", vocab.get("<|endoftext|>"))
     if eos is None:
         raise FormatError(f"{vocab_file}: has neither </s> nor <|endoftext|>")
-    files = {f: sha256_file(d / f) for f in ("vocab.json", "merges.txt") if (d / f).is_file()}
-    name = "opt" if vocab.get("</s>") == OPT_EOS_ID else "gpt2"
-    return {"name": name, "files": files, "vocab_size": len(vocab), "eos_id": int(eos)}
+    record = {"name": "gpt2", "path": str(d), "vocab_size": len(vocab), "eos_id": int(eos)}
+    if vocab.get("</s>") == OPT_EOS_ID:
+        # OPT's files: the very record `tokenizer.name=opt tokenizer.path=<d>` shards carry.
+        names = ("vocab.json", "merges.txt")
+        record.update(name="opt", files={f: sha256_file(d / f) for f in names if (d / f).is_file()})
+    return record
 
 
 def _strip(record: dict) -> dict:

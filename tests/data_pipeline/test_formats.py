@@ -15,6 +15,7 @@ from data_pipeline.formats import FormatError, ReadOptions, detect, open_split, 
 from data_pipeline.formats import megatron as meg
 from data_pipeline.formats.split_rule import is_validation, validation_by_index
 from data_pipeline.shards import ShardWriter
+from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
 
 OPT_EOS = 2
 TEXTS = [
@@ -178,12 +179,16 @@ def test_hf_dataset_dict_keeps_its_own_validation_split(tmp_path, written):
     assert all_documents(path, OPT) == (enc[:70], enc[70:])
 
 
-def test_our_shards_keep_their_record_and_a_contradicting_declaration_is_refused(tmp_path):
-    tok = {"name": "opt", "vocab_size": 50265, "eos_id": OPT_EOS}
+def test_our_shards_keep_their_record_and_a_contradicting_declaration_is_refused(
+    tmp_path, opt_tokenizer_dir
+):
+    # The record `python -m data_pipeline.tokenize tokenizer.name=opt tokenizer.path=...` writes.
+    tok = Tokenizer(TokenizerSpec("opt", str(opt_tokenizer_dir))).describe()
     with ShardWriter(tmp_path / "s", tok) as w:
         w.add(np.arange(5, 30))
     assert detect(tmp_path / "s") == "opt-train"
-    assert open_split(tmp_path / "s", "train", ReadOptions("opt")).num_tokens == 26
+    for declared in ("opt", str(opt_tokenizer_dir)):
+        assert open_split(tmp_path / "s", "train", ReadOptions(declared)).num_tokens == 26
     with pytest.raises(FormatError, match=r"s: data.tokenizer=gpt2 declares 'gpt2'.*'opt'"):
         open_split(tmp_path / "s", "train", ReadOptions("gpt2"))
 
