@@ -57,7 +57,8 @@ TRAIN_LIMITS = {
     "num_threads": Range(1, null=True),
     "max_nonfinite_steps": AT_LEAST_1,
 }
-DATA_LIMITS = {"exhaust": OneOf(("repeat", "stop")), "seq_len": AT_LEAST_1}
+DATA_LIMITS = {"exhaust": OneOf(("repeat", "stop")), "seq_len": AT_LEAST_1,
+               "validation_fraction": FRACTION}  # fmt: skip
 OPTIM_LIMITS = {
     "lr": POSITIVE,  # a negative LR climbs the loss; NaN would only show after steps
     "beta1": FRACTION,
@@ -200,9 +201,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # a token shard directory; None: the embedded tiny corpus
-    # A train-time mixture: [{name, path, weight}, ...] (docs/training.md, "Data mixtures");
-    # `path` is the one-source shorthand, so only one of the two may be set.
+    path: Optional[str] = None  # shards, or datatrove/Megatron/HF token data; None: tiny corpus
+    # A train-time mixture [{name, path, weight}, ...] (docs/training.md); or `path`, not both.
     sources: list[SourceConfig] = field(default_factory=list)
     exhaust: str = "repeat"  # a used-up source: repeat (reshuffled) | stop (end the run)
     seq_len: int = 128
@@ -214,6 +214,8 @@ class DataConfig:
     # Re-hash every shard file against its manifest's sha256 at start-up (a read of all the
     # data: minutes for hundreds of GB), naming the first file whose bytes changed.
     verify: bool = False
+    tokenizer: Optional[str] = None  # foreign token data's: gpt2 | opt | dir (data-pipeline.md)
+    validation_fraction: float = 0.001  # foreign data's held-out share (formats/split_rule.py)
 
     def __post_init__(self) -> None:
         if self.path and self.sources:

@@ -67,6 +67,7 @@ def test_the_documented_clis_all_have_scripts():
         "opt-data-tokenize",
         "opt-data-merge",
         "opt-data-decontaminate",
+        "opt-data-convert",
     }
 
 

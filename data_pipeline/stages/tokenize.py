@@ -36,7 +36,6 @@ depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import multiprocessing as mp
 import time
@@ -53,6 +52,7 @@ from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
 from data_pipeline.documents import InputLimits, Rejects, expand_inputs
 from data_pipeline.files import publish_file, temporary_beside
+from data_pipeline.formats.split_rule import RULE_BY_ID, is_validation, unit_hash
 from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, stage_main, to_container, write_report
 from data_pipeline.runtime.plan import StagePlan, file_fingerprint
@@ -107,16 +107,6 @@ TOKENIZE_LIMITS = {  # data_pipeline.config_limits
     "batch_bytes": AT_LEAST_1,
     "max_shard_tokens": AT_LEAST_1,
 }
-
-
-def unit_hash(seed: int, doc_id: str, purpose: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, id, purpose): split and weight decisions."""
-    h = hashlib.blake2b(f"{seed}\0{purpose}\0{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0**64
-
-
-def is_validation(doc_id: str, fraction: float, seed: int) -> bool:
-    return fraction > 0 and unit_hash(seed, doc_id, "split") < fraction
 
 
 def train_copies(doc_id: str, weight: float, seed: int) -> int:
@@ -215,7 +205,7 @@ class _Plan(StagePlan):
             "upstream": config.get("pipeline") or {},
         }
         self.split_rule = {
-            "rule": "validation iff blake2b(seed, 'split', id) / 2**64 < validation_fraction",
+            "rule": RULE_BY_ID,
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,
         }

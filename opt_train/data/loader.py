@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.shards import SplitReader, read_manifest, verify
+from data_pipeline.formats import ReadOptions, open_split, same_tokenizer, split_tokens, verify_data
 from opt_train.data.mixture import Mixture
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,13 @@ def resolve_data_path(path: str | None, cache_dir: str) -> Path:
 
 
 class PackedWindows:
-    """Fixed-length windows over one split's token stream."""
+    """Fixed-length windows over one split's token stream (our shards or foreign token data:
+    data_pipeline/formats, read through `options`)."""
 
-    def __init__(self, path: str | Path, split: str, seq_len: int):
-        self.reader = SplitReader(path, split)
+    def __init__(
+        self, path: str | Path, split: str, seq_len: int, options: ReadOptions | None = None
+    ):
+        self.reader = open_split(path, split, options)
         self.split = split
         self.seq_len = seq_len
         self.num_windows = (self.reader.num_tokens - 1) // seq_len
@@ -92,6 +95,8 @@ class PackedWindows:
     def locate(self, pos: int) -> str:
         """Where token `pos` of the split's stream is stored: shard file, document, offset."""
         r = self.reader
+        if hasattr(r, "locate"):  # foreign data: its files and appended separators
+            return r.locate(pos)
         s = int(np.searchsorted(r.starts, pos, side="right")) - 1
         local = pos - int(r.starts[s])
         doc = int(np.searchsorted(r.indexes[s], local, side="right")) - 1
@@ -347,25 +352,34 @@ class ValidationSet:
 def open_sources(data_cfg) -> list[Source]:
     """`data.sources` (or the `data.path` shorthand, or the embedded corpus) as training
     sources, refusing sets made with different tokenizers."""
+    opts = read_options(data_cfg)
     if not data_cfg.sources:
         path = resolve_data_path(data_cfg.path, data_cfg.cache_dir)
-        verify_shards(path, data_cfg.verify)
-        return [Source(None, PackedWindows(path, "train", data_cfg.seq_len))]
+        verify_shards(path, data_cfg.verify, opts)
+        return [Source(None, PackedWindows(path, "train", data_cfg.seq_len, opts))]
     sources = []
     for s in data_cfg.sources:
         path = Path(s.path).expanduser()
-        verify_shards(path, data_cfg.verify)
-        sources.append(Source(s.name, PackedWindows(path, "train", data_cfg.seq_len), s.weight))
+        verify_shards(path, data_cfg.verify, opts)
+        windows = PackedWindows(path, "train", data_cfg.seq_len, opts)
+        sources.append(Source(s.name, windows, s.weight))
     check_same_tokenizer(sources)
     return sources
 
 
-def verify_shards(path: Path, enabled: bool) -> None:
+def read_options(data_cfg) -> ReadOptions:
+    """How foreign token data is read (data_pipeline/formats): its declared tokenizer and the
+    validation share."""
+    return ReadOptions(data_cfg.tokenizer, data_cfg.validation_fraction)
+
+
+def verify_shards(path: Path, enabled: bool, opts: ReadOptions | None = None) -> None:
     """`data.verify=true`: every shard file's sha256 against the manifest before training, so
-    bytes changed on disk since the pipeline wrote them stop the run naming the file."""
+    bytes changed on disk since the pipeline wrote them stop the run naming the file (foreign
+    data: every id against the declared vocabulary)."""
     if enabled:
         log.info("data.verify: hashing the shards of %s", path)
-        verify(path)
+        verify_data(path, opts)
 
 
 def _tokenizer_record(manifest: dict) -> dict:
@@ -390,7 +404,7 @@ def check_same_tokenizer(sources: Sequence[Source]) -> None:
     want = _tokenizer_record(first.windows.reader.manifest)
     for s in sources[1:]:
         got = _tokenizer_record(s.windows.reader.manifest)
-        if got != want:
+        if not same_tokenizer(got, want):
             raise ValueError(
                 f"data.sources: {s.name!r} ({s.windows.reader.path}) was tokenized with "
                 f"{_describe_tokenizer(got)}, but {first.name!r} ({first.windows.reader.path}) "
@@ -430,12 +444,13 @@ def build_data(
     )
     val_sets: list[ValidationSet] = []
     if cfg.train.eval_interval > 0:
+        opts = read_options(data)
         for s in sources:
             path = s.windows.reader.path
-            if s.name is not None and not _has_validation(path, data.seq_len):
+            if s.name is not None and split_tokens(path, "validation", opts) <= data.seq_len:
                 log.info("data: source %r has no validation split; no val_loss/%s", s.name, s.name)
                 continue
-            windows = PackedWindows(path, "validation", data.seq_len)
+            windows = PackedWindows(path, "validation", data.seq_len, opts)
             check_validation_ids(windows, val_micro_batch * cfg.train.eval_batches, vocab)
             batches = validation_batches(
                 windows, val_micro_batch, cfg.train.eval_batches, rank, world
@@ -457,11 +472,6 @@ def check_validation_ids(windows: PackedWindows, num_windows: int, vocab_size: i
             f"{len(bad)} token id(s) of the validation set outside the vocabulary "
             f"[0, {vocab_size}): {'; '.join(bad[:5])}"
         )
-
-
-def _has_validation(path: Path, seq_len: int) -> bool:
-    split = read_manifest(path)["splits"].get("validation")
-    return bool(split) and split["num_tokens"] > seq_len
 
 
 def validation_row(val_sets: Sequence[ValidationSet], losses: Sequence[float]) -> dict:
