@@ -51,7 +51,15 @@ def tokenizer_files(record: dict) -> tuple[Path, Path]:
         d = gpt2_files_dir()
         files = {"encoder.json": d / "encoder.json", "vocab.bpe": d / "vocab.bpe"}
     else:
-        d = Path(record["path"] or "")
+        if not record.get("path"):
+            # `data.tokenizer=opt` on foreign data names OPT's ids but not where its files are.
+            raise ValueError(
+                f"the training data's tokenizer record ({record['name']!r}) says where no "
+                "vocabulary files are, so the export cannot write a tokenizer; train with "
+                "data.tokenizer=<directory with vocab.json and merges.txt>, or export with --data "
+                "naming shards tokenized with the same vocabulary"
+            )
+        d = Path(record["path"])
         files = {"vocab.json": d / "vocab.json", "merges.txt": d / "merges.txt"}
     for key, f in files.items():
         if not f.is_file():
@@ -253,15 +261,15 @@ def export_checkpoint(
 ) -> dict:
     """Export a training checkpoint (a run_dir, its checkpoints/ or one checkpoint) to an HF
     directory. `overrides`: `export.KEY=VALUE` over the run's own `export` section.
-    `data_path`: the shard directory whose manifest names the tokenizer (default: the run's
+    `data_path`: the token data whose tokenizer record names the tokenizer (default: the run's
     `data.path`, or the embedded corpus)."""
     from omegaconf import OmegaConf
 
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.formats import open_split
     from opt_train.checkpoint.layout import FORMAT, find_checkpoint
     from opt_train.checkpoint.trusted import load_dcp
     from opt_train.config import JobConfig
-    from opt_train.data.loader import resolve_data_path
+    from opt_train.data.loader import read_options, resolve_data_path
 
     ckpt = find_checkpoint(checkpoint)  # verified: sizes and checksums of every file
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -281,7 +289,8 @@ def export_checkpoint(
     except Exception as e:
         raise SystemExit(f"error: invalid export config: {e.__cause__ or e}") from None
     data = Path(data_path) if data_path else resolve_data_path(cfg.data.path, cfg.data.cache_dir)
-    tokenizer = read_manifest(data)["tokenizer"]
+    # Any format data.path accepts: foreign data's record is the one its config declared.
+    tokenizer = open_split(data, "train", read_options(cfg.data)).manifest["tokenizer"]
 
     names_shapes = [(n, torch.Size(s)) for n, s in param_shapes(cfg.model).items()]
 

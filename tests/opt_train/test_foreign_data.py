@@ -17,6 +17,7 @@ from data_pipeline.formats.megatron import write_index
 from data_pipeline.formats.split_rule import is_validation, validation_by_index
 from data_pipeline.shards import ShardWriter
 from opt_train.data.loader import GlobalOrderLoader, build_data, open_sources
+from opt_train.tools.hf_export import export_checkpoint
 from opt_train.train.trainer import Trainer
 from tests.data_pipeline.test_formats import datatrove_written  # noqa: F401 (a fixture)
 from tests.opt_train.conftest import small_job
@@ -88,6 +89,11 @@ def test_foreign_data_trains_and_the_loader_yields_the_written_documents(tmp_pat
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert np.isfinite(last["loss"]) and any("val_loss" in r for r in rows)
+    # The HF export reads the tokenizer record of foreign data as the loader does; `opt`
+    # declares the ids but not where the files are, so the export says what to do.
+    with pytest.raises(ValueError, match=r"data.tokenizer=<directory with vocab.json"):
+        export_checkpoint(tmp_path / "run", tmp_path / "hf-out")
+    assert not (tmp_path / "hf-out").exists()
 
 
 def data_cfg(**kw) -> SimpleNamespace:
