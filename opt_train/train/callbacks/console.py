@@ -21,6 +21,7 @@ import torch
 from data_pipeline.runtime.progress import format_duration
 from opt_train.config import JobConfig
 from opt_train.train.callbacks.base import Callback
+from opt_train.train.goodput import summary_line
 from opt_train.train.metric_rows import row_kind
 
 if TYPE_CHECKING:
@@ -61,7 +62,11 @@ def eval_line(row: dict) -> str:
 
 
 def event_line(row: dict) -> str:
-    rest = " ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("event", "step"))
+    rest = " ".join(
+        f"{k}={_short(v) if k != 'documents' else f'{len(v)} (python -m opt_train.provenance)'}"
+        for k, v in row.items()
+        if k not in ("event", "step")
+    )
     return f"step {row['step']} | event {row['event']}" + (f" | {rest}" if rest else "")
 
 
@@ -154,6 +159,9 @@ class _Console(Callback):
             self.show_step(trainer, row, self.eta.update(row["step"]))
         elif kind == "eval":
             self.write(eval_line(row))
+        elif row["event"] == "goodput":  # in metrics.jsonl at every evaluation; here at the end
+            if row.get("final"):
+                self.write(summary_line(row))
         else:
             self.write(event_line(row))
 
