@@ -138,8 +138,8 @@ def draw(run_dirs: list[Path], labels: list[str] | None = None) -> matplotlib.fi
         if evals:
             axes[0].plot(*zip(*evals, strict=True), color=colour, ls="--", marker=".", lw=1.2)
         for r in rows:
-            if row_kind(r) != "event" or r["step"] not in tokens_at:
-                continue
+            if row_kind(r) != "event" or r["step"] not in tokens_at or r["event"] == "goodput":
+                continue  # goodput rows are a ledger, not a mark on the loss curve
             marker = event_kinds.setdefault(
                 r["event"], EVENT_MARKERS[len(event_kinds) % len(EVENT_MARKERS)]
             )

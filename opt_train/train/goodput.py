@@ -213,9 +213,14 @@ def summary_line(row: dict) -> str:
         if k.startswith("goodput/") and k.endswith("_s") and k != "goodput/wall_s" and v >= 0.05
     ]
     kinds.sort(key=lambda kv: -kv[1])
-    parts = ", ".join(f"{k} {format_duration(v)}" for k, v in kinds)
+    parts = ", ".join(f"{k} {_seconds(v)}" for k, v in kinds)
     n = row["goodput/processes"]
     return (
-        f"goodput {100 * row['goodput']:.1f}% of {format_duration(wall)} wall time "
+        f"goodput {100 * row['goodput']:.1f}% of {_seconds(wall)} wall time "
         f"({n} process{'es' if n != 1 else ''}): {parts}"
     )
+
+
+def _seconds(s: float) -> str:
+    """0.4s, 42.0s, then 1:02:03 (a tenth of a second matters in a short run's small kinds)."""
+    return f"{s:.1f}s" if s < 60 else format_duration(s)

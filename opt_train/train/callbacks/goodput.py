@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 class Goodput(Callback):
     """A `{"event": "goodput", "step": N, "goodput": fraction, "goodput/<kind>_s": ...}` row
-    after each evaluation (written when the step's post-step work is done) and at the end
-    (with `"final": true`), by rank 0."""
+    after each evaluation (written when the step's post-step work is done) and at the end,
+    by rank 0: the last goodput row of metrics.jsonl is the run's whole ledger."""
 
     def __init__(self) -> None:
         self._pending: int | None = None  # the step of an evaluation not yet followed by a row
@@ -52,9 +52,7 @@ class Goodput(Callback):
         if error is None:
             self._pending = None
             if trainer.dist.is_main:
-                trainer.log(
-                    {"event": "goodput", "step": trainer.step, **_row(trainer), "final": True}
-                )
+                trainer.log({"event": "goodput", "step": trainer.step, **_row(trainer)})
 
     def _flush(self, trainer: Trainer) -> None:
         if self._pending is not None:
