@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.shards import read_manifest
-from opt_train.data.loader import GlobalOrderLoader, PackedWindows
+from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source
 from opt_train.data.provenance import compact, step_documents, step_start, window_spans
 from opt_train.tools.provenance import main as provenance_main
 from tests.opt_train.garbage import SEQ, garbage_steps, rows
@@ -93,6 +93,26 @@ def test_two_ranks_read_the_world_one_documents_split_by_rank(garbage_corpus):
                 assert np.array_equal(np.concatenate(parts), row), (step, r)
 
 
+def test_a_mixtures_windows_name_their_source(garbage_corpus, tmp_path):
+    """Two sources (the corpus under two names, so their windows differ only by name and
+    order): each listed document part is the tokens the loader gave that sample."""
+    data, _ = garbage_corpus
+    sources = [Source(n, PackedWindows(data, "train", SEQ), w) for n, w in (("a", 3), ("b", 1))]
+    loader = GlobalOrderLoader(sources, 3, 8, 1)
+    named = set()
+    for step in range(1, 4):
+        spans = step_documents(loader, step)
+        rows = np.concatenate(
+            [np.concatenate([x.numpy(), y[:, -1:].numpy()], 1) for x, y in loader.next_step()]
+        )
+        for row, sample in zip(rows, sorted({s.sample for s in spans}), strict=True):
+            mine = [s for s in spans if s.sample == sample]
+            named |= {s.source for s in mine}
+            parts = [span_tokens(sources[0].windows, s.shard, s.doc, s.start, s.end) for s in mine]
+            assert np.array_equal(np.concatenate(parts), row), (step, sample)
+    assert named == {"a", "b"}
+
+
 def test_the_cli_refuses_bad_arguments_naming_them(tmp_path):
     with pytest.raises(SystemExit, match="step=N is required"):
         provenance_main([str(tmp_path)])
@@ -146,6 +166,8 @@ def test_a_two_rank_spike_row_names_the_garbage_documents_and_the_cli_prints_the
     ]
     assert {d["rank"] for d in two["documents"]} == {0, 1}
     assert [s["documents"] for s in one["spikes"]] == [s["documents"] for s in two["spikes"]]
+    second = _cli_json(capsys, run, "step=23", "rank=1")
+    assert second["documents"] == [d for d in two["documents"] if d["rank"] == 1]
     # ... which is a batch past the skipped ones: original step 26's.
     assert rollback["data_skip_steps"] == [[21, 23]]
     assert {d["sample"] for d in one["documents"]} == {2 * 25, 2 * 25 + 1}
