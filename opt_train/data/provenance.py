@@ -111,18 +111,18 @@ def batch_documents(
         for shard, doc, n, a, b, offset in window_spans(src.windows, w):
             spans.append(
                 DocumentSpan(
-                    r,
-                    g,
-                    w,
-                    src.name,
-                    str(src.windows.reader.path),
-                    shard,
-                    shards[shard]["tokens"],
-                    doc,
-                    n,
-                    a,
-                    b,
-                    offset,
+                    rank=r,
+                    sample=g,
+                    window=w,
+                    source=src.name,
+                    path=str(src.windows.reader.path),
+                    shard=shard,
+                    shard_file=shards[shard]["tokens"],
+                    doc=doc,
+                    doc_tokens=n,
+                    start=a,
+                    end=b,
+                    offset=offset,
                 )
             )
     return spans

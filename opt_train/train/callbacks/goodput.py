@@ -52,17 +52,13 @@ class Goodput(Callback):
         if error is None:
             self._pending = None
             if trainer.dist.is_main:
-                trainer.log({"event": "goodput", "step": trainer.step, **_row(trainer)})
+                trainer.log({"event": "goodput", "step": trainer.step, **trainer.goodput.row()})
 
     def _flush(self, trainer: Trainer) -> None:
         if self._pending is not None:
             step, self._pending = self._pending, None
             if trainer.dist.is_main:
-                trainer.log({"event": "goodput", "step": step, **_row(trainer)})
-
-
-def _row(trainer: Trainer) -> dict:
-    return trainer.goodput.row()
+                trainer.log({"event": "goodput", "step": step, **trainer.goodput.row()})
 
 
 def last_step_logged(path) -> int:
