@@ -202,8 +202,8 @@ def _draw_curves(axes, rows: list[dict], colour: str, label: str, event_kinds: d
     if evals:
         axes[0].plot(*zip(*evals, strict=True), color=colour, ls="--", marker=".", lw=1.2)
     for r in rows:
-        if row_kind(r) != "event" or r["step"] not in tokens_at:
-            continue
+        if row_kind(r) != "event" or r["step"] not in tokens_at or r["event"] == "goodput":
+            continue  # goodput rows are a ledger, not a mark on the loss curve
         marker = event_kinds.setdefault(
             r["event"], EVENT_MARKERS[len(event_kinds) % len(EVENT_MARKERS)]
         )

@@ -53,6 +53,7 @@ from opt_train.parallel.process_groups import (
 from opt_train.train.callbacks.base import Callback
 from opt_train.train.callbacks.defaults import default_callbacks
 from opt_train.train.flops import device_peak_flops, flops_per_token
+from opt_train.train.goodput import GoodputLedger
 from opt_train.train.run_files import write_text_atomic
 from opt_train.train.run_lock import RunDirLocked, hold_run_lock, holds_run_lock, release_run_locks
 from opt_train.train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
@@ -69,6 +70,7 @@ class NonFiniteLoss(FloatingPointError):
 class Trainer:
     def __init__(self, cfg: JobConfig, callbacks: list[Callback] | None = None):
         self.cfg = cfg
+        self.goodput = GoodputLedger()  # wall time by kind, from this process's start
         # First, so that a preemption during start-up is not lost (it stops after step one).
         self.preemption = PreemptionFlag().install()
         self.deepspeed = cfg.engine == "deepspeed"
@@ -380,7 +382,11 @@ class Trainer:
 
     def _call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+            if cb.goodput_kind is None:
+                getattr(cb, hook)(self, *args)
+            else:  # lost time of that kind (evaluation, checkpoint saves): train/goodput.py
+                with self.goodput.bracket(cb.goodput_kind, self.step):
+                    getattr(cb, hook)(self, *args)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -458,6 +464,7 @@ class Trainer:
             "world": self.dist.world,
             "mesh": self._mesh(),
             "precision": self.cfg.precision,  # resolved: what `auto` was here (resume_guard.py)
+            "goodput": self.goodput.state_dict(),
         }
         callbacks = {cb.key: sd for cb in self.callbacks if (sd := cb.state_dict())}
         if callbacks:
@@ -478,6 +485,8 @@ class Trainer:
         self.engine.load_state_dict(state)
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if "goodput" in state:  # older checkpoints have none; a rollback's is not loaded
+            self.goodput.load_state_dict(state["goodput"])
         saved = state.get("callbacks", {})
         for cb in self.callbacks:
             if cb.key in saved:

@@ -71,7 +71,11 @@ def test_old_checkpoint_resumes_at_step_2_and_continues_as_the_old_code_did(tmp_
     )
     assert out.returncode == 0, out.stderr[-3000:]
 
-    new_rows = rows(work / "run" / "metrics.jsonl")
+    *new_rows, ledger = rows(work / "run" / "metrics.jsonl")
+    # The run's last row is its goodput ledger: the old checkpoint holds none, so the ledger
+    # counts from this resume, whose start-up is a restart's.
+    assert (ledger["event"], ledger["step"], ledger["goodput/processes"]) == ("goodput", 4, 1)
+    assert ledger["goodput/restart_s"] > 0 and ledger["goodput/startup_s"] == 0
     assert new_rows[:2] == old_rows  # the old rows stay; the resume appends after them
     assert new_rows[2] == {
         "event": "config_change",

@@ -24,6 +24,9 @@ class Callback:
     (tokens_per_s, mfu, step_time_s) are this rank's own."""
 
     name: str = ""  # the key of this callback's entry in the checkpoint; the class name if empty
+    # The goodput ledger's kind for the time spent in this callback's hooks ("evaluation",
+    # "checkpoint", ...: opt_train/train/goodput.py); None: the step's own time.
+    goodput_kind: str | None = None
 
     def on_start(self, trainer: Trainer) -> None:
         """Once per `fit`, after the resume (`trainer.step` is the step resumed at), before

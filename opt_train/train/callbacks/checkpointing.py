@@ -24,6 +24,8 @@ class Checkpointing(Callback):
     training goes on; after `checkpoint.max_failures` in a row the run stops, and `on_end`
     raises CheckpointSaveFailed (exit status 86) instead of reporting success."""
 
+    goodput_kind = "checkpoint"
+
     def __init__(self, interval: int):
         self.interval = interval
 

@@ -21,6 +21,7 @@ import torch
 from data_pipeline.runtime.progress import format_duration
 from opt_train.config import JobConfig
 from opt_train.train.callbacks.base import Callback
+from opt_train.train.goodput import summary_line
 from opt_train.train.metric_rows import row_kind
 
 if TYPE_CHECKING:
@@ -61,7 +62,11 @@ def eval_line(row: dict) -> str:
 
 
 def event_line(row: dict) -> str:
-    rest = " ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("event", "step"))
+    rest = " ".join(
+        f"{k}={_short(v) if k != 'documents' else f'{len(v)} (python -m opt_train.provenance)'}"
+        for k, v in row.items()
+        if k not in ("event", "step")
+    )
     return f"step {row['step']} | event {row['event']}" + (f" | {rest}" if rest else "")
 
 
@@ -132,6 +137,7 @@ class _Console(Callback):
         self._stream = stream
         self._on = False
         self.eta: Eta | None = None
+        self._goodput: dict | None = None
 
     @property
     def stream(self) -> TextIO:
@@ -154,12 +160,19 @@ class _Console(Callback):
             self.show_step(trainer, row, self.eta.update(row["step"]))
         elif kind == "eval":
             self.write(eval_line(row))
+        elif row["event"] == "goodput":  # every evaluation's in metrics.jsonl; the last at close
+            self._goodput = row
         else:
             self.write(event_line(row))
 
     def on_end(self, trainer: Trainer) -> None:
         if self._on:
             self.write(end_line(trainer))
+
+    def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
+        # The goodput callback logs the run's last row in its on_close, before this one.
+        if self._on and error is None and self._goodput is not None:
+            self.write(summary_line(self._goodput))
 
     def write(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -236,6 +249,7 @@ class ProgressBar(_Console):
             self._bar.refresh()
 
     def on_close(self, trainer: Trainer, error: BaseException | None) -> None:
+        super().on_close(trainer, error)
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -7,6 +7,7 @@ from opt_train.train.callbacks.base import Callback
 from opt_train.train.callbacks.checkpointing import Checkpointing
 from opt_train.train.callbacks.console import console_callback
 from opt_train.train.callbacks.evaluation import Evaluation
+from opt_train.train.callbacks.goodput import Goodput
 from opt_train.train.callbacks.metrics_file import MetricsFile
 from opt_train.train.callbacks.mixture import SourceTokens
 from opt_train.train.callbacks.profiling import Profiler
@@ -16,9 +17,11 @@ from opt_train.train.callbacks.wandb import Wandb
 
 
 def default_callbacks(cfg: JobConfig) -> list[Callback]:
-    """The built-in callbacks for a job config, in the order they run: the file sinks before
-    Stability, so that metrics.jsonl is open when it writes."""
+    """The built-in callbacks for a job config, in the order they run: Goodput first (it
+    brackets the others' work), the file sinks before Stability, so that metrics.jsonl is open
+    when it writes."""
     callbacks: list[Callback] = [
+        Goodput(),
         Evaluation(cfg.train.eval_interval),
         Checkpointing(cfg.checkpoint.interval),
         MetricsFile(cfg.run_dir),

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 class Evaluation(Callback):
     """Validation loss every `train.eval_interval` steps (0 disables)."""
 
+    goodput_kind = "evaluation"
+
     def __init__(self, interval: int):
         self.interval = interval
 

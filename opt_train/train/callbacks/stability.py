@@ -13,8 +13,9 @@ NaN/inf steps in a row, is a spike. The response:
    semantics: they are consumed, not reordered, so the global order stays the seed's);
 4. optionally multiply the LR by `lr_factor` for `lr_steps` steps and clip at
    `clip_grad_norm` for `clip_steps` steps (`optim.lr_changes` / `optim.clip_changes` entries);
-5. drop metrics.jsonl's rows after the checkpoint, write the `spike` and `rollback` event rows,
-   and continue. More than `max_rollbacks` rollbacks within `window_steps` steps stop the run
+5. drop metrics.jsonl's rows after the checkpoint, write the `spike` and `rollback` event rows
+   (both name the documents of the spiking step: `documents`, [source, shard, doc] each), and
+   continue. More than `max_rollbacks` rollbacks within `window_steps` steps stop the run
    with `EXIT_ROLLBACK_LIMIT` (88) and the checkpoints left as they are.
 
 Every input to a decision is a value all ranks share (the all-reduced loss, the global gradient
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from opt_train.checkpoint.layout import STEP_DIR
 from opt_train.config import JobConfig
+from opt_train.data.provenance import compact, last_step_documents
 from opt_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
@@ -197,7 +199,10 @@ class Stability(Callback):
 
     def _respond(self, trainer: Trainer, metrics: dict, spike: dict) -> None:
         cfg, step = self.cfg, trainer.step
-        spike_row = {"event": "spike", "step": step, **spike}
+        # The documents of the spiking step's global batch (every rank's, computed from the
+        # loader's order: opt_train/data/provenance.py), before the rollback moves the loader.
+        documents = compact(last_step_documents(trainer.loader))
+        spike_row = {"event": "spike", "step": step, **spike, "documents": documents}
         recent = [s for s in self.rollback_steps if s > step - cfg.window_steps]
         if len(recent) >= cfg.max_rollbacks:
             self._event(trainer, {**spike_row, "action": "stop"})
@@ -238,6 +243,7 @@ class Stability(Callback):
             "to_step": target,
             "skipped_steps": [target + 1, step],  # this run's steps whose batches are skipped
             "skip_steps": skip,  # the same batches as data.skip_steps (original steps)
+            "documents": documents,  # those of the spiking step (its batch is skipped)
         }
         if cfg.lr_steps and cfg.lr_factor != 1.0:
             change = [target + 1, target + cfg.lr_steps, cfg.lr_factor]

@@ -35,7 +35,7 @@ class TensorBoard(Callback):
         if self._writer is None:
             return
         step = row["step"]
-        if "event" in row:
+        if "event" in row and row["event"] != "goodput":  # goodput rows are curves
             self._writer.add_text("events", json.dumps(row), step)
             return
         for name, value in flat_row(row).items():

@@ -38,8 +38,8 @@ class Wandb(Callback):
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self._run is None:
             return
-        if "event" not in row:
-            values = {k: v for k, v in flat_row(row).items() if k != "step"}
+        if "event" not in row or row["event"] == "goodput":  # goodput rows are curves
+            values = {k: v for k, v in flat_row(row).items() if k not in ("step", "event")}
         else:  # an event: 1 under events/<name>, its numbers under events/<name>/
             name = f"events/{row['event']}"
             nums = {f"{name}/{k}": v for k, v in row.items() if type(v) in (int, float)}
