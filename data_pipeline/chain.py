@@ -58,6 +58,7 @@ from data_pipeline.runtime.cli import (
 from data_pipeline.runtime.scaleout import ScaleOut, progress
 from data_pipeline.runtime.scaleout import validate as validate_scaleout
 from data_pipeline.sources import local_files, normalize, plain
+from data_pipeline.stages.ingest import DocFilter
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -77,8 +78,9 @@ RUNTIME_PARAMS = {
     "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.runtime.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "clean", "dedup", "tokenize")
-JSONL_SUFFIX = ".jsonl.zst"
+SCALED_STAGES = ("reddit", "ingest", "clean", "dedup", "tokenize")
+# The stages whose parameters the chain's config has a section for.
+STAGE_PARAMS = ("reddit", "ingest", "clean", "dedup", "tokenize")
 
 
 @dataclass
@@ -91,6 +93,9 @@ class CorpusConfig:
     input: Any = MISSING
     kind: str = "documents"
     weight: float = 1.0
+    # {meta key: [values]} (stages/ingest.py): keep only / drop documents by their metadata.
+    include: Any = None
+    exclude: Any = None
 
 
 @dataclass
@@ -108,6 +113,7 @@ class ChainConfig(ScaleOut):
     # Parameters for each stage's config (input and output are set by the chain). `Any` so
     # that a stage's parameters can be given before its module exists on this install.
     reddit: Any = None
+    ingest: Any = None
     clean: Any = None
     dedup: Any = None
     tokenize: Any = None
@@ -294,6 +300,7 @@ def _validate(cfg: ChainConfig) -> None:
         check_limits(s, f"sources.{s.name}", CORPUS_LIMITS)
         if s.kind == "documents":
             normalize(s.input)
+        DocFilter(s.include, s.exclude, f"sources.{s.name}")
     for step in cfg.steps:
         if not DOCUMENT_STAGES.allows(step):
             raise ValueError(
@@ -323,13 +330,12 @@ class ChainPlan:
     output: Path
     sources: list[dict]  # {name, input, kind, weight}, in the order given
     params: dict[str, dict]  # stage -> its parameters (scale-out keys filled in)
-    ingest_params: dict  # progress and input limits, which ingest shares with the stages
 
     @classmethod
     def resolve(cls, cfg: ChainConfig) -> ChainPlan:
         _validate(cfg)
         work = Path(cfg.work_dir)
-        params = {s: plain(getattr(cfg, s)) or {} for s in ("reddit", "clean", "dedup", "tokenize")}
+        params = {s: plain(getattr(cfg, s)) or {} for s in STAGE_PARAMS}
         limits = {
             k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")
         }
@@ -346,8 +352,6 @@ class ChainPlan:
             output=Path(cfg.output) if cfg.output else work / "tokens",
             sources=[plain(asdict(s)) for s in cfg.sources],
             params=params,
-            ingest_params={k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
-            | limits,
         )
 
     def step_count(self) -> int:
@@ -361,17 +365,17 @@ def _flat_inputs(current: list[tuple[str, Any]]) -> list[str]:
 
 
 def _ingest_sources(plan: ChainPlan, r: _Runner) -> list[tuple[str, Any]]:
-    """Each source (a Reddit one through the reddit stage first) ingested: (name, output)."""
+    """Each source (a Reddit one through the reddit stage first) ingested into a directory of
+    parts, one per task: (name, output)."""
     current = []
     for src in plan.sources:
         name, spec = src["name"], src["input"]
-        if src["kind"] == "reddit":
-            out = plan.work / "reddit" / f"{name}{JSONL_SUFFIX}"
-            spec = str(r.step("reddit", name, spec, out, plan.params["reddit"]))
-        out = plan.work / "ingest" / f"{name}{JSONL_SUFFIX}"
-        current.append(
-            (name, r.step("ingest", name, spec, out, {"source": name, **plan.ingest_params}))
-        )
+        if src["kind"] == "reddit":  # its parts stay parts: ingest shares them out
+            spec = str(r.step("reddit", name, spec, plan.work / "reddit" / name,
+                              plan.params["reddit"]))  # fmt: skip
+        params = {**plan.params["ingest"], "source": name}
+        params |= {k: src[k] for k in ("include", "exclude") if src[k] is not None}
+        current.append((name, r.step("ingest", name, spec, plan.work / "ingest" / name, params)))
     return current
 
 

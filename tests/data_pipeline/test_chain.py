@@ -88,7 +88,7 @@ def test_ingest_prefixes_ids_with_the_source_and_tags_meta(tmp_path, sources):
     run(config(tmp_path, sources))
     from data_pipeline.documents import Rejects, read_documents
 
-    got = list(read_documents(tmp_path / "work" / "ingest" / "books.jsonl.zst", Rejects(None)))
+    got = list(read_documents(tmp_path / "work" / "ingest" / "books", Rejects(None)))
     assert [d["id"] for d in got[:2]] == ["books/0", "books/1"]
     assert got[0]["meta"] == {"source": "books"}
 
@@ -139,7 +139,7 @@ def test_a_damaged_output_is_rebuilt_and_identical_bytes_leave_downstream_skippe
     tmp_path, sources
 ):
     run(config(tmp_path, sources))
-    ingested = tmp_path / "work" / "ingest" / "web.jsonl.zst"
+    ingested = tmp_path / "work" / "ingest" / "web" / "part-00000.jsonl.zst"
     good = ingested.read_bytes()
     ingested.write_bytes(good[:-10])
     report = run(config(tmp_path, sources))
@@ -159,7 +159,7 @@ def test_a_damaged_token_shard_is_rebuilt(tmp_path, sources):
 def test_a_step_without_its_record_is_redone(tmp_path, sources):
     """A run killed after a stage wrote its output but before the record: not trusted."""
     run(config(tmp_path, sources))
-    (tmp_path / "work" / "ingest" / "books.jsonl.zst.stage.json").unlink()
+    (tmp_path / "work" / "ingest" / "books.stage.json").unlink()
     assert run(config(tmp_path, sources))["ran"] == ["ingest:books"]
 
 
@@ -350,12 +350,15 @@ def test_reddit_clean_dedup_chain_gives_the_same_tokens_for_any_split(tmp_path):
         b = [d.tolist() for d in shards.iter_documents(tmp_path / "many" / "tokens", split)]
         assert a == b and a
     rep = json.loads((tmp_path / "many" / "dedup" / "all.report.json").read_text())
-    assert rep["tasks"]["signatures"] == 2  # one per input file (clean's parts of rd, web)
-    assert len(list((tmp_path / "many" / "dedup" / "all").iterdir())) == 2
+    # reddit's 3 parts stay parts: ingest, clean, dedup and tokenize all get 3 tasks
+    rd_ingest = json.loads((tmp_path / "many" / "ingest" / "rd.report.json").read_text())
+    assert rd_ingest["tasks"] == 3
+    assert rep["tasks"]["signatures"] == 3  # 4 files (rd's 3 parts, web's 1): 3 shares
+    assert len(list((tmp_path / "many" / "dedup" / "all").iterdir())) == 3
     tok = json.loads((tmp_path / "many" / "tokens.report.json").read_text())
-    assert tok["tasks"] == 2  # one per part of dedup's output
+    assert tok["tasks"] == 3  # one per part of dedup's output
     assert rep["docs_removed"] == 5
     th = next(t for t in threads if t.name == "across months")
-    reddit_out = tmp_path / "many" / "reddit" / "rd.jsonl.zst"
+    reddit_out = tmp_path / "many" / "reddit" / "rd"  # its parts, one per reduce task
     rd = {d["id"]: d for d in read_documents(reddit_out, Rejects(None))}
     assert rd["t3_" + th.key]["meta"]["comment_ids"] == th.expected
