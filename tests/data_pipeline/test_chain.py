@@ -362,3 +362,56 @@ def test_reddit_clean_dedup_chain_gives_the_same_tokens_for_any_split(tmp_path):
     reddit_out = tmp_path / "many" / "reddit" / "rd"  # its parts, one per reduce task
     rd = {d["id"]: d for d in read_documents(reddit_out, Rejects(None))}
     assert rd["t3_" + th.key]["meta"]["comment_ids"] == th.expected
+
+
+def one_source_of_8_files(tmp_path) -> Path:
+    """8 JSONL files of one source, with a near-duplicate pair across two files."""
+    d = tmp_path / "in" / "web"
+    for k in range(8):
+        rows = [{"text": f"Page {k}.{i} of the web tells of {k * 31 + i} things in turn.",
+                 "id": f"{k}-{i}"} for i in range(12)]  # fmt: skip
+        write_jsonl(d / f"web-{k}.jsonl", rows)
+    with open(d / "web-7.jsonl", "a") as f:  # an exact copy of a document of file 0
+        f.write(json.dumps({"text": "Page 0.3 of the web tells of 3 things in turn.", "id": "c"}))
+    return d
+
+
+def token_files(out: Path) -> dict[str, bytes]:
+    """The shard directory's token files (the manifest records how the run was split)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != shards.MANIFEST}
+
+
+def step_tasks(work: Path) -> dict[str, int]:
+    rep = {s: json.loads((work / f"{s}.report.json").read_text())
+           for s in ("ingest/web", "clean/web", "dedup/all", "tokens")}  # fmt: skip
+    return {
+        "ingest": rep["ingest/web"]["tasks"],
+        "clean": rep["clean/web"]["tasks"],
+        "signatures": rep["dedup/all"]["tasks"]["signatures"],
+        "tokenize": rep["tokens"]["tasks"],
+    }
+
+
+def test_one_source_is_split_into_tasks_at_every_step_with_the_same_tokens(tmp_path):
+    """ONE source of 8 files at tasks=4 workers=2: ingest, clean, dedup's signatures and
+    tokenize each run 4 tasks (from their reports) and the token shards are the bytes of a
+    tasks=1 run."""
+    src = one_source_of_8_files(tmp_path)
+
+    def chain_run(name: str, **kw) -> dict:
+        return run(ChainConfig(work_dir=str(tmp_path / name),
+                               sources=[CorpusConfig(name="web", input=str(src))],
+                               steps=["clean", "dedup"], progress=False,
+                               tokenize={"validation_fraction": 0.1}, **kw))  # fmt: skip
+
+    chain_run("one", tasks=1)
+    many = chain_run("many", tasks=4, workers=2)
+    assert step_tasks(tmp_path / "one") == dict.fromkeys(step_tasks(tmp_path / "one"), 1)
+    assert step_tasks(tmp_path / "many") == {"ingest": 4, "clean": 4, "signatures": 4,
+                                             "tokenize": 4}  # fmt: skip
+    a, b = token_files(tmp_path / "one" / "tokens"), token_files(tmp_path / "many" / "tokens")
+    assert a == b and any(n.endswith(".tokens") for n in a)
+    assert json.loads((tmp_path / "many" / "dedup" / "all.report.json").read_text())[
+        "docs_removed"
+    ] == 1  # the copy across files 0 and 7, found although they were in different tasks
+    assert many["rejects"]["total"] == 0
