@@ -113,7 +113,9 @@ def _load_hf(hf: dict):
     import datasets
 
     kwargs = {k: hf[k] for k in ("name", "data_files", "data_dir", "revision") if hf.get(k)}
-    return datasets.load_dataset(hf["path"], split=hf.get("split", "train"), streaming=True, **kwargs)
+    return datasets.load_dataset(
+        hf["path"], split=hf.get("split", "train"), streaming=True, **kwargs
+    )
 
 
 def hf_shards(hf: dict) -> int:

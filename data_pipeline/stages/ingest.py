@@ -219,7 +219,9 @@ class IngestReport(scaleout.TaskStep):
             "source": cfg.source,
             "output": str(plan.out),
             "tasks": plan.tasks,
-            **{k: sum(t.get(k, 0) for t in st) for k in ("documents_in", "documents", "text_chars")},
+            **{
+                k: sum(t.get(k, 0) for t in st) for k in ("documents_in", "documents", "text_chars")
+            },
             "filter": _filter_report(cfg, st),
             "cpu_s": round(sum(t["cpu_s"] for t in st), 3),
             "rejects": rejects.report(),

@@ -411,7 +411,8 @@ def test_one_source_is_split_into_tasks_at_every_step_with_the_same_tokens(tmp_p
                                              "tokenize": 4}  # fmt: skip
     a, b = token_files(tmp_path / "one" / "tokens"), token_files(tmp_path / "many" / "tokens")
     assert a == b and any(n.endswith(".tokens") for n in a)
-    assert json.loads((tmp_path / "many" / "dedup" / "all.report.json").read_text())[
-        "docs_removed"
-    ] == 1  # the copy across files 0 and 7, found although they were in different tasks
+    assert (
+        json.loads((tmp_path / "many" / "dedup" / "all.report.json").read_text())["docs_removed"]
+        == 1
+    )  # the copy across files 0 and 7, found although they were in different tasks
     assert many["rejects"]["total"] == 0
