@@ -416,3 +416,63 @@ def test_one_source_is_split_into_tasks_at_every_step_with_the_same_tokens(tmp_p
         == 1
     )  # the copy across files 0 and 7, found although they were in different tasks
     assert many["rejects"]["total"] == 0
+
+
+PILE_SETS = ["Pile-CC", "Enron Emails", "Wikipedia (en)", "FreeLaw"]
+
+
+def pile_style(tmp_path) -> Path:
+    """Pile-style records, `{"text", "meta": {"pile_set_name"}}`, in two files."""
+    d = tmp_path / "in" / "pile"
+    for k in range(2):
+        rows = [{"text": f"{name} record {k}.{i} with its own words.",
+                 "meta": {"pile_set_name": name}}
+                for i in range(5) for name in PILE_SETS]  # fmt: skip
+        write_jsonl(d / f"{k:02d}.jsonl", rows + [{"text": f"no meta {k}"}])
+    return d
+
+
+def test_include_and_exclude_keep_only_the_listed_pile_subsets(tmp_path):
+    pile = pile_style(tmp_path)
+    keep = {"pile_set_name": ["Pile-CC", "Wikipedia (en)", "Wikipedia"]}  # one misspelt
+    srcs = [
+        CorpusConfig(name="kept", input=str(pile), include=keep),
+        CorpusConfig(name="rest", input=str(pile), exclude={"meta.pile_set_name": PILE_SETS[:3]}),
+    ]
+    report = run(ChainConfig(work_dir=str(tmp_path / "w"), sources=srcs, steps=[], tasks=2,
+                             progress=False, tokenize={"validation_fraction": 0.0}))  # fmt: skip
+    assert report["rejects"]["total"] == 0
+    tok = Tokenizer(TokenizerSpec())
+    texts = [tok.decode(d) for d in shards.iter_documents(tmp_path / "w" / "tokens")]
+    subsets = sorted({t.split(" record")[0] for t in texts if " record " in t})
+    assert subsets == ["FreeLaw", "Pile-CC", "Wikipedia (en)"]
+    assert sum(t.startswith("Pile-CC") for t in texts) == 10
+    assert sum(t.startswith("FreeLaw") for t in texts) == 10
+    assert sorted(t for t in texts if t.startswith("no meta")) == ["no meta 0", "no meta 1"]
+    kept = json.loads((tmp_path / "w" / "ingest" / "kept.report.json").read_text())
+    assert kept["tasks"] == 2 and kept["documents_in"] == 42 and kept["documents"] == 20
+    assert kept["filter"] == {
+        "kept": 20,
+        "dropped": {"include pile_set_name: field missing": 2,
+                    "include pile_set_name: value not listed": 20},
+        "dropped_values": {"pile_set_name": {"Enron Emails": 10, "FreeLaw": 10}},
+        "include_never_seen": {"pile_set_name": ["Wikipedia"]},
+    }  # fmt: skip
+    rest = json.loads((tmp_path / "w" / "ingest" / "rest.report.json").read_text())
+    assert rest["filter"]["dropped"] == {"exclude pile_set_name: value listed": 30}
+
+
+@pytest.mark.parametrize(
+    "include, message",
+    [
+        (["Pile-CC"], r"sources\.pile\.include: expected a mapping"),
+        ({"pile_set_name": "Pile-CC"}, r"sources\.pile\.include\.pile_set_name: expected a non"),
+        ({"pile_set_name": [{"a": 1}]}, r"sources\.pile\.include\.pile_set_name: values must"),
+        ({"meta.": ["x"]}, r"sources\.pile\.include\.meta\.: not a meta field"),
+    ],
+)
+def test_a_bad_filter_is_refused_naming_the_source_and_key(tmp_path, include, message):
+    srcs = [CorpusConfig(name="pile", input=str(tmp_path), include=include)]
+    with pytest.raises(ValueError, match=message):
+        run(ChainConfig(work_dir=str(tmp_path / "w"), sources=srcs, steps=[]))
+    assert not (tmp_path / "w").exists()  # refused before any work
