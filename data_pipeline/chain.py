@@ -49,6 +49,7 @@ from omegaconf import MISSING, OmegaConf
 
 from data_pipeline.config_limits import NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.files import atomic_write_json, sha256_file
+from data_pipeline.ownership import NotOursError
 from data_pipeline.runtime.cli import (
     EXIT_FAILED,
     exit_code,
@@ -57,6 +58,7 @@ from data_pipeline.runtime.cli import (
 )
 from data_pipeline.runtime.scaleout import ScaleOut, progress
 from data_pipeline.runtime.scaleout import validate as validate_scaleout
+from data_pipeline.shards import MANIFEST, read_manifest
 from data_pipeline.sources import local_files, normalize, plain
 from data_pipeline.stages.ingest import DocFilter
 
@@ -64,6 +66,7 @@ from data_pipeline.stages.ingest import DocFilter
 STAGES: dict[str, tuple[str, str, str]] = {
     "reddit": ("data_pipeline.stages.reddit", "RedditConfig", "run"),
     "ingest": ("data_pipeline.stages.ingest", "IngestConfig", "run"),
+    "by_source": ("data_pipeline.stages.by_source", "BySourceConfig", "run"),
     "clean": ("data_pipeline.stages.clean", "CleanConfig", "run"),
     "dedup": ("data_pipeline.stages.dedup", "DedupConfig", "run"),
     "tokenize": ("data_pipeline.stages.tokenize", "TokenizeConfig", "run"),
@@ -78,9 +81,7 @@ RUNTIME_PARAMS = {
     "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.runtime.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "ingest", "clean", "dedup", "tokenize")
-# The stages whose parameters the chain's config has a section for.
-STAGE_PARAMS = ("reddit", "ingest", "clean", "dedup", "tokenize")
+SCALED_STAGES = ("reddit", "ingest", "clean", "dedup", "by_source", "tokenize")
 
 
 @dataclass
@@ -110,6 +111,9 @@ class ChainConfig(ScaleOut):
     steps: list[str] = field(default_factory=lambda: ["clean", "dedup"])
     missing_stages: str = "error"
     checksum: str = "sha256"
+    # joint: one shard set of every source; per_source: one per source under `output`,
+    # after the joint dedup (for train-time weights in data.sources).
+    shards: str = "joint"
     # Parameters for each stage's config (input and output are set by the chain). `Any` so
     # that a stage's parameters can be given before its module exists on this install.
     reddit: Any = None
@@ -127,6 +131,7 @@ CHECKSUMS = OneOf(("sha256", "stat"))
 CHAIN_LIMITS = {  # data_pipeline.config_limits
     "missing_stages": OneOf(("error", "skip")),
     "checksum": CHECKSUMS,
+    "shards": OneOf(("joint", "per_source")),
 }
 CORPUS_LIMITS = {"kind": OneOf(("documents", "reddit")), "weight": NON_NEGATIVE}
 # What `steps` may list: the stages that take documents and give documents.
@@ -335,7 +340,7 @@ class ChainPlan:
     def resolve(cls, cfg: ChainConfig) -> ChainPlan:
         _validate(cfg)
         work = Path(cfg.work_dir)
-        params = {s: plain(getattr(cfg, s)) or {} for s in STAGE_PARAMS}
+        params = {s: plain(getattr(cfg, s, None)) or {} for s in STAGES}
         limits = {
             k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")
         }
@@ -357,7 +362,15 @@ class ChainPlan:
     def step_count(self) -> int:
         n = len(self.sources)
         reddit = sum(s["kind"] == "reddit" for s in self.sources)
-        return reddit + n + sum(1 if s in ACROSS_SOURCES else n for s in self.cfg.steps) + 1
+        steps = sum(1 if s in ACROSS_SOURCES else n for s in self.cfg.steps)
+        if self.cfg.shards == "joint":
+            return reddit + n + steps + 1
+        return reddit + n + steps + self.joint() + n
+
+    def joint(self) -> bool:
+        """Whether a step sees every source at once (then per-source shard sets need the
+        by_source step to route its documents back)."""
+        return any(s in ACROSS_SOURCES for s in self.cfg.steps)
 
 
 def _flat_inputs(current: list[tuple[str, Any]]) -> list[str]:
@@ -397,9 +410,10 @@ def _document_steps(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]])
     return current
 
 
-def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> None:
-    """Everything left into the shard directory, with each source's weight and the record of
-    the steps that made its input in the manifest."""
+def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> list[dict]:
+    """Everything left into the shard directory (`shards: per_source`: one per source, after
+    routing a joint step's documents back to their sources), with each source's weight and the
+    record of the steps that made its input in the manifest. Returns the shard sets written."""
     chain_record = {
         "chain": {
             "sources": plan.sources,
@@ -418,7 +432,59 @@ def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> No
         "weights": {s["name"]: s["weight"] for s in plan.sources},
         "pipeline": chain_record,
     }
-    r.step("tokenize", "tokens", _flat_inputs(current), plan.output, params)
+    if plan.cfg.shards == "joint":
+        r.step("tokenize", "tokens", _flat_inputs(current), plan.output, params)
+        return [{"name": None, "path": str(plan.output)}]
+    names = [s["name"] for s in plan.sources]
+    if plan.joint():
+        routed = r.step("by_source", "all", _flat_inputs(current), plan.work / "by_source",
+                        {**plan.params["by_source"], "sources": names})  # fmt: skip
+        current = [(n, routed / n) for n in names]
+    sets = []
+    for name, docs in current:
+        if not local_files(str(docs)):  # nothing of it was left (filtered, or all duplicates)
+            r.steps.append({"stage": "tokenize", "label": name, "status": "empty", "output": None})
+            r.progress.update(1)
+            continue
+        out = plan.output / name
+        r.step(
+            "tokenize", name, str(docs), out, params | {"weights": {name: params["weights"][name]}}
+        )
+        sets.append({"name": name, "path": str(out)})
+    return sets
+
+
+def _refuse_joint_output(output: Path) -> None:
+    if (output / MANIFEST).is_file():
+        raise NotOursError(
+            f"output={output} is one shard set of every source; shards=per_source writes one "
+            "per source under output: choose another output"
+        )
+
+
+def shard_sets_summary(sets: list[dict]) -> dict:
+    """`shard_sets` (each per-source set's path, documents and training tokens) and the
+    `data.sources` that trains on them in proportion to their training tokens, as a list, as
+    YAML for a config file and as a command-line override."""
+    rows, sources = [], []
+    for s in sets:
+        m = read_manifest(Path(s["path"]))
+        train = m["splits"].get("train", {})
+        tokens, docs = int(train.get("num_tokens", 0)), int(train.get("num_documents", 0))
+        rows.append({"name": s["name"], "path": str(Path(s["path"]).resolve()),
+                     "train_documents": docs, "train_tokens": tokens})  # fmt: skip
+        if tokens:  # a weight must be positive: a set with no training tokens is left out
+            sources.append({"name": s["name"], "path": rows[-1]["path"], "weight": tokens})
+    flow = [", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items()) for d in sources]
+    yaml = "data:\n  path: null\n  sources:  # weights: training tokens (proportional to size)\n"
+    yaml += "".join(f"    - {{{f}}}\n" for f in flow)
+    cli = ",".join("{" + ",".join(f"{k}:{v}" for k, v in d.items()) + "}" for d in sources)
+    return {
+        "shard_sets": rows,
+        "data_sources": sources,
+        "data_sources_yaml": yaml,
+        "data_sources_override": f"'data.sources=[{cli}]'",
+    }
 
 
 def _chain_report(plan: ChainPlan, r: _Runner, t0: float) -> dict:
@@ -446,10 +512,17 @@ def run(cfg: ChainConfig) -> dict:
     t0 = time.perf_counter()
     plan.work.mkdir(parents=True, exist_ok=True)
     r = _Runner(cfg, plan.step_count())
+    if plan.cfg.shards == "per_source":
+        _refuse_joint_output(plan.output)
     current = _document_steps(plan, r, _ingest_sources(plan, r))
-    _tokenize(plan, r, current)
+    sets = _tokenize(plan, r, current)
     r.progress.close()
     report = _chain_report(plan, r, t0)
+    if plan.cfg.shards == "per_source":
+        report |= shard_sets_summary(sets)
+        print(
+            f"per-source shard sets; for training:\n{report['data_sources_yaml']}", file=sys.stderr
+        )
     write_report(plan.work / "chain", report)
     return report
 

@@ -58,9 +58,8 @@ def config(tmp_path, sources, **kw) -> ChainConfig:
         ),
     ]
     tokenize = {"validation_fraction": 0.1, **kw.pop("tokenize", {})}
-    return ChainConfig(
-        work_dir=str(tmp_path / "work"), sources=srcs, steps=[], tokenize=tokenize, **kw
-    )
+    kw.setdefault("steps", [])
+    return ChainConfig(work_dir=str(tmp_path / "work"), sources=srcs, tokenize=tokenize, **kw)
 
 
 def test_chain_tokenizes_every_source_with_weights_and_records_the_pipeline(tmp_path, sources):
@@ -476,3 +475,33 @@ def test_a_bad_filter_is_refused_naming_the_source_and_key(tmp_path, include, me
     with pytest.raises(ValueError, match=message):
         run(ChainConfig(work_dir=str(tmp_path / "w"), sources=srcs, steps=[]))
     assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_per_source_shard_sets_after_one_joint_dedup(tmp_path, sources):
+    """shards=per_source: dedup across both sources, then one shard set per source holding a
+    duplicate that crossed sources once, and a data.sources snippet opt_train accepts."""
+    import yaml
+
+    from opt_train.config import DataConfig, SourceConfig
+
+    copy = {"text": "books document number 7, with text.", "id": "copy"}
+    write_jsonl(sources["web"], docs("web", 40) + [copy])
+    kw = {"steps": ["dedup"], "shards": "per_source", "tokenize": {"validation_fraction": 0.0}}
+    report = run(config(tmp_path, sources, tasks=2, progress=False, **kw))
+    out = tmp_path / "work" / "tokens"
+    assert report["ran"] == ["ingest:web", "ingest:books", "dedup:all", "by_source:all",
+                             "tokenize:web", "tokenize:books"]  # fmt: skip
+    tok = Tokenizer(TokenizerSpec())
+    texts = {n: [tok.decode(d) for d in shards.iter_documents(out / n)] for n in ("web", "books")}
+    assert sum(t == copy["text"] for ts in texts.values() for t in ts) == 1  # kept once,
+    assert len(texts["web"]) == 41 and len(texts["books"]) == 2 * 29  # in the first source
+    assert copy["text"] in texts["web"] and {t.split()[0] for t in texts["books"]} == {"books"}
+    assert shards.read_manifest(out / "web")["pipeline"]["config"]["weights"] == {"web": 1.0}
+    tokens = {n: shards.read_manifest(out / n)["splits"]["train"]["num_tokens"] for n in texts}
+    assert report["data_sources"] == [
+        {"name": n, "path": str((out / n).resolve()), "weight": tokens[n]} for n in texts
+    ]
+    snippet = yaml.safe_load(report["data_sources_yaml"])["data"]
+    data = DataConfig(sources=[SourceConfig(**s) for s in snippet["sources"]])
+    assert [(s.name, s.weight) for s in data.sources] == [(n, tokens[n]) for n in texts]
+    assert run(config(tmp_path, sources, progress=False, **kw))["ran"] == []  # any split
