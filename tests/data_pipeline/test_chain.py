@@ -505,3 +505,19 @@ def test_per_source_shard_sets_after_one_joint_dedup(tmp_path, sources):
     data = DataConfig(sources=[SourceConfig(**s) for s in snippet["sources"]])
     assert [(s.name, s.weight) for s in data.sources] == [(n, tokens[n]) for n in texts]
     assert run(config(tmp_path, sources, progress=False, **kw))["ran"] == []  # any split
+
+
+@pytest.mark.slow  # a Ray actor per task: seconds of start-up each
+def test_one_source_on_ray_is_split_at_every_step_with_the_same_tokens(tmp_path, local_ray):
+    src = one_source_of_8_files(tmp_path)
+
+    def chain_run(name: str, **kw) -> dict:
+        return run(ChainConfig(work_dir=str(tmp_path / name),
+                               sources=[CorpusConfig(name="web", input=str(src))],
+                               steps=["clean", "dedup"], progress=False,
+                               tokenize={"validation_fraction": 0.1}, **kw))  # fmt: skip
+
+    chain_run("one", tasks=1)
+    chain_run("ray", tasks=2, executor="ray", ray=local_ray)
+    assert step_tasks(tmp_path / "ray") == dict.fromkeys(step_tasks(tmp_path / "one"), 2)
+    assert token_files(tmp_path / "one" / "tokens") == token_files(tmp_path / "ray" / "tokens")
