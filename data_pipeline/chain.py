@@ -61,6 +61,7 @@ from data_pipeline.runtime.scaleout import validate as validate_scaleout
 from data_pipeline.shards import MANIFEST, read_manifest
 from data_pipeline.sources import local_files, normalize, plain
 from data_pipeline.stages.ingest import DocFilter
+from data_pipeline.tokenizer import TokenizerSpec
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -351,13 +352,30 @@ class ChainPlan:
             scale[group] = asdict(g) if is_dataclass(g) else plain(g)
         for s in SCALED_STAGES:
             params[s] = {**scale, **params[s]}
-        return cls(
+        plan = cls(
             cfg=cfg,
             work=work,
             output=Path(cfg.output) if cfg.output else work / "tokens",
             sources=[plain(asdict(s)) for s in cfg.sources],
             params=params,
         )
+        plan.check_stage_params()
+        return plan
+
+    def check_stage_params(self) -> None:
+        """Build every stage's typed config now, so that a misspelt or out-of-range parameter
+        (or a missing tokenizer file) fails the run at start-up, not hours later at its step."""
+        needed = ["reddit"] * any(s["kind"] == "reddit" for s in self.sources) + ["ingest"]
+        needed += [*self.cfg.steps, *["by_source"] * (self.cfg.shards != "joint"), "tokenize"]
+        names = [s["name"] for s in self.sources]
+        extra = {"ingest": {"source": names[0]}, "by_source": {"sources": names}}
+        for stage in needed:
+            loaded = _load_stage(stage)
+            if loaded is not None:
+                params = self.params[stage] | extra.get(stage, {})
+                stage_cfg = _stage_config(loaded[0], params, "-", self.work / stage / "check")
+        tok = stage_cfg.tokenizer  # tokenize, last: its files are read only when it starts
+        TokenizerSpec(name=tok.name, path=tok.path)
 
     def step_count(self) -> int:
         n = len(self.sources)

@@ -521,3 +521,32 @@ def test_one_source_on_ray_is_split_at_every_step_with_the_same_tokens(tmp_path,
     chain_run("ray", tasks=2, executor="ray", ray=local_ray)
     assert step_tasks(tmp_path / "ray") == dict.fromkeys(step_tasks(tmp_path / "one"), 2)
     assert token_files(tmp_path / "one" / "tokens") == token_files(tmp_path / "ray" / "tokens")
+
+
+def test_the_opt_recipe_config_loads_and_validates(monkeypatch, tmp_path):
+    """data_pipeline/conf/opt.yaml composes with the chain's schema (through Hydra, as
+    `--config-name opt` does) and passes every start-up check, without running."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    tokenizer = REPO.parent / "shared" / "opt-tokenizer"
+    for var, path in [("OPT_PILE", tmp_path), ("OPT_REDDIT", tmp_path),
+                      ("OPT_TOKENIZER", tokenizer)]:  # fmt: skip
+        monkeypatch.setenv(var, str(path))
+    ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
+    with initialize_config_dir(config_dir=str(REPO / "data_pipeline" / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("opt", overrides=[f"work_dir={tmp_path / 'w'}"]))
+    plan = chain.ChainPlan.resolve(cfg)  # validates sources, filters and every stage's params
+    assert plan.cfg.shards == "per_source" and plan.cfg.steps == ["clean", "dedup"]
+    pile, reddit = plan.sources
+    assert pile["include"] == {"pile_set_name": [
+        "Pile-CC", "DM Mathematics", "Gutenberg (PG-19)", "HackerNews", "OpenSubtitles",
+        "OpenWebText2", "USPTO Backgrounds", "Wikipedia (en)"]}  # fmt: skip
+    assert reddit["kind"] == "reddit" and plan.params["reddit"]["filters"] == {"enabled": True}
+    assert plan.params["dedup"]["threshold"] == 0.95 and plan.params["dedup"]["ngram"] == 5
+    assert plan.params["tokenize"]["tokenizer"] == {"name": "opt", "path": str(tokenizer)}
+    monkeypatch.setenv("OPT_TOKENIZER", str(tmp_path))  # no vocab.json there: refused up front
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        chain.ChainPlan.resolve(cfg.__class__(**{**cfg.__dict__, "tokenize": {
+            "tokenizer": {"name": "opt", "path": str(tmp_path)}}}))  # fmt: skip
