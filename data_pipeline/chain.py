@@ -6,18 +6,21 @@
 
 Steps, in order (docs/data-pipeline.md has the whole story):
 
-  reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread
+  reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread (its parts)
   ingest    per source (data_pipeline/stages/ingest.py): read it once (JSONL or a streamed
-            Hugging Face source, sources.py) into `ingest/<name>.jsonl.zst`, setting
-            `meta.source = name` and prefixing ids with `<name>/` so ids stay unique across
-            sources. Later stages read the corpus more than once (dedup makes two passes), so a
-            streamed source is fetched only here.
+            Hugging Face source, sources.py) into `ingest/<name>/`, one part per task (tasks
+            share its files, or a streamed source's file shards), keeping the documents its
+            `include`/`exclude` pass, setting `meta.source = name` and prefixing ids with
+            `<name>/`. Later stages read the corpus more than once, so a stream is fetched here.
   steps     the document stages listed in `steps` (default clean, then dedup): clean runs per
-            source, dedup once over all sources together
+            source, dedup once over all sources together; each splits its input files (the
+            parts before it) into `tasks` shares, so one source scales out as many do
   tokenize  everything left -> the token shard directory `output` (default work_dir/tokens);
             each source's `weight` becomes tokenize's `weights[name]`: an upsampling factor
             applied to training documents (2 = every document twice, an epoch apart; 0.5 = a
-            deterministic half; 0 = the source is left out)
+            deterministic half; 0 = the source is left out). `shards: per_source`: one shard set
+            per source, `output/<name>`, after the by_source step routes dedup's documents back
+            to their sources; the report lists them with a `data.sources` snippet for training
 
 Every step writes `<output>`, `<output>.report.json`, `<output>.rejects.jsonl` (if any) and,
 last, `<output>.stage.json`: the stage, every parameter, the input spec and a checksum of every
