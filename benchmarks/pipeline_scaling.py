@@ -78,11 +78,13 @@ def main() -> None:
             with open(tmp / "docs" / f"part{k}.jsonl", "w", encoding="utf-8") as f:
                 for i in range(k * len(docs) // 4, (k + 1) * len(docs) // 4):
                     f.write(json.dumps({"text": docs[i], "id": str(i)}) + "\n")
-        print(f"reddit: {gen['comments']:,} comments, 4 monthly RC_ files + RS_ files")
-        print(f"dedup: {len(docs):,} docs of ~3 KB in 4 files")
-        print()
-        print(f"{'stage':<8}{'step':<12}{'workers':>8}{'wall s':>9}{'items/s':>11}"
-              f"{'items/cpu-s':>13}{'max RSS MiB':>13}")  # fmt: skip
+        if "reddit" in args.parts:
+            print(f"reddit: {gen['comments']:,} comments, 4 monthly RC_ files + RS_ files")
+        if "dedup" in args.parts:
+            print(f"dedup: {len(docs):,} docs of ~3 KB in 4 files")
+        if {"reddit", "dedup"} & set(args.parts):
+            print(f"\n{'stage':<8}{'step':<12}{'workers':>8}{'wall s':>9}{'items/s':>11}"
+                  f"{'items/cpu-s':>13}{'max RSS MiB':>13}")  # fmt: skip
         digests: dict[str, set] = {"reddit": set(), "dedup": set(), "chain": set()}
         for w in args.workers:
             if "reddit" not in args.parts:
@@ -150,7 +152,8 @@ def chain_rows(tmp: Path, docs: list[str], files: int, workers: list[int]) -> se
         for st in json.loads(r.stdout)["steps"]:
             out = Path(st["output"])
             rep = json.loads(out.with_name(out.name + ".report.json").read_text())
-            tasks = rep["tasks"]["signatures"] if isinstance(rep["tasks"], dict) else rep["tasks"]
+            tasks = rep.get("tasks", 1)  # an ingest before it was split had no key
+            tasks = tasks["signatures"] if isinstance(tasks, dict) else tasks
             print(f"{st['stage'] + ':' + st['label']:<20}{w:>8}{st['seconds']:>9.2f}{tasks:>7}")
         print(f"{'(process)':<20}{w:>8}{total:>9.2f}   {len(docs) / total:,.0f} docs/s, "
               f"{mb / total:.2f} MB/s")  # fmt: skip

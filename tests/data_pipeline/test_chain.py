@@ -391,6 +391,7 @@ def step_tasks(work: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_one_source_is_split_into_tasks_at_every_step_with_the_same_tokens(tmp_path):
     """ONE source of 8 files at tasks=4 workers=2: ingest, clean, dedup's signatures and
     tokenize each run 4 tasks (from their reports) and the token shards are the bytes of a
@@ -477,6 +478,7 @@ def test_a_bad_filter_is_refused_naming_the_source_and_key(tmp_path, include, me
     assert not (tmp_path / "w").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_per_source_shard_sets_after_one_joint_dedup(tmp_path, sources):
     """shards=per_source: dedup across both sources, then one shard set per source holding a
     duplicate that crossed sources once, and a data.sources snippet opt_train accepts."""
@@ -487,7 +489,7 @@ def test_per_source_shard_sets_after_one_joint_dedup(tmp_path, sources):
     copy = {"text": "books document number 7, with text.", "id": "copy"}
     write_jsonl(sources["web"], docs("web", 40) + [copy])
     kw = {"steps": ["dedup"], "shards": "per_source", "tokenize": {"validation_fraction": 0.0}}
-    report = run(config(tmp_path, sources, tasks=2, progress=False, **kw))
+    report = run(config(tmp_path, sources, progress=False, **kw))
     out = tmp_path / "work" / "tokens"
     assert report["ran"] == ["ingest:web", "ingest:books", "dedup:all", "by_source:all",
                              "tokenize:web", "tokenize:books"]  # fmt: skip
@@ -504,7 +506,7 @@ def test_per_source_shard_sets_after_one_joint_dedup(tmp_path, sources):
     snippet = yaml.safe_load(report["data_sources_yaml"])["data"]
     data = DataConfig(sources=[SourceConfig(**s) for s in snippet["sources"]])
     assert [(s.name, s.weight) for s in data.sources] == [(n, tokens[n]) for n in texts]
-    assert run(config(tmp_path, sources, progress=False, **kw))["ran"] == []  # any split
+    assert run(config(tmp_path, sources, progress=False, **kw))["ran"] == []
 
 
 @pytest.mark.slow  # a Ray actor per task: seconds of start-up each
