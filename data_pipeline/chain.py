@@ -463,10 +463,6 @@ def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> li
         current = [(n, routed / n) for n in names]
     sets = []
     for name, docs in current:
-        if not local_files(str(docs)):  # nothing of it was left (filtered, or all duplicates)
-            r.steps.append({"stage": "tokenize", "label": name, "status": "empty", "output": None})
-            r.progress.update(1)
-            continue
         out = plan.output / name
         r.step(
             "tokenize", name, str(docs), out, params | {"weights": {name: params["weights"][name]}}

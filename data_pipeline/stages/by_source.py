@@ -7,9 +7,9 @@ OPT deduplicated its five corpora together, then trained on a mixture of them. W
 once (where dedup kept it).
 
 Tasks (data_pipeline.runtime.scaleout) each read a contiguous share of the input files and write
-one part per source that has documents in it; the report step publishes the parts, in rank
-order, under `<output>/<source>/` all at once. The output is the same documents in the same
-order for any split; a source no document is left of gets an empty directory.
+one part per source (empty where the share has none of its documents); the report step
+publishes the parts, in rank order, under `<output>/<source>/` all at once. The output is the
+same documents in the same order for any split.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class RouteShare(scaleout.TaskStep):
         tmp = temporary_beside(final)
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts: Counter = Counter()
-        writers: dict[str, AtomicWriter] = {}
+        # A part for every source, empty or not: each source's set has one part per task.
+        writers = {name: AtomicWriter(plan.source_part(name, rank)) for name in plan.cfg.sources}
         try:
             for doc in read_documents(plan.files[lo:hi], rejects):
                 name = doc["meta"].get("source")
@@ -87,8 +88,6 @@ class RouteShare(scaleout.TaskStep):
                         f"document {doc['id']!r}: meta.source={name!r} is none of the chain's "
                         f"sources {sorted(known)}"
                     )
-                if name not in writers:
-                    writers[name] = AtomicWriter(plan.source_part(name, rank))
                 writers[name].write_doc(doc)
                 counts[name] += 1
         except BaseException:
@@ -127,8 +126,7 @@ class RouteReport(scaleout.TaskStep):
             (tmp / name).mkdir(parents=True)
             for r in range(plan.tasks):
                 part = plan.source_part(name, r)
-                if part.exists():
-                    _link(part, tmp / name / part.name)
+                _link(part, tmp / name / part.name)
         ownership.check_output(plan.out)  # checked again: it may have appeared meanwhile
         publish_dir(tmp, plan.out)
         by_source = {n: sum(t["documents"].get(n, 0) for t in st) for n in plan.cfg.sources}
