@@ -544,6 +544,25 @@ def run(cfg: ChainConfig) -> dict:
     return report
 
 
+# Hydra's flags that take a value (the next argument unless given as --flag=value).
+_HYDRA_VALUE_FLAGS = {"--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp",
+                      "--cfg", "-c", "--package", "-p", "--experimental-rerun"}  # fmt: skip
+
+
+def _hydra_argv(args: list[str], quiet: list[str]) -> list[str]:
+    """The user's flags first, then `quiet` and the user's overrides: Hydra's argparse takes
+    the overrides as one positional run, so `--config-name opt work_dir=x` after a first batch
+    of overrides would be refused as unrecognized arguments."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a in _HYDRA_VALUE_FLAGS:
+            flags += [a, next(it, "")]
+        else:
+            (flags if a.startswith("-") else overrides).append(a)
+    return [*flags, *quiet, *overrides]
+
+
 def main() -> None:
     """`python -m data_pipeline`: Hydra over ChainConfig with data_pipeline/conf/pipeline.yaml
     as the primary config; exit 0 / 3 (some rejects) / 1 (failed), as for every stage."""
@@ -553,7 +572,7 @@ def main() -> None:
     from data_pipeline.runtime.cli import HYDRA_QUIET, refusals
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
-    sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
+    sys.argv = [sys.argv[0], *_hydra_argv(sys.argv[1:], HYDRA_QUIET)]
     status = {"code": EXIT_FAILED}
 
     conf = str(Path(__file__).resolve().parent / "conf")  # a path, so conf/ needs no __init__

@@ -552,3 +552,12 @@ def test_the_opt_recipe_config_loads_and_validates(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         chain.ChainPlan.resolve(cfg.__class__(**{**cfg.__dict__, "tokenize": {
             "tokenizer": {"name": "opt", "path": str(tmp_path)}}}))  # fmt: skip
+
+
+def test_hydra_flags_go_first_and_overrides_after_the_quiet_ones():
+    """`python -m data_pipeline --config-name opt work_dir=x` must reach Hydra's parser with its
+    overrides in one run (the quiet overrides were put first, which refused this command)."""
+    got = chain._hydra_argv(
+        ["--config-name", "opt", "work_dir=x", "--cfg", "job", "tasks=2"], ["q=1"]
+    )
+    assert got == ["--config-name", "opt", "--cfg", "job", "q=1", "work_dir=x", "tasks=2"]
