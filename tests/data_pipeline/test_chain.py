@@ -561,3 +561,16 @@ def test_hydra_flags_go_first_and_overrides_after_the_quiet_ones():
         ["--config-name", "opt", "work_dir=x", "--cfg", "job", "tasks=2"], ["q=1"]
     )
     assert got == ["--config-name", "opt", "--cfg", "job", "q=1", "work_dir=x", "tasks=2"]
+
+
+def test_an_ingest_output_the_project_did_not_write_is_refused_and_kept(tmp_path, sources):
+    """ingest/<name> holding a user's files (no report, no record beside it) is not replaced."""
+    from data_pipeline.ownership import NotOursError
+
+    mine = tmp_path / "work" / "ingest" / "web"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(NotOursError, match=r"output=.*ingest/web exists and is not"):
+        run(config(tmp_path, sources, progress=False))
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
