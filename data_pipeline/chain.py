@@ -52,7 +52,6 @@ from omegaconf import MISSING, OmegaConf
 
 from data_pipeline.config_limits import NON_NEGATIVE, OneOf, check_limits
 from data_pipeline.files import atomic_write_json, sha256_file
-from data_pipeline.ownership import NotOursError
 from data_pipeline.runtime.cli import (
     EXIT_FAILED,
     exit_code,
@@ -61,8 +60,8 @@ from data_pipeline.runtime.cli import (
 )
 from data_pipeline.runtime.scaleout import ScaleOut, progress
 from data_pipeline.runtime.scaleout import validate as validate_scaleout
-from data_pipeline.shards import MANIFEST, read_manifest
 from data_pipeline.sources import local_files, normalize, plain
+from data_pipeline.stages.by_source import refuse_joint_output, shard_sets_summary
 from data_pipeline.stages.ingest import DocFilter
 from data_pipeline.tokenizer import TokenizerSpec
 
@@ -471,39 +470,6 @@ def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> li
     return sets
 
 
-def _refuse_joint_output(output: Path) -> None:
-    if (output / MANIFEST).is_file():
-        raise NotOursError(
-            f"output={output} is one shard set of every source; shards=per_source writes one "
-            "per source under output: choose another output"
-        )
-
-
-def shard_sets_summary(sets: list[dict]) -> dict:
-    """`shard_sets` (each per-source set's path, documents and training tokens) and the
-    `data.sources` that trains on them in proportion to their training tokens, as a list, as
-    YAML for a config file and as a command-line override."""
-    rows, sources = [], []
-    for s in sets:
-        m = read_manifest(Path(s["path"]))
-        train = m["splits"].get("train", {})
-        tokens, docs = int(train.get("num_tokens", 0)), int(train.get("num_documents", 0))
-        rows.append({"name": s["name"], "path": str(Path(s["path"]).resolve()),
-                     "train_documents": docs, "train_tokens": tokens})  # fmt: skip
-        if tokens:  # a weight must be positive: a set with no training tokens is left out
-            sources.append({"name": s["name"], "path": rows[-1]["path"], "weight": tokens})
-    flow = [", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items()) for d in sources]
-    yaml = "data:\n  path: null\n  sources:  # weights: training tokens (proportional to size)\n"
-    yaml += "".join(f"    - {{{f}}}\n" for f in flow)
-    cli = ",".join("{" + ",".join(f"{k}:{v}" for k, v in d.items()) + "}" for d in sources)
-    return {
-        "shard_sets": rows,
-        "data_sources": sources,
-        "data_sources_yaml": yaml,
-        "data_sources_override": f"'data.sources=[{cli}]'",
-    }
-
-
 def _chain_report(plan: ChainPlan, r: _Runner, t0: float) -> dict:
     rejects = {"total": 0, "not_written": 0, "by_file": {}}
     for s in r.steps:
@@ -530,7 +496,7 @@ def run(cfg: ChainConfig) -> dict:
     plan.work.mkdir(parents=True, exist_ok=True)
     r = _Runner(cfg, plan.step_count())
     if plan.cfg.shards == "per_source":
-        _refuse_joint_output(plan.output)
+        refuse_joint_output(plan.output)
     current = _document_steps(plan, r, _ingest_sources(plan, r))
     sets = _tokenize(plan, r, current)
     r.progress.close()

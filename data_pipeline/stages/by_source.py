@@ -14,6 +14,7 @@ same documents in the same order for any split.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ from data_pipeline.files import publish_dir, publish_file, temporary_beside
 from data_pipeline.runtime import executors, scaleout
 from data_pipeline.runtime.cli import rejects_path, report_path, write_report
 from data_pipeline.runtime.plan import PART_SUFFIX, StagePlan
+from data_pipeline.shards import MANIFEST, read_manifest
 
 
 @dataclass
@@ -148,6 +150,40 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another filesystem, or no hard links
         shutil.copy2(src, dst)
+
+
+def refuse_joint_output(output: Path) -> None:
+    """Per-source sets go under `output`: refuse one that already is a joint shard set."""
+    if (output / MANIFEST).is_file():
+        raise ownership.NotOursError(
+            f"output={output} is one shard set of every source; shards=per_source writes one "
+            "per source under output: choose another output"
+        )
+
+
+def shard_sets_summary(sets: list[dict]) -> dict:
+    """`shard_sets` (each per-source set's path, documents and training tokens) and the
+    `data.sources` that trains on them in proportion to their training tokens, as a list, as
+    YAML for a config file and as a command-line override."""
+    rows, sources = [], []
+    for s in sets:
+        m = read_manifest(Path(s["path"]))
+        train = m["splits"].get("train", {})
+        tokens, docs = int(train.get("num_tokens", 0)), int(train.get("num_documents", 0))
+        rows.append({"name": s["name"], "path": str(Path(s["path"]).resolve()),
+                     "train_documents": docs, "train_tokens": tokens})  # fmt: skip
+        if tokens:  # a weight must be positive: a set with no training tokens is left out
+            sources.append({"name": s["name"], "path": rows[-1]["path"], "weight": tokens})
+    flow = [", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items()) for d in sources]
+    yaml = "data:\n  path: null\n  sources:  # weights: training tokens (proportional to size)\n"
+    yaml += "".join(f"    - {{{f}}}\n" for f in flow)
+    cli = ",".join("{" + ",".join(f"{k}:{v}" for k, v in d.items()) + "}" for d in sources)
+    return {
+        "shard_sets": rows,
+        "data_sources": sources,
+        "data_sources_yaml": yaml,
+        "data_sources_override": f"'data.sources=[{cli}]'",
+    }
 
 
 def run(cfg: BySourceConfig) -> dict:
