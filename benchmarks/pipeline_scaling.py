@@ -1,9 +1,15 @@
-"""Scale-out of the reddit and dedup stages: the same corpus at workers=1 and workers=2 (and
-more where the machine has the cores), per step: wall docs/s (or comments/s), docs per
-CPU-second of its tasks, and the peak RSS of a task.
+"""Scale-out of the reddit and dedup stages and of the whole chain on ONE source: the same
+corpus at workers=1 and workers=2 (and more where the machine has the cores), per step: wall
+docs/s (or comments/s), docs per CPU-second of its tasks, and the peak RSS of a task.
 
     python benchmarks/pipeline_scaling.py                       # 600k comments, 24k docs
     python benchmarks/pipeline_scaling.py --comments 200000 --docs 8000 --workers 1 2 4
+    python benchmarks/pipeline_scaling.py --parts chain --chain-files 8
+
+The chain part runs `python -m data_pipeline` (ingest, clean, dedup, tokenize) on one source,
+the dedup corpus written as `--chain-files` files, with tasks=4: each step's wall seconds
+(the chain report's), the whole process's docs/s and MB/s, and whether the token shards of
+every worker count are the same bytes.
 
 Both stages run with tasks=4 (reddit: 4 map, 4 reduce; dedup: 4 signature, 4 bucket, 1
 cluster, 4 filter tasks) on datatrove's LocalPipelineExecutor, each run in a fresh process.
@@ -56,24 +62,33 @@ def main() -> None:
     ap.add_argument("--comments", type=int, default=600_000)
     ap.add_argument("--docs", type=int, default=24_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--parts", nargs="+", default=["reddit", "dedup", "chain"],
+                    choices=["reddit", "dedup", "chain"])  # fmt: skip
+    ap.add_argument("--chain-files", type=int, default=8)
     args = ap.parse_args()
     print(f"cpus: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="pipeline-scaling-") as tmp:
         tmp = Path(tmp)
-        gen = write_random_dump(tmp / "dumps", args.comments, seed=1, months=4)
+        gen = {"comments": 0}
+        if "reddit" in args.parts:
+            gen = write_random_dump(tmp / "dumps", args.comments, seed=1, months=4)
         docs, _ = make_corpus(args.docs, 0.05)
         (tmp / "docs").mkdir()
         for k in range(4):
             with open(tmp / "docs" / f"part{k}.jsonl", "w", encoding="utf-8") as f:
                 for i in range(k * len(docs) // 4, (k + 1) * len(docs) // 4):
                     f.write(json.dumps({"text": docs[i], "id": str(i)}) + "\n")
-        print(f"reddit: {gen['comments']:,} comments, 4 monthly RC_ files + RS_ files")
-        print(f"dedup: {len(docs):,} docs of ~3 KB in 4 files")
-        print()
-        print(f"{'stage':<8}{'step':<12}{'workers':>8}{'wall s':>9}{'items/s':>11}"
-              f"{'items/cpu-s':>13}{'max RSS MiB':>13}")  # fmt: skip
-        digests: dict[str, set] = {"reddit": set(), "dedup": set()}
+        if "reddit" in args.parts:
+            print(f"reddit: {gen['comments']:,} comments, 4 monthly RC_ files + RS_ files")
+        if "dedup" in args.parts:
+            print(f"dedup: {len(docs):,} docs of ~3 KB in 4 files")
+        if {"reddit", "dedup"} & set(args.parts):
+            print(f"\n{'stage':<8}{'step':<12}{'workers':>8}{'wall s':>9}{'items/s':>11}"
+                  f"{'items/cpu-s':>13}{'max RSS MiB':>13}")  # fmt: skip
+        digests: dict[str, set] = {"reddit": set(), "dedup": set(), "chain": set()}
         for w in args.workers:
+            if "reddit" not in args.parts:
+                break
             t0 = time.perf_counter()
             r = stage("reddit", f"input={tmp / 'dumps'}", f"output={tmp / f'rd{w}'}",
                       f"workers={w}")  # fmt: skip
@@ -85,6 +100,9 @@ def main() -> None:
                       f"{n / cpu:>13,.0f}{r['max_rss_mb'][step]:>13.0f}")  # fmt: skip
             print(f"{'reddit':<8}{'(process)':<12}{w:>8}{total:>9.2f}{n / total:>11,.0f}")
             digests["reddit"].add(digest(tmp / f"rd{w}"))
+        for w in args.workers:
+            if "dedup" not in args.parts:
+                break
             t0 = time.perf_counter()
             r = stage("dedup", f"input={tmp / 'docs'}", f"output={tmp / f'dd{w}'}",
                       f"workers={w}", "progress=false")  # fmt: skip
@@ -98,10 +116,52 @@ def main() -> None:
             sig_us = 1e6 * r["cpu_s"]["signatures"] / n
             print(f"dedup signature pass: {sig_us:.1f} us CPU per document (workers={w})")
             digests["dedup"].add(digest(tmp / f"dd{w}"))
+        if "chain" in args.parts:
+            digests["chain"] = chain_rows(tmp, docs, args.chain_files, args.workers)
     print()
     for name, d in digests.items():
-        print(f"{name}: outputs of every worker count identical: {len(d) == 1}")
+        if d:
+            print(f"{name}: outputs of every worker count identical: {len(d) == 1}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def chain_rows(tmp: Path, docs: list[str], files: int, workers: list[int]) -> set:
+    """The chain on one source of `files` files at tasks=4, once per worker count: each
+    step's wall seconds and the whole process's rates; returns the token shards' digests."""
+    src = tmp / "one-source"
+    src.mkdir()
+    for k in range(files):
+        with open(src / f"part{k:02d}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(k * len(docs) // files, (k + 1) * len(docs) // files):
+                f.write(json.dumps({"text": docs[i], "id": str(i)}) + "\n")
+    mb = sum(p.stat().st_size for p in src.iterdir()) / 1e6
+    print(f"\nchain: ONE source, {len(docs):,} docs ({mb:.1f} MB) in {files} files, tasks=4")
+    print(f"{'chain step':<20}{'workers':>8}{'wall s':>9}{'tasks':>7}")
+    digests = set()
+    for w in workers:
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            [sys.executable, "-m", "data_pipeline", f"work_dir={tmp / f'chain{w}'}",
+             f"sources=[{{name: web, input: {src}}}]", "steps=[clean,dedup]", "tasks=4",
+             f"workers={w}", "progress=false"],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        total = time.perf_counter() - t0
+        if r.returncode not in (0, 3):
+            raise SystemExit(f"chain failed ({r.returncode}): {r.stderr[-3000:]}")
+        for st in json.loads(r.stdout)["steps"]:
+            out = Path(st["output"])
+            rep = json.loads(out.with_name(out.name + ".report.json").read_text())
+            tasks = rep.get("tasks", 1)  # an ingest before it was split had no key
+            tasks = tasks["signatures"] if isinstance(tasks, dict) else tasks
+            print(f"{st['stage'] + ':' + st['label']:<20}{w:>8}{st['seconds']:>9.2f}{tasks:>7}")
+        print(f"{'(process)':<20}{w:>8}{total:>9.2f}   {len(docs) / total:,.0f} docs/s, "
+              f"{mb / total:.2f} MB/s")  # fmt: skip
+        h = hashlib.sha256()
+        for p in sorted((tmp / f"chain{w}" / "tokens").glob("*.tokens")):
+            h.update(p.read_bytes())
+        digests.add(h.hexdigest()[:16])
+    return digests
 
 
 if __name__ == "__main__":

@@ -6,18 +6,21 @@
 
 Steps, in order (docs/data-pipeline.md has the whole story):
 
-  reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread
+  reddit    per `kind: reddit` source: Pushshift dumps -> one document per thread (its parts)
   ingest    per source (data_pipeline/stages/ingest.py): read it once (JSONL or a streamed
-            Hugging Face source, sources.py) into `ingest/<name>.jsonl.zst`, setting
-            `meta.source = name` and prefixing ids with `<name>/` so ids stay unique across
-            sources. Later stages read the corpus more than once (dedup makes two passes), so a
-            streamed source is fetched only here.
+            Hugging Face source, sources.py) into `ingest/<name>/`, one part per task (tasks
+            share its files, or a streamed source's file shards), keeping the documents its
+            `include`/`exclude` pass, setting `meta.source = name` and prefixing ids with
+            `<name>/`. Later stages read the corpus more than once, so a stream is fetched here.
   steps     the document stages listed in `steps` (default clean, then dedup): clean runs per
-            source, dedup once over all sources together
+            source, dedup once over all sources together; each splits its input files (the
+            parts before it) into `tasks` shares, so one source scales out as many do
   tokenize  everything left -> the token shard directory `output` (default work_dir/tokens);
             each source's `weight` becomes tokenize's `weights[name]`: an upsampling factor
             applied to training documents (2 = every document twice, an epoch apart; 0.5 = a
-            deterministic half; 0 = the source is left out)
+            deterministic half; 0 = the source is left out). `shards: per_source`: one shard set
+            per source, `output/<name>`, after the by_source step routes dedup's documents back
+            to their sources; the report lists them with a `data.sources` snippet for training
 
 Every step writes `<output>`, `<output>.report.json`, `<output>.rejects.jsonl` (if any) and,
 last, `<output>.stage.json`: the stage, every parameter, the input spec and a checksum of every
@@ -58,11 +61,15 @@ from data_pipeline.runtime.cli import (
 from data_pipeline.runtime.scaleout import ScaleOut, progress
 from data_pipeline.runtime.scaleout import validate as validate_scaleout
 from data_pipeline.sources import local_files, normalize, plain
+from data_pipeline.stages.by_source import refuse_joint_output, shard_sets_summary
+from data_pipeline.stages.ingest import DocFilter
+from data_pipeline.tokenizer import TokenizerSpec
 
 # stage name -> (module, config class, function `f(cfg) -> report`).
 STAGES: dict[str, tuple[str, str, str]] = {
     "reddit": ("data_pipeline.stages.reddit", "RedditConfig", "run"),
     "ingest": ("data_pipeline.stages.ingest", "IngestConfig", "run"),
+    "by_source": ("data_pipeline.stages.by_source", "BySourceConfig", "run"),
     "clean": ("data_pipeline.stages.clean", "CleanConfig", "run"),
     "dedup": ("data_pipeline.stages.dedup", "DedupConfig", "run"),
     "decontaminate": ("data_pipeline.stages.decontaminate", "DecontaminateConfig", "run"),
@@ -78,11 +85,10 @@ RUNTIME_PARAMS = {
     "ray", "verbose",
 }  # fmt: skip
 # Stages split into tasks (data_pipeline.runtime.scaleout); they take the chain's scale-out keys.
-SCALED_STAGES = ("reddit", "clean", "dedup", "decontaminate", "tokenize")
+SCALED_STAGES = ("reddit", "ingest", "clean", "dedup", "decontaminate", "by_source", "tokenize")
 # Parameters naming files a stage reads besides its input (decontamination's evaluation
 # texts): checksummed with its inputs, so a changed file re-runs the step.
 SIDE_INPUTS = {"decontaminate": ("eval",)}
-JSONL_SUFFIX = ".jsonl.zst"
 
 
 @dataclass
@@ -95,6 +101,9 @@ class CorpusConfig:
     input: Any = MISSING
     kind: str = "documents"
     weight: float = 1.0
+    # {meta key: [values]} (stages/ingest.py): keep only / drop documents by their metadata.
+    include: Any = None
+    exclude: Any = None
 
 
 @dataclass
@@ -109,9 +118,13 @@ class ChainConfig(ScaleOut):
     steps: list[str] = field(default_factory=lambda: ["clean", "dedup"])
     missing_stages: str = "error"
     checksum: str = "sha256"
+    # joint: one shard set of every source; per_source: one per source under `output`,
+    # after the joint dedup (for train-time weights in data.sources).
+    shards: str = "joint"
     # Parameters for each stage's config (input and output are set by the chain). `Any` so
     # that a stage's parameters can be given before its module exists on this install.
     reddit: Any = None
+    ingest: Any = None
     clean: Any = None
     dedup: Any = None
     decontaminate: Any = None  # docs/data-decontamination.md: eval=, eval_tasks=, action=
@@ -126,6 +139,7 @@ CHECKSUMS = OneOf(("sha256", "stat"))
 CHAIN_LIMITS = {  # data_pipeline.config_limits
     "missing_stages": OneOf(("error", "skip")),
     "checksum": CHECKSUMS,
+    "shards": OneOf(("joint", "per_source")),
 }
 CORPUS_LIMITS = {"kind": OneOf(("documents", "reddit")), "weight": NON_NEGATIVE}
 # What `steps` may list: the stages that take documents and give documents.
@@ -302,6 +316,7 @@ def _validate(cfg: ChainConfig) -> None:
         check_limits(s, f"sources.{s.name}", CORPUS_LIMITS)
         if s.kind == "documents":
             normalize(s.input)
+        DocFilter(s.include, s.exclude, f"sources.{s.name}")
     for step in cfg.steps:
         if not DOCUMENT_STAGES.allows(step):
             raise ValueError(
@@ -331,13 +346,12 @@ class ChainPlan:
     output: Path
     sources: list[dict]  # {name, input, kind, weight}, in the order given
     params: dict[str, dict]  # stage -> its parameters (scale-out keys filled in)
-    ingest_params: dict  # progress and input limits, which ingest shares with the stages
 
     @classmethod
     def resolve(cls, cfg: ChainConfig) -> ChainPlan:
         _validate(cfg)
         work = Path(cfg.work_dir)
-        params = {s: plain(getattr(cfg, s)) or {} for s in STAGES if s != "ingest"}
+        params = {s: plain(getattr(cfg, s, None)) or {} for s in STAGES}
         limits = {
             k: getattr(cfg, k) for k in ("max_line_bytes", "max_rejects", "reject_text_bytes")
         }
@@ -348,20 +362,43 @@ class ChainPlan:
             scale[group] = asdict(g) if is_dataclass(g) else plain(g)
         for s in SCALED_STAGES:
             params[s] = {**scale, **params[s]}
-        return cls(
+        plan = cls(
             cfg=cfg,
             work=work,
             output=Path(cfg.output) if cfg.output else work / "tokens",
             sources=[plain(asdict(s)) for s in cfg.sources],
             params=params,
-            ingest_params={k: getattr(cfg, k) for k in ("progress", "progress_interval_s")}
-            | limits,
         )
+        plan.check_stage_params()
+        return plan
+
+    def check_stage_params(self) -> None:
+        """Build every stage's typed config now, so that a misspelt or out-of-range parameter
+        (or a missing tokenizer file) fails the run at start-up, not hours later at its step."""
+        needed = ["reddit"] * any(s["kind"] == "reddit" for s in self.sources) + ["ingest"]
+        needed += [*self.cfg.steps, *["by_source"] * (self.cfg.shards != "joint"), "tokenize"]
+        names = [s["name"] for s in self.sources]
+        extra = {"ingest": {"source": names[0]}, "by_source": {"sources": names}}
+        for stage in needed:
+            loaded = _load_stage(stage)
+            if loaded is not None:
+                params = self.params[stage] | extra.get(stage, {})
+                stage_cfg = _stage_config(loaded[0], params, "-", self.work / stage / "check")
+        tok = stage_cfg.tokenizer  # tokenize, last: its files are read only when it starts
+        TokenizerSpec(name=tok.name, path=tok.path)
 
     def step_count(self) -> int:
         n = len(self.sources)
         reddit = sum(s["kind"] == "reddit" for s in self.sources)
-        return reddit + n + sum(1 if s in ACROSS_SOURCES else n for s in self.cfg.steps) + 1
+        steps = sum(1 if s in ACROSS_SOURCES else n for s in self.cfg.steps)
+        if self.cfg.shards == "joint":
+            return reddit + n + steps + 1
+        return reddit + n + steps + self.joint() + n
+
+    def joint(self) -> bool:
+        """Whether a step sees every source at once (then per-source shard sets need the
+        by_source step to route its documents back)."""
+        return any(s in ACROSS_SOURCES for s in self.cfg.steps)
 
 
 def _flat_inputs(current: list[tuple[str, Any]]) -> list[str]:
@@ -369,17 +406,17 @@ def _flat_inputs(current: list[tuple[str, Any]]) -> list[str]:
 
 
 def _ingest_sources(plan: ChainPlan, r: _Runner) -> list[tuple[str, Any]]:
-    """Each source (a Reddit one through the reddit stage first) ingested: (name, output)."""
+    """Each source (a Reddit one through the reddit stage first) ingested into a directory of
+    parts, one per task: (name, output)."""
     current = []
     for src in plan.sources:
         name, spec = src["name"], src["input"]
-        if src["kind"] == "reddit":
-            out = plan.work / "reddit" / f"{name}{JSONL_SUFFIX}"
-            spec = str(r.step("reddit", name, spec, out, plan.params["reddit"]))
-        out = plan.work / "ingest" / f"{name}{JSONL_SUFFIX}"
-        current.append(
-            (name, r.step("ingest", name, spec, out, {"source": name, **plan.ingest_params}))
-        )
+        if src["kind"] == "reddit":  # its parts stay parts: ingest shares them out
+            spec = str(r.step("reddit", name, spec, plan.work / "reddit" / name,
+                              plan.params["reddit"]))  # fmt: skip
+        params = {**plan.params["ingest"], "source": name}
+        params |= {k: src[k] for k in ("include", "exclude") if src[k] is not None}
+        current.append((name, r.step("ingest", name, spec, plan.work / "ingest" / name, params)))
     return current
 
 
@@ -401,9 +438,10 @@ def _document_steps(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]])
     return current
 
 
-def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> None:
-    """Everything left into the shard directory, with each source's weight and the record of
-    the steps that made its input in the manifest."""
+def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> list[dict]:
+    """Everything left into the shard directory (`shards: per_source`: one per source, after
+    routing a joint step's documents back to their sources), with each source's weight and the
+    record of the steps that made its input in the manifest. Returns the shard sets written."""
     chain_record = {
         "chain": {
             "sources": plan.sources,
@@ -422,7 +460,22 @@ def _tokenize(plan: ChainPlan, r: _Runner, current: list[tuple[str, Any]]) -> No
         "weights": {s["name"]: s["weight"] for s in plan.sources},
         "pipeline": chain_record,
     }
-    r.step("tokenize", "tokens", _flat_inputs(current), plan.output, params)
+    if plan.cfg.shards == "joint":
+        r.step("tokenize", "tokens", _flat_inputs(current), plan.output, params)
+        return [{"name": None, "path": str(plan.output)}]
+    names = [s["name"] for s in plan.sources]
+    if plan.joint():
+        routed = r.step("by_source", "all", _flat_inputs(current), plan.work / "by_source",
+                        {**plan.params["by_source"], "sources": names})  # fmt: skip
+        current = [(n, routed / n) for n in names]
+    sets = []
+    for name, docs in current:
+        out = plan.output / name
+        r.step(
+            "tokenize", name, str(docs), out, params | {"weights": {name: params["weights"][name]}}
+        )
+        sets.append({"name": name, "path": str(out)})
+    return sets
 
 
 def _chain_report(plan: ChainPlan, r: _Runner, t0: float) -> dict:
@@ -450,12 +503,38 @@ def run(cfg: ChainConfig) -> dict:
     t0 = time.perf_counter()
     plan.work.mkdir(parents=True, exist_ok=True)
     r = _Runner(cfg, plan.step_count())
+    if plan.cfg.shards == "per_source":
+        refuse_joint_output(plan.output)
     current = _document_steps(plan, r, _ingest_sources(plan, r))
-    _tokenize(plan, r, current)
+    sets = _tokenize(plan, r, current)
     r.progress.close()
     report = _chain_report(plan, r, t0)
+    if plan.cfg.shards == "per_source":
+        report |= shard_sets_summary(sets)
+        print(
+            f"per-source shard sets; for training:\n{report['data_sources_yaml']}", file=sys.stderr
+        )
     write_report(plan.work / "chain", report)
     return report
+
+
+# Hydra's flags that take a value (the next argument unless given as --flag=value).
+_HYDRA_VALUE_FLAGS = {"--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp",
+                      "--cfg", "-c", "--package", "-p", "--experimental-rerun"}  # fmt: skip
+
+
+def _hydra_argv(args: list[str], quiet: list[str]) -> list[str]:
+    """The user's flags first, then `quiet` and the user's overrides: Hydra's argparse takes
+    the overrides as one positional run, so `--config-name opt work_dir=x` after a first batch
+    of overrides would be refused as unrecognized arguments."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a in _HYDRA_VALUE_FLAGS:
+            flags += [a, next(it, "")]
+        else:
+            (flags if a.startswith("-") else overrides).append(a)
+    return [*flags, *quiet, *overrides]
 
 
 def main() -> None:
@@ -467,7 +546,7 @@ def main() -> None:
     from data_pipeline.runtime.cli import HYDRA_QUIET, refusals
 
     ConfigStore.instance().store(name="chain_schema", node=ChainConfig)
-    sys.argv = [sys.argv[0], *HYDRA_QUIET, *sys.argv[1:]]
+    sys.argv = [sys.argv[0], *_hydra_argv(sys.argv[1:], HYDRA_QUIET)]
     status = {"code": EXIT_FAILED}
 
     conf = str(Path(__file__).resolve().parent / "conf")  # a path, so conf/ needs no __init__

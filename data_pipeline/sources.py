@@ -109,13 +109,35 @@ def hf_label(hf: dict) -> str:
     return f"hf:{hf['path']}{cfg}:{hf.get('split', 'train')}"
 
 
-def iter_hf_documents(hf: dict, rejects: Rejects) -> Iterator[dict]:
-    """Documents from a streamed `datasets` source; bad rows go to `rejects` as label:row."""
+def _load_hf(hf: dict):
     import datasets
 
-    label = hf_label(hf)
     kwargs = {k: hf[k] for k in ("name", "data_files", "data_dir", "revision") if hf.get(k)}
-    ds = datasets.load_dataset(hf["path"], split=hf.get("split", "train"), streaming=True, **kwargs)
+    return datasets.load_dataset(
+        hf["path"], split=hf.get("split", "train"), streaming=True, **kwargs
+    )
+
+
+def hf_shards(hf: dict) -> int:
+    """How many file shards a streamed HF source has (its data files, in order), so that tasks
+    can read it in shares; 1 with `limit` (a limit counts rows across the whole dataset)."""
+    return 1 if hf.get("limit") is not None else max(1, _load_hf(hf).num_shards)
+
+
+def iter_hf_documents(
+    hf: dict, rejects: Rejects, shard: int | None = None, shards: int = 1
+) -> Iterator[dict]:
+    """Documents from a streamed `datasets` source; bad rows go to `rejects` as label:row.
+    With `shard`, only that one of its `shards` file shards (datasets' contiguous shard): rows
+    without an id are then named `<label>#<shard>:<row in the shard>`, so ids do not depend on
+    how shards are shared out (one shard: `<label>:<row>`, as for the whole dataset)."""
+    label = hf_label(hf)
+    ds = _load_hf(hf)
+    if shard is not None and shards > 1:
+        if ds.num_shards != shards:  # the files changed between planning and reading
+            raise RuntimeError(f"{label}: {ds.num_shards} file shards now, {shards} planned")
+        ds = ds.shard(shards, shard, contiguous=True)
+        label = f"{label}#{shard}"
     text_field = hf.get("text_field", "text")
     id_field = hf.get("id_field", "id")
     meta_field = hf.get("meta_field", "meta")
@@ -155,6 +177,41 @@ def iter_source_documents(spec: Any, rejects: Rejects, progress=None) -> Iterato
             if name is not None:
                 doc["meta"] = {**doc["meta"], "source": name}
             yield doc
+
+
+def pieces(spec: Any) -> list[dict]:
+    """The spec as the units tasks share out, in read order: one per local JSONL file
+    (`{"jsonl": path, "size": bytes}`) and one per file shard of a streamed HF source
+    (`{"hf": {...}, "shard": k, "shards": n, "size": bytes or None}`; the size is the shard's
+    local data file's when the files and shards pair up, else unknown), each with the entry's
+    `name` when it has one. Reading the pieces in order gives iter_source_documents' documents.
+    A hub source is asked for its shard count here (a network round trip, once per run)."""
+    out: list[dict] = []
+    for entry in normalize(spec):
+        named = {"name": entry["name"]} if "name" in entry else {}
+        if "jsonl" in entry:
+            out += [{"jsonl": str(f), "size": f.stat().st_size, **named}
+                    for f in expand_inputs(entry["jsonl"])]  # fmt: skip
+            continue
+        hf = entry["hf"]
+        n = hf_shards(hf)
+        files = local_files({"hf": hf})
+        sizes = [f.stat().st_size for f in files] if len(files) == n else [None] * n
+        out += [{"hf": hf, "shard": k, "shards": n, "size": sizes[k], **named} for k in range(n)]
+    return out
+
+
+def iter_piece_documents(piece: dict, rejects: Rejects, progress=None) -> Iterator[dict]:
+    """The documents of one of `pieces`' units (`progress` told a JSONL file's bytes)."""
+    if "hf" in piece:
+        docs = iter_hf_documents(piece["hf"], rejects, piece["shard"], piece["shards"])
+    else:
+        docs = read_documents(piece["jsonl"], rejects, progress)
+    name = piece.get("name")
+    for doc in docs:
+        if name is not None:
+            doc["meta"] = {**doc["meta"], "source": name}
+        yield doc
 
 
 def local_files(spec: Any) -> list[Path]:

@@ -161,3 +161,41 @@ def test_tokenize_reads_an_hf_source_into_the_same_shards_as_jsonl(tmp_path):
     mj, mh = shards.read_manifest(tmp_path / "j"), shards.read_manifest(tmp_path / "h")
     assert mj["splits"] == mh["splits"]
     assert mh["pipeline"]["config"]["input"]["hf"]["path"] == "json"
+
+
+def test_ingest_shares_an_hf_source_by_its_file_shards_with_the_same_bytes(tmp_path):
+    """A streamed HF source of 3 files is read as 3 shards by 3 tasks into the bytes one task
+    writes; rows without an id are named by their shard and row, whatever the split."""
+    from data_pipeline.stages.ingest import IngestConfig
+    from data_pipeline.stages.ingest import run as ingest
+
+    files = [write_jsonl(tmp_path / "data" / f"{k}.jsonl", DOCS[8 * k : 8 * k + 8])
+             for k in range(3)]  # fmt: skip
+    with open(files[1], "a") as f:
+        f.write(json.dumps({"text": "a row with no id"}) + "\n")
+    spec = {"hf": {"path": "json", "data_files": [str(f) for f in files]}}
+
+    def out(tasks: int) -> list[bytes]:
+        o = tmp_path / f"out{tasks}"
+        rep = ingest(
+            IngestConfig(input=spec, output=str(o), source="s", tasks=tasks, progress=False)
+        )
+        assert rep["tasks"] == tasks and rep["documents"] == 25
+        return [p.read_bytes() for p in sorted(o.iterdir())]
+
+    one, three = out(1), out(3)
+    assert (
+        len(one) == 1
+        and len(three) == 3
+        and b"".join(map(zstd_decompress, three)) == b"".join(map(zstd_decompress, one))
+    )
+    docs = read(str(tmp_path / "out3"))
+    assert [d["id"] for d in docs][:2] == ["s/doc-0", "s/doc-1"]
+    assert "s/hf:json:train#1:9" in {d["id"] for d in docs}
+    assert all(d["meta"]["source"] == "s" for d in docs)
+
+
+def zstd_decompress(b: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(b)

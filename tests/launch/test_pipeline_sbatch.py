@@ -194,3 +194,28 @@ def test_tokenize_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path)
     assert report["rejects"] == local["rejects"] and report["rejects"]["total"] == 1
     for k in ("documents_in", "splits"):
         assert report[k] == local[k], k
+
+
+def test_the_chain_on_slurm_splits_one_source_at_every_step_with_the_local_tokens(slurm, tmp_path):
+    """`python -m data_pipeline executor=slurm` with ONE source of 8 files at tasks=4: every
+    step's job arrays hold 4 tasks (ingest, clean, dedup's signatures, tokenize), and the token
+    shards are the bytes of a local tasks=1 run."""
+    from data_pipeline.chain import ChainConfig, CorpusConfig
+    from data_pipeline.chain import run as chain
+    from tests.data_pipeline.test_chain import one_source_of_8_files, step_tasks, token_files
+
+    src = one_source_of_8_files(tmp_path)
+    chain(ChainConfig(work_dir=str(tmp_path / "one"), tasks=1, progress=False,
+                      sources=[CorpusConfig(name="web", input=str(src))], steps=["clean", "dedup"],
+                      tokenize={"validation_fraction": 0.1}))  # fmt: skip
+    t0 = time.time()
+    r = slurm.run(
+        [sys.executable, "-m", "data_pipeline", f"work_dir={tmp_path / 'slurm'}",
+         f"sources=[{{name: web, input: {src}}}]", "steps=[clean,dedup]", "tasks=4",
+         "executor=slurm", "progress=false", "tokenize.validation_fraction=0.1"],
+        check=False, env={"OMP_NUM_THREADS": "1"}, cwd=REPO, timeout=480,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    print(f"chain on slurm, 4 tasks a step: {time.time() - t0:.1f} s")
+    assert step_tasks(tmp_path / "slurm") == dict.fromkeys(step_tasks(tmp_path / "one"), 4)
+    assert token_files(tmp_path / "one" / "tokens") == token_files(tmp_path / "slurm" / "tokens")
