@@ -28,11 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from opt_train.config import register_configs  # noqa: E402
 from opt_train.train.callbacks.base import Callback  # noqa: E402
+from opt_train.train.phase_timing import PhaseTimer  # noqa: E402
 from opt_train.train.trainer import Trainer  # noqa: E402
 
 COMMON = [
@@ -84,6 +86,22 @@ def round_tokens_per_s(trainer: Trainer, clock: StepClock, steps: int) -> float:
     return (len(ends) - 1) * trainer.cfg.train.batch_tokens / (ends[-1] - ends[0])
 
 
+def timer_cost_per_step(n: int = 20000) -> float:
+    """Seconds of the loop's PhaseTimer calls per step (one step's spans, one take per 10
+    steps), measured alone: a bound on the timing's cost that load hardly moves."""
+    timer = PhaseTimer(True, torch.device("cpu"), interval=10)
+    t0 = time.perf_counter()
+    for step in range(1, n + 1):
+        timer.begin_step(step)
+        for span in ("forward_backward", "loss_reduce", "optimizer", "callbacks"):
+            timer.enter(span)
+        timer.enter("stop_agree")
+        timer.enter("callbacks")
+        if step % 10 == 0:
+            timer.take()
+    return (time.perf_counter() - t0) / n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=7)
@@ -102,13 +120,22 @@ def main() -> None:
         for on in order:
             got[on].append(round_tokens_per_s(*trainers[on], args.steps))
         if rank == 0:
-            print(f"round {r}: on {got[True][-1]:.0f} tok/s, off {got[False][-1]:.0f} tok/s")
+            print(
+                f"round {r}: on {got[True][-1]:.0f} tok/s, off {got[False][-1]:.0f} tok/s",
+                flush=True,
+            )
     for t, _ in trainers.values():
         t.close()
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
     if rank == 0:
         on, off = statistics.median(got[True]), statistics.median(got[False])
+        cost = timer_cost_per_step()
+        step_s = trainers[False][0].cfg.train.batch_tokens / off
+        print(
+            f"PhaseTimer calls: {cost * 1e6:.1f} us per step, {cost / step_s:.2e} of a "
+            f"{step_s:.3f} s step"
+        )
         world = os.environ.get("WORLD_SIZE", "1")
         print(
             f"world {world}, {args.rounds} rounds x {args.steps} steps, overrides {overrides}: "
