@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 EXIT_HANG = 89  # "a collective hung; the missing ranks are named in the log and metrics.jsonl"
 HANG_AT = 0.9  # of parallel.timeout_s without progress on rank 0
 TICK_S = 0.2  # the stall clock's period
+# Seconds between beats: the store serves every rank (4096 ranks: 4096 small writes a second),
+# and a frozen rank's last beat is up to this old.
+BEAT_S = 1.0
 STALL_MIN_S = 1.0  # a tick later than this is a stall (a loaded host delays ticks less)
 
 
@@ -88,8 +91,7 @@ class Heartbeat:
     ):
         self.store, self.rank, self.world, self.host = store, rank, world, host
         self.progress, self.timeout_s, self.on_hang = progress, timeout_s, on_hang
-        # One beat a second at most, fewer for long timeouts: the store serves every rank.
-        self.beat_s = min(10.0, max(1.0, timeout_s / 30))
+        self.beat_s = BEAT_S
         self._stop = threading.Event()
         self._reporting = threading.Lock()
         self._count = 0

@@ -78,7 +78,8 @@ def test_phase_timer_counts_cpu_and_stalls_as_compute_and_blocked_time_as_collec
         pass
     timer.enter("optimizer")
     cpu = time.thread_time() - t0
-    timer.add_stall(0.5)  # what the heartbeat thread adds after a SIGSTOP
+    time.sleep(0.5)  # the process stopped for 0.5 s (SIGSTOP) ...
+    timer.add_stall(0.5)  # ... which the heartbeat thread adds when it runs again
     timer.enter("callbacks")
     got = dict(zip(PHASES, timer.take(), strict=True))
     # The CPU of the work spans and the stall, wherever it fell (a loaded machine adds wall
