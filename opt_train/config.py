@@ -110,6 +110,7 @@ STABILITY_LIMITS = {
     "max_rollbacks": NON_NEGATIVE,
     "window_steps": AT_LEAST_1,
 }
+OBSERVE_LIMITS = {"straggler_factor": Range(1, lo_open=True), "straggler_intervals": AT_LEAST_1}
 
 
 @dataclass
@@ -403,6 +404,21 @@ class StabilityConfig:
 
 
 @dataclass
+class ObserveConfig:
+    """Per-rank phase timing, stragglers and named hangs (docs/observability.md)."""
+
+    timing: bool = True  # phase times of every rank, gathered every logging.interval steps
+    straggler_factor: float = 1.5  # a rank computing longer than the others' median x this ...
+    straggler_intervals: int = 3  # ... for this many intervals in a row gets a straggler row
+    # Heartbeats in the rendezvous store and a watchdog on rank 0: a collective stuck near
+    # parallel.timeout_s ends the run with a hang row and status 89 (opt_train/train/heartbeat.py).
+    heartbeat: bool = True
+
+    def __post_init__(self) -> None:
+        check_limits(self, "observe", OBSERVE_LIMITS)
+
+
+@dataclass
 class DeepSpeedConfig:
     """`engine=deepspeed` settings (docs/deepspeed.md); batch, precision, clipping and the
     optimizer come from the rest of the config, as for the FSDP engine."""
@@ -466,6 +482,7 @@ class JobConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
 
     def __post_init__(self) -> None:
         check_limits(self, "", JOB_LIMITS)
@@ -590,6 +607,7 @@ LIMITS: dict[str, dict[str, Range | OneOf]] = {
     "deepspeed": DEEPSPEED_LIMITS,
     "export": EXPORT_LIMITS,
     "stability": STABILITY_LIMITS,
+    "observe": OBSERVE_LIMITS,
 }
 
 

@@ -54,6 +54,7 @@ from opt_train.train.callbacks.base import Callback
 from opt_train.train.callbacks.defaults import default_callbacks
 from opt_train.train.flops import device_peak_flops, flops_per_token
 from opt_train.train.goodput import GoodputLedger
+from opt_train.train.phase_timing import PhaseTimer
 from opt_train.train.run_files import write_text_atomic
 from opt_train.train.run_lock import RunDirLocked, hold_run_lock, holds_run_lock, release_run_locks
 from opt_train.train.signals import EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag
@@ -120,6 +121,8 @@ class Trainer:
         self.interrupted = False  # a SIGINT (Ctrl-C) on some rank: save and exit with 130
         self.stop_reason: str | None = None  # a callback's request_stop, or another rank's
         self._stop_request: str | None = None
+        # Where this rank's time goes, span by span (opt_train/train/phase_timing.py).
+        self.phases = PhaseTimer(cfg.observe.timing, self.device, cfg.logging.interval)
         self.callbacks: list[Callback] = [*default_callbacks(cfg), *(callbacks or [])]
         self._act_sq = self._watch_final_activations()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -246,6 +249,7 @@ class Trainer:
                     break
                 self.step += 1
                 self._call("pre_step")
+                self.phases.begin_step(self.step)
                 t0 = time.perf_counter()
                 lr = self.schedule(self.step)  # the schedule is a function of the step alone
                 out = self.train_step(self.loader.next_step(), lr)
@@ -259,7 +263,10 @@ class Trainer:
                 self.log(last)
                 self._stop_if_diverged()
                 self._call("post_step")
-                if self._stop_agreed():
+                self.phases.enter("stop_agree")
+                stop = self._stop_agreed()
+                self.phases.enter("callbacks")
+                if stop:
                     break
             self._call("on_end")
         except BaseException as e:
@@ -275,6 +282,7 @@ class Trainer:
         act_every = self.cfg.logging.activation_norm_interval
         self._log_activations = bool(act_every) and self.step % act_every == 0
         self._act_sq.clear()
+        self.phases.enter("forward_backward")
         self.engine.start_step(lr)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for inputs, targets in micro_batches:
@@ -286,6 +294,7 @@ class Trainer:
         # replaced so that this step's collectives still run) ride in the same all-reduce, so
         # every rank stops here together and none is left waiting in the next step.
         bad_here = self.loader.bad_tokens
+        self.phases.enter("loss_reduce")
         mean_loss, act_ms, bad_ranks = self._mean_over_ranks(
             total / len(micro_batches), act_sq, bool(bad_here)
         )
@@ -293,7 +302,9 @@ class Trainer:
             error = bad_tokens_error(self.step, bad_here, bad_ranks, self.loader.vocab_size)
             log.error("%s", error)
             raise error
+        self.phases.enter("optimizer")
         outcome = self.engine.optim_step(math.isfinite(mean_loss))
+        self.phases.enter("callbacks")
         self._count_nonfinite(mean_loss, outcome)
         out = {
             "loss": mean_loss,
@@ -375,7 +386,8 @@ class Trainer:
 
     def run_evaluation(self) -> dict:
         """Evaluate, let callbacks add to the row (on_eval), write it; returns the row."""
-        row = {"step": self.step, **self.evaluate()}
+        with self.phases.span("eval"):
+            row = {"step": self.step, **self.evaluate()}
         self._call("on_eval", row)
         self.log(row)
         return row
@@ -499,13 +511,14 @@ class Trainer:
 
     def save(self, blocking: bool = False) -> Path:
         """Checkpoint this step (collective: every rank calls it)."""
-        return self.ckpt.save(
-            self.step,
-            self.engine.weights,
-            self.state_dict(),
-            self.config_yaml,
-            blocking=blocking,
-        )
+        with self.phases.span("checkpoint"):
+            return self.ckpt.save(
+                self.step,
+                self.engine.weights,
+                self.state_dict(),
+                self.config_yaml,
+                blocking=blocking,
+            )
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, RNG and trainer state (callbacks' included) from a

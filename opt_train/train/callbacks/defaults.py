@@ -10,6 +10,7 @@ from opt_train.train.callbacks.evaluation import Evaluation
 from opt_train.train.callbacks.goodput import Goodput
 from opt_train.train.callbacks.metrics_file import MetricsFile
 from opt_train.train.callbacks.mixture import SourceTokens
+from opt_train.train.callbacks.observe import Observe
 from opt_train.train.callbacks.profiling import Profiler
 from opt_train.train.callbacks.stability import Stability
 from opt_train.train.callbacks.tensorboard import TensorBoard
@@ -18,10 +19,13 @@ from opt_train.train.callbacks.wandb import Wandb
 
 def default_callbacks(cfg: JobConfig) -> list[Callback]:
     """The built-in callbacks for a job config, in the order they run: Goodput first (it
-    brackets the others' work), the file sinks before Stability, so that metrics.jsonl is open
-    when it writes."""
+    brackets the others' work), then Observe (on a hung collective its on_close writes the hang
+    row while the sinks are still open), the file sinks before Stability, so that metrics.jsonl
+    is open when it writes."""
+    ob = cfg.observe
     callbacks: list[Callback] = [
         Goodput(),
+        Observe(ob.timing, ob.heartbeat, ob.straggler_factor, ob.straggler_intervals),
         Evaluation(cfg.train.eval_interval),
         Checkpointing(cfg.checkpoint.interval),
         MetricsFile(cfg.run_dir),
