@@ -60,6 +60,7 @@ def test_the_documented_clis_all_have_scripts():
         "opt-train-plan",
         "opt-train-export",
         "opt-train-plot",
+        "opt-train-eval",
         "opt-data",
         "opt-data-reddit",
         "opt-data-clean",

@@ -220,7 +220,7 @@ def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(setup, tmp_path):
         r = run(cmd, 600, cwd=REPO, env=rank_env())
         assert r.returncode == 0, r.stderr[-4000:]
         got = json.loads(out.read_text())
-        assert got["config"]["world"] == 2
+        assert (got["config"]["world"], got["config"]["tp"]) == (2, 2 if extra else 1)
         assert_same_scores(got, one)
         if name == "dp2":  # the same batches, the same shards gathered: bit for bit
             assert got["results"] == one["results"]
@@ -262,3 +262,43 @@ def test_sigkill_with_in_loop_evaluation_resumes_exactly_and_evaluation_leaves_t
     assert r.returncode == 0, r.stderr[-4000:]
     assert not downstream_rows(without)
     assert losses(without) == losses(setup.run)
+
+
+@pytest.mark.slow
+def test_bad_tasks_are_refused_by_name_before_any_model_work(tmp_path, small_shards):
+    """An unknown name (with the close match), a YAML that does not parse, data that does not
+    load and a generative task each stop with an error naming them: offline before the
+    checkpoint is read, in the loop before the first step."""
+    from opt_train.downstream.run import TaskError, load_tasks
+    from opt_train.train.trainer import Trainer
+    from tests.opt_train.conftest import small_job
+
+    tasks = write_tasks(tmp_path / "tasks")
+    (tasks / "broken.yaml").write_text("task: broken\n  output_type: [\n")
+    mc = (tasks / "tiny_mc.yaml").read_text()
+    (tasks / "gone.yaml").write_text(
+        mc.replace("task: tiny_mc", "task: gone").replace("tiny_mc.jsonl", "missing.jsonl")
+    )
+    (tasks / "gen.yaml").write_text(
+        mc.replace("task: tiny_mc", "task: gen").replace("multiple_choice", "generate_until")
+    )
+    with pytest.raises(TaskError) as e:
+        load_tasks(["tiny_mcc"], str(tasks))
+    assert "unknown task 'tiny_mcc'" in str(e.value) and "'tiny_mc'" in str(e.value)
+    assert f"{tasks / 'broken.yaml'}" in str(e.value)
+    with pytest.raises(TaskError, match=r"tasks \['gone'\]: could not be built"):
+        load_tasks(["gone"], str(tasks))
+    with pytest.raises(TaskError, match="task 'gen' generates text"):
+        load_tasks(["gen"], str(tasks))
+
+    run_dir = tmp_path / "run"
+    cfg = small_job(
+        run_dir, small_shards, "downstream.tasks=[tiny_mcc]", f"downstream.include_path={tasks}"
+    )
+    trainer = Trainer(cfg)
+    try:
+        with pytest.raises(SystemExit, match="error: downstream.tasks: unknown task 'tiny_mcc'"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)

@@ -28,9 +28,12 @@ class Downstream(Callback):
         self.lm = None
 
     def on_start(self, trainer: Trainer) -> None:
-        from opt_train.downstream.run import load_tasks, make_lm
+        from opt_train.downstream.run import TaskError, load_tasks, make_lm
 
-        load_tasks(self.cfg.tasks, self.cfg.include_path, self.cfg.num_fewshot)
+        try:  # every rank reads the same files, so every rank stops here alike
+            load_tasks(self.cfg.tasks, self.cfg.include_path, self.cfg.num_fewshot)
+        except TaskError as e:
+            raise SystemExit(f"error: downstream.tasks: {e}") from None
         self.lm = make_lm(
             trainer.model,
             trainer.cfg,
