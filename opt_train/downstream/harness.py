@@ -45,11 +45,10 @@ from tqdm import tqdm
 from opt_train.engine.precision import autocast
 from opt_train.parallel.process_groups import each_rank
 
-# Sequence lengths are rounded up to this many tokens in a batch: fewer distinct shapes for a
-# compiled model and for the GPU kernels' choice, for a few padded positions.
-LENGTH_BUCKET = 16
-
 Tokens = tuple[int, ...]
+# Positions whose fp32 logits exist at once (x 50,272 x 4 bytes: 400 MB), as the training
+# loss's `train.loss_chunk_tokens` default.
+SCORE_CHUNK_TOKENS = 2048
 
 
 def token_scores(
@@ -58,8 +57,9 @@ def token_scores(
     """log p(target) and whether the target is the most likely token, at each position
     ([batch, seq] each), from the final hidden states and the tied output weight. A weight
     split over the vocabulary (a DTensor, tensor parallel) is used as it is: max, sum-exp and
-    the target's logit are all-reduced over its group. One row's logits at a time: a whole
-    batch of fp32 [seq, 50272] logits would be the largest tensor of the evaluation."""
+    the target's logit are all-reduced over its group. The logits of SCORE_CHUNK_TOKENS
+    positions at a time: a whole batch's fp32 [tokens, 50272] would be the largest tensor of
+    the evaluation."""
     group, vocab_start = None, 0
     if isinstance(hidden, DTensor):
         hidden = hidden.full_tensor()
@@ -69,25 +69,31 @@ def token_scores(
         weight = weight.to_local()
     w = weight.float()
     v_local = w.shape[0]
-    logprobs = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-    greedy = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device)
+    h, y_all = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1) - vocab_start
+    logprobs = torch.empty(y_all.shape, dtype=torch.float32, device=hidden.device)
+    greedy = torch.empty(y_all.shape, dtype=torch.bool, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
-        for i in range(hidden.shape[0]):
-            logits = hidden[i].float() @ w.T  # [seq, v_local]
+        for start in range(0, h.shape[0], SCORE_CHUNK_TOKENS):
+            part = slice(start, start + SCORE_CHUNK_TOKENS)
+            logits = h[part].float() @ w.T  # [chunk, v_local]
             top = logits.max(dim=-1).values
-            _all_reduce(top, group, dist.ReduceOp.MAX)
-            sum_exp = (logits - top[:, None]).exp().sum(dim=-1)
-            _all_reduce(sum_exp, group)
-            y = targets[i] - vocab_start
+            if group is None:
+                log_z = torch.logsumexp(logits, dim=-1)  # one fused pass
+            else:
+                _all_reduce(top, group, dist.ReduceOp.MAX)
+                sum_exp = (logits - top[:, None]).exp().sum(dim=-1)
+                _all_reduce(sum_exp, group)
+                log_z = top + sum_exp.log()
+            y = y_all[part]
             mine = (y >= 0) & (y < v_local)
             target_logit = logits.gather(1, torch.where(mine, y, 0)[:, None])[:, 0]
             target_logit = torch.where(mine, target_logit, 0.0)
             _all_reduce(target_logit, group)
-            logprobs[i] = target_logit - top - sum_exp.log()
+            logprobs[part] = target_logit - log_z
             # lm-eval's `hf` model asks argmax == target; a tie with another token (equal fp32
             # logits) counts as greedy here, there only when the target has the lower id.
-            greedy[i] = target_logit >= top
-    return logprobs, greedy
+            greedy[part] = target_logit >= top
+    return logprobs.view(targets.shape), greedy.view(targets.shape)
 
 
 def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
@@ -261,7 +267,6 @@ class OptLM(TemplateLM):
     @torch.no_grad()
     def _forward(self, batch: list[Tokens]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(1, max(len(s) for s in batch) - 1)
-        width = min(-(-width // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_length)
         inputs = torch.zeros((len(batch), width), dtype=torch.long)
         targets = torch.zeros((len(batch), width), dtype=torch.long)
         for i, s in enumerate(batch):
