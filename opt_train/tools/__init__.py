@@ -1,5 +1,6 @@
 """Command-line tools over configs and run directories: the memory planner (`plan`), HF export
-(`hf_export`) and plots (`plot`). `python -m opt_train.plan`, `.hf` and `.plot` reach them.
+(`hf_export`), plots (`plot`) and downstream evaluation (`evaluate`). `python -m
+opt_train.plan`, `.hf`, `.plot` and `.eval` reach them.
 
 Imports: anything in opt_train; nothing imports tools.
 """

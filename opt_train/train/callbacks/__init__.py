@@ -1,6 +1,6 @@
 """Side concerns the loop calls at fixed points, one callback per module: evaluation,
-checkpointing, metrics_file, wandb, tensorboard, console, profiling, stability (spike recovery)
-and mixture (tokens per source). `base.Callback` holds the hooks; `defaults.default_callbacks`
+downstream (lm-eval tasks), checkpointing, metrics_file, wandb, tensorboard, console,
+profiling, stability (spike recovery) and mixture (tokens per source). `base.Callback` holds the hooks; `defaults.default_callbacks`
 lists the built-in ones in the order they run.
 
 Imports: `base`, the modules of `opt_train.train` below the callbacks (run_files, metric_rows,
