@@ -302,3 +302,21 @@ def test_bad_tasks_are_refused_by_name_before_any_model_work(tmp_path, small_sha
     finally:
         trainer.close()
     assert not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)
+
+
+def test_the_training_path_does_not_import_lm_eval_unless_downstream_is_on():
+    """lm-eval (and its ~15,000-task index) costs seconds at import: a run without
+    downstream.tasks never loads it."""
+    code = (
+        "import sys\n"
+        "from opt_train.config import JobConfig\n"
+        "from opt_train.train.callbacks.defaults import default_callbacks\n"
+        "import opt_train.train.trainer, opt_train.tools.hf_export\n"
+        "default_callbacks(JobConfig())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lm_eval'))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]"
