@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,10 +68,13 @@ def parse_args(argv: list[str]) -> tuple[Path, EvalConfig]:
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
         raise SystemExit(f"usage: python -m opt_train.eval RUN_DIR [key=value ...]\n{__doc__}")
     dotlist = []
+    keys = [f.name for f in fields(EvalConfig)]
     for arg in argv[1:]:
         key, eq, value = arg.partition("=")
         if not eq:
             raise SystemExit(f"error: {arg!r}: expected key=value")
+        if key not in keys:
+            raise SystemExit(f"error: {arg!r}: unknown key {key!r}; the keys: {', '.join(keys)}")
         if key == "tasks" and not value.startswith("["):
             value = f"[{value}]"  # tasks=hellaswag: one name
         dotlist.append(f"{key}={value}")
