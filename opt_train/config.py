@@ -98,6 +98,12 @@ LOGGING_LIMITS = {
 }
 DEEPSPEED_LIMITS = {"stage": OneOf((1, 2, 3))}
 EXPORT_LIMITS = {"dtype": OneOf(("fp32", "bf16", "fp16"))}
+DOWNSTREAM_LIMITS = {
+    "interval": NON_NEGATIVE,
+    "batch_size": AT_LEAST_1,
+    "limit": Range(0, lo_open=True, null=True),
+    "num_fewshot": Range(0, null=True),
+}
 STABILITY_LIMITS = {
     "window": AT_LEAST_1,
     "loss_factor": Range(1, lo_open=True, also=(0,)),  # 0: off; 1 or less flags every step
@@ -445,6 +451,21 @@ class ExportConfig:
         parse_size(self.max_shard_size)  # raises naming the key
 
 
+@dataclass
+class DownstreamConfig:
+    """lm-evaluation-harness tasks in the loop (docs/evaluation.md); no tasks: off."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task or group names
+    include_path: Optional[str] = None  # a directory of extra task YAMLs
+    interval: int = 0  # steps between evaluations (and at the final step); 0: final step only
+    limit: Optional[float] = None  # documents per task (a fraction if < 1); None: all
+    num_fewshot: Optional[int] = None  # None: each task's own
+    batch_size: int = 16  # sequences per forward
+
+    def __post_init__(self) -> None:
+        check_limits(self, "downstream", DOWNSTREAM_LIMITS)
+
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -483,6 +504,7 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     def __post_init__(self) -> None:
         check_limits(self, "", JOB_LIMITS)
@@ -608,6 +630,7 @@ LIMITS: dict[str, dict[str, Range | OneOf]] = {
     "export": EXPORT_LIMITS,
     "stability": STABILITY_LIMITS,
     "observe": OBSERVE_LIMITS,
+    "downstream": DOWNSTREAM_LIMITS,
 }
 
 

@@ -61,6 +61,7 @@ def test_the_documented_clis_all_have_scripts():
         "opt-train-export",
         "opt-train-plot",
         "opt-train-provenance",
+        "opt-train-eval",
         "opt-data",
         "opt-data-reddit",
         "opt-data-clean",

@@ -62,6 +62,9 @@ FREE = (
     "checkpoint",
     "parallel",
     "export",
+    # Downstream evaluation reads the model and restores every RNG stream: it changes nothing
+    # the run continues from (tests/opt_train/test_downstream.py).
+    "downstream",
     "train.device",
     "train.num_threads",
     "train.micro_batch_size",

@@ -8,10 +8,14 @@ public `load_hf` / `save_hf` names.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from data_pipeline.files import sha256_file
 from opt_train.config import ModelConfig
 from opt_train.model.opt import OPT
 
@@ -118,3 +122,83 @@ def load_hf(path_or_model) -> tuple[OPT, ModelConfig]:
     ):
         raise ValueError("lm_head is not tied to embed_tokens; OPT ties them")
     return model, cfg
+
+
+# -- the tokenizer of the training data, as an HF tokenizer --------------------------------
+
+
+def _merges(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def tokenizer_files(record: dict) -> tuple[Path, Path]:
+    """(vocab, merges) of the tokenizer a shard manifest names, checked against the sha256
+    the manifest recorded, so the export writes the very vocabulary that made the data."""
+    from data_pipeline.tokenizer import gpt2_files_dir
+
+    if record["name"] == "gpt2":
+        d = gpt2_files_dir()
+        files = {"encoder.json": d / "encoder.json", "vocab.bpe": d / "vocab.bpe"}
+    else:
+        if not record.get("path"):
+            # `data.tokenizer=opt` on foreign data names OPT's ids but not where its files are.
+            raise ValueError(
+                f"the training data's tokenizer record ({record['name']!r}) says where no "
+                "vocabulary files are, so the export cannot write a tokenizer; train with "
+                "data.tokenizer=<directory with vocab.json and merges.txt>, or export with --data "
+                "naming shards tokenized with the same vocabulary"
+            )
+        d = Path(record["path"])
+        files = {"vocab.json": d / "vocab.json", "merges.txt": d / "merges.txt"}
+    for key, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"the data was tokenized with {record['name']!r} files from {d}, but {f} is "
+                "missing here; export where those files are"
+            )
+        want = record.get("files", {}).get(key)
+        if want and sha256_file(f) != want:
+            raise ValueError(
+                f"{f} is not the file that tokenized the training data (sha256 differs from "
+                "the shard manifest's); the export would describe another vocabulary"
+            )
+    vocab, merges = files.values()
+    return vocab, merges
+
+
+def hf_tokenizer(record: dict, model_vocab: int, max_positions: int) -> tuple[Any, SpecialTokens]:
+    """The HF tokenizer of a shard manifest's `tokenizer` record, and its ids: what an export
+    writes (opt_train.tools.hf_export) and what downstream evaluation encodes text with
+    (opt_train.downstream), so both see the same ids.
+
+    Both keep the data's separator as BOS and EOS and prepend it to every text (the
+    `add_bos_token` of OPT's own tokenizer): in the shards every document but the first follows
+    a separator, so that is what the model saw before a document. GPT-2 has no padding token;
+    `<pad>` is added as id 50257, one of the rows that pad the vocabulary to 50,272 and that
+    the data never uses (or the separator, when the model has no such row)."""
+    from transformers import GPT2Tokenizer
+
+    vocab_path, merges_path = tokenizer_files(record)
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    if record["name"] == "gpt2":
+        sep = "<|endoftext|>"
+        special = {"bos_token": sep, "eos_token": sep, "unk_token": sep}
+        special["pad_token"] = "<pad>" if model_vocab > len(vocab) else sep
+    else:
+        special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        special["pad_token"] = "<pad>"
+    tok = GPT2Tokenizer(
+        vocab=vocab,
+        merges=_merges(merges_path),
+        add_bos_token=True,
+        model_max_length=max_positions,
+        **special,
+    )
+    ids = SpecialTokens(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+    if ids.eos != record["eos_id"] or max(ids.bos, ids.eos, ids.pad) >= model_vocab:
+        raise ValueError(
+            f"tokenizer {record['name']!r}: separator id {ids.eos} (pad {ids.pad}) does not "
+            f"agree with the shards' eos_id {record['eos_id']} and a {model_vocab}-row model"
+        )
+    return tok, ids

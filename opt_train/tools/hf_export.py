@@ -27,88 +27,25 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.files import publish_dir, sha256_file, temporary_beside
+from data_pipeline.files import publish_dir, temporary_beside
 from data_pipeline.ownership import NotOursError, check_output, rmtree
 from opt_train.config import ExportConfig, ModelConfig, parse_size
 from opt_train.model.dtypes import DTYPES
-from opt_train.model.hf import HF_PREFIX, SpecialTokens, hf_config_from_model_config
+from opt_train.model.hf import (
+    HF_PREFIX,
+    SpecialTokens,
+    hf_config_from_model_config,
+    hf_tokenizer,
+)
 from opt_train.model.opt import OPT, param_shapes
 
 log = logging.getLogger(__name__)
 
 
-def _merges(path: Path) -> list[tuple[str, str]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-
-
-def tokenizer_files(record: dict) -> tuple[Path, Path]:
-    """(vocab, merges) of the tokenizer a shard manifest names, checked against the sha256
-    the manifest recorded, so the export writes the very vocabulary that made the data."""
-    from data_pipeline.tokenizer import gpt2_files_dir
-
-    if record["name"] == "gpt2":
-        d = gpt2_files_dir()
-        files = {"encoder.json": d / "encoder.json", "vocab.bpe": d / "vocab.bpe"}
-    else:
-        if not record.get("path"):
-            # `data.tokenizer=opt` on foreign data names OPT's ids but not where its files are.
-            raise ValueError(
-                f"the training data's tokenizer record ({record['name']!r}) says where no "
-                "vocabulary files are, so the export cannot write a tokenizer; train with "
-                "data.tokenizer=<directory with vocab.json and merges.txt>, or export with --data "
-                "naming shards tokenized with the same vocabulary"
-            )
-        d = Path(record["path"])
-        files = {"vocab.json": d / "vocab.json", "merges.txt": d / "merges.txt"}
-    for key, f in files.items():
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"the data was tokenized with {record['name']!r} files from {d}, but {f} is "
-                "missing here; export where those files are"
-            )
-        want = record.get("files", {}).get(key)
-        if want and sha256_file(f) != want:
-            raise ValueError(
-                f"{f} is not the file that tokenized the training data (sha256 differs from "
-                "the shard manifest's); the export would describe another vocabulary"
-            )
-    vocab, merges = files.values()
-    return vocab, merges
-
-
 def write_tokenizer(out: Path, record: dict, model_vocab: int, max_positions: int) -> SpecialTokens:
-    """The HF tokenizer of a shard manifest's `tokenizer` record into `out`; returns its ids.
-
-    Both keep the data's separator as BOS and EOS and prepend it to every text (the
-    `add_bos_token` of OPT's own tokenizer): in the shards every document but the first follows
-    a separator, so that is what the model saw before a document. GPT-2 has no padding token;
-    `<pad>` is added as id 50257, one of the rows that pad the vocabulary to 50,272 and that
-    the data never uses (or the separator, when the model has no such row)."""
-    from transformers import GPT2Tokenizer
-
-    vocab_path, merges_path = tokenizer_files(record)
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    if record["name"] == "gpt2":
-        sep = "<|endoftext|>"
-        special = {"bos_token": sep, "eos_token": sep, "unk_token": sep}
-        special["pad_token"] = "<pad>" if model_vocab > len(vocab) else sep
-    else:
-        special = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        special["pad_token"] = "<pad>"
-    tok = GPT2Tokenizer(
-        vocab=vocab,
-        merges=_merges(merges_path),
-        add_bos_token=True,
-        model_max_length=max_positions,
-        **special,
-    )
-    ids = SpecialTokens(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
-    if ids.eos != record["eos_id"] or max(ids.bos, ids.eos, ids.pad) >= model_vocab:
-        raise ValueError(
-            f"tokenizer {record['name']!r}: separator id {ids.eos} (pad {ids.pad}) does not "
-            f"agree with the shards' eos_id {record['eos_id']} and a {model_vocab}-row model"
-        )
+    """The HF tokenizer of a shard manifest's `tokenizer` record (`hf_tokenizer`) into `out`;
+    returns its ids."""
+    tok, ids = hf_tokenizer(record, model_vocab, max_positions)
     tok.save_pretrained(out)
     return ids
 

@@ -57,7 +57,7 @@ def step_fields(row: dict, memory: tuple[float, str] | None = None) -> list[str]
 
 
 def eval_line(row: dict) -> str:
-    vals = [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_loss")]
+    vals = [f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("val_loss", "downstream"))]
     return " | ".join([f"step {row['step']}", *vals])
 
 

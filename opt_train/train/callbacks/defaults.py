@@ -6,6 +6,7 @@ from opt_train.config import JobConfig
 from opt_train.train.callbacks.base import Callback
 from opt_train.train.callbacks.checkpointing import Checkpointing
 from opt_train.train.callbacks.console import console_callback
+from opt_train.train.callbacks.downstream import Downstream
 from opt_train.train.callbacks.evaluation import Evaluation
 from opt_train.train.callbacks.goodput import Goodput
 from opt_train.train.callbacks.metrics_file import MetricsFile
@@ -30,6 +31,10 @@ def default_callbacks(cfg: JobConfig) -> list[Callback]:
         Checkpointing(cfg.checkpoint.interval),
         MetricsFile(cfg.run_dir),
     ]
+    if cfg.downstream.tasks:
+        # before Checkpointing: a kill during the evaluation resumes from before its step,
+        # which then runs (and is evaluated) again
+        callbacks.insert(1, Downstream(cfg.downstream))
     if cfg.data.sources:
         callbacks.append(SourceTokens())
     if cfg.logging.progress:
