@@ -19,7 +19,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.multirank import REPO, free_port, rank_env
 from tests.opt_train.downstream_tasks import NAMES, run_overrides, write_gpt2_shards, write_tasks
@@ -97,41 +96,12 @@ def offline(setup, out: Path, *extra: str) -> dict:
 
 
 def lm_eval_hf_model(export: Path):
-    """lm-eval's own `hf` model (HFLM) over the export, loaded by transformers.
-
-    HFLM's module imports `accelerate` (lm-eval's `hf` extra); where it is not installed, the
-    three names it imports are given one-process stand-ins for the import alone (on one CPU
-    process HFLM only asks Accelerator for its process count and device). The export is
-    loaded here rather than by HFLM's `pretrained=PATH`, whose device_map needs accelerate;
-    HFLM's scoring, tokenization and batching are its own."""
-    import importlib.util
-
-    from transformers import AutoTokenizer, OPTForCausalLM
-
-    if importlib.util.find_spec("accelerate") is None and "accelerate" not in sys.modules:
-
-        class Accelerator:
-            num_processes = 1
-            device = torch.device("cpu")
-
-            def __init__(self, **kwargs):
-                pass
-
-        acc = types.ModuleType("accelerate")
-        acc.Accelerator = Accelerator
-        acc.InitProcessGroupKwargs = lambda **kw: None
-        acc.find_executable_batch_size = None  # batch_size=auto only
-        utils = types.ModuleType("accelerate.utils")
-        utils.get_max_memory = None  # parallelize=True only
-        sys.modules.update({"accelerate": acc, "accelerate.utils": utils})
-        try:
-            import lm_eval.models.huggingface  # noqa: F401
-        finally:
-            del sys.modules["accelerate"], sys.modules["accelerate.utils"]
+    """lm-eval's own `hf` model (HFLM, which needs `accelerate`: lm-eval's `hf` extra, in our
+    `dev`) over the export, as `lm_eval --model hf --model_args pretrained=PATH,dtype=float32`
+    builds it."""
     from lm_eval.models.huggingface import HFLM
 
-    model = OPTForCausalLM.from_pretrained(export, dtype=torch.float32)
-    return HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(export), batch_size=3)
+    return HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=3)
 
 
 def assert_same_scores(ours: dict, ref: dict, rel: float = REL) -> None:
