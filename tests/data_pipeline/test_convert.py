@@ -1,6 +1,6 @@
 """`python -m data_pipeline.convert`: our shards as Megatron's and datatrove's files, read back
-by a reader written here from Megatron's published index layout and by datatrove's own dataset
-class as the same documents."""
+by a reader written here from Megatron's published index layout, by megatron-core's own
+IndexedDataset and by datatrove's own dataset class as the same documents."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def read_megatron(prefix: Path) -> list[list[int]]:
     return [sum(seqs[a:b], []) for a, b in zip(doc_idx[:-1], doc_idx[1:], strict=True)]
 
 
+def read_with_megatron_core(prefix: Path) -> list[list[int]]:
+    """The same files through megatron-core's own IndexedDataset (what Megatron-LM, NeMo and
+    their data loaders open): sequences joined into documents by its document indices."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    seqs = [ds[i].tolist() for i in range(len(ds))]
+    bounds = ds.document_indices.tolist()
+    return [sum(seqs[a:b], []) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def convert(shards: Path, output: Path, fmt: str) -> dict:
     return run(ConvertConfig(input=str(shards), output=str(output), format=fmt))
 
@@ -82,6 +93,7 @@ def test_megatron_output_is_our_documents_each_ending_in_the_separator(shards, t
         assert len(prefixes) == n[split]
         docs = [d for p in prefixes for d in read_megatron(p)]
         assert docs == [[*d, EOS] for d in ours(shards, split)]
+        assert [d for p in prefixes for d in read_with_megatron_core(p)] == docs
         # The token bytes are the shard's own file, hard-linked: nothing copied.
         src = shards / f"{prefixes[0].name}.tokens"
         assert os.stat(f"{prefixes[0]}.bin").st_ino == src.stat().st_ino
