@@ -1,7 +1,7 @@
 """Entry point: `python train.py [overrides]` or `torchrun ... train.py [overrides]`.
 
 Hydra composes conf/train.yaml (+ groups such as `+model=opt-2.7b`) onto the typed schema in
-opt_train/config.py; the run itself lives in opt_train/train/trainer.py.
+opt_train/config/; the run itself lives in opt_train/train/trainer.py.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """The allowed values of config keys, declared as tables and checked by one function.
 
-Every config dataclass (the training job's in opt_train/config.py, each pipeline stage's) lists
+Every config dataclass (the training job's in opt_train/config/, each pipeline stage's) lists
 its numeric ranges and its choices in a `{field: Range | OneOf}` table and calls
 `check_limits(self, section, table)` from `__post_init__`, so a bad value stops the run at
 start-up with the key, the value and what is allowed, before anything is built. It lives here,

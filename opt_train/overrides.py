@@ -2,7 +2,7 @@
 
 Hydra rejects an unknown key or a bad choice too, but its messages do not say what would have
 been valid; these name the valid keys (and the closest match) and a key's choices, read from
-the same tables the config sections check in `__post_init__` (opt_train/config.py).
+the same tables the config sections check in `__post_init__` (opt_train/config/sections.py).
 """
 
 from __future__ import annotations
