@@ -512,13 +512,8 @@ class Trainer:
     def save(self, blocking: bool = False) -> Path:
         """Checkpoint this step (collective: every rank calls it)."""
         with self.phases.span("checkpoint"):
-            return self.ckpt.save(
-                self.step,
-                self.engine.weights,
-                self.state_dict(),
-                self.config_yaml,
-                blocking=blocking,
-            )
+            weights, state = self.engine.weights, self.state_dict()
+            return self.ckpt.save(self.step, weights, state, self.config_yaml, blocking=blocking)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, RNG and trainer state (callbacks' included) from a
