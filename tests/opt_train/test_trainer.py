@@ -229,7 +229,7 @@ def test_a_callback_adds_metrics_writes_events_stops_the_run_and_keeps_its_state
         (2, "spike"),
         (2, None),
         (3, None),
-        (3, "goodput"),  # the ledger's closing row (docs/observability-goodput.md)
+        (3, "goodput"),  # the ledger's closing row (docs/observability.md)
     ]
     assert [r["seen"] for r in rows if "loss" in r and "event" not in r] == [1, 2, 3]
     assert rows[1]["loss"] == rows[2]["loss"]
