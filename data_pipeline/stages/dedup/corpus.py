@@ -66,6 +66,25 @@ class Parts:
                 raise RuntimeError(f"{self.names[part]}.hashes: shorter than the index says")
         return out, offs
 
+    def sources(self, docs: np.ndarray) -> list[str]:
+        """`meta.source` (source_name) of sorted local documents `docs`, read from their
+        spooled lines, each segment once."""
+        out: list[str] = []
+        off, todo, k = self.spool_off, docs.tolist(), 0
+        for lo, hi, row in self.segments():
+            if k == len(todo):
+                break
+            if todo[k] >= hi:
+                continue
+            data, base = self.spool(row, lo, hi), off[lo]
+            while k < len(todo) and todo[k] < hi:
+                d = todo[k]
+                out.append(source_name(loads_line(bytes(data[off[d] - base : off[d + 1] - base]))))
+                k += 1
+        if k != len(todo):
+            raise RuntimeError("documents past the end of the spool's segments")
+        return out
+
     def segments(self) -> Iterator[tuple[int, int, list]]:
         """(first doc, end doc, its segments.npy row) for each segment in document order."""
         n_docs = len(self.spool_off) - 1
@@ -164,6 +183,24 @@ class Corpus:
                     sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
                     yield band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
 
+    def exact_key_chunks(self, step: int = 1 << 20) -> Iterator[np.ndarray]:
+        """Every document's exact-duplicate key ([k, 2] uint64 rows, written by the signature
+        step), in document order, `step` documents at a time."""
+        for d, info in zip(self.dirs, self.infos, strict=True):
+            path = d / "exact.u64"
+            if path.stat().st_size != 16 * info["docs"]:
+                raise RuntimeError(f"{path}: {path.stat().st_size // 16} keys, {info['docs']} docs")
+            for lo in range(0, info["docs"], step):
+                n = min(step, info["docs"] - lo)
+                yield np.fromfile(path, np.uint64, 2 * n, offset=16 * lo).reshape(-1, 2)
+
+    def exact_removed(self, work: Path, tasks: int) -> np.ndarray:
+        """[m, 2] int64 (document, its canonical copy) of every exact duplicate the exact
+        step's `tasks` tasks removed, by document; none when the step did not run."""
+        parts = [np.load(work / "exact" / f"removed-{t:05d}.npy") for t in range(tasks)]
+        out = np.concatenate([np.zeros((0, 2), np.int64), *parts])
+        return out[np.argsort(out[:, 0], kind="stable")]
+
     def doc_id(self, d: int) -> str:
         ((t, local),) = self._by_task(np.array([d]))
         parts, local = self.parts(t), int(local[0])
@@ -174,6 +211,18 @@ class Corpus:
                     "id"
                 ]
         raise RuntimeError(f"document {d} is in no spool segment")
+
+
+NO_SOURCE = "(none)"  # the removed_by_source key of documents without a meta.source
+
+
+def source_name(doc: dict) -> str:
+    """A document's `meta.source` as a report key (a non-string source as its JSON text)."""
+    meta = doc.get("meta")
+    src = meta.get("source") if isinstance(meta, dict) else None
+    if src is None:
+        return NO_SOURCE
+    return src if isinstance(src, str) else json.dumps(src)
 
 
 def _signature_rows(task_dir: Path, num_perm: int, lo: int, hi: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The filter step: each signature task's kept documents copied from its spool to its part
-of the output (no JSON parsed: the spool holds them in output form)."""
+of the output (no JSON parsed: the spool holds them in output form), and the sources of the
+removed documents and their kept copies read for the report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from data_pipeline.documents import AtomicWriter
 from data_pipeline.runtime import scaleout
-from data_pipeline.stages.dedup.corpus import Corpus, Parts
+from data_pipeline.stages.dedup.corpus import Corpus, Parts, save_npy
 
 
 class _Writeback:
@@ -90,6 +91,22 @@ class DedupFilter(scaleout.TaskStep):
             desc = f"dedup filter task {rank}/{world_size}"
             with scaleout.progress(self.cfg, desc, hi - lo, "doc") as bar:
                 kept = _write_kept(corpus.parts(rank), keep[lo:hi], part, bar)
+            names = self._sources(corpus, rank, lo, hi)
         finally:
             corpus.close()
-        return {"docs_in": hi - lo, "docs_out": kept}
+        return {"docs_in": hi - lo, "docs_out": kept, "source_names": names}
+
+    def _sources(self, corpus: Corpus, rank: int, lo: int, hi: int) -> list[str]:
+        """The `meta.source` of this share's removed documents and of the kept copies of any
+        removed document, for the report's per-source counts, as filter/sources-<r>.npy rows
+        (global document, index into the returned names). Only these documents' lines are
+        parsed; the report joins every task's rows."""
+        rows = np.load(self.work / "clusters" / "removed.npy")
+        needed = np.unique(rows[:, :2])
+        mine = needed[(needed >= lo) & (needed < hi)]
+        found = corpus.parts(rank).sources(mine - lo) if len(mine) else []
+        names = sorted(set(found))
+        code = {n: i for i, n in enumerate(names)}
+        codes = np.array([code[n] for n in found], dtype=np.int64)
+        save_npy(self.work / "filter" / f"sources-{rank:05d}.npy", np.stack([mine, codes], 1))
+        return names
