@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_pipeline.documents import loads_line
+from data_pipeline.documents import loads_line, source_name
 from data_pipeline.files import atomic_write
 from data_pipeline.kernels.lsh import band_keys
 from data_pipeline.stages.dedup.plan import DedupPlan
@@ -211,18 +211,6 @@ class Corpus:
                     "id"
                 ]
         raise RuntimeError(f"document {d} is in no spool segment")
-
-
-NO_SOURCE = "(none)"  # the removed_by_source key of documents without a meta.source
-
-
-def source_name(doc: dict) -> str:
-    """A document's `meta.source` as a report key (a non-string source as its JSON text)."""
-    meta = doc.get("meta")
-    src = meta.get("source") if isinstance(meta, dict) else None
-    if src is None:
-        return NO_SOURCE
-    return src if isinstance(src, str) else json.dumps(src)
 
 
 def _signature_rows(task_dir: Path, num_perm: int, lo: int, hi: int) -> np.ndarray:
