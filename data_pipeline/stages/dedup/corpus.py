@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_pipeline.documents import loads_line, source_name
+from data_pipeline.documents import loads_line
 from data_pipeline.files import atomic_write
 from data_pipeline.kernels.lsh import band_keys
 from data_pipeline.stages.dedup.plan import DedupPlan
@@ -65,25 +65,6 @@ class Parts:
             if got != 4 * n:
                 raise RuntimeError(f"{self.names[part]}.hashes: shorter than the index says")
         return out, offs
-
-    def sources(self, docs: np.ndarray) -> list[str]:
-        """`meta.source` (source_name) of sorted local documents `docs`, read from their
-        spooled lines, each segment once."""
-        out: list[str] = []
-        off, todo, k = self.spool_off, docs.tolist(), 0
-        for lo, hi, row in self.segments():
-            if k == len(todo):
-                break
-            if todo[k] >= hi:
-                continue
-            data, base = self.spool(row, lo, hi), off[lo]
-            while k < len(todo) and todo[k] < hi:
-                d = todo[k]
-                out.append(source_name(loads_line(bytes(data[off[d] - base : off[d + 1] - base]))))
-                k += 1
-        if k != len(todo):
-            raise RuntimeError("documents past the end of the spool's segments")
-        return out
 
     def segments(self) -> Iterator[tuple[int, int, list]]:
         """(first doc, end doc, its segments.npy row) for each segment in document order."""
