@@ -76,11 +76,11 @@ def _local_executor_class():
 
 def _cache_loguru_lib_dirs() -> None:
     """loguru builds an exception formatter on every `logger.add`, and each asks sysconfig for
-    every install scheme's paths (22 ms at load 7 on 2 cores: `python -c "from loguru import
-    logger; ..."` timing logger.add). datatrove and this module add sinks around every task
-    and step, ~50 times in a one-task dedup run: a second of CPU for nothing. The answer
-    depends only on sysconfig and sys.path, neither of which a stage changes: compute it once
-    per process. Where loguru no longer has the method, nothing is changed."""
+    every install scheme's paths (docs/benchmarks.md, "Dedup as whole processes": CPU per
+    call and calls per run). datatrove and this module add sinks around every task and step,
+    ~50 times in a one-task dedup run. The answer depends only on sysconfig and sys.path,
+    neither of which a stage changes: compute it once per process. Where loguru no longer
+    has the method, nothing is changed."""
     import functools
 
     from loguru import _better_exceptions
