@@ -30,7 +30,10 @@ def by_source(work: Path, filter_stats: list[dict]) -> dict:
     docs, names = docs[order], names[order]
 
     def source(d: np.ndarray) -> np.ndarray:
-        return names[np.searchsorted(docs, d)]
+        at = np.minimum(np.searchsorted(docs, d), max(len(docs) - 1, 0))
+        if len(d) and not np.array_equal(docs[at], d):
+            raise RuntimeError("filter/sources-*.npy lack documents of clusters/removed.npy")
+        return names[at]
 
     removed, kept = source(rows[:, 0]), source(rows[:, 1])
     out = {}
