@@ -332,10 +332,12 @@ def test_four_tasks_on_ray_give_the_local_runs_bytes_rejects_and_counts(tmp_path
     inp = split_corpus(tmp_path)
     local = run(cfg(input=str(inp), output=str(tmp_path / "local.jsonl"), tasks=1))
     on_ray = run(cfg(input=str(inp), output=str(tmp_path / "ray"), tasks=4, executor="ray"))
-    assert on_ray["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    want = {"signatures": 4, "exact": 1, "buckets": 4, "clusters": 1, "filter": 4}
+    assert on_ray["tasks"] == want
     assert parts_bytes(tmp_path / "ray") == (tmp_path / "local.jsonl").read_bytes()
     for k in ("docs_in", "docs_out", "candidate_pairs", "verified_pairs", "clusters", "rejects"):
         assert on_ray[k] == local[k], k
+    assert on_ray["exact_duplicates"] == local["exact_duplicates"] > 0
     assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (
         tmp_path / "local.jsonl.rejects.jsonl"
     ).read_bytes()
