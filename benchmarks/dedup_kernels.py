@@ -125,7 +125,8 @@ def spans(x: Inputs) -> tuple:
     norm = scratch("minhash.norm", len(x.t_buf) + 128, np.uint8)
     st, ln = scratch("minhash.starts", cap, np.int64), scratch("minhash.lens", cap, np.int64)
     edges = scratch("minhash.edges", cap, np.int64)
-    got = minhash._spans(x.t_buf, x.t_off, 5, norm, st, ln, edges)
+    norm_off = np.zeros(len(x.t_off), dtype=np.int64)
+    got = minhash._spans(x.t_buf, x.t_off, 5, norm, st, ln, edges, norm_off)
     return got, norm, st[: got[-1]].copy(), ln[: got[-1]].copy()
 
 

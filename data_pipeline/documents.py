@@ -59,6 +59,19 @@ def loads_line(raw: bytes):
     return json.loads(raw.decode("utf-8"))
 
 
+NO_SOURCE = "(none)"  # the per-source key (reports, manifests) of a document without meta.source
+
+
+def source_name(doc: dict) -> str:
+    """A document's `meta.source` as a per-source key: NO_SOURCE when it has none, a
+    non-string source as its JSON text."""
+    meta = doc.get("meta")
+    src = meta.get("source") if isinstance(meta, dict) else None
+    if src is None:
+        return NO_SOURCE
+    return src if isinstance(src, str) else json.dumps(src)
+
+
 def dumps_doc(doc: dict) -> bytes:
     """One JSONL line (with its newline), compact, non-ASCII kept as UTF-8. orjson refuses
     integers beyond 64 bits and non-string keys, and writes NaN/Infinity as null; json writes

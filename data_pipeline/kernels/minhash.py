@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from operator import methodcaller
 
 import numpy as np
+import xxhash
 
 from data_pipeline.kernels.scratch import scratch
 from data_pipeline.kernels.simd import HAVE_NUMBA
@@ -95,6 +96,9 @@ class Batch:
     signatures: np.ndarray  # [docs, num_perm] uint32
     hashes: np.ndarray  # uint32
     offsets: np.ndarray  # [docs + 1] int64
+    # [docs, 2] uint64 when asked for (exact=True): xxh3-128 of each document's words joined by
+    # single spaces (normalize()), the same bytes on every backend; else None.
+    exact: np.ndarray | None = None
 
 
 class MinHasher:
@@ -125,29 +129,33 @@ class MinHasher:
         self.backend = backend
         self.a, self.b = permutations(num_perm, seed, scheme)
 
-    def batch(self, texts: list[str] | list[bytes]) -> Batch:
+    def batch(self, texts: list[str] | list[bytes], exact: bool = False) -> Batch:
         """Signatures and shingle hashes of `texts`: str, or their UTF-8 encoding (bytes).
         The numba kernel splits words itself on the UTF-8 forms of Unicode whitespace, so the
-        caller only pays for `str.encode`, not for a Python-level split and join."""
+        caller only pays for `str.encode`, not for a Python-level split and join. `exact`:
+        also each document's exact_keys."""
         raw = [t.encode("utf-8") if isinstance(t, str) else t for t in texts]
         if self.backend != "numpy":
             legacy = self.scheme == "legacy"
-            return _batch_numba(raw, self.ngram, self.a, self.b, legacy, self.backend)
+            return _batch_numba(raw, self.ngram, self.a, self.b, legacy, self.backend, exact)
         docs = [" ".join(t.decode("utf-8").split()).encode("utf-8") for t in raw]
-        return _batch_numpy(docs, self.ngram, self.a, self.b, self.scheme == "legacy")
+        out = _batch_numpy(docs, self.ngram, self.a, self.b, self.scheme == "legacy")
+        if exact:
+            out.exact = exact_keys(b"".join(docs), np.cumsum([0, *map(len, docs)]))
+        return out
 
-    def batch_joined(self, buf: np.ndarray, offsets: np.ndarray) -> Batch:
+    def batch_joined(self, buf: np.ndarray, offsets: np.ndarray, exact: bool = False) -> Batch:
         """batch() of documents already joined as UTF-8: document i is
         buf[offsets[i]:offsets[i + 1]] (uint8), and buf holds at least 64 bytes after the
         last one (the numba kernels read whole 64-byte chunks)."""
         if self.backend == "numpy":
             raw = [buf[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-            return self.batch(raw)
+            return self.batch(raw, exact)
         if len(buf) < offsets[-1] + 64:
             raise ValueError("batch_joined needs 64 readable bytes after the last document")
         legacy = self.scheme == "legacy"
         raw_off = np.ascontiguousarray(offsets, dtype=np.int64)
-        return _batch_buffer(buf, raw_off, self.ngram, self.a, self.b, legacy, self.backend)
+        return _batch_buffer(buf, raw_off, self.ngram, self.a, self.b, legacy, self.backend, exact)
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         return self.batch(texts).signatures
@@ -257,22 +265,40 @@ def _sha1_hashlib(norm: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.
     return _hash32(norm[s : s + n] for s, n in spans)
 
 
-def _batch_numba(raw: list[bytes], n: int, a, b, legacy: bool, sha1: str) -> Batch:
+def exact_keys(norm, norm_off: np.ndarray) -> np.ndarray:
+    """[docs, 2] uint64: xxh3-128 of each document's normalised bytes
+    norm[norm_off[i]:norm_off[i + 1]]. 128 bits, because at 10^9 documents a 64-bit key would
+    merge two different texts with probability ~3% (n^2 / 2^65)."""
+    view = memoryview(norm).cast("B")
+    cuts = np.asarray(norm_off).tolist()
+    digest = xxhash.xxh3_128_digest
+    raw = b"".join([digest(view[lo:hi]) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)])
+    return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
+
+
+def _batch_numba(
+    raw: list[bytes], n: int, a, b, legacy: bool, sha1: str, exact: bool = False
+) -> Batch:
     # 64 bytes of padding: _spans reads whole 64-byte chunks (and masks what lies past a doc)
     buf = np.frombuffer(b"".join([*raw, bytes(64)]), dtype=np.uint8)
     raw_off = np.zeros(len(raw) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in raw], out=raw_off[1:])
-    return _batch_buffer(buf, raw_off, n, a, b, legacy, sha1)
+    return _batch_buffer(buf, raw_off, n, a, b, legacy, sha1, exact)
 
 
-def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bool, sha1: str):
+def _batch_buffer(
+    buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bool, sha1: str, exact: bool
+) -> Batch:
     """The numba path over documents buf[raw_off[i]:raw_off[i+1]] (64 readable bytes after
     the last)."""
     cap = len(buf) + 2
     # spare bytes: the SIMD SHA-1 reads up to 128 bytes from a shingle start (and masks)
     norm = scratch("minhash.norm", len(buf) + 128, np.uint8)
     starts, lens = scratch("minhash.starts", cap, np.int64), scratch("minhash.lens", cap, np.int64)
-    sh_off = _spans(buf, raw_off, n, norm, starts, lens, scratch("minhash.edges", cap, np.int64))
+    norm_off = np.zeros(len(raw_off), dtype=np.int64)
+    edges = scratch("minhash.edges", cap, np.int64)
+    sh_off = _spans(buf, raw_off, n, norm, starts, lens, edges, norm_off)
+    keys = exact_keys(norm, norm_off) if exact else None
     starts, lens = starts[: sh_off[-1]], lens[: sh_off[-1]]
     hashes = np.empty(len(starts), dtype=np.uint32)
     if sha1 == "simd":
@@ -302,7 +328,7 @@ def _batch_buffer(buf: np.ndarray, raw_off: np.ndarray, n: int, a, b, legacy: bo
             sigs[:] = wide[:, : len(a)]
         else:
             _permute_min_affine32(hashes, sh_off, a32, b32, sigs)
-    return Batch(sigs, hashes, sh_off)
+    return Batch(sigs, hashes, sh_off, keys)
 
 
 if HAVE_NUMBA:
@@ -346,11 +372,12 @@ if HAVE_NUMBA:
     _ONE = np.uint64(1)
 
     @numba.njit(cache=True, boundscheck=False)
-    def _spans(buf, raw_off, n, norm, starts, lens, edges):
+    def _spans(buf, raw_off, n, norm, starts, lens, edges, norm_off):
         """Document d is buf[raw_off[d]:raw_off[d+1]] (valid UTF-8; buf holds 64 readable
         bytes past the last document). Copy each document's words joined by single spaces
         (as `" ".join(text.split())` would) into `norm` and list every shingle as (start,
-        length) in `norm`; document d owns shingles sh_off[d]..sh_off[d+1] (returned).
+        length) in `norm`; document d owns shingles sh_off[d]..sh_off[d+1] (returned) and
+        norm[norm_off[d]:norm_off[d+1]] (norm_off: ndocs + 1 zeros, filled here).
         Runs of words already separated by single spaces are copied whole. Hot indices go
         through _ix (unsigned), so numba drops its negative-index check. `norm` holds
         >= len(buf) bytes; `starts`, `lens` and `edges` >= len(buf) + 2 entries."""
@@ -396,6 +423,7 @@ if HAVE_NUMBA:
             nw = ne >> 1
             if nw == 0:
                 sh_off[d + 1] = j
+                norm_off[d + 1] = o
                 continue
             # 2. the normalised copy; edges[2w] becomes word w's start in norm
             r = edges[0]  # start in buf of the current run of single-space-separated words
@@ -424,6 +452,7 @@ if HAVE_NUMBA:
                 lens[_ix(j)] = edges[_ix(2 * i + 2)] - 1 - s
                 j += 1
             sh_off[d + 1] = j
+            norm_off[d + 1] = o
         return sh_off
 
     # Intrinsics calling a C function given by its address (an integer argument rather than

@@ -74,9 +74,27 @@ def _local_executor_class():
     return _Local
 
 
+def _cache_loguru_lib_dirs() -> None:
+    """loguru builds an exception formatter on every `logger.add`, and each asks sysconfig for
+    every install scheme's paths (docs/benchmarks.md, "Dedup as whole processes": CPU per
+    call and calls per run). datatrove and this module add sinks around every task and step,
+    ~50 times in a one-task dedup run. The answer depends only on sysconfig and sys.path,
+    neither of which a stage changes: compute it once per process. Where loguru no longer
+    has the method, nothing is changed."""
+    import functools
+
+    from loguru import _better_exceptions
+
+    fmt = getattr(_better_exceptions, "ExceptionFormatter", None)
+    get = getattr(fmt, "_get_lib_dirs", None)
+    if get is not None and not hasattr(get, "cache_info"):
+        fmt._get_lib_dirs = staticmethod(functools.cache(get))
+
+
 def _quiet_loguru(log_file: Path) -> None:
     from loguru import logger
 
+    _cache_loguru_lib_dirs()
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     logger.add(log_file, level="INFO")

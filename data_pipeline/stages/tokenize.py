@@ -32,6 +32,11 @@ one task writes, so the shards, manifest included, are the same bytes for any sp
 batches of documents are encoded by `max(1, workers // tasks running at once)` processes locally
 (`slurm.cpus_per_task` on Slurm, `ray.cpus_per_task` on Ray), in input order, so the output does not
 depend on that either; benchmarks/tokenize_throughput.py measures MB/s.
+
+The manifest also counts tokens by `meta.source` (documents without one under "(none)"):
+`tokens_by_source` for the train split, copies included, and `validation_tokens_by_source`;
+each sums to its split's `num_tokens` (separators included). Readers that predate them ignore
+them; the shard files do not depend on them.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from omegaconf import MISSING
 
 from data_pipeline import ownership
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, Range, check_limits
-from data_pipeline.documents import InputLimits, Rejects, expand_inputs
+from data_pipeline.documents import InputLimits, Rejects, expand_inputs, source_name
 from data_pipeline.files import publish_file, temporary_beside
 from data_pipeline.formats.split_rule import RULE_BY_ID, is_validation, unit_hash
 from data_pipeline.runtime import executors, scaleout
@@ -219,6 +224,7 @@ class _Plan(StagePlan):
             "record": self.record,
             "max_shard_tokens": self.cfg.max_shard_tokens,
             "limits": InputLimits.of(self.cfg).fingerprint(),
+            "task_stats": "tokens_by_source",  # what the merge step reads from each task
         }
 
     def part(self, rank: int, copy: int = 0) -> Path:
@@ -243,9 +249,10 @@ class TokenizeShare(scaleout.TaskStep):
         tmp = temporary_beside(final)
         rejects = Rejects(tmp, InputLimits.of(self.cfg))
         counts = {"documents_in": 0, "bytes_in": 0, "dropped_by_weight": 0, "extra_copies": 0}
+        by_source: dict[str, dict[str, int]] = {"train": {}, "validation": {}}
 
-        def plan_doc(doc: dict) -> tuple[str, int] | None:
-            """(split, copies) for a document, or None when it is not written at all."""
+        def plan_doc(doc: dict) -> tuple[str, int, str] | None:
+            """(split, copies, source) for a document, or None when it is not written."""
             counts["documents_in"] += 1
             if by_docs:
                 bar.update(1)
@@ -257,7 +264,7 @@ class TokenizeShare(scaleout.TaskStep):
             if copies == 0:
                 counts["dropped_by_weight"] += 1
                 return None
-            return (split, copies)
+            return (split, copies, source_name(doc))
 
         tok = Tokenizer(plan.spec)
         units = plan.units[lo:hi]
@@ -283,9 +290,13 @@ class TokenizeShare(scaleout.TaskStep):
                     counts["bytes_in"] += nbytes
                     ends = np.cumsum(lengths)
                     starts = ends - lengths
-                    for (split, copies), s, e in zip(places, starts, ends, strict=True):
+                    for (split, copies, src), s, e in zip(places, starts, ends, strict=True):
                         ids = flat[s:e]
                         writer.add(ids, split)
+                        # every copy with its separator: the split's num_tokens, by source
+                        by_source[split][src] = by_source[split].get(src, 0) + copies * int(
+                            e - s + 1
+                        )
                         for k in range(1, copies):
                             if k not in passes:
                                 passes[k] = ShardWriter(
@@ -304,7 +315,7 @@ class TokenizeShare(scaleout.TaskStep):
             rejects.close()
         if tmp.exists():
             publish_file(tmp, final)
-        return {**counts, "rejects": rejects.report()}
+        return {**counts, "tokens_by_source": by_source, "rejects": rejects.report()}
 
 
 class TokenizeMerge(scaleout.TaskStep):
@@ -337,7 +348,7 @@ class TokenizeMerge(scaleout.TaskStep):
             {s: [(p, manifests[p]) for p in ps] for s, ps in paths.items()},
             plan.tokenizer,
             plan.record,
-            {"split": plan.split_rule},
+            {"split": plan.split_rule, **_tokens_by_source(st)},
             plan.cfg.max_shard_tokens,
         )
         manifest = read_manifest(plan.out)
@@ -366,6 +377,23 @@ class TokenizeMerge(scaleout.TaskStep):
 
 
 _SUMMED = ("documents_in", "bytes_in", "dropped_by_weight", "extra_copies")
+
+
+def _tokens_by_source(stats: list[dict]) -> dict:
+    """The manifest's per-source token counts, every task's summed: `tokens_by_source` for the
+    train split (what data.sources' `weight: proportional` and mixing read) and
+    `validation_tokens_by_source`; each sums to its split's num_tokens (separators included)."""
+    out = {}
+    for split, key in (
+        ("train", "tokens_by_source"),
+        ("validation", "validation_tokens_by_source"),
+    ):
+        total: dict[str, int] = {}
+        for st in stats:
+            for src, n in st["tokens_by_source"][split].items():
+                total[src] = total.get(src, 0) + n
+        out[key] = dict(sorted(total.items()))
+    return out
 
 
 def run(cfg: TokenizeConfig) -> dict:

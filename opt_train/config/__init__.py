@@ -27,6 +27,7 @@ from opt_train.config.sections import (  # noqa: F401 (the sections are this pac
     OBSERVE_LIMITS,
     OPTIM_LIMITS,
     PARALLEL_LIMITS,
+    PROPORTIONAL,
     STABILITY_LIMITS,
     TRAIN_LIMITS,
     CheckpointConfig,

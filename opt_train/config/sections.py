@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from data_pipeline.config_limits import (
     AT_LEAST_1,
@@ -175,13 +175,18 @@ class TrainConfig:
         check_limits(self, "train", TRAIN_LIMITS)
 
 
+PROPORTIONAL = "proportional"  # data.sources[].weight: the source's share of train tokens
+
+
 @dataclass
 class SourceConfig:
     """One shard set of a training mixture (`data.sources`)."""
 
     name: str = "???"  # its metrics keys: tokens_by_source[<name>], val_loss/<name>
     path: str = "???"  # a token shard directory
-    weight: float = 1.0  # its share of training tokens, relative to the other sources' weights
+    # Its share of training tokens, relative to the other sources' weights; or "proportional"
+    # (on every source): its share is its train split's token count (metaseq's default).
+    weight: Union[float, int, str] = 1.0
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name != self.name.strip():
@@ -189,10 +194,14 @@ class SourceConfig:
                 f"data.sources: name {self.name!r} must be non-empty, without '/' or "
                 "surrounding spaces (it becomes the metrics key val_loss/<name>)"
             )
-        if not (math.isfinite(self.weight) and self.weight > 0):
+        w = self.weight
+        if w == PROPORTIONAL:
+            return
+        number = isinstance(w, (int, float)) and not isinstance(w, bool)
+        if not (number and math.isfinite(w) and w > 0):
             raise ValueError(
-                f"data.sources: weight of {self.name!r} must be a positive number, got "
-                f"{self.weight}"
+                f"data.sources: weight of {self.name!r} must be a positive number or "
+                f"{PROPORTIONAL!r}, got {w!r}"
             )
 
 
@@ -223,6 +232,14 @@ class DataConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"data.sources: names must be unique, got {names}")
+        prop = [s.name for s in self.sources if s.weight == PROPORTIONAL]
+        if prop and len(prop) != len(self.sources):
+            numeric = {s.name: s.weight for s in self.sources if s.weight != PROPORTIONAL}
+            raise ValueError(
+                f"data.sources: weight {PROPORTIONAL!r} on {prop} but numbers on {numeric}: a "
+                "proportional share has no scale to compare a number with; give every source "
+                f"weight: {PROPORTIONAL} or every source a number"
+            )
         check_limits(self, "data", DATA_LIMITS)
         for r in self.skip_steps:
             if len(r) != 2 or not 1 <= r[0] <= r[1]:

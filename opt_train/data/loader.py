@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data_pipeline.formats import ReadOptions, open_split, same_tokenizer, split_tokens, verify_data
-from opt_train.data.mixture import Mixture
+from opt_train.data.mixture import Mixture, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +357,15 @@ def open_sources(data_cfg) -> list[Source]:
         path = resolve_data_path(data_cfg.path, data_cfg.cache_dir)
         verify_shards(path, data_cfg.verify, opts)
         return [Source(None, PackedWindows(path, "train", data_cfg.seq_len, opts))]
-    sources = []
+    windows = []
     for s in data_cfg.sources:
         path = Path(s.path).expanduser()
         verify_shards(path, data_cfg.verify, opts)
-        windows = PackedWindows(path, "train", data_cfg.seq_len, opts)
-        sources.append(Source(s.name, windows, s.weight))
+        windows.append(PackedWindows(path, "train", data_cfg.seq_len, opts))
+    names = [s.name for s in data_cfg.sources]
+    tokens = [w.reader.num_tokens for w in windows]
+    weights = resolve_weights([s.weight for s in data_cfg.sources], tokens, names)
+    sources = [Source(*x) for x in zip(names, windows, weights, strict=True)]
     check_same_tokenizer(sources)
     return sources
 

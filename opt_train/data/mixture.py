@@ -24,6 +24,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from opt_train.config import PROPORTIONAL
+
 MAX_PERIOD = 1 << 16  # samples in one period of the layout at most (a table of this many rows)
 
 
@@ -46,6 +48,30 @@ def integer_weights(weights: list[float], max_period: int = MAX_PERIOD) -> list[
     for i in by_remainder[: max_period - sum(out)]:
         out[i] += 1
     return out
+
+
+def resolve_weights(
+    weights: list[float | str], train_tokens: list[int], names: list[str]
+) -> list[float]:
+    """The numeric weights of a mixture's sources. `weight: proportional` (on every source, as
+    data.sources requires) makes each source's weight its train split's token count from its
+    manifest: sampling in proportion to size, metaseq's default, so every token is drawn about
+    equally often. The counts are exact integers; integer_weights rounds them to shares of
+    MAX_PERIOD samples (within 1 / MAX_PERIOD of the exact shares)."""
+    prop = [w == PROPORTIONAL for w in weights]
+    if not any(prop):
+        return list(weights)
+    if not all(prop):
+        raise ValueError(
+            f"data.sources: weight {PROPORTIONAL!r} must be on every source or none, got "
+            f"{dict(zip(names, weights, strict=True))}"
+        )
+    empty = [n for n, t in zip(names, train_tokens, strict=True) if t <= 0]
+    if empty:
+        raise ValueError(
+            f"data.sources: weight {PROPORTIONAL!r} gives {empty} no share: no train tokens"
+        )
+    return [int(t) for t in train_tokens]
 
 
 class Mixture:

@@ -229,7 +229,9 @@ def test_quality_recall_of_j097_pairs_and_keep_rate_of_unique_docs(tmp_path):
     assert keep_rate >= 0.995, f"kept {keep_rate:.4f} of {len(unique)} unique documents"
     assert report["docs_in"] == len(texts)
     assert report["docs_out"] == len(kept)
-    assert report["verified_pairs"] >= len(pairs)
+    # exact copies (kind 0) are removed by the exact pass, before any pair is verified
+    assert report["verified_pairs"] + report["exact_duplicates"] >= len(pairs)
+    assert report["exact_duplicates"] >= 1
     assert report["largest_cluster"] >= 2
     assert all(e["jaccard"] >= 0.95 for e in report["examples"])
     assert all(e["jaccard"] < 0.95 for e in report["closest_rejected"])
@@ -281,7 +283,8 @@ def test_cli_keeps_first_of_each_cluster_counts_rejects_and_exits_3(tmp_path):
     assert ids == [d["id"] for d in docs if d["id"] not in ("doc3", "doc7-near")]
     assert got[1] == docs[1]  # documents pass through unchanged, meta included
     report = json.loads(Path(f"{out}.report.json").read_text())
-    assert (report["docs_in"], report["docs_out"], report["clusters"]) == (102, 100, 2)
+    assert (report["docs_in"], report["docs_out"], report["clusters"]) == (102, 100, 1)
+    assert (report["exact_duplicates"], report["near_duplicates"]) == (1, 1)  # doc3, doc7-near
     assert report["rejects"]["total"] == 5
     rejects = [json.loads(x) for x in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == 5
@@ -309,7 +312,7 @@ def test_four_tasks_on_two_workers_give_one_tasks_bytes_rejects_and_counts(tmp_p
     one = run(cfg(input=str(inp), output=str(tmp_path / "one.jsonl"), tasks=1))
     four = run(cfg(input=str(inp), output=str(tmp_path / "four"), tasks=4, workers=2))
     assert one["tasks"]["signatures"] == 1
-    assert four["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    assert four["tasks"] == {"signatures": 4, "exact": 1, "buckets": 4, "clusters": 1, "filter": 4}
     assert parts_bytes(tmp_path / "four") == (tmp_path / "one.jsonl").read_bytes()
     assert four["docs_removed"] > 255  # copies of the first file's documents in the others
     for k in ("docs_in", "docs_out", "candidate_pairs", "verified_pairs", "clusters", "rejects"):
@@ -329,14 +332,17 @@ def test_four_tasks_on_ray_give_the_local_runs_bytes_rejects_and_counts(tmp_path
     inp = split_corpus(tmp_path)
     local = run(cfg(input=str(inp), output=str(tmp_path / "local.jsonl"), tasks=1))
     on_ray = run(cfg(input=str(inp), output=str(tmp_path / "ray"), tasks=4, executor="ray"))
-    assert on_ray["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    want = {"signatures": 4, "exact": 1, "buckets": 4, "clusters": 1, "filter": 4}
+    assert on_ray["tasks"] == want
     assert parts_bytes(tmp_path / "ray") == (tmp_path / "local.jsonl").read_bytes()
     for k in ("docs_in", "docs_out", "candidate_pairs", "verified_pairs", "clusters", "rejects"):
         assert on_ray[k] == local[k], k
+    assert on_ray["exact_duplicates"] == local["exact_duplicates"] > 0
     assert (tmp_path / "ray.rejects.jsonl").read_bytes() == (
         tmp_path / "local.jsonl.rejects.jsonl"
     ).read_bytes()
-    assert set(on_ray["step_seconds"]) == {"signatures", "buckets", "clusters", "filter", "report"}
+    steps = {"signatures", "exact", "buckets", "clusters", "filter", "report"}
+    assert set(on_ray["step_seconds"]) == steps
 
 
 @pytest.mark.slow
@@ -354,7 +360,7 @@ def test_a_run_killed_during_each_step_reruns_to_the_same_bytes(tmp_path, step):
     cmd = [sys.executable, "-m", "data_pipeline.dedup", f"input={inp}", f"output={out}"]
     cmd += ["progress=false", "batch_bytes=4096", "tasks=3", "workers=1"]
     started = work / "executor" / step / "executor.json"
-    counts = {"signatures": 3, "buckets": 3, "clusters": 1, "filter": 3}
+    counts = {"signatures": 3, "exact": 1, "buckets": 3, "clusters": 1, "filter": 3}
     for _attempt in range(5):  # a step of a few ms can finish between two polls
         shutil.rmtree(work, ignore_errors=True)
         proc = subprocess.Popen(
@@ -382,7 +388,7 @@ def test_a_run_killed_during_each_step_reruns_to_the_same_bytes(tmp_path, step):
     # and a second re-run resumes every stage from the work directory
     out.unlink()
     report = run(cfg(input=str(inp), output=str(out), tasks=3, keep_work=True))
-    assert report["resumed_stages"] == ["signatures", "buckets", "clusters"]
+    assert report["resumed_stages"] == ["signatures", "exact", "buckets", "clusters"]
     assert out.read_bytes() == ref.read_bytes()
 
 
@@ -410,7 +416,7 @@ def test_resumed_run_with_another_banding_keys_the_signatures_again(tmp_path):
     second.keep_work, second.work_dir = True, str(tmp_path / "work")
     second.bands, second.rows = 32, 4
     report = run(second)
-    assert report["resumed_stages"] == ["signatures"]
+    assert report["resumed_stages"] == ["signatures", "exact"]
     fresh = cfg(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "c.jsonl"), workers=1)
     fresh.bands, fresh.rows = 32, 4
     want = run(fresh)

@@ -178,6 +178,23 @@ def test_fractional_and_zero_weights_subsample_and_drop_by_source(tmp_path):
     assert report["dropped_by_weight"] == 450 - (kept - 20)
 
 
+def test_manifest_counts_tokens_by_source_as_each_source_tokenized_alone(tmp_path):
+    web = [dict(d, meta={"source": "web"}) for d in corpus(40, prefix="w")]
+    books = [dict(d, meta={"source": "books"}) for d in corpus(40, prefix="b")]
+    plain = corpus(10, prefix="p")  # no meta.source
+    kw = dict(validation_fraction=0.2, weights={"web": 2})  # web's train copies count twice
+    out, _ = tokenize(tmp_path, web + books + plain, "mixed", **kw)
+    m = shards.read_manifest(out)
+    assert set(m["tokens_by_source"]) == {"web", "books", "(none)"}
+    assert sum(m["tokens_by_source"].values()) == m["splits"]["train"]["num_tokens"]
+    val = m["validation_tokens_by_source"]
+    assert sum(val.values()) == m["splits"]["validation"]["num_tokens"] > 0
+    for name, docs in (("web", web), ("books", books), ("(none)", plain)):
+        alone = shards.read_manifest(tokenize(tmp_path, docs, f"alone-{len(name)}", **kw)[0])
+        assert m["tokens_by_source"][name] == alone["splits"]["train"]["num_tokens"]
+        assert val.get(name, 0) == alone["splits"]["validation"]["num_tokens"]
+
+
 def test_two_workers_write_the_same_bytes_as_one(tmp_path):
     docs = corpus(300)
     a, _ = tokenize(tmp_path, docs, "a", workers=1, batch_bytes=2000, validation_fraction=0.1)

@@ -137,10 +137,16 @@ def test_dedup_on_slurm_with_four_tasks_equals_the_local_run(slurm, tmp_path):
         slurm, "dedup", [f"input={inp}", f"output={out}", "tasks=4", "progress=false"]
     )
     assert r.returncode == 3, r.stderr[-4000:]  # finished; the corpus has rejected lines
-    print(f"dedup on slurm, 4+4+1+4+1 tasks: {time.time() - t0:.1f} s")
+    print(f"dedup on slurm, 4+1+4+1+4+1 tasks: {time.time() - t0:.1f} s")
     assert parts_bytes(out) == local.read_bytes()
     report = json.loads(r.stdout)
-    assert report["tasks"] == {"signatures": 4, "buckets": 4, "clusters": 1, "filter": 4}
+    assert report["tasks"] == {
+        "signatures": 4,
+        "exact": 1,
+        "buckets": 4,
+        "clusters": 1,
+        "filter": 4,
+    }
     for k in ("docs_in", "docs_out", "candidate_pairs", "clusters", "rejects"):
         assert report[k] == want[k], k
 

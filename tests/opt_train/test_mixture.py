@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.shards import ShardWriter
+from data_pipeline.shards import ShardWriter, read_manifest
 from data_pipeline.stages.tokenize import TokenizeConfig, TokenizerConfig
 from data_pipeline.stages.tokenize import run as tokenize
 from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source, open_sources
-from opt_train.data.mixture import Mixture, integer_weights
+from opt_train.data.mixture import MAX_PERIOD, Mixture, integer_weights
 from opt_train.train.metric_rows import flat_row
 from opt_train.train.trainer import Trainer
 from tests.multirank import TINY_RUN, torchrun_train
@@ -266,6 +266,27 @@ def test_mixture_config_errors_name_the_key(two_sources):
         make_config(sources_override(a, b, wa=0))
     with pytest.raises(ValueError, match="data.exhaust"):
         make_config("data.exhaust=never")
+    with pytest.raises(ValueError, match="weight of 'b' must be a positive number or 'prop"):
+        make_config(sources_override(a, b, wa="proportional", wb="proportionate"))
+    with pytest.raises(ValueError, match=r"weight 'proportional' on \['a'\] but numbers on"):
+        make_config(sources_override(a, b, wa="proportional", wb=2))
+
+
+def test_proportional_weights_draw_each_source_in_proportion_to_its_train_tokens(two_sources):
+    """weight: proportional makes each weight its manifest's train token count, and the
+    layout (deterministic) then holds every prefix of n samples to within one sample of n x
+    its integer share, which is within 1 / MAX_PERIOD of the exact token share."""
+    a, b = two_sources
+    cfg = make_config(sources_override(a, b, wa="proportional", wb="proportional"))
+    sources = open_sources(cfg.data)
+    tokens = [read_manifest(p)["splits"]["train"]["num_tokens"] for p in (a, b)]
+    assert [s.weight for s in sources] == tokens
+    loader = GlobalOrderLoader(sources, 0, 8, 2, 0, 1)
+    from_a = [int((batch.max(axis=1) < SPLIT).sum()) for batch in global_batches([loader], 300)]
+    share = tokens[0] / sum(tokens)
+    for steps in (1, 10, 100, 300):
+        n = 8 * steps
+        assert abs(sum(from_a[:steps]) - n * share) <= 1 + n / MAX_PERIOD, steps
 
 
 @pytest.mark.slow

@@ -25,15 +25,19 @@ data_pipeline.kernels.lsh):
    banding, every document's shingle hashes and its line in output form (the spool, plain
    or zstd), into the task's own directory. Global document numbers are the
    tasks' documents in rank order: the input order.
-2. `buckets` (one task per group of bands): each band's keys from every signature task;
+2. `exact` (one task per range of key values; none with `exact=false`): documents with the
+   same words (xxh3-128 of the text as clean normalises whitespace, computed by the signature
+   kernel) are removed, all but the first in input order, so they never reach the buckets.
+3. `buckets` (one task per group of bands): each band's keys from every signature task;
    documents with equal keys become candidate pairs (keys are made again from the signatures
    if the banding changed on a re-run).
-3. `clusters` (one task, over the candidate pairs only): prefilter by estimated Jaccard, verify
+4. `clusters` (one task, over the candidate pairs only): prefilter by estimated Jaccard, verify
    on exact shingle sets, union-find over verified pairs, keep the first document of each
-   cluster in global input order.
-4. `writeback`, the filter step (one task per signature task): copy its kept documents'
+   cluster in global input order; the exact step's removals added.
+5. `writeback`, the filter step (one task per signature task): copy its kept documents'
    lines from its spool to its part file; the input is read and parsed once.
-5. `report`: every task's statistics and rejects summed; a file output joins the parts.
+6. `report`: every task's statistics and rejects summed, removals by `meta.source`; a file
+   output joins the parts.
 
 The output is the same bytes for any tasks, workers and executor. Memory of a signature or
 filter task follows its block size; of a buckets task, one band's keys (8 bytes per document);

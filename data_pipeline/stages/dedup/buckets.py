@@ -35,6 +35,16 @@ def _bucket_pairs(keys: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate(out).astype(np.int64)
 
 
+def _not_exact_duplicates(corpus: Corpus, work, exact_tasks: int) -> np.ndarray | None:
+    """Which documents the exact step left (a mask; None: it removed none)."""
+    removed = corpus.exact_removed(work, exact_tasks)[:, 0]
+    if not len(removed):
+        return None
+    alive = np.ones(corpus.n_docs, dtype=bool)
+    alive[removed] = False
+    return alive
+
+
 class DedupBuckets(scaleout.TaskStep):
     """Task t: the candidate pairs of group g = t // key_ranges of the bands, among the
     documents whose band key lies in range t % key_ranges of the 2^64 key values. Documents
@@ -52,6 +62,8 @@ class DedupBuckets(scaleout.TaskStep):
         k_lo, k_hi = np.uint64((r << 64) // ranges), ((r + 1) << 64) // ranges
         k_hi = None if k_hi == 1 << 64 else np.uint64(k_hi)
         codes, held = [np.zeros(0, np.int64)], 0
+        alive = _not_exact_duplicates(corpus, self.work, plan.step_counts()["exact"])
+        left = np.flatnonzero(alive) if alive is not None and ranges == 1 else None
         with scaleout.progress(
             self.cfg, f"dedup buckets task {rank}/{world_size}", hi - lo, "band"
         ) as bar:
@@ -59,14 +71,20 @@ class DedupBuckets(scaleout.TaskStep):
                 if ranges == 1:  # every key: read whole, no filtering
                     chunks = corpus.band_key_chunks(k, plan.bands, plan.rows, step=1 << 62)
                     keys = np.concatenate([np.zeros(0, np.uint64), *chunks])
+                    if left is not None:  # only the documents the exact step left
+                        keys = keys[left]
                     held = max(held, len(keys))
                     pairs = _bucket_pairs(keys, self.cfg.bucket_window)
+                    if left is not None:
+                        pairs = left[pairs]
                     codes.append(pairs[:, 0] * n + pairs[:, 1])
                     bar.update(1)
                     continue
                 keys, index, start = [], [], 0
                 for chunk in corpus.band_key_chunks(k, plan.bands, plan.rows):
                     mine = chunk >= k_lo if k_hi is None else (chunk >= k_lo) & (chunk < k_hi)
+                    if alive is not None:
+                        mine &= alive[start : start + len(chunk)]
                     where = np.flatnonzero(mine)
                     keys.append(chunk[where])
                     index.append(where + start)

@@ -41,8 +41,11 @@ def _estimated_jaccard(corpus: Corpus, pairs: np.ndarray) -> np.ndarray:
     return est
 
 
-def _clusters(cfg: DedupConfig, corpus: Corpus, pairs: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Verify each candidate pair, union-find over verified pairs; (keep mask, statistics)."""
+def _clusters(
+    cfg: DedupConfig, corpus: Corpus, pairs: np.ndarray
+) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Verify each candidate pair, union-find over verified pairs; (keep mask, statistics,
+    [m, 2] (removed document, the first of its cluster, which is kept))."""
     n_docs = corpus.n_docs
     est = _estimated_jaccard(corpus, pairs) if len(pairs) else np.zeros(0)
     sim = est.copy()
@@ -73,11 +76,12 @@ def _clusters(cfg: DedupConfig, corpus: Corpus, pairs: np.ndarray) -> tuple[np.n
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)  # the root is always the cluster's first doc
     sizes: dict[int, int] = {}
-    removed = []
+    removed, roots = [], []
     for x in parent:
         r = find(x)
         sizes[r] = sizes.get(r, 1) + 1
         removed.append(x)
+        roots.append(r)
     keep = np.ones(n_docs, dtype=bool)
     if removed:
         keep[np.array(removed, dtype=np.int64)] = False
@@ -98,7 +102,7 @@ def _clusters(cfg: DedupConfig, corpus: Corpus, pairs: np.ndarray) -> tuple[np.n
             "estimated_jaccard": round(float(est[t]), 4),
         }
 
-    return keep, {
+    info = {
         "candidate_pairs": len(pairs),
         "prefiltered_pairs": int((~checked).sum()),
         "verified_pairs": int(verified.sum()),
@@ -108,6 +112,7 @@ def _clusters(cfg: DedupConfig, corpus: Corpus, pairs: np.ndarray) -> tuple[np.n
         "examples": [pair_info(t) for t in picks],
         "closest_rejected": [pair_info(t) for t in near],
     }
+    return keep, info, np.array([removed, roots], dtype=np.int64).T.reshape(-1, 2)
 
 
 class DedupClusters(scaleout.TaskStep):
@@ -125,9 +130,33 @@ class DedupClusters(scaleout.TaskStep):
         ]
         codes = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
         pairs = np.stack([codes // n, codes % n], axis=1)
+        exact = corpus.exact_removed(self.work, plan.step_counts()["exact"])
         try:
-            keep, info = _clusters(self.cfg, corpus, pairs)
+            keep, info, near = _clusters(self.cfg, corpus, pairs)
         finally:
             corpus.close()
+        keep[exact[:, 0]] = False
         save_npy(self.work / "clusters" / "keep.npy", keep)
-        return info
+        save_npy(self.work / "clusters" / "removed.npy", removals(exact, near))
+        return {**info, "exact_duplicates": len(exact), "near_duplicates": len(near)}
+
+
+EXACT, NEAR = 0, 1  # the kind column of clusters/removed.npy
+
+
+def removals(exact: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """[m, 3] int64 rows (removed document, its kept copy, EXACT or NEAR) by document. An
+    exact duplicate's kept copy is its canonical copy's, which a near-duplicate cluster may
+    have removed in turn (then the first of that cluster)."""
+    near = near[np.argsort(near[:, 0], kind="stable")]
+    canon = exact[:, 1]
+    pos = np.minimum(np.searchsorted(near[:, 0], canon), max(len(near) - 1, 0))
+    hit = (near[pos, 0] == canon) if len(near) else np.zeros(len(canon), dtype=bool)
+    kept = np.where(hit, near[pos, 1] if len(near) else canon, canon)
+    rows = np.concatenate(
+        [
+            np.stack([exact[:, 0], kept, np.full(len(exact), EXACT)], axis=1),
+            np.stack([near[:, 0], near[:, 1], np.full(len(near), NEAR)], axis=1),
+        ]
+    ).astype(np.int64)
+    return rows[np.argsort(rows[:, 0], kind="stable")]

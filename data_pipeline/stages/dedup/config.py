@@ -19,6 +19,10 @@ class DedupConfig(scaleout.ScaleOut):
 
     input: Any = MISSING
     output: str = MISSING
+    # Exact-duplicate pass before MinHash: documents with the same words (the text as clean
+    # normalises whitespace, or re-wrapped) are removed, all but the first in input order,
+    # before the buckets step (docs/data-dedup.md, "Exact duplicates", says why it is on).
+    exact: bool = True
     threshold: float = 0.95  # a pair is a near-duplicate when its Jaccard is >= this
     ngram: int = 5  # shingles are word n-grams
     num_perm: int = 128

@@ -164,6 +164,24 @@ class Corpus:
                     sig = _signature_rows(d, self.num_perm, lo, hi)[:, k * rows : (k + 1) * rows]
                     yield band_keys(np.ascontiguousarray(sig), rows, 1)[:, 0]
 
+    def exact_key_chunks(self, step: int = 1 << 20) -> Iterator[np.ndarray]:
+        """Every document's exact-duplicate key ([k, 2] uint64 rows, written by the signature
+        step), in document order, `step` documents at a time."""
+        for d, info in zip(self.dirs, self.infos, strict=True):
+            path = d / "exact.u64"
+            if path.stat().st_size != 16 * info["docs"]:
+                raise RuntimeError(f"{path}: {path.stat().st_size // 16} keys, {info['docs']} docs")
+            for lo in range(0, info["docs"], step):
+                n = min(step, info["docs"] - lo)
+                yield np.fromfile(path, np.uint64, 2 * n, offset=16 * lo).reshape(-1, 2)
+
+    def exact_removed(self, work: Path, tasks: int) -> np.ndarray:
+        """[m, 2] int64 (document, its canonical copy) of every exact duplicate the exact
+        step's `tasks` tasks removed, by document; none when the step did not run."""
+        parts = [np.load(work / "exact" / f"removed-{t:05d}.npy") for t in range(tasks)]
+        out = np.concatenate([np.zeros((0, 2), np.int64), *parts])
+        return out[np.argsort(out[:, 0], kind="stable")]
+
     def doc_id(self, d: int) -> str:
         ((t, local),) = self._by_task(np.array([d]))
         parts, local = self.parts(t), int(local[0])

@@ -12,7 +12,7 @@ from data_pipeline.runtime.plan import StagePlan
 from data_pipeline.stages.dedup.config import DEDUP_LIMITS, DedupConfig, choose_banding
 
 _BYTES_PER_KEY_RANGE = 32 << 30  # key_ranges=0: one buckets range per 32 GiB of input
-STEPS = ("signatures", "buckets", "clusters", "filter", "report")
+STEPS = ("signatures", "exact", "buckets", "clusters", "filter", "report")
 
 
 class DedupPlan(StagePlan):
@@ -48,7 +48,9 @@ class DedupPlan(StagePlan):
         )
 
     def step_counts(self) -> dict[str, int]:
-        return dict(zip(STEPS, (self.tasks, self.bucket_tasks, 1, self.tasks, 1), strict=True))
+        exact = self.key_ranges if self.cfg.exact else 0  # 0: the step does not run
+        counts = (self.tasks, exact, self.bucket_tasks, 1, self.tasks, 1)
+        return dict(zip(STEPS, counts, strict=True))
 
     def fingerprints(self) -> list[tuple[str, dict]]:
         """Each step's files depend on its own entry and every earlier one."""
@@ -62,9 +64,11 @@ class DedupPlan(StagePlan):
                     "tasks": self.tasks,
                     "spool": cfg.spool,
                     "limits": InputLimits.of(cfg).fingerprint(),
+                    "exact_keys": "xxh3-128 of the words joined by single spaces",
                     **params,
                 },
             ),
+            ("exact", {"exact": cfg.exact, "key_ranges": self.key_ranges}),
             (
                 "buckets",
                 {

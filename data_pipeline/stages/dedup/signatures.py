@@ -1,6 +1,6 @@
 """The signatures step: each task parses its share of the input once and leaves, in its own
-directory, the documents' MinHash signatures, band keys, shingle hashes and output lines (the
-spool the filter step copies kept documents from)."""
+directory, the documents' MinHash signatures, band keys, exact-duplicate keys, shingle hashes
+and output lines (the spool the filter step copies kept documents from)."""
 
 from __future__ import annotations
 
@@ -110,13 +110,13 @@ def _signature_task(task: tuple):
         fast = np.flatnonzero(status == FAST)
         t_off = np.concatenate(([0], text_off[fast + 1]))
         o_off = np.concatenate(([0], out_off[fast + 1]))
-        b = HASHER.batch_joined(text, t_off)
+        b = HASHER.batch_joined(text, t_off, exact=True)
         out = [memoryview(lines_out)[: o_off[-1]]]
         sizes = np.diff(o_off)
     else:
         block = bytes(memoryview(buf)[:size])
         texts, out = _parse_lines(block, first, name, parsed, rejects)
-        b = HASHER.batch(texts)
+        b = HASHER.batch(texts, exact=True)
         sizes = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
     if truncated:  # (line, reason, raw, length): a truncation or a too-long line
         rejects.append(truncated)
@@ -131,7 +131,7 @@ def _signature_task(task: tuple):
     # caller (num_perm x 4 bytes plus 8 bytes per band: ~650 bytes at the defaults).
     hashes = _append_part(work_dir, "hashes", b.hashes)
     spool = _append_part(work_dir, "spool", spool)
-    return path, b.signatures, keys, np.diff(b.offsets), sizes, hashes, spool, rejects
+    return path, b.signatures, keys, b.exact, np.diff(b.offsets), sizes, hashes, spool, rejects
 
 
 _PARTS: dict[tuple, int] = {}  # (pid, work dir, kind) -> fd of a part file this process appends
@@ -182,15 +182,18 @@ def _signatures(
     tasks = ((*t, str(work), banding) for t in blocks)
     handles = [open(work / f"band{k:03d}.u64", "wb") for k in range(banding[0])]
     try:
-        with open(work / "signatures.u32", "wb") as fs:
+        with open(work / "signatures.u32", "wb") as fs, open(work / "exact.u64", "wb") as fx:
             load_hasher(hasher_params)
             try:
-                for path, sigs, keys, cnt, size, hashes, spool, bad in map(_signature_task, tasks):
+                for path, sigs, keys, exact, cnt, size, hashes, spool, bad in map(
+                    _signature_task, tasks
+                ):
                     for line, reason, raw, *length in bad:
                         rejects.add(path, line, reason, raw, *length)
                     if not len(sigs):
                         continue
                     fs.write(sigs)
+                    fx.write(exact)
                     for k, f in enumerate(handles):
                         f.write(np.ascontiguousarray(keys[:, k]))
                     part = parts.setdefault(hashes[0].split(".")[0], len(parts))

@@ -15,6 +15,7 @@ from data_pipeline.stages.dedup import signatures
 from data_pipeline.stages.dedup.buckets import DedupBuckets
 from data_pipeline.stages.dedup.clusters import DedupClusters
 from data_pipeline.stages.dedup.config import DedupConfig
+from data_pipeline.stages.dedup.exact import DedupExact
 from data_pipeline.stages.dedup.plan import STEPS, DedupPlan
 from data_pipeline.stages.dedup.report import DedupReport
 from data_pipeline.stages.dedup.signatures import DedupSignatures
@@ -52,11 +53,12 @@ def run(cfg: DedupConfig) -> dict:
     with scaleout.owned(plan, "dedup"):
         scaleout.prepare(plan, plan.fingerprints())
         counts = plan.step_counts()
-        resumed = [s for s in STEPS[:3] if scaleout.completed(plan.work, s, counts[s])]
-        steps = [
-            (cls(plan), counts[cls.name])
-            for cls in (DedupSignatures, DedupBuckets, DedupClusters, DedupFilter, DedupReport)
+        resumed = [
+            s for s in STEPS[:4] if counts[s] and scaleout.completed(plan.work, s, counts[s])
         ]
+        classes = (DedupSignatures, DedupExact, DedupBuckets, DedupClusters, DedupFilter)
+        steps = [(cls(plan), counts[cls.name]) for cls in (*classes, DedupReport)]
+        steps = [(step, n) for step, n in steps if n]  # exact=false: no exact step
         if cfg.executor == "local":
             _warm_up(plan.hasher_params, (plan.bands, plan.rows))
         jobs = executors.run_steps(steps, cfg, plan.work)
