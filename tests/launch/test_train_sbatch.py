@@ -83,7 +83,8 @@ def logged_steps(run_dir: Path) -> list[int]:
     p = run_dir / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(x)["step"] for x in p.read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [r["step"] for r in rows if "event" not in r]  # not the goodput rows (events)
 
 
 def wait_for_step(run_dir: Path, step: int, slurm, job: str, timeout: float = 90) -> None:
