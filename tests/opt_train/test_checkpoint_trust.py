@@ -150,11 +150,14 @@ def test_dcp_bytes_entries_are_refused_before_dcp_would_torch_load_them(tmp_path
 
 def test_export_during_a_live_async_save_leaves_the_save_intact(tmp_path, small_shards):
     run = tmp_path / "run"
+    gate = tmp_path / "gate"  # the save of step 4 stays in flight, as .tmp-step_4, until released
+    gate.mkdir()
+    (gate / STEP(2)).touch()
     job = [
         "train.max_steps=4",
         "checkpoint.interval=2",
         "checkpoint.async_save=true",
-        "checkpoint.debug_delay_s=12",  # each save stays in flight, as .tmp-step_N, 12 s
+        f"checkpoint.debug_gate={gate}",
     ]
     proc = subprocess.Popen(
         [sys.executable, "train.py", *small_job_overrides(run, small_shards, *job)],
@@ -178,6 +181,7 @@ def test_export_during_a_live_async_save_leaves_the_save_intact(tmp_path, small_
             assert in_flight.is_dir() and not (ckpts / STEP(4)).exists(), attempt
         assert snapshot(in_flight) == before
     finally:
+        (gate / STEP(4)).touch()
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "checkpoint_failed" not in (run / "metrics.jsonl").read_text()
