@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,67 @@ def pytest_collection_modifyitems(config, items):
             if fixture in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+
+
+def warm_numba_kernels(part: str) -> None:
+    """Compile (or load from numba's cache) the data_pipeline kernels for every argument type
+    and MinHash variant the stages pass: numba keys compiled code on the types, and a read-only
+    array (np.frombuffer of bytes) is another type than a writable one. Two parts, compiled
+    by two processes at once: "jsonl" (the line parser) and "minhash" (hashing and LSH)."""
+    import numpy as np
+
+    from data_pipeline.kernels import lsh
+    from data_pipeline.kernels.jsonl_scan import count_newlines, parse_block
+    from data_pipeline.kernels.minhash import _LIBCRYPTO, SCHEMES, MinHasher
+
+    if part == "jsonl":
+        line = b'{"text": "a", "id": "0", "meta": {"k": 1}, "x": [1.5, null]}\n'
+        for block in (bytearray(line + bytes(64)), line + bytes(64), line):
+            parse_block(block, len(line))
+            count_newlines(block, len(line))
+        return
+    # What data_pipeline.stages.dedup.stage._warm_up runs after parsing, for each variant.
+    words = b"warm up the compiled kernels"  # writable, 64 bytes to spare: as parse_block gives
+    text = np.frombuffer(words + bytes(64), np.uint8).copy()
+    offsets = np.array([0, len(words)], dtype=np.int64)
+    for scheme in SCHEMES:
+        for backend in ["simd", "openssl"] if _LIBCRYPTO else ["simd"]:
+            hasher = MinHasher(scheme=scheme, backend=backend)
+            lsh.band_keys(hasher.batch_joined(text, offsets).signatures, 8, 16)
+            hasher.batch([b"and those of the Python path"])
+    keys = np.arange(8, dtype=np.uint64)
+    lsh.shared_keys(np.concatenate([keys, keys]))
+    hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
+    lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist, compile numba's kernels once, in children of the controller, before
+    the workers start (xdist spawns them in its own trylast sessionstart hook): each worker
+    would otherwise compile the same kernels into the same cache, ~45 s of CPU each on a clean
+    checkout (docs/benchmarks.md, "The test suite"). With the cache warm this costs ~1 s."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import tests.conftest as c; c.warm_numba_kernels({part!r})"],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for part in ("jsonl", "minhash")
+    ]
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op once it has exited
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise pytest.UsageError(f"compiling the numba kernels failed:\n{err[-3000:]}")
