@@ -64,6 +64,10 @@ SHARED_RUNS = {"fp32_mesh_run": "fp32_mesh", "two_rank_rollback": "rollback", "l
 MODULE_RUNS = {"reference", "zero3_reference", "whole_run"}
 
 
+# tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so
+# a marker added after it is ignored and each worker builds the fixture again (checked with a
+# module fixture that logs its builds: two workers, two builds without tryfirst, one with it).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), None)
