@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,11 +58,85 @@ def two_rank_rollback(garbage_corpus, tmp_path_factory):
 # Session fixtures that cost a run each: under pytest-xdist every worker would build its own,
 # so the tests that use one are sent to the same worker (`--dist loadgroup`, pyproject.toml).
 SHARED_RUNS = {"fp32_mesh_run": "fp32_mesh", "two_rank_rollback": "rollback", "local_ray": "ray"}
+# Module fixtures that cost a run, the same way: xdist hands out tests one by one, so the tests
+# of one module that share one would otherwise build it once in each worker (the FSDP2
+# `reference` was built twice per suite, 14 s and 15 s, before this).
+MODULE_RUNS = {"reference", "zero3_reference", "whole_run"}
 
 
+# tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so
+# a marker added after it is ignored and each worker builds the fixture again (checked with a
+# module fixture that logs its builds: two workers, two builds without tryfirst, one with it).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for fixture, group in SHARED_RUNS.items():
-            if fixture in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+        group = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), None)
+        if group is None:
+            shared = sorted(MODULE_RUNS.intersection(item.fixturenames))
+            group = f"{item.path.stem}.{shared[0]}" if shared else None
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def warm_numba_kernels(part: str) -> None:
+    """Compile (or load from numba's cache) the data_pipeline kernels for every argument type
+    and MinHash variant the stages pass: numba keys compiled code on the types, and a read-only
+    array (np.frombuffer of bytes) is another type than a writable one. Two parts, compiled
+    by two processes at once: "jsonl" (the line parser) and "minhash" (hashing and LSH)."""
+    import numpy as np
+
+    from data_pipeline.kernels import lsh
+    from data_pipeline.kernels.jsonl_scan import count_newlines, parse_block
+    from data_pipeline.kernels.minhash import _LIBCRYPTO, SCHEMES, MinHasher
+
+    if part == "jsonl":
+        line = b'{"text": "a", "id": "0", "meta": {"k": 1}, "x": [1.5, null]}\n'
+        for block in (bytearray(line + bytes(64)), line + bytes(64), line):
+            parse_block(block, len(line))
+            count_newlines(block, len(line))
+        return
+    # What data_pipeline.stages.dedup.stage._warm_up runs after parsing, for each variant.
+    words = b"warm up the compiled kernels"  # writable, 64 bytes to spare: as parse_block gives
+    text = np.frombuffer(words + bytes(64), np.uint8).copy()
+    offsets = np.array([0, len(words)], dtype=np.int64)
+    for scheme in SCHEMES:
+        for backend in ["simd", "openssl"] if _LIBCRYPTO else ["simd"]:
+            hasher = MinHasher(scheme=scheme, backend=backend)
+            lsh.band_keys(hasher.batch_joined(text, offsets).signatures, 8, 16)
+            hasher.batch([b"and those of the Python path"])
+    keys = np.arange(8, dtype=np.uint64)
+    lsh.shared_keys(np.concatenate([keys, keys]))
+    hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
+    lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist, compile numba's kernels once, in children of the controller, before
+    the workers start (xdist spawns them in its own trylast sessionstart hook): each worker
+    would otherwise compile the same kernels into the same cache, ~45 s of CPU each on a clean
+    checkout (docs/benchmarks.md, "The test suite"). With the cache warm this costs ~1 s."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import tests.conftest as c; c.warm_numba_kernels({part!r})"],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for part in ("jsonl", "minhash")
+    ]
+    try:
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op once it has exited
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise pytest.UsageError(f"compiling the numba kernels failed:\n{err[-3000:]}")

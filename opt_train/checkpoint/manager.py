@@ -282,6 +282,19 @@ class CheckpointManager:
         threading.Thread(target=run, name="ckpt-finish", daemon=True).start()
         return done
 
+    def _wait_for_gate(self, name: str) -> TimeoutError | None:
+        """Test hook (`checkpoint.debug_gate`): hold the save, shards written but not visible,
+        until the test creates `<debug_gate>/<name>`; bounded, so a test that never releases
+        it fails that save instead of hanging the run."""
+        gate = Path(self.cfg.debug_gate) / name
+        deadline = time.monotonic() + self.cfg.debug_gate_timeout_s
+        while not gate.exists():
+            if time.monotonic() > deadline:
+                return TimeoutError(f"checkpoint.debug_gate: {gate} not created within "
+                                    f"{self.cfg.debug_gate_timeout_s:g} s")  # fmt: skip
+            time.sleep(0.05)
+        return None
+
     def _finish(
         self,
         written: Future | None,
@@ -301,6 +314,8 @@ class CheckpointManager:
                 error = e
         if error is None and self.cfg.debug_delay_s:
             time.sleep(self.cfg.debug_delay_s)  # test hook: a window to kill the job mid-save
+        if error is None and self.cfg.debug_gate:
+            error = self._wait_for_gate(final.name)
         files: dict = {}
         if error is None:
             try:

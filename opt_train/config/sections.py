@@ -77,6 +77,7 @@ CHECKPOINT_LIMITS = {
     "keep_every": NON_NEGATIVE,
     "write_threads": AT_LEAST_1,
     "debug_delay_s": NON_NEGATIVE,
+    "debug_gate_timeout_s": POSITIVE,
     "max_failures": NON_NEGATIVE,
 }
 LOGGING_LIMITS = {
@@ -329,6 +330,11 @@ class CheckpointConfig:
     # Files (and writer threads) per rank: DCP writes scale with threads (docs/benchmarks.md).
     write_threads: int = 4
     debug_delay_s: float = 0.0  # test hook: sleep this long before a save becomes visible
+    # Test hook: a directory; a save then waits, before it becomes visible, until the test
+    # creates `<debug_gate>/step_N` (its checkpoint's name), at most debug_gate_timeout_s, after
+    # which the save fails. A test holds a save in flight exactly as long as it needs.
+    debug_gate: Optional[str] = None
+    debug_gate_timeout_s: float = 300.0
     # Config keys (or groups: "optim") that a resume may change from the checkpoint's config;
     # model shape and data keys can never change (opt_train/checkpoint/resume_guard.py).
     allow_changes: list[str] = field(default_factory=list)

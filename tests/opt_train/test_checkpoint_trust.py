@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from opt_train.checkpoint.layout import _checksum, find_checkpoint
-from opt_train.checkpoint.manager import CheckpointManager
+from opt_train.checkpoint.manager import CheckpointManager, CheckpointSaveFailed
 from opt_train.checkpoint.trusted import CorruptCheckpoint, load_dcp, read_dcp_metadata
 from opt_train.config import CheckpointConfig
 from opt_train.tools import hf_export as hf
@@ -150,11 +151,14 @@ def test_dcp_bytes_entries_are_refused_before_dcp_would_torch_load_them(tmp_path
 
 def test_export_during_a_live_async_save_leaves_the_save_intact(tmp_path, small_shards):
     run = tmp_path / "run"
+    gate = tmp_path / "gate"  # the save of step 4 stays in flight, as .tmp-step_4, until released
+    gate.mkdir()
+    (gate / STEP(2)).touch()
     job = [
         "train.max_steps=4",
         "checkpoint.interval=2",
         "checkpoint.async_save=true",
-        "checkpoint.debug_delay_s=12",  # each save stays in flight, as .tmp-step_N, 12 s
+        f"checkpoint.debug_gate={gate}",
     ]
     proc = subprocess.Popen(
         [sys.executable, "train.py", *small_job_overrides(run, small_shards, *job)],
@@ -178,6 +182,7 @@ def test_export_during_a_live_async_save_leaves_the_save_intact(tmp_path, small_
             assert in_flight.is_dir() and not (ckpts / STEP(4)).exists(), attempt
         assert snapshot(in_flight) == before
     finally:
+        (gate / STEP(4)).touch()
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "checkpoint_failed" not in (run / "metrics.jsonl").read_text()
@@ -298,3 +303,21 @@ def test_a_rollback_target_skips_a_tampered_checkpoint_for_the_one_before(tmp_pa
     assert m.latest(before=4) == run / "checkpoints" / STEP(2)
     assert m.latest(before=2) is None
     assert not marker.exists()
+
+
+def test_a_debug_gate_never_released_fails_the_save_naming_the_gate(tmp_path, small_shards):
+    """The test hook is bounded: a save held by `checkpoint.debug_gate` that the test never
+    releases fails, naming the gate file, instead of hanging the run (here the end-of-run save,
+    tried checkpoint.max_failures=3 times, stops the run)."""
+    run, gate = tmp_path / "run", tmp_path / "gate"
+    gate.mkdir()
+    job = [
+        "train.max_steps=1",
+        f"checkpoint.debug_gate={gate}",
+        "checkpoint.debug_gate_timeout_s=0.5",
+    ]
+    trainer = Trainer(small_job(run, small_shards, *job))
+    want = f"TimeoutError: checkpoint.debug_gate: {gate / STEP(1)} not created within 0.5 s"
+    with pytest.raises(CheckpointSaveFailed, match=re.escape(want)):
+        trainer.fit()
+    assert not (run / "checkpoints" / STEP(1)).exists()

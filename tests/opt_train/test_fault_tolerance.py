@@ -177,17 +177,26 @@ def test_sigkill_during_a_save_then_sigusr1_under_torchrun_each_resume_and_end_b
 def test_resume_on_one_rank_and_on_tp2_reshards_and_continues_the_same_samples(
     tmp_path, small_shards
 ):
-    """FSDP2 x 2 saves at step 3; the same run continues on FSDP2 x 2 (exact), on one process,
-    and on TP x 2, each from a copy; the HF export consolidates the sharded checkpoint."""
+    """FSDP2 x 2 saves at step 3; the run continues on one process and on TP x 2, each from a
+    copy of that checkpoint, with the losses of the FSDP2 x 2 run itself; the HF export
+    consolidates the sharded checkpoint. (The FSDP2 x 2 run is run once, uninterrupted: a
+    resume on the same mesh gives its losses bit for bit, test_sigkill_during_a_save_....)"""
     no_dropout = ["model.dropout=0.0", "model.attention_dropout=0.0"]  # other meshes draw
     # other dropout masks; without dropout only the reduction order differs
+    keep = "checkpoint.keep=4"  # saves at 3, 6, 9 and 12: step 3 stays
     base = tmp_path / "fsdp"
-    run_ok(2, job(base, small_shards, *no_dropout, "train.max_steps=3"))
-    one, tp = tmp_path / "one", tmp_path / "tp"
-    shutil.copytree(base, one)
-    shutil.copytree(base, tp)
-    run_ok(2, job(base, small_shards, *no_dropout))
+    run_ok(2, job(base, small_shards, *no_dropout, keep))
     exact = losses(base)
+    assert sorted(exact) == list(range(1, STEPS + 1))
+    one, tp = tmp_path / "one", tmp_path / "tp"
+    for copy in (one, tp):  # the run as it was when step 3's checkpoint was its newest
+        shutil.copytree(
+            base / "checkpoints" / "step_00000003", copy / "checkpoints" / "step_00000003"
+        )
+        rows = (base / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (copy / "metrics.jsonl").write_text(
+            "".join(r for r in rows if json.loads(r).get("step", 0) <= 3)
+        )
 
     from transformers import OPTForCausalLM
 
@@ -195,14 +204,14 @@ def test_resume_on_one_rank_and_on_tp2_reshards_and_continues_the_same_samples(
     from tests.opt_train.conftest import make_config
 
     export([str(one / "checkpoints" / "step_00000003"), str(tmp_path / "hf")])
-    t = Trainer(make_config(*job(one, small_shards, *no_dropout, "logging.peak_tflops=1")))
+    t = Trainer(make_config(*job(one, small_shards, *no_dropout, keep, "logging.peak_tflops=1")))
     assert t.step == 3 and t.loader.samples_seen == 3 * 8  # the same global sample
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     hf = OPTForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, t.model.eval()(x), rtol=0, atol=1e-4)
     t.fit()
-    stderr = run_ok(2, job(tp, small_shards, *no_dropout, "parallel.tp=2"))
+    stderr = run_ok(2, job(tp, small_shards, *no_dropout, keep, "parallel.tp=2"))
     assert "RNG streams start fresh" in stderr  # same world size, other mesh
     for name, run in (("one process", one), ("tp=2", tp)):
         got = losses(run)
