@@ -19,7 +19,7 @@ directory with a manifest that looks finished.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +187,27 @@ def verify(path: str | Path) -> None:
                     raise ShardFormatError(f"{f}: sha256 differs from the manifest (corrupted?)")
 
 
+def read_across(
+    starts: np.ndarray, start: int, length: int, piece: Callable[[int, int, int], np.ndarray]
+) -> np.ndarray:
+    """Tokens [start, start + length) of a stream made of parts that begin at `starts` (the
+    last entry is the stream's length), as int64: `piece(part, local_start, n)` gives n tokens
+    of one part. Shared by our shard sets and foreign data (data_pipeline.formats)."""
+    total = int(starts[-1])
+    if start < 0 or start + length > total:
+        raise IndexError(f"read [{start}, {start + length}) outside stream of {total}")
+    out = np.empty(length, dtype=np.int64)
+    pos, filled = start, 0
+    while filled < length:
+        s = int(np.searchsorted(starts, pos, side="right")) - 1
+        local = pos - int(starts[s])
+        n = min(length - filled, int(starts[s + 1]) - pos)
+        out[filled : filled + n] = piece(s, local, n)
+        filled += n
+        pos += n
+    return out
+
+
 class SplitReader:
     """One split of a shard set as a single token stream (shards concatenated in order)."""
 
@@ -219,20 +240,9 @@ class SplitReader:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the concatenated stream, across shard boundaries."""
-        if start < 0 or start + length > self.num_tokens:
-            raise IndexError(
-                f"read [{start}, {start + length}) outside stream of {self.num_tokens}"
-            )
-        out = np.empty(length, dtype=np.int64)
-        pos, filled = start, 0
-        while filled < length:
-            s = int(np.searchsorted(self.starts, pos, side="right")) - 1
-            local = pos - int(self.starts[s])
-            n = min(length - filled, len(self.tokens[s]) - local)
-            out[filled : filled + n] = self.tokens[s][local : local + n]
-            filled += n
-            pos += n
-        return out
+        return read_across(
+            self.starts, start, length, lambda s, local, n: self.tokens[s][local : local + n]
+        )
 
     def documents(self) -> Iterator[np.ndarray]:
         for tok, idx in zip(self.tokens, self.indexes, strict=True):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import ShardFormatError
+from data_pipeline.shards import ShardFormatError, read_across
 
 
 class FormatError(ShardFormatError):
@@ -145,20 +145,12 @@ class ForeignSplit:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split's stream, across file boundaries."""
-        if start < 0 or start + length > self.num_tokens:
-            raise IndexError(
-                f"read [{start}, {start + length}) outside stream of {self.num_tokens}"
-            )
-        out = np.empty(length, dtype=np.int64)
-        pos, filled = start, 0
-        while filled < length:
-            s = int(np.searchsorted(self.starts, pos, side="right")) - 1
-            local = pos - int(self.starts[s])
-            n = min(length - filled, self.parts[s].num_tokens - local)
-            out[filled : filled + n] = self.parts[s].read(local, n, self.eos_id)
-            filled += n
-            pos += n
-        return out
+        return read_across(
+            self.starts,
+            start,
+            length,
+            lambda s, local, n: self.parts[s].read(local, n, self.eos_id),
+        )
 
     def documents(self) -> Iterator[np.ndarray]:
         """Each document of the split, without its separator, in stored order."""
