@@ -215,9 +215,19 @@ def zero_checkpoint_classes() -> list:
 
 def load_weights_only(path: str | Path, map_location=None):
     """torch.load with weights_only=True, allowing DeepSpeed's checkpoint classes: a file that
-    names any other global is refused (pickle.UnpicklingError) instead of executed."""
-    with torch.serialization.safe_globals(zero_checkpoint_classes()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    names any other global is refused (pickle.UnpicklingError) instead of executed.
+
+    torch's allowlist is process-wide and other libraries add to it on import (megatron-core
+    registers pathlib.PosixPath, argparse.Namespace, ...), so it is emptied for the load and
+    restored after: only the classes named here are allowed, whatever else was imported."""
+    others = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with torch.serialization.safe_globals(zero_checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(others)
 
 
 def _weights_only_checkpoint_engine(engine):

@@ -109,6 +109,26 @@ def test_loading_refuses_a_pickled_object_that_is_not_a_tensor_or_deepspeed_stat
     assert load_weights_only(f)["module"]["w"].sum() == 2
 
 
+def test_classes_another_library_allowed_process_wide_are_refused_and_kept_for_it(tmp_path):
+    """torch's weights_only allowlist is process-wide: importing megatron-core (as
+    tests/data_pipeline/test_convert.py does) adds pathlib.PosixPath to it. Our load allows
+    only DeepSpeed's classes all the same, and gives the other library its list back."""
+    from pathlib import PosixPath
+
+    f = tmp_path / "evil.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "payload": PosixPath("/etc/passwd")}, f)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([PosixPath])
+    try:
+        assert torch.load(f, weights_only=True)["payload"] == PosixPath("/etc/passwd")
+        with pytest.raises(pickle.UnpicklingError, match="pathlib"):
+            load_weights_only(f)
+        assert PosixPath in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 # -- one process ---------------------------------------------------------------------------
 
 
