@@ -79,9 +79,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def warm_numba_kernels(part: str) -> None:
-    """Compile (or load from numba's cache) the data_pipeline kernels for every argument type
-    and MinHash variant the stages pass: numba keys compiled code on the types, and a read-only
-    array (np.frombuffer of bytes) is another type than a writable one. Two parts, compiled
+    """Compile (or load from numba's cache) the data_pipeline kernels for the argument types
+    and MinHash variants the stages pass (numba keys compiled code on the types; input buffers
+    are always handed over read-only, kernels/scratch.py's `read_only`). Two parts, compiled
     by two processes at once: "jsonl" (the line parser) and "minhash" (hashing and LSH)."""
     import numpy as np
 
@@ -91,9 +91,8 @@ def warm_numba_kernels(part: str) -> None:
 
     if part == "jsonl":
         line = b'{"text": "a", "id": "0", "meta": {"k": 1}, "x": [1.5, null]}\n'
-        for block in (bytearray(line + bytes(64)), line + bytes(64), line):
-            parse_block(block, len(line))
-            count_newlines(block, len(line))
+        parse_block(line)
+        count_newlines(line, len(line))
         return
     # What data_pipeline.stages.dedup.stage._warm_up runs after parsing, for each variant.
     words = b"warm up the compiled kernels"  # writable, 64 bytes to spare: as parse_block gives

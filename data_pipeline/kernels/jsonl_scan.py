@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.kernels.scratch import scratch
+from data_pipeline.kernels.scratch import read_only, scratch
 from data_pipeline.kernels.simd import HAVE_NUMBA
 
 BLANK, FAST, SLOW = 0, 1, 2
@@ -632,7 +632,7 @@ def parse_block(block, n: int | None = None) -> tuple | None:
     else:
         buf = scratch("jsonl.block", n + 64)
         buf[:n] = np.frombuffer(block, dtype=np.uint8)[:n]
-    block = memoryview(buf)[:n]
+    buf = read_only(buf)
     size = n
     ends = np.empty(size + 1, dtype=np.int64)
     n = _line_ends(buf, size, ends)
@@ -658,4 +658,4 @@ def count_newlines(buf: bytearray | bytes, n: int) -> int:
     with bytes.count cost the stage's parent noticeable CPU (`python benchmarks/dedup_kernels.py` times the two)."""
     if not HAVE_NUMBA:
         return buf.count(b"\n", 0, n)
-    return int(_count_newlines(np.frombuffer(buf, dtype=np.uint8), n))
+    return int(_count_newlines(read_only(np.frombuffer(buf, dtype=np.uint8)), n))

@@ -35,7 +35,7 @@ from operator import methodcaller
 import numpy as np
 import xxhash
 
-from data_pipeline.kernels.scratch import scratch
+from data_pipeline.kernels.scratch import read_only, scratch
 from data_pipeline.kernels.simd import HAVE_NUMBA
 
 if HAVE_NUMBA:
@@ -297,7 +297,7 @@ def _batch_buffer(
     starts, lens = scratch("minhash.starts", cap, np.int64), scratch("minhash.lens", cap, np.int64)
     norm_off = np.zeros(len(raw_off), dtype=np.int64)
     edges = scratch("minhash.edges", cap, np.int64)
-    sh_off = _spans(buf, raw_off, n, norm, starts, lens, edges, norm_off)
+    sh_off = _spans(read_only(buf), raw_off, n, norm, starts, lens, edges, norm_off)
     keys = exact_keys(norm, norm_off) if exact else None
     starts, lens = starts[: sh_off[-1]], lens[: sh_off[-1]]
     hashes = np.empty(len(starts), dtype=np.uint32)

@@ -1,4 +1,5 @@
-"""Arrays the kernels and their callers reuse from one call to the next, per process.
+"""Arrays the kernels and their callers reuse from one call to the next, per process, and the
+read-only view every input buffer is handed to a kernel as.
 
 A fresh array costs a page fault per 4 KiB the first time it is touched, per block as much
 as copying the text (docs/data-dedup.md, "Measured"); a kept array is already mapped. Each
@@ -23,3 +24,14 @@ def scratch(name: str, size: int, dtype: type = np.uint8) -> np.ndarray:
     if arr is None or len(arr) < size or arr.dtype != dtype:
         arr = _ARRAYS[name] = np.empty(max(size + size // 8, 1 << 16), dtype=dtype)
     return arr
+
+
+def read_only(buf: np.ndarray) -> np.ndarray:
+    """`buf` as a read-only array. numba compiles a kernel once per argument type, and a
+    read-only array (np.frombuffer of bytes) is another type than a writable one (of a
+    bytearray, or scratch): handing every input buffer over read-only compiles each kernel
+    once. The JSONL parser alone is ~25 s of CPU per type, paid on a new machine's first run."""
+    if buf.flags.writeable:
+        buf = buf.view()
+        buf.flags.writeable = False
+    return buf

@@ -175,3 +175,23 @@ def test_newline_count_equals_bytes_count_at_every_length():
     data = bytearray(random.Random(5).choice(b"ab\n") for _ in range(300))
     for n in range(len(data) + 1):
         assert jsonl_scan.count_newlines(data, n) == data.count(b"\n", 0, n)
+
+
+def test_writable_and_read_only_blocks_share_one_compiled_parser():
+    """numba compiles a kernel once per argument type, and a read-only array is another type
+    than a writable one: the parser (~25 s to compile) and the MinHash word splitter are handed
+    every block read-only (kernels/scratch.py's `read_only`), so bytes and bytearray blocks,
+    and batch() and batch_joined(), run one compiled version each."""
+    from data_pipeline.kernels import minhash
+
+    line = b'{"text": "a b c d e f", "id": "0"}\n'
+    for block in (bytearray(line + bytes(64)), line + bytes(64), line, bytearray(line)):
+        jsonl_scan.parse_block(block, len(line))
+        jsonl_scan.count_newlines(block, len(line))
+    hasher = minhash.MinHasher()
+    parsed = jsonl_scan.parse_block(line)
+    hasher.batch_joined(parsed[3], parsed[4][:2])  # the parser's writable text buffer
+    hasher.batch([b"a b c d e f"])  # np.frombuffer of bytes: read-only
+    for kernel in (jsonl_scan._line_ends, jsonl_scan._parse, jsonl_scan._count_newlines):
+        assert len(kernel.signatures) == 1, kernel.signatures
+    assert len(minhash._spans.signatures) == 1, minhash._spans.signatures

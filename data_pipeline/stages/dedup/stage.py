@@ -24,7 +24,7 @@ from data_pipeline.stages.dedup.writeback import DedupFilter
 
 def _warm_up(hasher_params: dict, banding: tuple) -> None:
     """Load (on a new machine, compile) every kernel the tasks run, for the very argument
-    types they pass (numba keys its compiled code on them: a read-only array is another type),
+    types they pass (numba keys its compiled code on them),
     in the process that forks the local task processes, so that they inherit them instead of
     each loading them again from numba's cache."""
     signatures.load_hasher(hasher_params)
