@@ -5,9 +5,13 @@ from pathlib import Path
 
 import pytest
 
-# Tests run on CPU with a couple of threads: the machines have 2 cores, and a fixed thread
-# count keeps floating-point reductions reproducible between runs.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Torch's CPU threads (and every subprocess's, through the environment): each pytest-xdist
+# worker gets its share of the cores. Two workers of 2 threads each on 2 cores spend much of
+# their CPU time in OpenMP's spin-waits: the spike-recovery test in-process took 38 s of CPU
+# at 2 threads beside one busy core, 20 s at 1 (docs/benchmarks.md, "The test suite"). A fixed
+# count also keeps floating-point reductions reproducible between runs.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _WORKERS)))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,7 +65,7 @@ SHARED_RUNS = {"fp32_mesh_run": "fp32_mesh", "two_rank_rollback": "rollback", "l
 # Module fixtures that cost a run, the same way: xdist hands out tests one by one, so the tests
 # of one module that share one would otherwise build it once in each worker (the FSDP2
 # `reference` was built twice per suite, 14 s and 15 s, before this).
-MODULE_RUNS = {"reference", "zero3_reference", "whole_run"}
+MODULE_RUNS = {"reference", "zero3_reference", "whole_run", "eval_run"}
 
 
 # tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so

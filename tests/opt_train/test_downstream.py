@@ -3,8 +3,9 @@
 offline command; a run with in-loop evaluation killed and resumed against the same run
 uninterrupted and against the run without evaluation.
 
-One run serves them all (`run`): `python train.py` in a subprocess (as users run it, and as
-the killed run below is run), 12 steps of a 2-layer OPT with GPT-2's vocabulary and dropout
+One run serves them all (`eval_run`; tests/conftest.py sends its tests to one xdist worker,
+so it is built once): `python train.py` in a subprocess (as users run it, and as the killed
+run below is run), 12 steps of a 2-layer OPT with GPT-2's vocabulary and dropout
 0.1 (so a disturbed RNG would show in the losses), evaluating the three local tasks of
 tests/opt_train/downstream_tasks every 4 steps, saving every 4.
 """
@@ -67,7 +68,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> types.SimpleNamespace:
+def eval_run(tmp_path_factory) -> types.SimpleNamespace:
     d = tmp_path_factory.mktemp("downstream")
     tasks = write_tasks(d / "tasks")
     data = write_gpt2_shards(d / "shards")
@@ -77,15 +78,15 @@ def setup(tmp_path_factory) -> types.SimpleNamespace:
     return types.SimpleNamespace(dir=d, run=d / "run", tasks=tasks, data=data)
 
 
-def offline(setup, out: Path, *extra: str) -> dict:
+def offline(eval_run, out: Path, *extra: str) -> dict:
     """`python -m opt_train.eval` in this process on the run's newest checkpoint."""
     from opt_train.tools.evaluate import main
 
     main(
         [
-            str(setup.run),
+            str(eval_run.run),
             f"tasks=[{','.join(NAMES)}]",
-            f"include_path={setup.tasks}",
+            f"include_path={eval_run.tasks}",
             f"output={out}",
             "log_samples=true",
             "bootstrap_iters=0",
@@ -123,7 +124,9 @@ def assert_same_scores(ours: dict, ref: dict, rel: float = REL) -> None:
 
 
 @pytest.mark.slow
-def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row(setup, tmp_path):
+def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row(
+    eval_run, tmp_path
+):
     """Our lm-eval model on the sharded checkpoint gives lm-eval's `hf` model's per-document
     log-likelihoods (within fp32 reduction order), greedy flags and acc/acc_norm on the run
     exported with opt_train.hf; and the row the loop wrote at its final step is that result."""
@@ -133,16 +136,16 @@ def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row
     from opt_train.downstream.run import metric_rows
     from opt_train.tools.hf_export import export_checkpoint
 
-    ours = offline(setup, tmp_path / "ours.json", "batch_size=5")
+    ours = offline(eval_run, tmp_path / "ours.json", "batch_size=5")
     assert ours["config"]["opt_train"]["step"] == STEPS
 
     export = tmp_path / "hf"
-    report = export_checkpoint(setup.run, export)
+    report = export_checkpoint(eval_run.run, export)
     assert report["tokenizer"] == "gpt2" and "tokenizer.json" in report["files"]
     ref = lm_eval.simple_evaluate(
         model=lm_eval_hf_model(export),
         tasks=NAMES,
-        task_manager=TaskManager(include_path=str(setup.tasks), include_defaults=False),
+        task_manager=TaskManager(include_path=str(eval_run.tasks), include_defaults=False),
         log_samples=True,
         bootstrap_iters=0,
     )
@@ -155,7 +158,7 @@ def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row
     )
 
     # the loop's row at the final step: the same code on the same weights, so the same values
-    in_loop = downstream_rows(setup.run)[STEPS]
+    in_loop = downstream_rows(eval_run.run)[STEPS]
     expected = {"step": STEPS, **metric_rows(ours)}
     assert in_loop.keys() == expected.keys()
     assert {k: pytest.approx(v, rel=1e-6) for k, v in expected.items()} == in_loop
@@ -163,11 +166,11 @@ def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(setup, tmp_path):
+def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(eval_run, tmp_path):
     """`torchrun -m opt_train.eval` with 2 data-parallel ranks (each scores half the batches
     from its FSDP2 shard of the checkpoint) and with tp=2 (the vocabulary split, log-softmax
     all-reduced): the same scores and accuracies as one process."""
-    one = offline(setup, tmp_path / "one.json")
+    one = offline(eval_run, tmp_path / "one.json")
     for name, extra in (("dp2", []), ("tp2", ["tp=2"])):
         out = tmp_path / f"{name}.json"
         cmd = [
@@ -179,9 +182,9 @@ def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(setup, tmp_path):
             f"--master_port={free_port()}",
             "-m",
             "opt_train.eval",
-            str(setup.run),
+            str(eval_run.run),
             f"tasks=[{','.join(NAMES)}]",
-            f"include_path={setup.tasks}",
+            f"include_path={eval_run.tasks}",
             f"output={out}",
             "log_samples=true",
             "bootstrap_iters=0",
@@ -198,14 +201,14 @@ def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(setup, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_with_in_loop_evaluation_resumes_exactly_and_evaluation_leaves_the_losses(
-    setup, tmp_path
+    eval_run, tmp_path
 ):
     """A run with in-loop evaluation SIGKILLed after its step-8 evaluation and checkpoint,
     then the same command: every loss and every downstream row equal the uninterrupted run's,
     which in turn has the losses of the same run without evaluation (dropout on: a consumed or
     reseeded RNG would change them)."""
     run_dir = tmp_path / "run"
-    overrides = run_overrides(run_dir, setup.data, setup.tasks, *RUN)
+    overrides = run_overrides(run_dir, eval_run.data, eval_run.tasks, *RUN)
     ckpt = run_dir / "checkpoints" / "step_00000008" / "meta.json"
     with (
         open(tmp_path / "kill.log", "w") as log,
@@ -222,16 +225,16 @@ def test_sigkill_with_in_loop_evaluation_resumes_exactly_and_evaluation_leaves_t
     r = run(train_cmd(overrides), 600, cwd=REPO, env=env())
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stderr
-    assert losses(run_dir) == losses(setup.run)
-    assert downstream_rows(run_dir) == downstream_rows(setup.run)
+    assert losses(run_dir) == losses(eval_run.run)
+    assert downstream_rows(run_dir) == downstream_rows(eval_run.run)
     assert sorted(downstream_rows(run_dir)) == [4, 8, 12]
 
     without = tmp_path / "without"
-    plain = [*run_overrides(without, setup.data, setup.tasks, *RUN), "downstream.tasks=[]"]
+    plain = [*run_overrides(without, eval_run.data, eval_run.tasks, *RUN), "downstream.tasks=[]"]
     r = run(train_cmd(plain), 600, cwd=REPO, env=env())
     assert r.returncode == 0, r.stderr[-4000:]
     assert not downstream_rows(without)
-    assert losses(without) == losses(setup.run)
+    assert losses(without) == losses(eval_run.run)
 
 
 @pytest.mark.slow
