@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
-# Torch's CPU threads (and every subprocess's, through the environment): each pytest-xdist
-# worker gets its share of the cores. Two workers of 2 threads each on 2 cores spend much of
-# their CPU time in OpenMP's spin-waits: the spike-recovery test in-process took 38 s of CPU
-# at 2 threads beside one busy core, 20 s at 1 (docs/benchmarks.md, "The test suite"). A fixed
-# count also keeps floating-point reductions reproducible between runs.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _WORKERS)))
+# Tests run on CPU with a couple of threads: the machines have 2 cores, and a fixed thread
+# count keeps floating-point reductions reproducible between runs. PASSIVE: an idle OpenMP
+# thread sleeps instead of spinning. Two xdist workers share the 2 cores, and spinning threads
+# took a core from the other worker: the spike-recovery test in-process took 38 s of CPU
+# (43 s wall) beside a busy core with the default policy, 21 s (27 s) with PASSIVE, and the
+# same 21-22 s wall on an idle machine with either (docs/benchmarks.md, "The test suite").
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
