@@ -9,8 +9,8 @@ import pytest
 # count keeps floating-point reductions reproducible between runs. PASSIVE: an idle OpenMP
 # thread sleeps instead of spinning. Two xdist workers share the 2 cores, and spinning threads
 # took a core from the other worker: the spike-recovery test in-process took 38 s of CPU
-# (43 s wall) beside a busy core with the default policy, 21 s (27 s) with PASSIVE, and the
-# same 21-22 s wall on an idle machine with either (docs/benchmarks.md, "The test suite").
+# (43 s wall) beside a busy core with the default policy, 21 s (27 s) with PASSIVE, and 22 s
+# wall with PASSIVE on an idle machine (docs/benchmarks.md, "The test suite").
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("WANDB_MODE", "disabled")
