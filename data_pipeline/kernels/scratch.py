@@ -30,7 +30,7 @@ def read_only(buf: np.ndarray) -> np.ndarray:
     """`buf` as a read-only array. numba compiles a kernel once per argument type, and a
     read-only array (np.frombuffer of bytes) is another type than a writable one (of a
     bytearray, or scratch): handing every input buffer over read-only compiles each kernel
-    once. The JSONL parser alone is ~25 s of CPU per type, paid on a new machine's first run."""
+    once. The JSONL parser alone is ~25 s of CPU per type, on a machine's first run."""
     if buf.flags.writeable:
         buf = buf.view()
         buf.flags.writeable = False
