@@ -90,9 +90,9 @@ def warm_numba_kernels(part: str) -> None:
     by two processes at once: "jsonl" (the line parser) and "minhash" (hashing and LSH)."""
     import numpy as np
 
-    from data_pipeline.kernels import lsh
     from data_pipeline.kernels.jsonl_scan import count_newlines, parse_block
     from data_pipeline.kernels.minhash import _LIBCRYPTO, SCHEMES, MinHasher
+    from data_pipeline.stages.dedup.stage import warm_up_hashing
 
     if part == "jsonl":
         line = b'{"text": "a", "id": "0", "meta": {"k": 1}, "x": [1.5, null]}\n'
@@ -105,13 +105,7 @@ def warm_numba_kernels(part: str) -> None:
     offsets = np.array([0, len(words)], dtype=np.int64)
     for scheme in SCHEMES:
         for backend in ["simd", "openssl"] if _LIBCRYPTO else ["simd"]:
-            hasher = MinHasher(scheme=scheme, backend=backend)
-            lsh.band_keys(hasher.batch_joined(text, offsets).signatures, 8, 16)
-            hasher.batch([b"and those of the Python path"])
-    keys = np.arange(8, dtype=np.uint64)
-    lsh.shared_keys(np.concatenate([keys, keys]))
-    hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
-    lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
+            warm_up_hashing(MinHasher(scheme=scheme, backend=backend), (16, 8), text, offsets)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

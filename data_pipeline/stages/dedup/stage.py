@@ -28,18 +28,26 @@ def _warm_up(hasher_params: dict, banding: tuple) -> None:
     in the process that forks the local task processes, so that they inherit them instead of
     each loading them again from numba's cache."""
     signatures.load_hasher(hasher_params)
-    hasher = signatures.HASHER
     line = b'{"text": "warm up the compiled kernels", "id": "0"}\n'
-    buf = bytearray(line + bytes(64))
-    parsed = parse_block(buf, len(line))
+    parsed = parse_block(bytearray(line + bytes(64)), len(line))
     if parsed is not None:  # None: no compiled parser (numba missing)
         _, _, _, text, text_off, _, _ = parsed
-        sigs = hasher.batch_joined(text, text_off[[0, 1]]).signatures
-        lsh.band_keys(sigs, banding[1], banding[0])
-        keys = np.arange(8, dtype=np.uint64)
-        lsh.shared_keys(np.concatenate([keys, keys]))
-        hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
-        lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
+        warm_up_hashing(signatures.HASHER, banding, text, text_off[[0, 1]])
+    else:
+        signatures.HASHER.batch([b"and those of the Python path"])
+
+
+def warm_up_hashing(hasher: MinHasher, banding: tuple, text: np.ndarray, offsets) -> None:
+    """The kernels after parsing, on documents as parse_block gives them (`text`, a writable
+    uint8 array with 64 bytes to spare, and their `offsets`): signatures, band keys, shared
+    keys, Jaccard, and the Python path's `batch`. Also called by the tests' warm-up for each
+    MinHash variant (tests/conftest.py)."""
+    sigs = hasher.batch_joined(text, offsets).signatures
+    lsh.band_keys(sigs, banding[1], banding[0])
+    keys = np.arange(8, dtype=np.uint64)
+    lsh.shared_keys(np.concatenate([keys, keys]))
+    hashes, offs = np.arange(8, dtype=np.uint32), np.array([0, 4, 8], dtype=np.int64)
+    lsh.set_jaccard_kernel(hashes, offs, np.array([0]), np.array([1]), np.empty(1))
     hasher.batch([b"and those of the Python path"])
 
 
