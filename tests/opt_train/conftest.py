@@ -20,6 +20,16 @@ def make_config(*overrides: str) -> JobConfig:
     return OmegaConf.to_object(cfg)
 
 
+def train_in_process(*overrides: str) -> dict:
+    """`python train.py *overrides`, run in this process: the same `train` on the same composed
+    config. A one-rank torchrun runs exactly this too (no process group at world size 1), so a
+    one-process reference needs no process of its own, which costs ~5 s of CPU on these
+    machines (importing torch, Hydra composing the config twice; docs/benchmarks.md)."""
+    from opt_train.train.trainer import train
+
+    return train(make_config(*overrides))
+
+
 def write_patterned_shards(
     path: Path, vocab: int = SMALL_VOCAB, docs: int = 400, seed: int = 0
 ) -> Path:
