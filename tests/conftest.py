@@ -60,9 +60,26 @@ def two_rank_rollback(garbage_corpus, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_corpus_cache(tmp_path_factory) -> Path:
+    """A `data.cache_dir` holding the embedded tiny corpus (`<cache>/tiny-corpus`), built once a
+    session for the tests that read it. The tests of a build itself (deterministic, built once
+    under concurrency, its log line, `torchrun` on a fresh cache) build their own."""
+    from data_pipeline.tiny_corpus import build_tiny_shards
+
+    cache = tmp_path_factory.mktemp("cache")
+    build_tiny_shards(cache / "tiny-corpus")
+    return cache
+
+
 # Session fixtures that cost a run each: under pytest-xdist every worker would build its own,
 # so the tests that use one are sent to the same worker (`--dist loadgroup`, pyproject.toml).
-SHARED_RUNS = {"fp32_mesh_run": "fp32_mesh", "two_rank_rollback": "rollback", "local_ray": "ray"}
+SHARED_RUNS = {
+    "fp32_mesh_run": "fp32_mesh",
+    "two_rank_rollback": "rollback",
+    "local_ray": "ray",
+    "tiny_corpus_cache": "tiny_corpus",
+}
 # Module fixtures that cost a run, the same way: xdist hands out tests one by one, so the tests
 # of one module that share one would otherwise build it once in each worker (the FSDP2
 # `reference` was built twice per suite, 14 s and 15 s, before this).

@@ -59,12 +59,13 @@ def _digest(path) -> dict[str, str]:
     }
 
 
-def test_build_is_deterministic_and_a_few_megabytes(tmp_path):
+def test_build_is_deterministic_and_a_few_megabytes(tmp_path, tiny_corpus_cache):
+    """A build here gives the bytes of the session's build (another process, earlier)."""
     a = build_tiny_shards(tmp_path / "a")
-    b = build_tiny_shards(tmp_path / "b")
-    assert _digest(a) == _digest(b)
+    b = build_tiny_shards(tiny_corpus_cache / "tiny-corpus")
+    assert b != a and _digest(a) == _digest(b)
     assert (tmp_path / "a" / "tiny-0.jsonl").read_bytes() == (
-        tmp_path / "b" / "tiny-0.jsonl"
+        tiny_corpus_cache / "tiny-corpus" / "tiny-0.jsonl"
     ).read_bytes()
     size = (tmp_path / "a" / "tiny-0.jsonl").stat().st_size
     assert 1_000_000 < size < 10_000_000
@@ -75,11 +76,12 @@ def test_build_is_deterministic_and_a_few_megabytes(tmp_path):
     shards.verify(a)
 
 
-def test_shards_decode_to_the_generated_text_and_a_rebuild_reuses_them(tmp_path):
-    out = build_tiny_shards(tmp_path)
+def test_shards_decode_to_the_generated_text_and_a_rebuild_reuses_them(tiny_corpus_cache):
+    built = tiny_corpus_cache / "tiny-corpus"
+    out = built / "tokens"
     before = _digest(out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert build_tiny_shards(tmp_path) == out
+    assert build_tiny_shards(built) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes  # skipped
     assert _digest(out) == before
     tok = Tokenizer(TokenizerSpec("gpt2"))

@@ -237,7 +237,7 @@ def test_export_cli_writes_bf16_shards_with_an_index(tmp_path, small_shards):
 
 
 @pytest.mark.slow
-def test_round_trip_train_export_transformers_and_init_from(tmp_path):
+def test_round_trip_train_export_transformers_and_init_from(tmp_path, tiny_corpus_cache):
     """Train on the default pipeline's data -> export -> AutoTokenizer and OPTForCausalLM ->
     the exported model's loss on the held-out documents is the run's val_loss -> a run with
     model.init_from of the export starts at that model's loss."""
@@ -250,7 +250,7 @@ def test_round_trip_train_export_transformers_and_init_from(tmp_path):
     from tests.opt_train.conftest import make_config
 
     common = [
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.cache_dir={tiny_corpus_cache}",
         # fp32 and no dropout, so both sides compute the same function: differences are
         # fp32 reductions in another order, ~1e-6 relative
         "precision=fp32",
@@ -273,7 +273,7 @@ def test_round_trip_train_export_transformers_and_init_from(tmp_path):
     out = tmp_path / "hf"
     report = export_checkpoint(run, out)
     assert report["tokenizer"] == "gpt2" and report["step"] == 20
-    data = resolve_data_path(None, str(tmp_path / "cache"))
+    data = resolve_data_path(None, str(tiny_corpus_cache))
     sep = read_manifest(data)["eos_id"]
     tok = AutoTokenizer.from_pretrained(out)
     hf = OPTForCausalLM.from_pretrained(out).eval()
