@@ -89,8 +89,16 @@ MODULE_RUNS = {"reference", "zero3_reference", "whole_run", "eval_run"}
 # tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so
 # a marker added after it is ignored and each worker builds the fixture again (checked with a
 # module fixture that logs its builds: two workers, two builds without tryfirst, one with it).
+#
+# The order: the long tests (a shared run's group, or marked slow) first, then the rest, each in
+# collection order. xdist's workers take the next test (or group) when they are free, so the
+# short tests fill the end and the workers finish together; collection order put long tests of
+# tests/opt_train last, and one worker ran alone for the last ~20 s (docs/benchmarks.md). xdist's
+# own reorder (groups by size first) is off (`--no-loadscope-reorder`, pyproject.toml): it
+# started every wait-bound group (Slurm, Ray) at once.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    long = set()
     for item in items:
         group = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), None)
         if group is None:
@@ -98,6 +106,9 @@ def pytest_collection_modifyitems(config, items):
             group = f"{item.path.stem}.{shared[0]}" if shared else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if group is not None or item.get_closest_marker("slow"):
+            long.add(item.nodeid)
+    items.sort(key=lambda item: item.nodeid not in long)  # stable: collection order within
 
 
 def warm_numba_kernels(part: str) -> None:

@@ -81,6 +81,7 @@ def test_script_target_is_callable_without_arguments(name):
     inspect.signature(target).bind()  # raises TypeError if an argument is required
 
 
+@pytest.mark.slow
 def test_opt_train_plan_script_reads_argv_and_exits_0(tmp_path):
     out = run_script(
         "opt-train-plan",

@@ -203,6 +203,7 @@ def big_input(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_killed_driver_leaves_no_process_and_an_immediate_rerun_gives_the_same_bytes(
     tmp_path, sig

@@ -7,6 +7,8 @@ import hashlib
 import multiprocessing
 import re
 
+import pytest
+
 from data_pipeline import shards
 from data_pipeline.tiny_corpus import build_tiny_shards, number_word, tiny_documents
 from data_pipeline.tokenizer import Tokenizer, TokenizerSpec
@@ -109,6 +111,7 @@ def _build_and_report(out_dir: str, queue) -> None:
         queue.put(("error", repr(e), ran))
 
 
+@pytest.mark.slow
 def test_processes_building_at_once_build_once_and_agree(tmp_path):
     """As the ranks of `torchrun train.py` do on a fresh cache: the first holds the build lock,
     the others wait and then reuse its shards (before the lock, the second rank's rename of its

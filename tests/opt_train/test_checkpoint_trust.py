@@ -149,6 +149,7 @@ def test_dcp_bytes_entries_are_refused_before_dcp_would_torch_load_them(tmp_path
     assert not (tmp_path / "under-dcp").exists()
 
 
+@pytest.mark.slow
 def test_export_during_a_live_async_save_leaves_the_save_intact(tmp_path, small_shards):
     run = tmp_path / "run"
     gate = tmp_path / "gate"  # the save of step 4 stays in flight, as .tmp-step_4, until released

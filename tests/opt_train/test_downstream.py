@@ -277,6 +277,7 @@ def test_bad_tasks_are_refused_by_name_before_any_model_work(tmp_path, small_sha
     assert not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)
 
 
+@pytest.mark.slow
 def test_the_training_path_does_not_import_lm_eval_unless_downstream_is_on():
     """lm-eval (and its ~15,000-task index) costs seconds at import: a run without
     downstream.tasks never loads it."""

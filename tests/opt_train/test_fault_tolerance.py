@@ -334,6 +334,7 @@ def _hang_or_wait(rank: int, port: int, out) -> None:
         out.put((f"{type(e).__name__}: {e}", time.monotonic() - t0))
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_a_hung_peer_becomes_an_error_naming_the_rank_after_the_timeout():
     import torch.multiprocessing as mp

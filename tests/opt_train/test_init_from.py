@@ -88,6 +88,7 @@ def _load_sharded(rank: int, world: int, hf_dir: str, tp: int) -> None:
         torch.testing.assert_close(p.full_tensor(), ref.state_dict()[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("tp", [1, 2], ids=["fsdp2", "tp2"])
 def test_init_from_fills_fsdp2_and_tp_shards_on_two_ranks(tmp_path, tp):

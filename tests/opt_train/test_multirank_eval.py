@@ -75,6 +75,7 @@ def _overflow_on_one_rank(rank: int, world: int) -> None:
     assert overflow and scaler.scale == 4.0, (rank, overflow, scaler.scale)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_an_overflow_on_one_rank_is_an_overflow_on_every_rank():
     spawn(_overflow_on_one_rank, 2)

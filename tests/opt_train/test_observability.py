@@ -60,6 +60,7 @@ def two_runs(tmp_path_factory, small_shards):
     return a, b
 
 
+@pytest.mark.slow
 def test_a_run_logged_to_a_file_prints_plain_lines_without_carriage_returns(tmp_path, small_shards):
     run = tmp_path / "run"
     args = small_job_overrides(
@@ -175,6 +176,7 @@ def test_tensorboard_holds_the_metrics_scalars_under_their_names(two_runs):
     assert [e.step for e in acc.Tensors("events/text_summary")] == [2]
 
 
+@pytest.mark.slow
 def test_plot_draws_one_finished_run_and_two_overlaid(tmp_path, two_runs):
     a, b = two_runs
     for dirs, png in (([a], tmp_path / "one.png"), ([a, b], tmp_path / "two.png")):

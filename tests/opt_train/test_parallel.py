@@ -107,6 +107,7 @@ def _clip_on_2d_mesh(rank: int, world: int, want_norm: float) -> None:
     assert after == pytest.approx(1e-3, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_grad_norm_clipping_over_a_2d_mesh_matches_one_process():
     """torch's clip_grad_norm_ fails on mixed-mesh DTensor grads; ours equals the plain norm."""
@@ -172,6 +173,7 @@ def _shards_differ_across_every_mesh_dim(name: str, p) -> None:
             assert same == (ci == cj), f"{name}: shards at {ci} and {cj} equal={same}"
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_meta_device_init_gives_opt_statistics_per_shard():
     spawn(_meta_init_statistics, 4)

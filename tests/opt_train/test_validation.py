@@ -123,6 +123,7 @@ def window_read_by(shards: Path, rank: int, world: int, step: int) -> int:
     return loader.sample_index(g)
 
 
+@pytest.mark.slow
 def test_out_of_vocab_id_stops_one_process_naming_shard_and_document(tmp_path, small_shards):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -138,6 +139,7 @@ def test_out_of_vocab_id_stops_one_process_naming_shard_and_document(tmp_path, s
     assert [row["step"] for row in rows if "loss" in row] == [1]  # step 2 never stepped
 
 
+@pytest.mark.slow
 def test_out_of_vocab_id_on_rank_1_stops_both_gloo_ranks_together(tmp_path, small_shards):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -179,6 +181,7 @@ def test_out_of_vocab_id_in_the_validation_set_stops_at_start_up(tmp_path, small
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_data_verify_refuses_a_shard_whose_bytes_changed(tmp_path, small_shards):
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -194,6 +197,7 @@ def test_data_verify_refuses_a_shard_whose_bytes_changed(tmp_path, small_shards)
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_releases_the_run_lock_and_resume_continues(tmp_path, small_shards):
     run_dir = tmp_path / "run"
     args = small_job_overrides(

@@ -356,6 +356,7 @@ def _one_rank_fails(rank: int, world: int, root: str) -> None:
     assert Path("/dev/full").is_char_device()  # the links were removed, not followed
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_a_write_error_on_one_rank_fails_the_save_on_every_rank_and_the_next_one_works(tmp_path):
     from tests.multirank import spawn
