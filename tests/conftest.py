@@ -1,6 +1,10 @@
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,16 +93,8 @@ MODULE_RUNS = {"reference", "zero3_reference", "whole_run", "eval_run"}
 # tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so
 # a marker added after it is ignored and each worker builds the fixture again (checked with a
 # module fixture that logs its builds: two workers, two builds without tryfirst, one with it).
-#
-# The order: the long tests (a shared run's group, or marked slow) first, then the rest, each in
-# collection order. xdist's workers take the next test (or group) when they are free, so the
-# short tests fill the end and the workers finish together; collection order put long tests of
-# tests/opt_train last, and one worker ran alone for the last ~20 s (docs/benchmarks.md). xdist's
-# own reorder (groups by size first) is off (`--no-loadscope-reorder`, pyproject.toml): it
-# started every wait-bound group (Slurm, Ray) at once.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    long = set()
     for item in items:
         group = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), None)
         if group is None:
@@ -106,9 +102,6 @@ def pytest_collection_modifyitems(config, items):
             group = f"{item.path.stem}.{shared[0]}" if shared else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-        if group is not None or item.get_closest_marker("slow"):
-            long.add(item.nodeid)
-    items.sort(key=lambda item: item.nodeid not in long)  # stable: collection order within
 
 
 def warm_numba_kernels(part: str) -> None:
@@ -136,14 +129,24 @@ def warm_numba_kernels(part: str) -> None:
             warm_up_hashing(MinHasher(scheme=scheme, backend=backend), (16, 8), text, offsets)
 
 
+# The workers wait for the warm-up at their first test, not at start: xdist starts them while
+# it compiles, so their collection (~10 s of CPU each) overlaps with it.
+WARM_LOCK_ENV = "OPT_TRAIN_TESTS_NUMBA_WARM_LOCK"
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Under pytest-xdist, compile numba's kernels once, in children of the controller, before
-    the workers start (xdist spawns them in its own trylast sessionstart hook): each worker
-    would otherwise compile the same kernels into the same cache, ~45 s of CPU each on a clean
-    checkout (docs/benchmarks.md, "The test suite"). With the cache warm this costs ~1 s."""
+    """Under pytest-xdist, compile numba's kernels once, in children of the controller, while
+    the workers start: each worker would otherwise compile the same kernels into the same
+    cache, ~45 s of CPU each on a clean checkout (docs/benchmarks.md, "The test suite"). The
+    controller holds an exclusive lock on a file until the compiles end; each worker takes it
+    shared before its first test (`numba_kernels_warm`). With the cache warm this costs ~1 s."""
     config = session.config
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
+    lock_dir = Path(tempfile.mkdtemp(prefix="opt-train-numba-warm-"))
+    lock = open(lock_dir / "lock", "w")  # noqa: SIM115 (released by the waiting thread)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.environ[WARM_LOCK_ENV] = str(lock_dir / "lock")  # the workers xdist starts next inherit it
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -158,11 +161,46 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )  # fmt: skip
         for part in ("jsonl", "minhash")
     ]
-    try:
-        errors = [p.communicate(timeout=600)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()  # no-op once it has exited
-    for p, err in zip(procs, errors, strict=True):
-        if p.returncode != 0:
-            raise pytest.UsageError(f"compiling the numba kernels failed:\n{err[-3000:]}")
+    failures: list[str] = []
+
+    def wait_and_release() -> None:
+        try:
+            errors = [p.communicate(timeout=600)[1] for p in procs]
+            failures.extend(e[-3000:] for p, e in zip(procs, errors, strict=True) if p.returncode)
+        except subprocess.TimeoutExpired:
+            failures.append("did not finish within 600 s")
+        finally:
+            for p in procs:
+                p.kill()  # no-op once it has exited
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    thread = threading.Thread(target=wait_and_release, name="numba-warm-up", daemon=True)
+    thread.start()
+    config.stash[_WARM_UP] = (thread, failures, lock_dir)
+
+
+_WARM_UP = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def numba_kernels_warm() -> None:
+    """In an xdist worker: wait until the controller's numba warm-up has ended."""
+    path = os.environ.get(WARM_LOCK_ENV)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # blocks while the controller holds it exclusively
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The controller: a failed warm-up fails the run (the tests that needed the kernels
+    compiled them themselves, and may have passed)."""
+    warm = session.config.stash.get(_WARM_UP, None)
+    if warm is None:
+        return
+    thread, failures, lock_dir = warm
+    thread.join()
+    shutil.rmtree(lock_dir, ignore_errors=True)
+    if failures:
+        sys.stderr.write("compiling the numba kernels failed:\n" + "\n".join(failures) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
