@@ -144,7 +144,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
     lock_dir = Path(tempfile.mkdtemp(prefix="opt-train-numba-warm-"))
-    lock = open(lock_dir / "lock", "w")  # noqa: SIM115 (released by the waiting thread)
+    lock = open(lock_dir / "lock", "w")  # closed by the thread that waits for the compiles
     fcntl.flock(lock, fcntl.LOCK_EX)
     os.environ[WARM_LOCK_ENV] = str(lock_dir / "lock")  # the workers xdist starts next inherit it
     env = {
