@@ -25,6 +25,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def trainer_left_behind_is_undone():
+    """After each test, what `train` undoes at its end, for the tests that run a Trainer in this
+    process and stop at `fit()` without `close()`: its preemption handlers (SIGTERM, SIGUSR1,
+    ... and SIGINT) and its run locks. Left installed, a later test's forked process (the data
+    pipeline's local executor forks) inherited the handlers and ignored the SIGTERM that ends
+    it, and its pytest worker then waited for it forever at exit (docs/benchmarks.md)."""
+    import signal
+
+    from opt_train.train.run_lock import release_run_locks
+    from opt_train.train.signals import PREEMPTION_SIGNALS
+
+    signals = (*PREEMPTION_SIGNALS, signal.SIGINT)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    yield
+    release_run_locks()
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="session")
 def opt_tokenizer_dir() -> Path:
     """OPT's real vocab.json/merges.txt from ../shared (not part of the project)."""
