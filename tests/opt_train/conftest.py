@@ -20,14 +20,20 @@ def make_config(*overrides: str) -> JobConfig:
     return OmegaConf.to_object(cfg)
 
 
-def train_in_process(*overrides: str) -> dict:
-    """`python train.py *overrides`, run in this process: the same `train` on the same composed
-    config. A one-rank torchrun runs exactly this too (no process group at world size 1), so a
-    one-process reference needs no process of its own, which costs ~5 s of CPU on these
-    machines (importing torch, Hydra composing the config twice; docs/benchmarks.md)."""
-    from opt_train.train.trainer import train
+def train_on_ranks(nproc: int, overrides: list[str]) -> None:
+    """`torchrun --nproc_per_node=<nproc> train.py *overrides`, which must succeed. One rank runs
+    in this process: a one-rank torchrun runs the same `train` on the same config (no process
+    group at world size 1), and a process of its own costs ~5 s of CPU on these machines
+    (importing torch, Hydra composing the config twice; docs/benchmarks.md)."""
+    if nproc == 1:
+        from opt_train.train.trainer import train
 
-    return train(make_config(*overrides))
+        train(make_config(*overrides))
+        return
+    from tests.multirank import torchrun_train
+
+    r = torchrun_train(nproc, overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def write_patterned_shards(

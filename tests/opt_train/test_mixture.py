@@ -16,8 +16,8 @@ from opt_train.data.loader import GlobalOrderLoader, PackedWindows, Source, open
 from opt_train.data.mixture import MAX_PERIOD, Mixture, integer_weights
 from opt_train.train.metric_rows import flat_row
 from opt_train.train.trainer import Trainer
-from tests.multirank import TINY_RUN, torchrun_train
-from tests.opt_train.conftest import make_config, small_job, train_in_process
+from tests.multirank import TINY_RUN
+from tests.opt_train.conftest import make_config, small_job, train_on_ranks
 
 SPLIT = 256  # source "a" writes token ids in [1, 256), source "b" in [256, 512)
 
@@ -309,11 +309,7 @@ def test_same_mixture_on_one_process_and_two_fsdp_ranks_gives_the_same_losses(
     ]
 
     def launch(nproc: int, run_dir: Path) -> list[dict]:
-        if nproc == 1:  # what a one-rank torchrun runs, in this process
-            train_in_process(f"run_dir={run_dir}", *common)
-        else:
-            r = torchrun_train(nproc, [f"run_dir={run_dir}", *common])
-            assert r.returncode == 0, r.stderr[-3000:]
+        train_on_ranks(nproc, [f"run_dir={run_dir}", *common])
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [r for r in rows if r.get("event") != "goodput"]  # timings, in every run
 

@@ -8,8 +8,8 @@ import torch
 from opt_train.config import ParallelConfig
 from opt_train.engine.loss import lm_loss
 from opt_train.parallel.dims import ParallelDims
-from tests.multirank import TINY_RUN, spawn, torchrun_train
-from tests.opt_train.conftest import train_in_process
+from tests.multirank import TINY_RUN, spawn
+from tests.opt_train.conftest import train_on_ranks
 
 TINY = [
     *TINY_RUN,
@@ -25,13 +25,7 @@ def losses(run_dir) -> list[float]:
 
 
 def launch(nproc: int, run_dir, data, *extra: str) -> list[float]:
-    """The tiny run on `nproc` torchrun ranks; one rank runs in this process (the same code)."""
-    overrides = [f"run_dir={run_dir}", f"data.path={data}", *TINY, *extra]
-    if nproc == 1:
-        train_in_process(*overrides)
-    else:
-        r = torchrun_train(nproc, overrides)
-        assert r.returncode == 0, r.stderr[-3000:]
+    train_on_ranks(nproc, [f"run_dir={run_dir}", f"data.path={data}", *TINY, *extra])
     return losses(run_dir)
 
 
