@@ -105,11 +105,18 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
         dist.destroy_process_group()
 
 
+# Ranks are forked from a server process that imported torch and the trainer once per test
+# worker; started as fresh interpreters, each rank imported them again (~3 s of CPU on these
+# machines). The server is a fresh interpreter itself, so the ranks inherit nothing of the test
+# process (signal handlers, locks, threads), as with "spawn".
+mp.set_forkserver_preload(["tests.multirank", "opt_train.train.trainer", "pytest"])
+
+
 def spawn(fn, world: int, *args, timeout: float = 300) -> None:
     """Run `fn(rank, world, *args)` on `world` gloo ranks; re-raise the first rank's failure.
     `fn` must be importable (a module-level function). Ranks still alive `timeout` seconds
     after the start (a rank hung in a collective whose peer failed) are killed and named."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [

@@ -323,8 +323,8 @@ def _hang_or_wait(rank: int, port: int, out) -> None:
     init_distributed("cpu", timeout_s=2)
     if rank == 1:
         time.sleep(3600)  # hung: never enters the collective
-    # The clock starts when rank 0 enters the collective its peer never joins: spawn start-up,
-    # torch's import and the rendezvous are not part of the timeout under test.
+    # The clock starts when rank 0 enters the collective its peer never joins: the process's
+    # start-up and the rendezvous are not part of the timeout under test.
     t0 = time.monotonic()
     try:
         with name_the_rank_on_timeout(rank, 2):
@@ -339,14 +339,14 @@ def _hang_or_wait(rank: int, port: int, out) -> None:
 def test_a_hung_peer_becomes_an_error_naming_the_rank_after_the_timeout():
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # tests/multirank.py's server, torch already imported
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_hang_or_wait, args=(r, port, out)) for r in range(2)]
     try:
         for p in procs:
             p.start()
-        # Start-up (spawn, torch's import, the rendezvous) took over 60 s on a loaded machine;
+        # Start-up (the process, the rendezvous) took over 60 s on a loaded machine;
         # it is bounded only by this get, and rank 0 times the collective itself.
         msg, waited = out.get(timeout=300)
     finally:
