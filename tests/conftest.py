@@ -64,10 +64,11 @@ def garbage_corpus(tmp_path_factory) -> tuple[Path, set[int]]:
 
 @pytest.fixture(scope="session")
 def two_rank_rollback(garbage_corpus, tmp_path_factory):
-    """`run(mesh)`: the run_dir of a 2-rank torchrun run with stability on over the garbage
-    corpus (tests/opt_train/garbage.py's TWO_RANKS with `mesh`), run once a session. The
-    replay-by-hand test and the two-node Slurm test both compare against it."""
-    from tests.multirank import torchrun_train
+    """`run(mesh)`: the run_dir of a 2-rank run with stability on over the garbage corpus
+    (tests/opt_train/garbage.py's TWO_RANKS with `mesh`; `train_on_ranks`), run once a
+    session. The replay-by-hand test, the provenance test and the two-node Slurm test (whose
+    ranks torchrun starts on each node) compare against it."""
+    from tests.opt_train.conftest import train_on_ranks
     from tests.opt_train.garbage import STABLE, TWO_RANKS, overrides
 
     runs: dict[str, Path] = {}
@@ -76,8 +77,7 @@ def two_rank_rollback(garbage_corpus, tmp_path_factory):
         if mesh not in runs:
             run_dir = tmp_path_factory.mktemp("rollback") / "auto"
             data, _ = garbage_corpus
-            out = torchrun_train(2, overrides(run_dir, data, *TWO_RANKS, mesh, *STABLE))
-            assert out.returncode == 0, out.stderr[-3000:]
+            train_on_ranks(2, overrides(run_dir, data, *TWO_RANKS, mesh, *STABLE))
             runs[mesh] = run_dir
         return runs[mesh]
 

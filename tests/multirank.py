@@ -80,7 +80,7 @@ def torchrun_train(
     return run(torchrun_cmd(nproc, overrides, extra_args), timeout, cwd=REPO, env=rank_env())
 
 
-def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, errors, join_group: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -94,33 +94,40 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
         }
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if join_group:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        if join_group:
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 # Ranks are forked from a server process that imported torch and the trainer once per test
 # worker; started as fresh interpreters, each rank imported them again (~3 s of CPU on these
 # machines). The server is a fresh interpreter itself, so the ranks inherit nothing of the test
 # process (signal handlers, locks, threads), as with "spawn".
-mp.set_forkserver_preload(["tests.multirank", "opt_train.train.trainer", "pytest"])
+mp.set_forkserver_preload(
+    ["tests.multirank", "tests.opt_train.conftest", "opt_train.train.trainer", "pytest"]
+)
 
 
-def spawn(fn, world: int, *args, timeout: float = 300) -> None:
+def spawn(fn, world: int, *args, timeout: float = 300, join_group: bool = True) -> None:
     """Run `fn(rank, world, *args)` on `world` gloo ranks; re-raise the first rank's failure.
     `fn` must be importable (a module-level function). Ranks still alive `timeout` seconds
-    after the start (a rank hung in a collective whose peer failed) are killed and named."""
+    after the start (a rank hung in a collective whose peer failed) are killed and named.
+    With `join_group=False` the ranks get torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...) and `fn` joins the group itself, as the trainer does."""
     ctx = mp.get_context("forkserver")
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, fn, args, errors)) for r in range(world)
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, errors, join_group))
+        for r in range(world)
     ]
     try:
         for p in procs:

@@ -265,8 +265,8 @@ def test_a_two_node_job_rolls_back_on_every_rank_alike(
 ):
     """A garbage document (tests/opt_train/garbage.py) trips the detector on both nodes' ranks
     at the same step, both roll back to the same checkpoint, and the job's metrics equal the
-    local two-rank torchrun run of the same config bit for bit (each rank a node here, one
-    process each on one thread)."""
+    local two-rank run of the same config (tests/conftest.py's `two_rank_rollback`) bit for
+    bit (each rank a node here, one process each on one thread)."""
     data, bad = garbage_corpus
     assert garbage_steps(data, bad, 21, 2, 24) == [23]
     run_dir = tmp_path / "slurm" / "run"

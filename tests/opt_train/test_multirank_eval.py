@@ -1,6 +1,7 @@
-"""Evaluation and fp16 loss scaling under several ranks, through the real `torchrun train.py`:
-the validation loss is the same number at 1 and 2 ranks (one fixed validation set), and an
-fp16 overflow is skipped by every rank alike (the 2-rank run follows the 1-process run)."""
+"""Evaluation and fp16 loss scaling under several ranks (real gloo ranks running `train`,
+tests/opt_train/conftest.py's `train_on_ranks`): the validation loss is the same number at 1
+and 2 ranks (one fixed validation set), and an fp16 overflow is skipped by every rank alike
+(the 2-rank run follows the 1-process run)."""
 
 import json
 
