@@ -28,7 +28,7 @@ from opt_train.data.loader import GlobalOrderLoader, PackedWindows
 from opt_train.train.signals import EXIT_REQUEUE
 from opt_train.train.trainer import NonFiniteLoss, Trainer
 from tests.multirank import REPO, free_port, rank_env, torchrun_cmd, torchrun_train
-from tests.opt_train.conftest import small_job
+from tests.opt_train.conftest import small_job, train_on_ranks
 from tests.processes import children, kill_tree, started
 
 TINY = [
@@ -111,8 +111,9 @@ def preempt_after_resume(overrides: list[str], ckpts: Path, log: Path) -> tuple[
 
 
 def uninterrupted(run: Path, data: Path, *extra: str) -> dict[int, float]:
-    """The losses of an uninterrupted 2-rank run of `job`, one for every step."""
-    run_ok(2, job(run, data, *extra))
+    """The losses of an uninterrupted 2-rank run of `job`, one for every step (`train` on
+    forked ranks: the runs compared with it are the torchrun ones)."""
+    train_on_ranks(2, job(run, data, *extra))
     got = losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     return got
@@ -185,7 +186,7 @@ def test_resume_on_one_rank_and_on_tp2_reshards_and_continues_the_same_samples(
     # other dropout masks; without dropout only the reduction order differs
     keep = "checkpoint.keep=4"  # saves at 3, 6, 9 and 12: step 3 stays
     base = tmp_path / "fsdp"
-    run_ok(2, job(base, small_shards, *no_dropout, keep))
+    train_on_ranks(2, job(base, small_shards, *no_dropout, keep))
     exact = losses(base)
     assert sorted(exact) == list(range(1, STEPS + 1))
     one, tp = tmp_path / "one", tmp_path / "tp"
