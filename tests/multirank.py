@@ -111,8 +111,9 @@ def _entry(rank: int, world: int, port: int, fn, args, errors, join_group: bool)
 # worker; started as fresh interpreters, each rank imported them again (~3 s of CPU on these
 # machines). The server is a fresh interpreter itself, so the ranks inherit nothing of the test
 # process (signal handlers, locks, threads), as with "spawn".
+# (torch._dynamo too: FSDP2 and DTensor import it at their first use, ~0.5 s a rank.)
 mp.set_forkserver_preload(
-    ["tests.multirank", "tests.opt_train.conftest", "opt_train.train.trainer", "pytest"]
+    ["tests.multirank", "tests.opt_train.conftest", "opt_train.train.trainer", "torch._dynamo"]
 )
 
 
