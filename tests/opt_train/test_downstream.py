@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multirank import REPO, free_port, rank_env
+from tests.multirank import REPO, free_port, rank_env, spawn
 from tests.opt_train.conftest import train_on_ranks
 from tests.opt_train.downstream_tasks import NAMES, run_overrides, write_gpt2_shards, write_tasks
 from tests.processes import kill_tree, run, started
@@ -165,24 +165,23 @@ def test_offline_scores_equal_lm_eval_hf_model_on_the_export_and_the_in_loop_row
     assert {k: pytest.approx(v, rel=1e-6) for k, v in expected.items()} == in_loop
 
 
+def _evaluate_on_rank(rank: int, world: int, args: list[str]) -> None:
+    from opt_train.tools.evaluate import main
+
+    main(args)
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(eval_run, tmp_path):
+def test_two_ranks_under_torchrun_and_tp2_equal_one_rank(eval_run, tmp_path):
     """`torchrun -m opt_train.eval` with 2 data-parallel ranks (each scores half the batches
-    from its FSDP2 shard of the checkpoint) and with tp=2 (the vocabulary split, log-softmax
-    all-reduced): the same scores and accuracies as one process."""
+    from its FSDP2 shard of the checkpoint), and the same command's `main` with tp=2 on two
+    forked ranks (the vocabulary split, log-softmax all-reduced; the launch is the dp2 run's):
+    the same scores and accuracies as one process."""
     one = offline(eval_run, tmp_path / "one.json")
     for name, extra in (("dp2", []), ("tp2", ["tp=2"])):
         out = tmp_path / f"{name}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "opt_train.eval",
+        args = [
             str(eval_run.run),
             f"tasks=[{','.join(NAMES)}]",
             f"include_path={eval_run.tasks}",
@@ -191,8 +190,22 @@ def test_two_ranks_and_tp2_under_torchrun_equal_one_rank(eval_run, tmp_path):
             "bootstrap_iters=0",
             *extra,
         ]
-        r = run(cmd, 600, cwd=REPO, env=rank_env())
-        assert r.returncode == 0, r.stderr[-4000:]
+        if name == "dp2":
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                "-m",
+                "opt_train.eval",
+                *args,
+            ]
+            r = run(cmd, 600, cwd=REPO, env=rank_env())
+            assert r.returncode == 0, r.stderr[-4000:]
+        else:
+            spawn(_evaluate_on_rank, 2, args, join_group=False)
         got = json.loads(out.read_text())
         assert (got["config"]["world"], got["config"]["tp"]) == (2, 2 if extra else 1)
         assert_same_scores(got, one)
