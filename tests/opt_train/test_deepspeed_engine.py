@@ -172,7 +172,7 @@ def test_zero_1_2_3_give_the_fsdp2_engines_losses_over_6_steps(
     tmp_path, small_shards, fp32_mesh_run
 ):
     # The FSDP2 x 2 run is test_parallel's (tiny, fp32, no dropout, 6 steps, evaluating every
-    # 2), run once a session; each ZeRO run is the same command with the engine changed.
+    # 2), run once a session; each ZeRO run is the same config with the engine changed.
     fsdp = fp32_mesh_run(2)
     want = losses(fsdp)
     assert sorted(want) == list(range(1, 7))
