@@ -1,8 +1,10 @@
 """Launching several real gloo ranks from a test, on free loopback ports.
 
 `torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` runs a
-function on N ranks with a process group already initialised (for unit-level checks). Both end
-every process they started, even when the test fails or times out.
+function on N ranks forked from a server process that has imported torch and the trainer,
+with a process group already initialised (for unit-level checks) or with torchrun's
+environment for the function to join one itself (tests/opt_train/conftest.py's
+`train_on_ranks`). Both end every process they started, even when the test fails or times out.
 """
 
 from __future__ import annotations
@@ -107,11 +109,11 @@ def _entry(rank: int, world: int, port: int, fn, args, errors, join_group: bool)
             dist.destroy_process_group()
 
 
-# Ranks are forked from a server process that imported torch and the trainer once per test
-# worker; started as fresh interpreters, each rank imported them again (~3 s of CPU on these
-# machines). The server is a fresh interpreter itself, so the ranks inherit nothing of the test
-# process (signal handlers, locks, threads), as with "spawn".
-# (torch._dynamo too: FSDP2 and DTensor import it at their first use, ~0.5 s a rank.)
+# Ranks are forked from a server process (one per test worker, started at the first `spawn`)
+# that imported torch, the trainer and torch._dynamo (which FSDP2 and DTensor import at first
+# use) once; started as fresh interpreters, each rank imported them again (~3.5 s of CPU on
+# these machines). The server is a fresh interpreter itself, so the ranks inherit nothing of
+# the test process (signal handlers, locks, threads), as with "spawn".
 mp.set_forkserver_preload(
     ["tests.multirank", "tests.opt_train.conftest", "opt_train.train.trainer", "torch._dynamo"]
 )

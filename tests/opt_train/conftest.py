@@ -100,8 +100,8 @@ def small_job_overrides(run_dir: Path, data: Path, *extra: str) -> list[str]:
 def fp32_mesh_run(small_shards, tmp_path_factory):
     """`run(nproc, *mesh) -> run_dir`: tests/opt_train/test_parallel.py's tiny fp32 run with a
     validation loss every 2 steps (its FP32_EVAL) on `nproc` ranks (`train_on_ranks`), run once
-    a session per (nproc, mesh). The same commands serve three claims: test_parallel compares the meshes'
-    losses with one process, test_multirank_eval the val_loss at 1 and 2 ranks, and
+    a session per (nproc, mesh). The same runs serve three claims: test_parallel compares the
+    meshes' losses with one process, test_multirank_eval the val_loss at 1 and 2 ranks, and
     test_deepspeed_engine ZeRO 1/2/3 with FSDP2 x 2."""
     from tests.opt_train.test_parallel import FP32_EVAL, launch
 
