@@ -28,20 +28,21 @@ def train_on_ranks(nproc: int, overrides: list[str]) -> None:
     trainer are already imported. A torchrun launch costs ~11 s of CPU on these machines
     (its agent and a fresh interpreter per rank, docs/benchmarks.md), so it is kept for the
     claims about the launch itself: signals, restarts, rendezvous, exit statuses, the CLI."""
-    if nproc == 1:
-        from opt_train.train.trainer import train
+    from opt_train.train.trainer import train
 
-        train(make_config(*overrides))
+    cfg = make_config(*overrides)  # composed once; each forked rank trains on its own copy
+    if nproc == 1:
+        train(cfg)
         return
     from tests.multirank import spawn
 
-    spawn(_train_rank, nproc, overrides, join_group=False)
+    spawn(_train_rank, nproc, cfg, join_group=False)
 
 
-def _train_rank(rank: int, world: int, overrides: list[str]) -> None:
+def _train_rank(rank: int, world: int, cfg: JobConfig) -> None:
     from opt_train.train.trainer import train
 
-    train(make_config(*overrides))
+    train(cfg)
 
 
 def write_patterned_shards(
