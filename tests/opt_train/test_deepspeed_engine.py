@@ -1,10 +1,11 @@
 """engine=deepspeed: ZeRO 1/2/3 from the same config, equal to the FSDP2 engine, resuming exactly.
 
 Runs use deepspeed 0.19.8 on gloo, one thread per rank: the interrupted ones launch the real
-`torchrun ... train.py` (or `python train.py`), the ZeRO 1/2/3 comparison runs `train` on
-forked ranks (tests/opt_train/conftest.py's `train_on_ranks`). Like the FSDP2 engine, DeepSpeed on gloo is bitwise reproducible at
-a fixed world size and thread count, so an interrupted-and-resumed run must give the
-uninterrupted run's losses exactly (dropout on, so the RNG states must come back too).
+`torchrun ... train.py` (or `python train.py`); the ZeRO 1/2/3 comparison and the uninterrupted
+reference run `train` on forked ranks (tests/opt_train/conftest.py's `train_on_ranks`). Like
+the FSDP2 engine, DeepSpeed on gloo is bitwise reproducible at a fixed world size and thread
+count, so an interrupted-and-resumed run must give the uninterrupted run's losses exactly
+(dropout on, so the RNG states must come back too).
 """
 
 from __future__ import annotations
