@@ -129,7 +129,11 @@ def test_rank_1_frozen_for_8_s_is_named_a_straggler_and_the_run_finishes(tmp_pat
         *RUN,
         "train.max_steps=40",
         "logging.interval=5",
+        # One interval suffices, so the factor is raised from the default 1.5: five ~30 ms steps
+        # on a loaded 2-core machine reached 1.67x the median on a rank nobody froze (seen once
+        # in a whole suite); the frozen interval is ~50x.
         "observe.straggler_intervals=1",
+        "observe.straggler_factor=10",
     ]
     with popen(torchrun_cmd(2, job), tmp_path / "log") as proc:
         wait_for(lambda: steps_logged(run) >= 6, proc, timeout=240)
@@ -144,7 +148,7 @@ def test_rank_1_frozen_for_8_s_is_named_a_straggler_and_the_run_finishes(tmp_pat
     stragglers = [r for r in got if r.get("event") == "straggler"]
     assert [r["rank"] for r in stragglers] == [1], stragglers
     s = stragglers[0]
-    assert s["host"] == os.uname().nodename and s["compute_s"] > 1.5 * s["median_s"], s
+    assert s["host"] == os.uname().nodename and s["compute_s"] > 10 * s["median_s"], s
     # Rank 1's 8 s stopped are its own time: at least 8 s over the interval's 5 steps.
     assert s["compute_s"] * 5 >= 7.5, s
     timing = [r["timing"] for r in got if "timing" in r]
