@@ -107,7 +107,7 @@ SHARED_RUNS = {
 # Module fixtures that cost a run, the same way: xdist hands out tests one by one, so the tests
 # of one module that share one would otherwise build it once in each worker (the FSDP2
 # `reference` was built twice per suite, 14 s and 15 s, before this).
-MODULE_RUNS = {"reference", "zero3_reference", "whole_run", "eval_run"}
+MODULE_RUNS = {"reference", "zero3_reference", "offload_run", "whole_run", "eval_run"}
 
 
 # tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so

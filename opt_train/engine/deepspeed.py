@@ -12,6 +12,10 @@ Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (build times: docs/benchmark
 - DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at start (~75 s) that serves
   only `inference_all_reduce`; training collectives go through torch.distributed. On CPU the op
   is therefore marked unavailable instead of built.
+- DeepSpeed's ZeRO optimizers import its Muon optimizer, whose kernels are decorated with
+  `torch.compile`, and decorating imports torch's inductor compiler: ~3 s of CPU per rank at
+  start for an optimizer this engine never uses. The kernels are imported here first with the
+  compile deferred to their first call (`_import_muon_compiling_lazily`).
 - DeepSpeed loads its checkpoint files with `torch.load(weights_only=False)`, which would run
   whatever a file's pickle says. Ours loads them with `weights_only=True`, allowing only the
   DeepSpeed classes those files hold (`ZERO_CHECKPOINT_CLASSES`).
@@ -22,8 +26,10 @@ Choices, for deepspeed 0.19.8 and torch 2.13 on CPU (build times: docs/benchmark
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import sys
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -93,6 +99,43 @@ def overflows_allowed_at_floor(min_scale: float) -> int:
     return n
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def _import_muon_compiling_lazily() -> None:
+    """Import DeepSpeed's Muon kernels with their `@compiler.compile()` decorators deferring
+    `torch.compile` to each function's first call, so that importing them does not import
+    torch's inductor. Does nothing where the module is already imported or does not exist."""
+    if MUON_MODULE in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    eager = compiler.compile
+
+    def lazy():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = eager()(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = lazy
+    try:
+        import deepspeed.runtime.zero.muon.original_muon  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        compiler.compile = eager
+
+
 class DeepSpeedEngine(TrainEngine):
     """A model and our AdamW inside a DeepSpeed engine. Every rank builds the full model
     first (ZeRO then keeps only its partition), so this engine suits models whose fp32 weights
@@ -115,6 +158,7 @@ class DeepSpeedEngine(TrainEngine):
             # forward; ZeRO-3 gathers it for the root module's forward only when told.
             deepspeed.zero.register_external_parameter(model, model.embed_tokens.weight)
         self.model = model
+        _import_muon_compiling_lazily()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=build_optimizer(model, cfg.optim),

@@ -134,21 +134,30 @@ def test_classes_another_library_allowed_process_wide_are_refused_and_kept_for_i
 # -- one process ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_checkpoint(
-    tmp_path, small_shards
-):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def offload_run(tmp_path_factory, small_shards) -> tuple[Path, str]:
+    """`python train.py` of 3 steps on one process, ZeRO-2 with optimizer offload: its run_dir
+    and its stderr, which lists every module the process imported (`-X importtime`)."""
+    run = tmp_path_factory.mktemp("offload") / "run"
     overrides = job(run, small_shards, *NO_DROPOUT, *zero(2, "deepspeed.offload_optimizer=true"))
     r = subprocess.run(
-        [sys.executable, "train.py", *overrides, "train.max_steps=3"],
+        [sys.executable, "-X", "importtime", "train.py", *overrides, "train.max_steps=3"],
         cwd=REPO,
         env=rank_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    log = "\n".join(x for x in r.stderr.splitlines() if not x.startswith("import time:"))
+    assert r.returncode == 0, log[-3000:]
+    return run, r.stderr
+
+
+@pytest.mark.slow
+def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_checkpoint(
+    tmp_path, small_shards, offload_run
+):
+    run, _ = offload_run
     plain = tmp_path / "plain"
     Trainer(make_config(*job(plain, small_shards, *NO_DROPOUT, "train.max_steps=3"))).fit()
     # One rank, the same fp32 arithmetic on the same samples; only DeepSpeed's flattened
@@ -162,6 +171,20 @@ def test_one_process_with_offload_equals_the_plain_loop_and_fsdp_refuses_its_che
     assert {"state.json", "config.yaml", "rng/rank_00000.json"} <= set(meta["files"])
     with pytest.raises(ValueError, match="opt-train-deepspeed/1"):
         Trainer(small_job(run, small_shards, "train.max_steps=4"))
+
+
+@pytest.mark.slow
+def test_the_engine_starts_without_importing_torchs_inductor(offload_run):
+    """DeepSpeed's ZeRO optimizers import its Muon kernels, whose `torch.compile` decorators
+    import torch's inductor compiler (~3 s of CPU per rank); the engine imports them with the
+    compile deferred to a first call that never comes. (torch._dynamo, which FSDP2 and
+    DeepSpeed import, brings a few light inductor modules of its own: config, cpp_builder.)"""
+    _, stderr = offload_run
+    imported = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if "|" in line}
+    muon = "deepspeed.runtime.zero.muon"
+    # ZeRO's optimizer check ran and imported the kernels.
+    assert {f"{muon}.original_muon", f"{muon}.muon_optimizer"} <= imported
+    assert "torch._inductor.compile_fx" not in imported
 
 
 # -- two ranks ------------------------------------------------------------------------------
