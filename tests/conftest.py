@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,19 @@ SHARED_RUNS = {
 MODULE_RUNS = {"reference", "zero3_reference", "offload_run", "whole_run", "eval_run"}
 
 
+# The first work unit of each of the three workers: groups whose tests never run the numba
+# kernels (their data is written with numpy), so the workers train while the controller's
+# warm-up compiles the kernels. Before, every worker's first unit read JSONL, and all three
+# waited for the single-threaded line-parser compile with one core idle (~30 s at ~55% of the
+# cores at the start of each suite; docs/benchmarks.md, "The test suite").
+RUN_FIRST = ("test_fault_tolerance.reference", "test_train_sbatch.whole_run", "fp32_mesh")
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker else None
+
+
 # tryfirst: xdist's own hook turns the markers into the `@group` suffix its scheduler reads, so
 # a marker added after it is ignored and each worker builds the fixture again (checked with a
 # module fixture that logs its builds: two workers, two builds without tryfirst, one with it).
@@ -122,6 +136,21 @@ def pytest_collection_modifyitems(config, items):
             group = f"{item.path.stem}.{shared[0]}" if shared else None
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if hasattr(config, "workerinput"):
+        # xdist hands out work in this order (`--no-loadscope-reorder`, pyproject.toml), the
+        # same in every worker: RUN_FIRST, the other groups (the larger first), the slow tests,
+        # the rest. Long work first keeps the end of the run from waiting on one long test.
+        size = Counter(xdist_group(item) for item in items)
+
+        def rank(item: pytest.Item) -> tuple[int, int, str]:
+            group = xdist_group(item)
+            if group in RUN_FIRST:
+                return 0, RUN_FIRST.index(group), ""
+            if group is not None:
+                return 1, -size[group], group
+            return (2, 0, "") if item.get_closest_marker("slow") else (3, 0, "")
+
+        items.sort(key=rank)  # stable: collection order within each rank
 
 
 def warm_numba_kernels(part: str) -> None:
@@ -149,8 +178,9 @@ def warm_numba_kernels(part: str) -> None:
             warm_up_hashing(MinHasher(scheme=scheme, backend=backend), (16, 8), text, offsets)
 
 
-# The workers wait for the warm-up at their first test, not at start: xdist starts them while
-# it compiles, so their collection (~10 s of CPU each) overlaps with it.
+# The workers wait for the warm-up at their first test that may need the kernels, not at start:
+# xdist starts them while it compiles, so their collection (~10 s of CPU each) and their
+# RUN_FIRST groups overlap with it.
 WARM_LOCK_ENV = "OPT_TRAIN_TESTS_NUMBA_WARM_LOCK"
 
 
@@ -159,7 +189,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     the workers start: each worker would otherwise compile the same kernels into the same
     cache, ~45 s of CPU each on a clean checkout (docs/benchmarks.md, "The test suite"). The
     controller holds an exclusive lock on a file until the compiles end; each worker takes it
-    shared before its first test (`numba_kernels_warm`). With the cache warm this costs ~1 s."""
+    shared before its first test that may need them (`pytest_runtest_setup`). With the cache
+    warm this costs ~1 s."""
     config = session.config
     if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
         return
@@ -203,13 +234,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 _WARM_UP = pytest.StashKey[tuple]()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def numba_kernels_warm() -> None:
-    """In an xdist worker: wait until the controller's numba warm-up has ended."""
+_kernels_warm = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In an xdist worker, before the first test that may run the numba kernels (all but
+    RUN_FIRST's), its fixtures included: wait until the controller's warm-up has ended."""
+    global _kernels_warm
+    if _kernels_warm or xdist_group(item) in RUN_FIRST:
+        return
     path = os.environ.get(WARM_LOCK_ENV)
     if path and os.path.exists(path):
         with open(path) as f:
             fcntl.flock(f, fcntl.LOCK_SH)  # blocks while the controller holds it exclusively
+    _kernels_warm = True
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
