@@ -130,7 +130,11 @@ class SlurmCluster:
                 ctld_port=free_port(),
                 slurmd_port=free_port(),
                 slurmd_timeout=self.slurmd_timeout,
-                first_job_id=random.randint(1000, 60_000_000),
+                # Not the global `random`: tests that train in the worker seed it, and two
+                # workers' clusters once drew the same first id, so both ran a job with the
+                # same id, whose rendezvous port (train.sbatch: 20000 + id % 10000) the other
+                # already held on this one host (EADDRINUSE).
+                first_job_id=random.SystemRandom().randint(1000, 60_000_000),
                 nodes=node_lines,
                 nodelist=",".join(self.nodes),
             )
