@@ -138,17 +138,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
     if hasattr(config, "workerinput"):
         # xdist hands out work in this order (`--no-loadscope-reorder`, pyproject.toml), the
-        # same in every worker: RUN_FIRST, the other groups (the larger first), the slow tests,
-        # the rest. Long work first keeps the end of the run from waiting on one long test.
+        # same in every worker: RUN_FIRST, then what xdist's own reordering gave (the groups,
+        # larger first, then the single tests in collection order). Slow single tests first was
+        # tried twice and made no suite faster (docs/benchmarks.md, "The test suite").
         size = Counter(xdist_group(item) for item in items)
 
         def rank(item: pytest.Item) -> tuple[int, int, str]:
             group = xdist_group(item)
             if group in RUN_FIRST:
                 return 0, RUN_FIRST.index(group), ""
-            if group is not None:
-                return 1, -size[group], group
-            return (2, 0, "") if item.get_closest_marker("slow") else (3, 0, "")
+            return (1, -size[group], group) if group is not None else (2, 0, "")
 
         items.sort(key=rank)  # stable: collection order within each rank
 
