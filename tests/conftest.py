@@ -142,12 +142,15 @@ def pytest_collection_modifyitems(config, items):
         # larger first, then the single tests in collection order). Slow single tests first was
         # tried twice and made no suite faster (docs/benchmarks.md, "The test suite").
         size = Counter(xdist_group(item) for item in items)
+        first = {}
+        for i, item in enumerate(items):
+            first.setdefault(xdist_group(item), i)
 
-        def rank(item: pytest.Item) -> tuple[int, int, str]:
+        def rank(item: pytest.Item) -> tuple[int, int, int]:
             group = xdist_group(item)
             if group in RUN_FIRST:
-                return 0, RUN_FIRST.index(group), ""
-            return (1, -size[group], group) if group is not None else (2, 0, "")
+                return 0, RUN_FIRST.index(group), 0
+            return (1, -size[group], first[group]) if group is not None else (2, 0, 0)
 
         items.sort(key=rank)  # stable: collection order within each rank
 
