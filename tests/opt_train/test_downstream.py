@@ -79,21 +79,24 @@ def eval_run(tmp_path_factory) -> types.SimpleNamespace:
     return types.SimpleNamespace(dir=d, run=d / "run", tasks=tasks, data=data)
 
 
+def eval_args(eval_run, out: Path, *extra: str) -> list[str]:
+    """`opt_train.eval`'s arguments for the run's newest checkpoint, results to `out`."""
+    return [
+        str(eval_run.run),
+        f"tasks=[{','.join(NAMES)}]",
+        f"include_path={eval_run.tasks}",
+        f"output={out}",
+        "log_samples=true",
+        "bootstrap_iters=0",
+        *extra,
+    ]
+
+
 def offline(eval_run, out: Path, *extra: str) -> dict:
     """`python -m opt_train.eval` in this process on the run's newest checkpoint."""
     from opt_train.tools.evaluate import main
 
-    main(
-        [
-            str(eval_run.run),
-            f"tasks=[{','.join(NAMES)}]",
-            f"include_path={eval_run.tasks}",
-            f"output={out}",
-            "log_samples=true",
-            "bootstrap_iters=0",
-            *extra,
-        ]
-    )
+    main(eval_args(eval_run, out, *extra))
     return json.loads(out.read_text())
 
 
@@ -179,38 +182,27 @@ def test_two_ranks_under_torchrun_and_tp2_equal_one_rank(eval_run, tmp_path):
     forked ranks (the vocabulary split, log-softmax all-reduced; the launch is the dp2 run's):
     the same scores and accuracies as one process."""
     one = offline(eval_run, tmp_path / "one.json")
-    for name, extra in (("dp2", []), ("tp2", ["tp=2"])):
-        out = tmp_path / f"{name}.json"
-        args = [
-            str(eval_run.run),
-            f"tasks=[{','.join(NAMES)}]",
-            f"include_path={eval_run.tasks}",
-            f"output={out}",
-            "log_samples=true",
-            "bootstrap_iters=0",
-            *extra,
-        ]
-        if name == "dp2":
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}",
-                "-m",
-                "opt_train.eval",
-                *args,
-            ]
-            r = run(cmd, 600, cwd=REPO, env=rank_env())
-            assert r.returncode == 0, r.stderr[-4000:]
-        else:
-            spawn(_evaluate_on_rank, 2, args, join_group=False)
+    dp2, tp2 = tmp_path / "dp2.json", tmp_path / "tp2.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "opt_train.eval",
+        *eval_args(eval_run, dp2),
+    ]
+    r = run(cmd, 600, cwd=REPO, env=rank_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    spawn(_evaluate_on_rank, 2, eval_args(eval_run, tp2, "tp=2"), join_group=False)
+    for out, tp in ((dp2, 1), (tp2, 2)):
         got = json.loads(out.read_text())
-        assert (got["config"]["world"], got["config"]["tp"]) == (2, 2 if extra else 1)
+        assert (got["config"]["world"], got["config"]["tp"]) == (2, tp)
         assert_same_scores(got, one)
-        if name == "dp2":  # the same batches, the same shards gathered: bit for bit
-            assert got["results"] == one["results"]
+    # dp2: the same batches, the same shards gathered: bit for bit
+    assert json.loads(dp2.read_text())["results"] == one["results"]
 
 
 @pytest.mark.slow
