@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,29 +21,48 @@ def make_config(*overrides: str) -> JobConfig:
     return OmegaConf.to_object(cfg)
 
 
-def train_on_ranks(nproc: int, overrides: list[str]) -> None:
+def train_on_ranks(nproc: int, overrides: list[str], says: tuple[str, ...] = ()) -> None:
     """What `torchrun --nproc_per_node=<nproc> train.py *overrides` computes, which must
     succeed: `train` on the config Hydra composes from `overrides`, each rank joining the
     env:// gloo group as under torchrun (opt_train/parallel/process_groups.py). One rank runs
     in this process; more are forked from tests/multirank.py's server, where torch and the
     trainer are already imported. A torchrun launch costs ~11 s of CPU on these machines
     (its agent and a fresh interpreter per rank, docs/benchmarks.md), so it is kept for the
-    claims about the launch itself: signals, restarts, rendezvous, exit statuses, the CLI."""
-    from opt_train.train.trainer import train
-
+    claims about the launch itself: signals, restarts, rendezvous, exit statuses, the CLI.
+    Each of `says` must be in a message rank 0's `opt_train` loggers wrote (INFO and up, what
+    rank 0 prints under train.py)."""
     cfg = make_config(*overrides)  # composed once; each forked rank trains on its own copy
     if nproc == 1:
-        train(cfg)
+        _train_rank(0, 1, cfg, says)
         return
     from tests.multirank import spawn
 
-    spawn(_train_rank, nproc, cfg, join_group=False)
+    spawn(_train_rank, nproc, cfg, says, join_group=False)
 
 
-def _train_rank(rank: int, world: int, cfg: JobConfig) -> None:
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _train_rank(rank: int, world: int, cfg: JobConfig, says: tuple[str, ...] = ()) -> None:
     from opt_train.train.trainer import train
 
-    train(cfg)
+    logger, heard = logging.getLogger("opt_train"), _Messages()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(heard)
+    try:
+        train(cfg)
+    finally:
+        logger.removeHandler(heard)
+        logger.setLevel(level)
+    missing = [s for s in says if rank == 0 and not any(s in m for m in heard.messages)]
+    assert not missing, f"rank 0 never said {missing}; it said:\n" + "\n".join(heard.messages)
 
 
 def write_patterned_shards(
