@@ -140,64 +140,74 @@ def test_two_node_job_runs_every_step_on_two_ranks_one_per_node(whole_run):
     assert f"rendezvous=node1:{20000 + int(job) % 10000}" in batch_log(run_dir, job)
 
 
-def test_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(
+def test_preemption_then_node_failure_each_requeue_and_the_job_resumes_to_the_same_losses(
     slurm, shards, whole_run, tmp_path
 ):
-    """scancel --signal=USR1 --batch (what --signal=B:USR1@120 sends before the time limit):
-    the trainer saves at the end of its step and exits 85, the script requeues the job, and
-    the requeued job continues from that checkpoint to the uninterrupted run's losses."""
+    """One job interrupted twice, then finished (one sequence, not a job per interruption:
+    the reference and each resume are the same either way).
+    1. Preemption: scancel --signal=USR1 --batch (what --signal=B:USR1@120 sends before the
+       time limit): the trainer saves at the end of its step and exits 85, the script
+       requeues the job, and the requeued attempt resumes from that checkpoint.
+    2. Node failure: one emulated node crashes (its slurmd, step daemon and ranks SIGKILLed).
+       Slurm ends the attempt NODE_FAIL and requeues it (--requeue); once the node is back the
+       job resumes from the newest periodic checkpoint.
+    The finished job has the uninterrupted run's losses, every step logged once."""
     run_dir = tmp_path / "run"
-    t0 = time.time()
-    # No periodic checkpoints: the only checkpoint before the end is the preemption's.
-    job = submit(slurm, run_dir, shards, "checkpoint.interval=0")
-    wait_for_step(run_dir, 3, slurm, job)
-    slurm.run(["scancel", "--signal=USR1", "--batch", job])
-    info = finish(slurm, run_dir, job)
-    print(f"preempted 2-node run: {time.time() - t0:.1f} s")
-
-    log = batch_log(run_dir, job)
-    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", log
-    assert "got SIGUSR1" in log and "requeueing job" in log, log
-    resumed = resumed_from(run_dir, job, 1)
-    assert resumed is not None, node_logs(run_dir)
-    stop = int(re.search(r"step_(\d+)", resumed).group(1))
-    assert 3 <= stop < STEPS
-    # Every step logged exactly once: the signal checkpoint is the last step the first attempt
-    # finished, and the requeued attempt starts right after it.
-    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
-    assert losses(run_dir) == losses(whole_run[0])
-
-
-def test_node_failure_requeues_and_the_job_resumes_to_the_same_losses(
-    slurm, shards, whole_run, tmp_path
-):
-    """One emulated node crashes (its slurmd, step daemon and ranks SIGKILLed). Slurm ends the
-    job NODE_FAIL and requeues it (--requeue); once the node is back the job resumes from the
-    newest periodic checkpoint and finishes with the uninterrupted run's losses."""
-    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
     t0 = time.time()
     job = submit(slurm, run_dir, shards, "checkpoint.interval=5")
-    wait_for_step(run_dir, 12, slurm, job)
+    wait_for_step(run_dir, 3, slurm, job)
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    until(lambda: resumed_from(run_dir, job, 1) is not None, slurm, run_dir, job, "attempt 1")
+    # The preemption's save is the last one the first attempt made: the requeued attempt
+    # starts right after the step the signal interrupted.
+    first = "".join(p.read_text() for p in (run_dir / "logs").glob(f"node-*-{job}-r0.log"))
+    saved = re.findall(r"checkpoint (\S+) saved", first)
+    assert "exiting with status 85 (requeue)" in first and saved, node_logs(run_dir)
+    assert resumed_from(run_dir, job, 1) == saved[-1], node_logs(run_dir)
+    stop = int(re.search(r"step_(\d+)", saved[-1]).group(1))
+    assert 3 <= stop < STEPS - 10
+
+    # A periodic checkpoint of the requeued attempt is on disk; then node2 crashes.
+    periodic = (stop // 5 + 1) * 5
+    until(lambda: (ckpts / f"step_{periodic:08d}").is_dir(), slurm, run_dir, job, "a save")
     killed = slurm.kill_node("node2")
     assert len(killed) >= 3  # slurmd, slurmstepd, torchrun (+ its worker)
     # The controller notices a silent node after SlurmdTimeout (30 s by default); marking it
     # DOWN now is the same verdict without the wait.
     slurm.run(["scontrol", "update", "NodeName=node2", "State=DOWN", "Reason=crashed"])
     deadline = time.time() + 60
-    while time.time() < deadline and slurm.job(job).get("Restarts") != "1":
+    while time.time() < deadline and slurm.job(job).get("Restarts") != "2":
         time.sleep(0.2)
     info = slurm.job(job)
-    assert info.get("Restarts") == "1", (info, batch_log(run_dir, job))
+    assert info.get("Restarts") == "2", (info, batch_log(run_dir, job))
     # The machine comes back: slurmd registers and ReturnToService=2 puts it in service.
     slurm.start_node("node2")
     info = finish(slurm, run_dir, job)
-    print(f"2-node run with a node failure: {time.time() - t0:.1f} s")
+    print(f"2-node run, preempted, then a node failure: {time.time() - t0:.1f} s")
 
-    assert info["ExitCode"] == "0:0", batch_log(run_dir, job)
-    resumed = resumed_from(run_dir, job, 1)
+    log = batch_log(run_dir, job)  # every attempt's (train.sbatch appends)
+    assert info["Restarts"] == "2" and info["ExitCode"] == "0:0", log
+    assert "got SIGUSR1" in log and "requeueing job" in log, log
+    resumed = resumed_from(run_dir, job, 2)
     assert resumed is not None, node_logs(run_dir)
-    assert int(re.search(r"step_(\d+)", resumed).group(1)) in (5, 10)
+    step = int(re.search(r"step_(\d+)", resumed).group(1))
+    assert step % 5 == 0 and step >= periodic, resumed
+    # Every step logged exactly once: rows past the checkpoint a resume starts from are cut.
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert losses(run_dir) == losses(whole_run[0])
+
+
+def until(cond, slurm, run_dir: Path, job: str, what: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), (
+            state,
+            what,
+        )
+        assert time.time() < deadline, f"{what}: timed out\n{node_logs(run_dir)}"
+        time.sleep(0.1)
 
 
 def test_scancel_checkpoints_and_the_job_ends_cancelled_not_requeued(slurm, shards, tmp_path):
