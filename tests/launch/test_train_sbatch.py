@@ -87,16 +87,23 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "event" not in r]  # not the goodput rows (events)
 
 
-def wait_for_step(run_dir: Path, step: int, slurm, job: str, timeout: float = 90) -> None:
+def wait_for_step(run_dir: Path, step: int, slurm, job: str) -> None:
+    until(
+        lambda: max(logged_steps(run_dir), default=0) >= step, slurm, run_dir, job, f"step {step}"
+    )
+
+
+def until(cond, slurm, run_dir: Path, job: str, what: str, timeout: float = 90) -> None:
+    """Poll `cond` while the job is queued or running (a requeue included)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = logged_steps(run_dir)
-        if steps and steps[-1] >= step:
-            return
+    while not cond():
         state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, batch_log(run_dir, job))
+        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
+        assert state in live, (state, what, batch_log(run_dir, job))
+        assert time.time() < deadline, (
+            f"{what}: timed out\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}"
+        )
         time.sleep(0.1)
-    raise TimeoutError(f"step {step} not reached:\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}")
 
 
 def finish(slurm, run_dir: Path, job: str, timeout: float = 150) -> dict[str, str]:
@@ -196,18 +203,6 @@ def test_preemption_then_node_failure_each_requeue_and_the_job_resumes_to_the_sa
     # Every step logged exactly once: rows past the checkpoint a resume starts from are cut.
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert losses(run_dir) == losses(whole_run[0])
-
-
-def until(cond, slurm, run_dir: Path, job: str, what: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), (
-            state,
-            what,
-        )
-        assert time.time() < deadline, f"{what}: timed out\n{node_logs(run_dir)}"
-        time.sleep(0.1)
 
 
 def test_scancel_checkpoints_and_the_job_ends_cancelled_not_requeued(slurm, shards, tmp_path):
