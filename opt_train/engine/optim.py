@@ -38,13 +38,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=fused,
+        # torch picks foreach only for CUDA tensors; CPU DTensors would take the per-parameter
+        # loop, a dozen DTensor dispatches per parameter (the same numbers, several times the
+        # CPU: docs/benchmarks.md, "Numbers behind code comments")
+        foreach=not fused,
     )
 
 
 def use_fused_adamw(params: list[torch.Tensor]) -> bool:
     """The fused AdamW kernel (one launch for all parameters of a dtype, the fastest on GPUs)
     for CUDA parameters, DTensors (FSDP2/TP shards) included: DTensor runs the fused op on
-    the local shards. On CPU, plain tensors use it too; CPU DTensors keep the foreach path."""
+    the local shards. On CPU, plain tensors use it too; CPU DTensors take the foreach path
+    (`build_optimizer`)."""
     on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
     return on_cuda or not any(isinstance(p, DTensor) for p in params)
 

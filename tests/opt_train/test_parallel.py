@@ -118,6 +118,51 @@ def test_grad_norm_clipping_over_a_2d_mesh_matches_one_process():
     spawn(_clip_on_2d_mesh, 4, want)
 
 
+def _adamw_on_fsdp2_shards(rank: int, world: int) -> None:
+    from opt_train.config import ModelConfig, OptimConfig
+    from opt_train.engine.optim import build_optimizer, param_groups
+    from opt_train.model.opt import OPT
+    from opt_train.parallel.apply import parallelize
+
+    dims = ParallelDims.from_config(ParallelConfig(dp_shard=world), world)
+    mesh, _ = dims.build_mesh("cpu")
+
+    def sharded_model():
+        torch.manual_seed(0)
+        m = OPT(ModelConfig(vocab_size=64, d_model=32, n_heads=4, dropout=0, attention_dropout=0))
+        parallelize(m, dims, mesh, "fp32", "off", False)
+        return m
+
+    model, twin = sharded_model(), sharded_model()
+    cfg = OptimConfig()
+    ours = build_optimizer(model, cfg)
+    assert (ours.defaults["foreach"], ours.defaults["fused"]) == (True, False)
+    loop = torch.optim.AdamW(
+        param_groups(twin, cfg), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False
+    )
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(rank))
+    for step in range(3):
+        for m, opt in ((model, ours), (twin, loop)):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (step + 1)
+            lm_loss(m, x[:, :-1], x[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a.to_local(), b.to_local()), name
+    for a, b in zip(ours.state.values(), loop.state.values(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a[key].to_local(), b[key].to_local()), key
+
+
+@pytest.mark.multirank
+def test_adamw_on_cpu_fsdp2_shards_takes_the_foreach_path_with_the_loops_numbers():
+    """torch defaults CPU tensors to its per-parameter AdamW loop; on DTensors the project asks
+    for the foreach kernels, which must give the loop's weights and moments bit for bit (the
+    resume and old-checkpoint contracts compare floats exactly)."""
+    spawn(_adamw_on_fsdp2_shards, 2)
+
+
 def _meta_init_statistics(rank: int, world: int) -> None:
     import math
 
