@@ -87,6 +87,12 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "event" not in r]  # not the goodput rows (events)
 
 
+# Slurm's final job states: polling for something the job will no longer do fails at once.
+ENDED = frozenset(
+    "COMPLETED CANCELLED FAILED TIMEOUT NODE_FAIL PREEMPTED BOOT_FAIL DEADLINE OUT_OF_MEMORY".split()
+)
+
+
 def wait_for_step(run_dir: Path, step: int, slurm, job: str) -> None:
     until(
         lambda: max(logged_steps(run_dir), default=0) >= step, slurm, run_dir, job, f"step {step}"
@@ -94,12 +100,11 @@ def wait_for_step(run_dir: Path, step: int, slurm, job: str) -> None:
 
 
 def until(cond, slurm, run_dir: Path, job: str, what: str, timeout: float = 90) -> None:
-    """Poll `cond` while the job is queued or running (a requeue included)."""
+    """Poll `cond` until the job ends (a requeue passes through REQUEUED, PENDING, ...)."""
     deadline = time.time() + timeout
     while not cond():
         state = slurm.job(job).get("JobState")
-        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
-        assert state in live, (state, what, batch_log(run_dir, job))
+        assert state not in ENDED, (state, what, batch_log(run_dir, job))
         assert time.time() < deadline, (
             f"{what}: timed out\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}"
         )
