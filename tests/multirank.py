@@ -9,6 +9,7 @@ environment for the function to join one itself (tests/opt_train/conftest.py's
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -96,6 +97,12 @@ def _entry(rank: int, world: int, port: int, fn, args, errors, join_group: bool)
         }
     )
     torch.set_num_threads(1)
+    # What train.py's ranks print (opt_train/launch.py): warnings and errors, labelled (at
+    # the handler, so a test that lowers a logger's level to read INFO prints no more).
+    printed = logging.StreamHandler()
+    printed.setLevel(logging.WARNING)
+    printed.setFormatter(logging.Formatter(f"[rank{rank}] %(name)s: %(message)s"))
+    logging.getLogger().addHandler(printed)
     if join_group:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

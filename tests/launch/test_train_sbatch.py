@@ -180,9 +180,14 @@ def test_preemption_then_node_failure_each_requeue_and_the_job_resumes_to_the_sa
     stop = int(re.search(r"step_(\d+)", saved[-1]).group(1))
     assert 3 <= stop < STEPS - 10
 
-    # A periodic checkpoint of the requeued attempt is on disk; then node2 crashes.
+    # A periodic checkpoint of the requeued attempt is on disk (published whole: a step_*
+    # directory appears by a rename once written); then node2 crashes.
     periodic = (stop // 5 + 1) * 5
-    until(lambda: (ckpts / f"step_{periodic:08d}").is_dir(), slurm, run_dir, job, "a save")
+
+    def saved_again() -> bool:
+        return any(int(p.name[5:]) >= periodic for p in ckpts.glob("step_*"))
+
+    until(saved_again, slurm, run_dir, job, f"a checkpoint at step {periodic} or later")
     killed = slurm.kill_node("node2")
     assert len(killed) >= 3  # slurmd, slurmstepd, torchrun (+ its worker)
     # The controller notices a silent node after SlurmdTimeout (30 s by default); marking it
