@@ -214,7 +214,14 @@ def test_sigkill_with_in_loop_evaluation_resumes_exactly_and_evaluation_leaves_t
     which in turn has the losses of the same run without evaluation (dropout on: a consumed or
     reseeded RNG would change them)."""
     run_dir = tmp_path / "run"
-    overrides = run_overrides(run_dir, eval_run.data, eval_run.tasks, *RUN)
+    # The last save (step 12) waits for the test (`checkpoint.debug_gate`), so the run cannot
+    # finish between its step-8 checkpoint and the kill, however late this process sees it.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    for step in (4, 8):
+        (gate / f"step_{step:08d}").touch()
+    gated = [*RUN, f"checkpoint.debug_gate={gate}"]
+    overrides = run_overrides(run_dir, eval_run.data, eval_run.tasks, *gated)
     ckpt = run_dir / "checkpoints" / "step_00000008" / "meta.json"
     with (
         open(tmp_path / "kill.log", "w") as log,
@@ -227,7 +234,9 @@ def test_sigkill_with_in_loop_evaluation_resumes_exactly_and_evaluation_leaves_t
             time.sleep(0.05)
         kill_tree(proc.pid)
         proc.wait()
-    assert max(losses(run_dir)) < STEPS, "the kill came after the run had finished"
+    last = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert not last.exists(), "the kill came after the run had finished"
+    (gate / last.name).touch()
     r = run(train_cmd(overrides), 600, cwd=REPO, env=env())
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stderr
