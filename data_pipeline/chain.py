@@ -206,15 +206,17 @@ def _is_complete(record_path: Path, expected: dict, sums: Checksums) -> bool:
 
 
 def _load_stage(stage: str):
-    """(config class, run) for a stage, importing its module; None when it is not installed."""
-    module_name, config_name, function = STAGES[stage]
+    """(config class, the stage's module) for a stage, importing its module; None when it is not
+    installed. The run function is taken from the module only when the step runs: a stage
+    package may load its kernels lazily (dedup's numba), which a skipped step never needs."""
+    module_name, config_name, _ = STAGES[stage]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise  # the stage exists but something it imports does not: a real failure
         return None
-    return getattr(module, config_name), getattr(module, function)
+    return getattr(module, config_name), module
 
 
 def _stage_config(config_cls: type, params: dict, input_spec: Any, output: Path):
@@ -254,7 +256,7 @@ class _Runner:
                 )
             self.steps.append({**entry, "status": "missing", "output": None})
             return input_spec
-        config_cls, run = loaded
+        config_cls, module = loaded
         cfg = _stage_config(config_cls, params, input_spec, output)
         inputs = self.sums.inputs(input_spec)
         for key in SIDE_INPUTS.get(stage, ()):
@@ -272,7 +274,7 @@ class _Runner:
             return output
         record_path.unlink(missing_ok=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        report = run(cfg)
+        report = getattr(module, STAGES[stage][2])(cfg)
         record = {
             **expected,
             "all_params": params,

@@ -35,18 +35,13 @@ from operator import methodcaller
 import numpy as np
 import xxhash
 
+from data_pipeline.kernels.choices import BACKENDS, SCHEMES
 from data_pipeline.kernels.scratch import read_only, scratch
 from data_pipeline.kernels.simd import HAVE_NUMBA
 
 if HAVE_NUMBA:
     import numba
 
-SCHEMES = ("affine32", "legacy")
-# Signature backends, fastest first; all give the same bits. "simd": numba kernels with a
-# 16-lane SIMD SHA-1 for shingles of up to 119 bytes (one or two SHA-1 blocks; 99.9% of word
-# 5-grams of English) and libcrypto's SHA-1 (or, where it is not found, hashlib) for longer
-# ones; "openssl": numba kernels with libcrypto's SHA-1; "numpy": hashlib + numpy.
-BACKENDS = ("simd", "openssl", "numpy")
 MERSENNE_61 = (1 << 61) - 1
 EMPTY = 0xFFFFFFFF  # datasketch's initial (empty-set) hash value in both schemes
 

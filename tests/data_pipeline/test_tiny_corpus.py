@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import re
+import sys
 
 import pytest
 
@@ -93,7 +94,8 @@ def test_shards_decode_to_the_generated_text_and_a_rebuild_reuses_them(tiny_corp
 
 def _build_and_report(out_dir: str, queue) -> None:
     """Build, and report the chain steps this process ran (the real chain's own report; a
-    process that reused another's shards ran none)."""
+    process that reused another's shards ran none) and whether numba got imported (a rank
+    that reuses the shards checks the dedup step without loading its kernels)."""
     import data_pipeline.chain as chain
 
     ran: list[str] = []
@@ -106,9 +108,9 @@ def _build_and_report(out_dir: str, queue) -> None:
 
     chain.run = run_and_record  # build_tiny_shards imports chain.run when called
     try:
-        queue.put(("ok", str(build_tiny_shards(out_dir)), ran))
+        queue.put(("ok", str(build_tiny_shards(out_dir)), ran, "numba" in sys.modules))
     except BaseException as e:  # reported to the test, which fails with it
-        queue.put(("error", repr(e), ran))
+        queue.put(("error", repr(e), ran, None))
 
 
 @pytest.mark.slow
@@ -133,6 +135,8 @@ def test_processes_building_at_once_build_once_and_agree(tmp_path):
     # One build: one process ran the chain's steps, the two that waited ran none.
     steps = ["ingest:tiny", "clean:tiny", "dedup:all", "tokenize:tokens"]
     assert sorted(r[2] for r in results) == [[], [], steps], results
+    # The builder compiled with numba; the two that reused the shards never imported it.
+    assert sorted((r[2], r[3]) for r in results) == [([], False), ([], False), (steps, True)]
     out = build_tiny_shards(tmp_path)
     assert str(out) == results[0][1]
     shards.verify(out)

@@ -45,6 +45,16 @@ of the cluster task, the candidate pairs and the documents in them.
 """
 
 from data_pipeline.stages.dedup.config import DedupConfig, candidate_probability, choose_banding
-from data_pipeline.stages.dedup.stage import main, run
 
 __all__ = ["DedupConfig", "candidate_probability", "choose_banding", "main", "run"]
+
+
+def __getattr__(name: str):
+    """`main` and `run` import the stage, and with it the numba kernels (~0.3 s), on first use:
+    the chain checks a complete dedup step against its DedupConfig without running it, at the
+    start of every training rank on the embedded tiny corpus."""
+    if name in ("main", "run"):
+        from data_pipeline.stages.dedup import stage
+
+        return getattr(stage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from data_pipeline.config_limits import AT_LEAST_1, NON_NEGATIVE, OneOf, Range, check_limits
-from data_pipeline.kernels.minhash import BACKENDS, SCHEMES
+from data_pipeline.kernels.choices import BACKENDS, SCHEMES
 from data_pipeline.runtime import scaleout
 
 
