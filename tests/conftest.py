@@ -186,15 +186,35 @@ def warm_numba_kernels(part: str) -> None:
 WARM_LOCK_ENV = "OPT_TRAIN_TESTS_NUMBA_WARM_LOCK"
 
 
+def compile_project_sources() -> None:
+    """Write the bytecode of the project's own modules (and of train.py and the tests' helpers)
+    into their `__pycache__` directories (git ignores them), once, before any worker or
+    subprocess starts. Where the environment sets PYTHONDONTWRITEBYTECODE (the CI machines do),
+    Python never writes it, so every interpreter the suite starts (~200 torchrun ranks and
+    agents, train.py runs, Slurm and Ray tasks, stage commands) compiled the ~140 project
+    modules it imports from source again: ~0.2 s of CPU per training rank (docs/benchmarks.md,
+    "The test suite"). Reading bytecode is allowed under that setting; site-packages has its
+    own from pip. compileall skips files whose bytecode is current."""
+    import compileall
+
+    for package in ("opt_train", "data_pipeline", "tests", "benchmarks"):
+        compileall.compile_dir(REPO / package, quiet=1)
+    compileall.compile_file(REPO / "train.py", quiet=1)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Under pytest-xdist, compile numba's kernels once, in children of the controller, while
+    """Compile the project's sources (`compile_project_sources`), then, under pytest-xdist,
+    compile numba's kernels once, in children of the controller, while
     the workers start: each worker would otherwise compile the same kernels into the same
     cache, ~45 s of CPU each on a clean checkout (docs/benchmarks.md, "The test suite"). The
     controller holds an exclusive lock on a file until the compiles end; each worker takes it
     shared before its first test that may need them (`pytest_runtest_setup`). With the cache
     warm this costs ~1 s."""
     config = session.config
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    if hasattr(config, "workerinput"):
+        return
+    compile_project_sources()
+    if not getattr(config.option, "numprocesses", None):
         return
     lock_dir = Path(tempfile.mkdtemp(prefix="opt-train-numba-warm-"))
     lock = open(lock_dir / "lock", "w")  # closed by the thread that waits for the compiles
