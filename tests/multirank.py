@@ -1,7 +1,7 @@
 """Launching several real gloo ranks from a test, on free loopback ports.
 
-`torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` runs a
-function on N ranks forked from a server process that has imported torch and the trainer,
+`torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` (or `forked`,
+beside the test's own code) runs a function on N ranks forked from a server process that has imported torch and the trainer,
 with a process group already initialised (for unit-level checks) or with torchrun's
 environment for the function to join one itself (tests/opt_train/conftest.py's
 `train_on_ranks`). Both end every process they started, even when the test fails or times out.
@@ -9,6 +9,7 @@ environment for the function to join one itself (tests/opt_train/conftest.py's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -132,6 +135,17 @@ def spawn(fn, world: int, *args, timeout: float = 300, join_group: bool = True) 
     after the start (a rank hung in a collective whose peer failed) are killed and named.
     With `join_group=False` the ranks get torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, ...) and `fn` joins the group itself, as the trainer does."""
+    with forked(fn, world, *args, timeout=timeout, join_group=join_group):
+        pass
+
+
+@contextlib.contextmanager
+def forked(
+    fn, world: int, *args, timeout: float = 300, join_group: bool = True
+) -> Iterator[list[BaseProcess]]:
+    """`spawn` with the test running beside its ranks: yields the started processes, rank r
+    at index r (the test may signal one: SIGSTOP), then waits for them and checks them as
+    `spawn` does. When the test's own code fails, the ranks are killed and its error stands."""
     ctx = mp.get_context("forkserver")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -140,14 +154,15 @@ def spawn(fn, world: int, *args, timeout: float = 300, join_group: bool = True) 
         for r in range(world)
     ]
     try:
+        deadline = time.monotonic() + timeout
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout
+        yield procs
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
     finally:
-        for p in procs:  # also on KeyboardInterrupt or pytest-timeout's signal
+        for p in procs:  # also on the test's failure, KeyboardInterrupt or pytest-timeout
             if p.is_alive():
                 p.kill()
             if p.pid is not None:

@@ -1,4 +1,7 @@
+import contextlib
 import logging
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +34,24 @@ def train_on_ranks(nproc: int, overrides: list[str], says: tuple[str, ...] = ())
     claims about the launch itself: signals, restarts, rendezvous, exit statuses, the CLI.
     Each of `says` must be in a message rank 0's `opt_train` loggers wrote (INFO and up, what
     rank 0 prints under train.py)."""
-    cfg = make_config(*overrides)  # composed once; each forked rank trains on its own copy
     if nproc == 1:
-        _train_rank(0, 1, cfg, says)
+        _train_rank(0, 1, make_config(*overrides), says)
         return
-    from tests.multirank import spawn
+    with training_ranks(nproc, overrides, says):
+        pass
 
-    spawn(_train_rank, nproc, cfg, says, join_group=False)
+
+@contextlib.contextmanager
+def training_ranks(
+    nproc: int, overrides: list[str], says: tuple[str, ...] = ()
+) -> Iterator[list[BaseProcess]]:
+    """`train_on_ranks` on `nproc` forked ranks with the test running beside them: yields the
+    rank processes (rank r at index r), then waits for the run to end and checks it."""
+    from tests.multirank import forked
+
+    cfg = make_config(*overrides)  # composed once; each forked rank trains on its own copy
+    with forked(_train_rank, nproc, cfg, says, join_group=False) as ranks:
+        yield ranks
 
 
 class _Messages(logging.Handler):
