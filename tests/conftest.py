@@ -190,11 +190,11 @@ def compile_project_sources() -> None:
     """Write the bytecode of the project's own modules (and of train.py and the tests' helpers)
     into their `__pycache__` directories (git ignores them), once, before any worker or
     subprocess starts. Where the environment sets PYTHONDONTWRITEBYTECODE (the CI machines do),
-    Python never writes it, so every interpreter the suite starts (~200 torchrun ranks and
-    agents, train.py runs, Slurm and Ray tasks, stage commands) compiled the ~140 project
-    modules it imports from source again: ~0.2 s of CPU per training rank (docs/benchmarks.md,
-    "The test suite"). Reading bytecode is allowed under that setting; site-packages has its
-    own from pip. compileall skips files whose bytecode is current."""
+    Python never writes it, so every interpreter the suite starts that imports the project
+    (some 200: torchrun's and train.py's ranks, Slurm array tasks, Ray workers, stage
+    commands) compiled its modules from source again: ~0.2 s of CPU per training rank
+    (docs/benchmarks.md, "The test suite"). Reading bytecode is allowed under that setting;
+    site-packages has its own from pip. compileall skips files whose bytecode is current."""
     import compileall
 
     for package in ("opt_train", "data_pipeline", "tests", "benchmarks"):
