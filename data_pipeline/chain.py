@@ -35,7 +35,9 @@ Stage functions are found in one table, STAGES: (module, config class, function)
 function being `run(cfg) -> report` for every stage module. Modules are imported only when a
 step needs them; a needed one that is absent fails the run before any work, unless
 `missing_stages=skip`, which passes data through a missing clean or dedup (and says so in the
-report).
+report). The run function is looked up only when its step runs: dedup's package imports its
+stage (and the numba kernels) then, so a skipped dedup step costs no numba import, and a
+broken dependency of the stage itself (not of its config) surfaces at that step.
 """
 
 from __future__ import annotations

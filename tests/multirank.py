@@ -1,10 +1,11 @@
 """Launching several real gloo ranks from a test, on free loopback ports.
 
-`torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` (or `forked`,
-beside the test's own code) runs a function on N ranks forked from a server process that has imported torch and the trainer,
+`torchrun_train` runs the real `torchrun ... train.py` (what users run); `spawn` runs a
+function on N ranks forked from a server process that has imported torch and the trainer,
 with a process group already initialised (for unit-level checks) or with torchrun's
 environment for the function to join one itself (tests/opt_train/conftest.py's
-`train_on_ranks`). Both end every process they started, even when the test fails or times out.
+`train_on_ranks`); `forked` does the same with the test's own code running beside the ranks.
+Each ends every process it started, even when the test fails or times out.
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ def forked(
 ) -> Iterator[list[BaseProcess]]:
     """`spawn` with the test running beside its ranks: yields the started processes, rank r
     at index r (the test may signal one: SIGSTOP), then waits for them and checks them as
-    `spawn` does. When the test's own code fails, the ranks are killed and its error stands."""
+    `spawn` does; `timeout` counts from the start, the test's own code included. When the
+    test's code fails, the ranks are killed and its error stands, raised from the first rank's
+    failure when one failed (a rank that died is why a test waiting for it gave up)."""
     ctx = mp.get_context("forkserver")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -157,7 +160,15 @@ def forked(
         deadline = time.monotonic() + timeout
         for p in procs:
             p.start()
-        yield procs
+        try:
+            yield procs
+        except BaseException as e:
+            for p in procs:
+                p.kill()
+                p.join()
+            if not errors.empty():
+                raise AssertionError(errors.get()) from e
+            raise
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]

@@ -43,14 +43,15 @@ def train_on_ranks(nproc: int, overrides: list[str], says: tuple[str, ...] = ())
 
 @contextlib.contextmanager
 def training_ranks(
-    nproc: int, overrides: list[str], says: tuple[str, ...] = ()
+    nproc: int, overrides: list[str], says: tuple[str, ...] = (), timeout: float = 300
 ) -> Iterator[list[BaseProcess]]:
     """`train_on_ranks` on `nproc` forked ranks with the test running beside them: yields the
-    rank processes (rank r at index r), then waits for the run to end and checks it."""
+    rank processes (rank r at index r), then waits for the run to end and checks it; ranks
+    still running `timeout` seconds after the start are killed."""
     from tests.multirank import forked
 
     cfg = make_config(*overrides)  # composed once; each forked rank trains on its own copy
-    with forked(_train_rank, nproc, cfg, says, join_group=False) as ranks:
+    with forked(_train_rank, nproc, cfg, says, timeout=timeout, join_group=False) as ranks:
         yield ranks
 
 

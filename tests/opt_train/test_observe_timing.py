@@ -139,7 +139,7 @@ def test_rank_1_frozen_for_8_s_is_named_a_straggler_and_the_run_finishes(tmp_pat
     ]
     # Forked ranks, as torchrun's would train (what launches them is not the claim; the hang
     # test below keeps torchrun, whose exit status is); rank 0 must warn by name.
-    with training_ranks(2, job, says=("straggler: rank 1 on",)) as ranks:
+    with training_ranks(2, job, says=("straggler: rank 1 on",), timeout=480) as ranks:
         t0 = time.monotonic()
         while steps_logged(run) < 6:
             assert all(p.is_alive() for p in ranks), [p.exitcode for p in ranks]
