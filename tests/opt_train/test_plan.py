@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +36,7 @@ from opt_train.tools.plan import (
     param_shapes,
     shard_shape,
 )
+from tests.multirank import spawn
 from tests.opt_train.conftest import REPO, make_config
 
 # -- measuring tensor memory on CPU -------------------------------------------------------------
@@ -192,12 +193,9 @@ def test_checkpointing_modes_order_activation_memory_off_selective_full():
 DISTRIBUTED_CASES = [(1, "off"), (2, "off"), (1, "full")]
 
 
-def _distributed_worker() -> None:
-    """Run under torchrun with 2 ranks; rank 0 prints measured and planned bytes per case."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    world = dist.get_world_size()
+def _measure_on_rank(rank: int, world: int, out: str) -> None:
+    """One of 2 gloo ranks (tests/multirank.py's `spawn`: forked, the group joined, one thread
+    each); rank 0 writes measured and planned bytes per case to `out`."""
     model_cfg, batch, seq = ModelConfig(**TINY), 8, 128
     rows = []
     for tp, ac in DISTRIBUTED_CASES:
@@ -206,33 +204,18 @@ def _distributed_worker() -> None:
         measured = measure_training(model_cfg, batch, seq, ac, (dims, mesh))
         plan = cpu_plan(model_cfg, batch, seq, ac, world, tp)
         rows.append({"tp": tp, "ac": ac, "measured": measured["peak"], "planned": plan.peak[ac]})
-    if dist.get_rank() == 0:
-        print(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_planned_peak_covers_measured_with_at_most_12_percent_headroom_on_two_fsdp2_tp_ranks():
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "tests.opt_train.test_plan",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+def test_planned_peak_covers_measured_with_at_most_12_percent_headroom_on_two_fsdp2_tp_ranks(
+    tmp_path,
+):
+    out = tmp_path / "rows.json"
+    spawn(_measure_on_rank, 2, str(out))
+    rows = json.loads(out.read_text())
     assert [(row["tp"], row["ac"]) for row in rows] == DISTRIBUTED_CASES
     for row in rows:
         assert row["measured"] <= row["planned"] <= MAX_HEADROOM * row["measured"], row
@@ -406,7 +389,3 @@ def test_planner_key_of_the_wrong_type_fails_naming_it():
 def test_world_not_divisible_by_tp_names_the_keys():
     with pytest.raises(SystemExit, match="parallel.tp"):
         main(["parallel.tp=3", "nodes=1", "gpus_per_node=8"])
-
-
-if __name__ == "__main__":
-    _distributed_worker()
