@@ -194,12 +194,13 @@ def compile_project_sources() -> None:
     (some 200: torchrun's and train.py's ranks, Slurm array tasks, Ray workers, stage
     commands) compiled its modules from source again: ~0.2 s of CPU per training rank
     (docs/benchmarks.md, "The test suite"). Reading bytecode is allowed under that setting;
-    site-packages has its own from pip. compileall skips files whose bytecode is current."""
+    site-packages has its own from pip. compileall skips files whose bytecode is current; it
+    prints nothing (a read-only checkout just goes without; pytest reports syntax errors)."""
     import compileall
 
     for package in ("opt_train", "data_pipeline", "tests", "benchmarks"):
-        compileall.compile_dir(REPO / package, quiet=1)
-    compileall.compile_file(REPO / "train.py", quiet=1)
+        compileall.compile_dir(REPO / package, quiet=2)
+    compileall.compile_file(REPO / "train.py", quiet=2)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
