@@ -162,10 +162,7 @@ def forked(
             p.start()
         try:
             yield procs
-        except BaseException as e:
-            for p in procs:
-                p.kill()
-                p.join()
+        except BaseException as e:  # the ranks are killed below, in `finally`
             if not errors.empty():
                 raise AssertionError(errors.get()) from e
             raise

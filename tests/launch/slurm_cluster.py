@@ -24,6 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+# A job in one of these states will run no more (a requeued job passes through REQUEUED and
+# PENDING instead): waiting for anything else of it fails at once.
+FINAL_STATES = frozenset(
+    "COMPLETED CANCELLED FAILED TIMEOUT NODE_FAIL PREEMPTED BOOT_FAIL DEADLINE OUT_OF_MEMORY".split()
+)
+
 # Binaries the cluster needs; CI installs them with .ci/install-slurm.
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo")
 
@@ -280,7 +286,6 @@ class SlurmCluster:
         self, job_id: str, states=("COMPLETED",), timeout: float = 120, poll: float = 0.5
     ) -> dict[str, str]:
         """Until the job reaches one of `states`; fails early when it ends in another state."""
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
         deadline = time.time() + timeout
         info: dict[str, str] = {}
         while time.time() < deadline:
@@ -288,7 +293,7 @@ class SlurmCluster:
             state = info.get("JobState", "")
             if state in states:
                 return info
-            if state in final:
+            if state in FINAL_STATES:
                 raise AssertionError(f"job {job_id} ended {state}, waiting for {states}:\n{info}")
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {info}")

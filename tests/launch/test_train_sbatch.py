@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch.slurm_cluster import FINAL_STATES
 from tests.multirank import TINY_RUN
 from tests.opt_train.conftest import write_patterned_shards
 from tests.opt_train.garbage import STABLE, TWO_RANKS, garbage_steps
@@ -87,12 +88,6 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "event" not in r]  # not the goodput rows (events)
 
 
-# Slurm's final job states: polling for something the job will no longer do fails at once.
-ENDED = frozenset(
-    "COMPLETED CANCELLED FAILED TIMEOUT NODE_FAIL PREEMPTED BOOT_FAIL DEADLINE OUT_OF_MEMORY".split()
-)
-
-
 def wait_for_step(run_dir: Path, step: int, slurm, job: str) -> None:
     until(
         lambda: max(logged_steps(run_dir), default=0) >= step, slurm, run_dir, job, f"step {step}"
@@ -104,7 +99,7 @@ def until(cond, slurm, run_dir: Path, job: str, what: str, timeout: float = 90) 
     deadline = time.time() + timeout
     while not cond():
         state = slurm.job(job).get("JobState")
-        assert state not in ENDED, (state, what, batch_log(run_dir, job))
+        assert state not in FINAL_STATES, (state, what, batch_log(run_dir, job))
         assert time.time() < deadline, (
             f"{what}: timed out\n{batch_log(run_dir, job)}\n{node_logs(run_dir)}"
         )
